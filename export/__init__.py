@@ -1,0 +1,1 @@
+"""Turn bundled packages and checkpoints into Triton model repository entries."""

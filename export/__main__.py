@@ -1,0 +1,50 @@
+"""Command line: ``python -m export kokoro --out model_repository [--target cpu|gpu]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.kokoro import KokoroExportOptions, export_kokoro
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m export`` argument parser (one sub-command per model family)."""
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    families = parser.add_subparsers(dest="family", required=True)
+    kokoro = families.add_parser("kokoro", help="bundled Kokoro-82M voice model")
+    kokoro.add_argument("--out", type=Path, default=Path("model_repository"))
+    kokoro.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: python-backend onnxruntime wrapper (local tritonserver); "
+        "gpu: onnxruntime_onnx platform (NGC container)",
+    )
+    kokoro.add_argument("--network-instances", type=int, default=1)
+    kokoro.add_argument("--frontend-instances", type=int, default=1)
+    kokoro.add_argument(
+        "--intra-op-threads", type=int, default=0, help="onnxruntime threads per instance (0: all)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the export CLI; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    if args.family == "kokoro":
+        export_kokoro(
+            KokoroExportOptions(
+                out=args.out,
+                target=args.target,
+                network_instances=args.network_instances,
+                frontend_instances=args.frontend_instances,
+                intra_op_threads=args.intra_op_threads,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

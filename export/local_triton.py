@@ -1,0 +1,220 @@
+"""Run the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel on CPU.
+
+Quirks of that binary (tritonserver 2.51) handled here:
+  * its python backend needs ``triton_python_backend_stub`` next to
+    ``libtriton_python.so``, so the backend folder is copied into a private
+    directory with the stub for this interpreter's Python version;
+  * the stub links ``libcudart`` from ``nvidia_pytriton.libs`` through a
+    relative rpath that the copy breaks, and takes its Python prefix from the
+    ``libpython`` it loads: both directories go on ``LD_LIBRARY_PATH``;
+  * the stub ignores ``PYTHONPATH``: the python models read this project's
+    site-packages from ``CONVERSE_SITE_PACKAGES`` instead (and so get numpy
+    1.26; with numpy 2 the stub returns empty tensors).
+
+Usage::
+
+    with LocalTriton(Path("model_repository")) as triton:
+        print(triton.http_url)   # e.g. "127.0.0.1:40123"
+
+or ``python -m export.local_triton --repository model_repository``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver exited or did not become ready in time; carries its log tail."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pytriton_dir() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent
+
+
+class LocalTriton:
+    """A tritonserver process on loopback serving a model repository.
+
+    Args:
+        repository: model repository root (written by ``python -m export``).
+        ready_timeout_s: seconds to wait for ``/v2/health/ready``.
+        log_path: file for the server's stdout/stderr; a temp file if None.
+
+    Raises (from ``start``):
+        TritonStartError: if the server exits or is not ready within the timeout.
+    """
+
+    def __init__(
+        self, repository: Path, ready_timeout_s: float = 180.0, log_path: Path | None = None
+    ) -> None:
+        self.repository = repository.resolve()
+        self.ready_timeout_s = ready_timeout_s
+        self.log_path = log_path
+        self.http_port = 0
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def http_url(self) -> str:
+        """``host:port`` of the HTTP endpoint (tritonclient's ``url`` form)."""
+        return f"127.0.0.1:{self.http_port}"
+
+    def _prepare_backends(self, workdir: Path) -> Path:
+        server_dir = _pytriton_dir() / "tritonserver"
+        backends = workdir / "backends"
+        shutil.copytree(server_dir / "backends", backends)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+        shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+        return backends
+
+    def _environment(self) -> dict[str, str]:
+        env = os.environ.copy()
+        libs = [
+            str(sysconfig.get_config_var("LIBDIR")),
+            str(_pytriton_dir().parent / "nvidia_pytriton.libs"),
+        ]
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+        env["CONVERSE_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
+        return env
+
+    def start(self) -> LocalTriton:
+        """Start the server and block until it reports ready."""
+        self._workdir = tempfile.TemporaryDirectory(prefix="converse-triton-")
+        workdir = Path(self._workdir.name)
+        backends = self._prepare_backends(workdir)
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        log_path = self.log_path or workdir / "tritonserver.log"
+        self.log_path = log_path
+        command = [
+            str(_pytriton_dir() / "tritonserver" / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=false",
+            "--exit-on-error=true",
+            "--log-verbose=0",
+        ]
+        with log_path.open("wb") as log:
+            # start_new_session: the server and its python stubs form one
+            # process group that stop() can signal as a whole.
+            self._process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                cwd=workdir,
+                start_new_session=True,
+            )
+        self._wait_ready()
+        return self
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            text = Path(str(self.log_path)).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def is_ready(self) -> bool:
+        """True if ``GET /v2/health/ready`` answers 200."""
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                tail = self._log_tail()
+                self.stop()
+                raise TritonStartError(f"tritonserver exited during startup:\n{tail}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        tail = self._log_tail()
+        self.stop()
+        raise TritonStartError(f"tritonserver not ready after {self.ready_timeout_s} s:\n{tail}")
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the server's process group, SIGKILL it after ``grace_s``; idempotent."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if process is not None:
+            # Stubs that outlived the server (they normally exit with it).
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> LocalTriton:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a repository in the foreground until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="python -m export.local_triton")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    args = parser.parse_args(argv)
+    with LocalTriton(args.repository) as triton:
+        print(f"tritonserver ready at http://{triton.http_url} (Ctrl-C stops it)", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

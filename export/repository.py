@@ -1,0 +1,128 @@
+"""Model repository writing: config templates, checksums and the build manifest.
+
+Every exporter goes through this module so that all of them share one notion of
+"up to date": an output is reused when the manifest records the same inputs and
+the file on disk still has the size and modification time recorded when it
+was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import string
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK_BYTES = 1 << 20
+
+
+def progress(message: str) -> None:
+    """Print one progress line for a slow export step (stderr, flushed)."""
+    print(f"[export] {message}", file=sys.stderr, flush=True)
+
+
+def sha256_of_chunks(chunks: Iterable[bytes]) -> str:
+    """Hex SHA-256 of the concatenation of ``chunks``."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    with path.open("rb") as handle:
+        return sha256_of_chunks(iter(lambda: handle.read(_CHUNK_BYTES), b""))
+
+
+def render_template(name: str, **values: Any) -> str:
+    """Fill ``export/templates/<name>`` with ``values`` (``${key}`` placeholders).
+
+    Raises:
+        KeyError: if the template names a placeholder missing from ``values``.
+    """
+    text = (resources.files("export") / "templates" / name).read_text(encoding="utf-8")
+    return string.Template(text).substitute(values)
+
+
+@dataclass
+class Manifest:
+    """The repository's ``manifest.json``: per model entry, its inputs and outputs.
+
+    Layout: ``{"models": {name: {"inputs": {...}, "outputs": {relpath: {sha256, size,
+    mtime_ns}}}}}`` with output paths relative to the repository root.
+    """
+
+    root: Path
+    models: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, root: Path) -> Manifest:
+        """Read the manifest under ``root``; an absent or unreadable one is empty."""
+        path = root / MANIFEST_NAME
+        try:
+            models = json.loads(path.read_text(encoding="utf-8"))["models"]
+        except (OSError, ValueError, KeyError):
+            models = {}
+        return cls(root=root, models=models)
+
+    def save(self) -> None:
+        """Write the manifest atomically (temp file + rename)."""
+        path = self.root / MANIFEST_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"models": self.models}, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    def is_current(self, entry: str, inputs: dict[str, Any]) -> bool:
+        """True when ``entry`` was built from ``inputs`` and its outputs are untouched."""
+        record = self.models.get(entry)
+        if record is None or record.get("inputs") != inputs:
+            return False
+        for rel, meta in record.get("outputs", {}).items():
+            path = self.root / rel
+            if not path.is_file():
+                return False
+            stat = path.stat()
+            if stat.st_size != meta["size"] or stat.st_mtime_ns != meta["mtime_ns"]:
+                return False
+        return True
+
+    def record(self, entry: str, inputs: dict[str, Any], outputs: Iterable[Path]) -> None:
+        """Record ``entry``'s inputs and the checksum, size and mtime of each output."""
+        files = {}
+        for path in outputs:
+            stat = path.stat()
+            files[path.relative_to(self.root).as_posix()] = {
+                "sha256": sha256_of_file(path),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+            }
+        self.models[entry] = {"inputs": inputs, "outputs": files}
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` through ``write(tmp_path)`` then rename, so no half file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (UTF-8)."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """Copy a file atomically."""
+    write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
