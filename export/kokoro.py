@@ -120,15 +120,18 @@ def _warmup_block(model_dir: Path, vocab: dict[str, int]) -> str:
     ids = [0, *(vocab[symbol] for symbol in _WARMUP_PHONEMES), 0]
     warmup_dir = model_dir / "warmup"
     warmup_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(warmup_dir / "tokens", lambda tmp: tmp.write_bytes(np.asarray(ids, "<i8").tobytes()))
-    write_atomic(warmup_dir / "speed", lambda tmp: tmp.write_bytes(np.asarray([1.0], "<f4").tobytes()))
+    tokens = np.asarray(ids, "<i8").tobytes()
+    speed = np.asarray([1.0], "<f4").tobytes()
+    write_atomic(warmup_dir / "tokens", lambda tmp: tmp.write_bytes(tokens))
+    write_atomic(warmup_dir / "speed", lambda tmp: tmp.write_bytes(speed))
     return (
         "model_warmup [{\n"
         '  name: "hello_world"\n'
         "  batch_size: 1\n"
         f'  inputs {{ key: "tokens" value {{ data_type: TYPE_INT64 dims: [ 1, {len(ids)} ] '
         'input_data_file: "tokens" } }\n'
-        '  inputs { key: "style" value { data_type: TYPE_FP32 dims: [ 1, 256 ] zero_data: true } }\n'
+        '  inputs { key: "style" value { data_type: TYPE_FP32 dims: [ 1, 256 ] '
+        "zero_data: true } }\n"
         '  inputs { key: "speed" value { data_type: TYPE_FP32 dims: [ 1 ] '
         'input_data_file: "speed" } }\n'
         "}]"

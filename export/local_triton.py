@@ -22,6 +22,7 @@ or ``python -m export.local_triton --repository model_repository``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -182,10 +183,8 @@ class LocalTriton:
                 process.wait()
         if process is not None:
             # Stubs that outlived the server (they normally exit with it).
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
@@ -209,10 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with LocalTriton(args.repository) as triton:
         print(f"tritonserver ready at http://{triton.http_url} (Ctrl-C stops it)", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 

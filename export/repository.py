@@ -107,7 +107,7 @@ class Manifest:
         self.models[entry] = {"inputs": inputs, "outputs": files}
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Create ``path`` through ``write(tmp_path)`` then rename, so no half file is left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")

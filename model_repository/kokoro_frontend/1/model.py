@@ -40,7 +40,7 @@ class TritonPythonModel:
         with open(os.path.join(version_dir, "vocab.json"), encoding="utf-8") as handle:
             self.vocab = json.load(handle)["vocab"]
         with np.load(os.path.join(version_dir, "voices.npz")) as pack:
-            self.voices = {name: pack[name].reshape(pack[name].shape[0], -1) for name in pack.files}
+            self.voices = {name: pack[name].reshape(len(pack[name]), -1) for name in pack.files}
         self.max_tokens = int(config["parameters"]["max_tokens"]["string_value"])
         self.g2p = NanoG2P()
         self.g2p("Hello world.")
@@ -61,7 +61,7 @@ class TritonPythonModel:
         if not ids:
             raise ValueError(f"text has no speakable content: {text[:80]!r}")
         if len(ids) > self.max_tokens:
-            raise ValueError(f"text gives {len(ids)} phoneme tokens; the limit is {self.max_tokens}")
+            raise ValueError(f"text gives {len(ids)} phoneme tokens; limit {self.max_tokens}")
         return ids
 
     def execute(self, requests):
@@ -69,9 +69,11 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                text = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)[0]
-                voice = pb_utils.get_input_tensor_by_name(request, "VOICE").as_numpy().reshape(-1)[0]
-                speed = pb_utils.get_input_tensor_by_name(request, "SPEED").as_numpy().reshape(-1)
+                text, voice, speed = (
+                    pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
+                    for name in ("TEXT", "VOICE", "SPEED")
+                )
+                text, voice = text[0], voice[0]
                 ids = self._tokens(text.decode("utf-8"))
                 style = self._style(voice.decode("utf-8"), len(ids))
                 outputs = [

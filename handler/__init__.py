@@ -1,0 +1,1 @@
+"""converse API service: FastAPI app, validation, Triton client and audio stitching."""

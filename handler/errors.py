@@ -1,0 +1,157 @@
+"""One error hierarchy and the two renderers the specs require.
+
+Services raise :class:`ApiError` subclasses; nothing else builds error bodies.
+``/v1/audio/*`` errors render as RFC 7807 ``application/problem+json``
+(speechbase-conversation-reference.md); every other path renders the Kalpa
+envelope ``{"error": {"type", "message", "request_id"}}`` (kalpa-converse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+PROBLEM_PATH_PREFIX = "/v1/audio/"
+
+
+@dataclass
+class ValidationItem:
+    """One ``validation[]`` entry: JSON path of the bad field and what is wrong."""
+
+    path: list[str]
+    message: str
+
+
+class ApiError(Exception):
+    """Base of every error the API answers with.
+
+    Attributes:
+        status: HTTP status.
+        type: Kalpa envelope ``type``.
+        code: problem+json ``code`` (machine-readable reason).
+        title: problem+json ``title``.
+        retryable: True if the same request may succeed later (Triton busy, timeout).
+    """
+
+    status = 500
+    type = "internal_error"
+    code = "internal_error"
+    title = "Internal error"
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        turn_index: int | None = None,
+        validation: list[ValidationItem] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.turn_index = turn_index
+        self.validation = validation or []
+        self.headers = headers or {}
+
+
+class InvalidRequest(ApiError):
+    """400: the request breaks a spec rule or cap."""
+
+    status, type, code, title = 400, "invalid_request", "validation_error", "Invalid request"
+
+
+class UnprocessableRequest(InvalidRequest):
+    """422: well-formed and within caps, but the model cannot voice it."""
+
+    status, code, title = 422, "unprocessable", "Unprocessable request"
+
+
+class AuthenticationError(ApiError):
+    """401: missing or unknown API key."""
+
+    status, type, code, title = 401, "authentication_error", "unauthorized", "Unauthorized"
+
+
+class NotFound(ApiError):
+    """404: unknown route or model."""
+
+    status, type, code, title = 404, "not_found", "not_found", "Not found"
+
+
+class MethodNotAllowed(ApiError):
+    """405: the route exists but not for this method."""
+
+    status, type, code = 405, "method_not_allowed", "method_not_allowed"
+    title = "Method not allowed"
+
+
+class RateLimited(ApiError):
+    """429: too many requests for this key."""
+
+    status, type, code, title = 429, "rate_limit_exceeded", "rate_limited", "Too many requests"
+    retryable = True
+
+
+class InferenceError(ApiError):
+    """502: Triton answered with an error."""
+
+    status, type, code, title = 502, "inference_error", "inference_error", "Inference failed"
+
+
+class ServiceUnavailable(ApiError):
+    """503: Triton unreachable or not ready."""
+
+    status, type, code, title = 503, "service_unavailable", "service_unavailable", "Unavailable"
+    retryable = True
+
+
+class DeadlineExceeded(ApiError):
+    """504: the Triton work did not finish within ``triton_timeout_s``."""
+
+    status, type, code, title = 504, "timeout_error", "timeout", "Deadline exceeded"
+    retryable = True
+
+
+def uses_problem_json(path: str) -> bool:
+    """True when errors on ``path`` render as problem+json (speechbase routes)."""
+    return path.startswith(PROBLEM_PATH_PREFIX)
+
+
+def render_kalpa(error: ApiError, request_id: str) -> JSONResponse:
+    """Kalpa envelope: ``{"error": {"type", "message", "request_id"}}``."""
+    body = {"error": {"type": error.type, "message": error.message, "request_id": request_id}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def render_problem(error: ApiError, request_id: str) -> JSONResponse:
+    """RFC 7807 body with speechbase's ``code``, ``validation`` and ``turn_index``."""
+    body: dict[str, Any] = {
+        "type": f"/problems/{error.code}",
+        "title": error.title,
+        "status": error.status,
+        "detail": error.message,
+        "code": error.code,
+        "request_id": request_id,
+    }
+    if error.validation:
+        body["validation"] = [{"path": v.path, "message": v.message} for v in error.validation]
+    if error.turn_index is not None:
+        body["turn_index"] = error.turn_index
+    return JSONResponse(
+        body,
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/problem+json",
+    )
+
+
+def render(error: ApiError, path: str, request_id: str) -> JSONResponse:
+    """Render ``error`` in the style that ``path``'s spec requires."""
+    if uses_problem_json(path):
+        return render_problem(error, request_id)
+    return render_kalpa(error, request_id)

@@ -1,0 +1,164 @@
+"""Kokoro-82M adapter: voice specs, text splitting and synthesis through the ``kokoro`` ensemble.
+
+Kokoro has no codec (``num_quantizers`` is None), no sampling parameters and no
+context: each turn is voiced on its own with the voice bound to its speaker
+label. Text is split at sentence boundaries into pieces of at most
+``MAX_PIECE_CHARS`` characters so each ensemble call stays inside the model's
+510 phoneme-token window; pieces are synthesised concurrently and joined with
+a short pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from handler.audio import ms_to_samples, silence, trim_silence
+from handler.triton import TritonClient
+
+ENSEMBLE = "kokoro"
+# English phoneme strings run close to one symbol per letter; 240 characters
+# leaves headroom under 510 tokens for digits and abbreviations, which expand.
+MAX_PIECE_CHARS = 240
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+_CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")
+_VOICE_TERM = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\*\s*([0-9]*\.?[0-9]+)\s*)?$")
+
+
+class VoiceSpecError(ValueError):
+    """A voice or blend spec that names unknown voices or has bad weights."""
+
+
+def parse_voice_spec(spec: str, voices: frozenset[str]) -> str:
+    """Validate a voice or blend and return its canonical form for the frontend.
+
+    ``"jf_alpha"`` -> ``"jf_alpha*1"``; ``"jf_alpha*0.5+jm_kumo*1.5"`` ->
+    ``"jf_alpha*0.25+jm_kumo*0.75"`` (weights normalised to sum to 1, as in
+    kokoro-onnx's blends, so a blend keeps the level of a single voice).
+
+    Raises:
+        VoiceSpecError: empty spec, unknown voice, repeated voice, or a weight <= 0.
+    """
+    terms = spec.split("+")
+    weights: dict[str, float] = {}
+    for term in terms:
+        match = _VOICE_TERM.match(term)
+        if match is None:
+            raise VoiceSpecError(f"bad voice term {term!r}; use name or name*weight")
+        name, weight_text = match.group(1), match.group(2)
+        if name not in voices:
+            raise VoiceSpecError(f"unknown voice {name!r}; available: {', '.join(sorted(voices))}")
+        if name in weights:
+            raise VoiceSpecError(f"voice {name!r} appears twice in the blend")
+        weight = float(weight_text) if weight_text is not None else 1.0
+        if weight <= 0:
+            raise VoiceSpecError(f"weight of {name!r} must be > 0")
+        weights[name] = weight
+    total = sum(weights.values())
+    return "+".join(f"{name}*{weight / total:.6g}" for name, weight in weights.items())
+
+
+def _split_long(piece: str, limit: int) -> list[str]:
+    if len(piece) <= limit:
+        return [piece]
+    parts: list[str] = []
+    current = ""
+    for clause in _CLAUSE_END.split(piece):
+        for word in clause.split(" ") if len(clause) > limit else [clause]:
+            candidate = f"{current} {word}".strip()
+            if len(candidate) <= limit:
+                current = candidate
+                continue
+            if current:
+                parts.append(current)
+            # A single word longer than the limit is cut; real words never are.
+            while len(word) > limit:
+                parts.append(word[:limit])
+                word = word[limit:]
+            current = word
+    if current:
+        parts.append(current)
+    return parts
+
+
+def split_text(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
+    """Split text into pieces of at most ``limit`` chars, at sentence ends where possible.
+
+    Consecutive short sentences are grouped; an over-long sentence is split at
+    clause punctuation, then between words. Whitespace-only input gives ``[]``.
+    """
+    pieces: list[str] = []
+    current = ""
+    for sentence in _SENTENCE_END.split(text.strip()):
+        for part in _split_long(sentence.strip(), limit):
+            candidate = f"{current} {part}".strip()
+            if len(candidate) <= limit:
+                current = candidate
+            else:
+                pieces.append(current)
+                current = part
+    if current:
+        pieces.append(current)
+    return [p for p in pieces if p]
+
+
+@dataclass(frozen=True)
+class KokoroModel:
+    """A served Kokoro ensemble, described by its Triton config parameters.
+
+    Attributes:
+        voices: voice pack names the frontend holds.
+        sample_rate: output sample rate, Hz (24000).
+        speed_range: inclusive (min, max) speaking-rate multiplier.
+        speaker_voices: canonical voice spec per speaker label "0", "1", ...
+    """
+
+    voices: frozenset[str]
+    sample_rate: int
+    speed_range: tuple[float, float]
+    speaker_voices: tuple[str, ...]
+
+    @property
+    def speakers(self) -> list[str]:
+        """Advertised speaker labels."""
+        return [str(i) for i in range(len(self.speaker_voices))]
+
+    async def synthesize(
+        self, triton: TritonClient, text: str, voice: str, speed: float, pause_ms: int
+    ) -> np.ndarray:
+        """Voice ``text`` with a canonical voice spec; float32 mono at ``sample_rate``.
+
+        Pieces are trimmed of edge silence (threshold 0.01, 30 ms kept) and joined
+        with ``pause_ms`` of silence.
+
+        Raises:
+            ServiceUnavailable, InferenceError: from the Triton client.
+        """
+        pieces = split_text(text)
+        results = await asyncio.gather(
+            *(self._synthesize_piece(triton, piece, voice, speed) for piece in pieces)
+        )
+        gap = silence(ms_to_samples(pause_ms, self.sample_rate))
+        joined: list[np.ndarray] = []
+        for index, audio in enumerate(results):
+            if index:
+                joined.append(gap)
+            joined.append(trim_silence(audio, self.sample_rate))
+        return np.concatenate(joined) if joined else silence(0)
+
+    async def _synthesize_piece(
+        self, triton: TritonClient, text: str, voice: str, speed: float
+    ) -> np.ndarray:
+        outputs = await triton.infer(
+            ENSEMBLE,
+            {
+                "TEXT": np.array([text.encode("utf-8")], dtype=np.object_),
+                "VOICE": np.array([voice.encode("utf-8")], dtype=np.object_),
+                "SPEED": np.array([speed], dtype=np.float32),
+            },
+            ["AUDIO"],
+        )
+        return np.asarray(outputs["AUDIO"], dtype=np.float32).reshape(-1)

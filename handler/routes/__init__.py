@@ -1,0 +1,1 @@
+"""Thin routes: parse -> call a service -> render."""

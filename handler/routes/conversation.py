@@ -1,0 +1,42 @@
+"""``POST /v1/audio/conversation`` (problem+json errors)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from handler.deps import CatalogDep, SettingsDep, TritonDep, parse_body, require_api_key
+from handler.schemas.conversation import ConversationRequest, SplitResponse
+from handler.services.conversation import render_conversation
+
+router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/conversation",
+    responses={
+        200: {
+            "content": {
+                "audio/wav": {},
+                "audio/mpeg": {},
+                "audio/pcm": {},
+                "application/json": {"schema": SplitResponse.model_json_schema()},
+            }
+        }
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ConversationRequest.model_json_schema()}},
+        }
+    },
+)
+async def post_conversation(
+    request: Request, settings: SettingsDep, catalog: CatalogDep, triton: TritonDep
+) -> Response:
+    """Stitched audio bytes, or ``{audioSegments, warnings}`` with ``split: true``."""
+    body = await parse_body(request, ConversationRequest, settings.max_request_bytes)
+    rendered = await render_conversation(body, catalog, triton, settings)
+    if rendered.segments is not None:
+        return JSONResponse(rendered.segments.model_dump())
+    return Response(content=rendered.body, media_type=rendered.media_type)

@@ -1,0 +1,47 @@
+"""``GET /v1/models`` and ``POST /v1/converse`` (Kalpa error envelope)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from handler.deps import (
+    CatalogDep,
+    RequestIdDep,
+    SettingsDep,
+    TritonDep,
+    parse_body,
+    require_api_key,
+)
+from handler.schemas.converse import ConverseRequest, ConverseResponse, ModelCard, ModelList
+from handler.services.converse import converse
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(catalog: CatalogDep) -> ModelList:
+    """Models Triton serves, with modes, speaker labels and voices."""
+    models = await catalog.models()
+    return ModelList(data=[ModelCard(**m.public()) for m in models.values()])
+
+
+@router.post(
+    "/converse",
+    response_model=ConverseResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ConverseRequest.model_json_schema()}},
+        }
+    },
+)
+async def post_converse(
+    request: Request,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+    triton: TritonDep,
+    request_id: RequestIdDep,
+) -> ConverseResponse:
+    """Complete the open (last) turn of a conversation."""
+    body = await parse_body(request, ConverseRequest, settings.max_request_bytes)
+    return await converse(body, request_id, catalog, triton, settings)

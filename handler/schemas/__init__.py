@@ -1,0 +1,1 @@
+"""Request and response models per API family (the OpenAPI document's source)."""

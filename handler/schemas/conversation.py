@@ -1,0 +1,86 @@
+"""``POST /v1/audio/conversation`` shapes (speechbase-conversation*.md).
+
+Defaults are the spec's: ``gapMs`` 0, ``volumeDbfs`` -16 (peak, not LUFS),
+``output`` "wav", MP3 bitrate 96 kbps, ``split`` false. Ranges the spec leaves
+open are this service's choices (docs/api.md): ``gapMs`` 0..10,000,
+``volumeDbfs`` -60..0, MP3 bitrates of MPEG-2 Layer III.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from handler.schemas.converse import MAX_TURN_CHARS, MAX_TURNS
+
+
+class ConversationTurn(BaseModel):
+    """One turn: text plus a voice reference (inline ``voice`` or saved ``voiceId``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
+    voice: str | None = Field(None, min_length=1, max_length=256)
+    model: str | None = Field(None, min_length=1, max_length=128)
+    voiceId: str | None = Field(None, min_length=1, max_length=64)  # noqa: N815 (spec name)
+
+
+class Mp3Output(BaseModel):
+    """``{"format": "mp3", "bitrate": 96}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["mp3"]
+    bitrate: int = Field(96, description="kbps")
+
+
+class ConversationRequest(BaseModel):
+    """Many turns, many voices, one stitched file (or per-turn segments with ``split``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, min_length=1, max_length=128)
+    turns: list[ConversationTurn] = Field(min_length=1, max_length=MAX_TURNS)
+    gapMs: int = Field(0, ge=0, le=10_000)  # noqa: N815 (spec name)
+    volumeDbfs: float = Field(-16.0, ge=-60.0, le=0.0)  # noqa: N815 (spec name)
+    output: Literal["wav", "mp3", "pcm"] | Mp3Output = "wav"
+    split: bool = False
+    timestamps: object | None = Field(
+        None, description="Only on /with-timestamps; rejected on this endpoint."
+    )
+
+    @field_validator("timestamps")
+    @classmethod
+    def _no_timestamps_here(cls, value: object | None) -> object | None:
+        if value is not None:
+            raise ValueError(
+                "timestamps is only accepted by /v1/audio/conversation/with-timestamps"
+            )
+        return value
+
+    @property
+    def audio_format(self) -> str:
+        """ "wav", "mp3" or "pcm"."""
+        return self.output if isinstance(self.output, str) else self.output.format
+
+    @property
+    def mp3_bitrate_kbps(self) -> int:
+        """Requested MP3 bitrate (96 unless given)."""
+        return self.output.bitrate if isinstance(self.output, Mp3Output) else 96
+
+
+class AudioSegment(BaseModel):
+    """One turn's audio under ``split: true``."""
+
+    audio: str = Field(description="Base64 audio in the requested format.")
+    mediaType: str  # noqa: N815 (spec name)
+    durationMs: int  # noqa: N815 (spec name)
+    turnIndex: int  # noqa: N815 (spec name)
+
+
+class SplitResponse(BaseModel):
+    """Answer of a ``split: true`` request."""
+
+    audioSegments: list[AudioSegment]  # noqa: N815 (spec name)
+    warnings: list[str] = Field(default_factory=list)

@@ -1,0 +1,1 @@
+"""Request services: plan turns, call models through Triton, stitch and encode."""

@@ -1,0 +1,92 @@
+"""Pieces both API families share: model lookup, turn audio decoding, the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from handler.audio import AudioDecodeError, DecodedAudio, decode_wav
+from handler.errors import DeadlineExceeded, InvalidRequest, ValidationItem
+from handler.models.catalog import ModelCatalog, ServedModel
+from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
+
+T = TypeVar("T")
+
+
+async def resolve_model(
+    catalog: ModelCatalog, model_id: str | None, path: list[str], turn_index: int | None = None
+) -> ServedModel:
+    """The served model named ``model_id`` (the default model when None).
+
+    Raises:
+        InvalidRequest: unknown model id (code ``unknown_model``), naming ``path``.
+        ServiceUnavailable: Triton unreachable.
+    """
+    models = await catalog.models()
+    wanted = model_id or catalog.settings.default_model
+    if wanted not in models:
+        message = f"unknown model {wanted!r}; available: {', '.join(sorted(models)) or 'none'}"
+        raise InvalidRequest(
+            message,
+            code="unknown_model",
+            turn_index=turn_index,
+            validation=[ValidationItem(path, message)],
+        )
+    return models[wanted]
+
+
+def decode_turn_audio(audio_b64: str, turn_index: int) -> DecodedAudio:
+    """Decode a turn's ``audio_wav_b64`` (``data:`` URI prefix allowed) to mono float32.
+
+    The decoded size is computed from the base64 length and checked against the
+    25 MiB cap before any bytes are decoded.
+
+    Raises:
+        InvalidRequest: over the cap, bad base64, or not a decodable WAV (naming the turn).
+    """
+    payload = audio_b64.strip()
+    if payload.startswith("data:"):
+        header, _, payload = payload.partition(",")
+        if ";base64" not in header:
+            raise InvalidRequest(
+                f"conversation[{turn_index}].audio_wav_b64: data URI must be base64",
+                turn_index=turn_index,
+            )
+    payload = "".join(payload.split())
+    decoded_size = len(payload) // 4 * 3 - payload[-2:].count("=")
+    if decoded_size > MAX_TURN_AUDIO_BYTES:
+        raise InvalidRequest(
+            f"conversation[{turn_index}].audio_wav_b64: {decoded_size} bytes decoded exceeds "
+            f"the {MAX_TURN_AUDIO_BYTES}-byte (25 MiB) cap per turn",
+            turn_index=turn_index,
+        )
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidRequest(
+            f"conversation[{turn_index}].audio_wav_b64: not valid base64 ({error})",
+            turn_index=turn_index,
+        ) from error
+    try:
+        return decode_wav(raw)
+    except AudioDecodeError as error:
+        raise InvalidRequest(
+            f"conversation[{turn_index}].audio_wav_b64: {error}", turn_index=turn_index
+        ) from error
+
+
+async def within_deadline(work: Awaitable[T], seconds: float) -> T:
+    """Await ``work``, cancelling it after ``seconds``.
+
+    Raises:
+        DeadlineExceeded: the deadline passed (504).
+    """
+    try:
+        return await asyncio.wait_for(work, timeout=seconds)
+    except TimeoutError as error:
+        raise DeadlineExceeded(
+            f"inference did not finish within {seconds:g} s",
+        ) from error

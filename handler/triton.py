@@ -1,0 +1,112 @@
+"""The one Triton client of the API process (tritonclient's asyncio HTTP client).
+
+The client is created lazily inside the running event loop (aiohttp sessions
+belong to one loop; under Mangum each invocation may run a new loop, in which
+case a fresh client is made). Transport and server failures map onto the API's
+error classes: unreachable -> :class:`ServiceUnavailable` (503), an error
+answer -> :class:`InferenceError` (502).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import numpy as np
+import tritonclient.http.aio as triton_http
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from handler.errors import InferenceError, ServiceUnavailable
+
+
+class TritonClient:
+    """Thin async wrapper over ``tritonclient.http.aio.InferenceServerClient``.
+
+    Args:
+        url: ``host:port`` of Triton's HTTP endpoint.
+        max_inflight: most concurrent inference calls (a semaphore).
+        retry_after_s: ``Retry-After`` value put on 503 errors.
+    """
+
+    def __init__(self, url: str, max_inflight: int = 8, retry_after_s: int = 5) -> None:
+        self.url = url
+        self.max_inflight = max_inflight
+        self.retry_after_s = retry_after_s
+        self._client: triton_http.InferenceServerClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    def _current(self) -> tuple[triton_http.InferenceServerClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop or self._slots is None:
+            self._client = triton_http.InferenceServerClient(self.url)
+            self._slots = asyncio.Semaphore(self.max_inflight)
+            self._loop = loop
+        return self._client, self._slots
+
+    def _unavailable(self, error: BaseException) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"inference server unreachable at {self.url}: {error}",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+    async def is_ready(self) -> bool:
+        """True if Triton answers ``/v2/health/ready`` with 200."""
+        client, _ = self._current()
+        try:
+            return bool(await client.is_server_ready())
+        except (TimeoutError, aiohttp.ClientError, OSError, InferenceServerException):
+            return False
+
+    async def ready_models(self) -> dict[str, dict[str, Any]]:
+        """Config of every model Triton reports READY, by name.
+
+        Raises:
+            ServiceUnavailable: Triton unreachable.
+        """
+        client, _ = self._current()
+        try:
+            index = await client.get_model_repository_index()
+            ready = [m["name"] for m in index if m.get("state") == "READY"]
+            configs = await asyncio.gather(*(client.get_model_config(name) for name in ready))
+        except (aiohttp.ClientError, OSError, InferenceServerException) as error:
+            raise self._unavailable(error) from error
+        return dict(zip(ready, configs, strict=True))
+
+    async def infer(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
+        """Run one inference; returns the named outputs as numpy arrays.
+
+        Args:
+            model: Triton model name.
+            inputs: tensor name -> array (object arrays of bytes for BYTES tensors).
+            outputs: names of the output tensors to return.
+
+        Raises:
+            ServiceUnavailable: Triton unreachable (connection refused or reset).
+            InferenceError: Triton answered with an error.
+        """
+        client, slots = self._current()
+        request_inputs = []
+        for name, array in inputs.items():
+            dtype = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
+            tensor = triton_http.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            request_inputs.append(tensor)
+        requested = [triton_http.InferRequestedOutput(name) for name in outputs]
+        async with slots:
+            try:
+                result = await client.infer(model, request_inputs, outputs=requested)
+            except (aiohttp.ClientConnectionError, OSError) as error:
+                raise self._unavailable(error) from error
+            except InferenceServerException as error:
+                raise InferenceError(f"model {model!r} failed: {error.message()}") from error
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def close(self) -> None:
+        """Close the HTTP session (safe to call when none was opened)."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.close()
+        self._client = None
