@@ -1,0 +1,87 @@
+"""``make demo``: the specs' own examples through API -> Triton -> Kokoro, into ``out/``.
+
+1. speechbase-conversation.md's three-turn "How was your weekend?" exchange
+   to ``/v1/audio/conversation`` as WAV and as MP3;
+2. kalpa-converse.md's "Welcome back to the show" contextual-TTS conversation
+   to ``/v1/converse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+from pathlib import Path
+
+import httpx
+import soundfile as sf
+from local_stack import LocalStack
+
+WEEKEND = {
+    "model": "kokoro",
+    "turns": [
+        {"voice": "jf_alpha", "text": "How was your weekend?"},
+        {"voice": "jm_kumo", "text": "Good — I finally caught up on sleep."},
+        {"voice": "jf_alpha", "text": "Lucky you."},
+    ],
+    "gapMs": 500,
+    "volumeDbfs": -16,
+}
+WELCOME_BACK = {
+    "conversation": [
+        {"speaker": "0", "text": "Welcome back to the show."},
+        {"speaker": "1", "text": "Glad to be here."},
+        {"speaker": "0", "text": "Let's pick up where we left off — episode twelve."},
+    ]
+}
+
+
+def _duration_s(data: bytes) -> float:
+    info = sf.info(io.BytesIO(data))
+    return float(info.frames / info.samplerate)
+
+
+def _shell_json(body: dict[str, object]) -> str:
+    """JSON quoted for a POSIX shell single-quoted argument."""
+    return "'" + json.dumps(body, ensure_ascii=False).replace("'", "'\\''") + "'"
+
+
+def main() -> None:
+    """Run the examples, write the files, print durations and curl commands."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with LocalStack(args.repository) as stack:
+        headers = {"Authorization": f"Bearer {stack.api_key}"}
+        with httpx.Client(base_url=stack.base_url, headers=headers, timeout=120) as client:
+            written = []
+            for name, output in (("weekend.wav", "wav"), ("weekend.mp3", "mp3")):
+                response = client.post("/v1/audio/conversation", json={**WEEKEND, "output": output})
+                response.raise_for_status()
+                (args.out / name).write_bytes(response.content)
+                written.append((name, _duration_s(response.content)))
+            response = client.post("/v1/converse", json=WELCOME_BACK)
+            response.raise_for_status()
+            reply = response.json()["reply"]
+            wav = base64.b64decode(reply["audio"]["data_b64"])
+            (args.out / "welcome_back.wav").write_bytes(wav)
+            written.append(("welcome_back.wav", _duration_s(wav)))
+    for name, seconds in written:
+        print(f"{args.out / name}: {seconds:.2f} s")
+    print(f'reply text: "{reply["text"]}" (speaker {reply["speaker"]})')
+    print("\nTry more with `make serve`, then for example:")
+    print(
+        "  curl -s $CONVERSE_URL/v1/audio/conversation -H \"Authorization: Bearer $CONVERSE_KEY\" "
+        f"-H 'Content-Type: application/json' -d {_shell_json(WEEKEND)} -o weekend.wav"
+    )
+    print(
+        "  curl -s $CONVERSE_URL/v1/converse -H \"Authorization: Bearer $CONVERSE_KEY\" "
+        f"-H 'Content-Type: application/json' -d {_shell_json(WELCOME_BACK)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
