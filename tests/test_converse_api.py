@@ -1,0 +1,156 @@
+"""``/v1/converse`` and ``/v1/models`` against every kalpa-converse rule and cap."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from tests.conftest import AUTH, tone, wav_b64
+
+HISTORY = [
+    {"speaker": "0", "text": "Welcome back to the show."},
+    {"speaker": "1", "text": "Glad to be here."},
+]
+
+
+def post(client: TestClient, body: Any, headers: dict[str, str] | None = None) -> Any:
+    return client.post("/v1/converse", json=body, headers=AUTH if headers is None else headers)
+
+
+def assert_kalpa_error(response: Any, status: int, error_type: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == error_type
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert error["message"]
+    return dict(error)
+
+
+def test_models_lists_kokoro_with_speakers_and_voices(client: TestClient) -> None:
+    response = client.get("/v1/models", headers=AUTH)
+    assert response.status_code == 200
+    (model,) = response.json()["data"]
+    assert model["id"] == "kokoro" and model["default"] is True
+    assert model["speakers"] == ["0", "1"]
+    assert model["modes"] == ["tts", "converse"]
+    assert model["sample_rate"] == 24_000 and model["num_quantizers"] is None
+    assert {"jf_alpha", "jm_kumo"} <= set(model["voices"])
+
+
+def test_contextual_tts_reply(client: TestClient) -> None:
+    text = "Let's pick up where we left off — episode twelve."
+    response = post(client, {"conversation": [*HISTORY, {"speaker": "0", "text": text}]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert body["model"] == "kokoro"
+    reply = body["reply"]
+    assert reply["speaker"] == "0" and reply["text"] == text
+    assert reply["audio"]["format"] == "wav" and reply["audio"]["sample_rate"] == 24_000
+    assert reply["audio"]["num_quantizers"] is None
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(reply["audio"]["data_b64"])))
+    assert rate == 24_000
+    usage = body["usage"]
+    assert usage["input_chars"] == sum(len(t["text"]) for t in HISTORY) + len(text)
+    assert usage["input_audio_seconds"] == 0
+    assert usage["output_audio_seconds"] == pytest.approx(len(samples) / 24_000, abs=1e-3)
+
+
+def test_history_audio_is_metered_any_rate_stereo_and_data_uri(client: TestClient) -> None:
+    stereo = np.stack([tone(1.5, 16_000), tone(1.5, 16_000)], axis=1)
+    history = [
+        {"speaker": "0", "audio_wav_b64": wav_b64(stereo, 16_000, data_uri=True)},
+        {"speaker": "1", "text": "Nice.", "audio_wav_b64": wav_b64(tone(0.5, 44_100), 44_100)},
+    ]
+    response = post(client, {"conversation": [*history, {"speaker": "0", "text": "Thanks."}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["input_audio_seconds"] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_client_request_id_is_echoed(client: TestClient) -> None:
+    response = client.get("/v1/models", headers={**AUTH, "X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+
+
+def test_speed_param_changes_duration(client: TestClient) -> None:
+    conversation = [{"speaker": "1", "text": "The quick brown fox jumps over the lazy dog."}]
+    slow = post(client, {"conversation": conversation, "params": {"speed": 0.7}}).json()
+    fast = post(client, {"conversation": conversation, "params": {"speed": 1.4}}).json()
+    assert slow["usage"]["output_audio_seconds"] > 1.3 * fast["usage"]["output_audio_seconds"]
+
+
+OPEN = {"speaker": "0", "text": "Hello."}
+AUDIO = wav_b64(tone(0.2), 24_000)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"conversation": []}, 400, "conversation"),
+        ({}, 400, "conversation"),
+        ({"conversation": [OPEN] * 65}, 400, "64"),
+        ({"conversation": [{"speaker": "0", "text": "x" * 8001}]}, 400, "8000"),
+        ({"conversation": [{"speaker": "0"}, OPEN]}, 400, "history turn"),
+        ({"conversation": [{"speaker": "0", "text": "  "}, OPEN]}, 400, "history turn"),
+        ({"conversation": [{"speaker": "0", "text": "Hi.", "audio_wav_b64": AUDIO}]}, 400,
+         "nothing is left"),
+        ({"conversation": [{"speaker": "0", "audio_wav_b64": AUDIO}]}, 400, "audio only"),
+        ({"conversation": [*HISTORY, {"speaker": "0"}]}, 400, "author"),
+        ({"conversation": [{"speaker": "speaker_0", "text": "Hi."}]}, 400, "speaker label"),
+        ({"conversation": [{"speaker": "2", "text": "Hi."}]}, 400, "speaker label"),
+        ({"conversation": [{"speaker": "0", "audio_wav_b64": "not base64!"}, OPEN]}, 400,
+         "base64"),
+        ({"conversation": [{"speaker": "0", "audio_wav_b64": "UklGRiQAAABXQVZF"}, OPEN]}, 400,
+         "conversation[0]"),
+        ({"conversation": [OPEN], "model": "nope"}, 400, "unknown model"),
+        ({"conversation": [OPEN], "params": {"temperature": 0.5}}, 400, "temperature"),
+        ({"conversation": [OPEN], "params": {"speed": 3.0}}, 400, "speed"),
+        ({"conversation": [OPEN], "params": {"top_k": 0}}, 400, "top_k"),
+        ({"conversation": [OPEN], "extra": 1}, 400, "extra"),
+        ({"conversation": [{"speaker": "0", "text": 5}]}, 400, "text"),
+    ],
+)
+def test_invalid_requests(client: TestClient, body: Any, status: int, needle: str) -> None:
+    error = assert_kalpa_error(post(client, body), status, "invalid_request")
+    assert needle.lower() in error["message"].lower()
+
+
+def test_audio_cap_is_checked_on_base64_length() -> None:
+    from handler.errors import InvalidRequest
+    from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
+    from handler.services.common import decode_turn_audio
+
+    oversized = "A" * ((MAX_TURN_AUDIO_BYTES // 3 + 1) * 4)
+    with pytest.raises(InvalidRequest, match="25 MiB"):
+        decode_turn_audio(oversized, 3)
+
+
+def test_not_json_is_invalid_request(client: TestClient) -> None:
+    response = client.post("/v1/converse", content=b"{nope", headers=AUTH)
+    assert_kalpa_error(response, 400, "invalid_request")
+
+
+def test_auth_errors(client: TestClient) -> None:
+    body = {"conversation": [OPEN]}
+    assert_kalpa_error(post(client, body, headers={}), 401, "authentication_error")
+    assert_kalpa_error(
+        post(client, body, headers={"Authorization": "Bearer wrong"}), 401, "authentication_error"
+    )
+    assert post(client, body, headers={"X-API-Key": "test-key-123"}).status_code == 200
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    assert_kalpa_error(client.get("/v1/nothing", headers=AUTH), 404, "not_found")
+    assert_kalpa_error(client.get("/v1/converse", headers=AUTH), 405, "method_not_allowed")
+
+
+def test_health_needs_no_key(client: TestClient) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "triton_ready": True}

@@ -1,0 +1,38 @@
+"""Text splitting and voice spec parsing for the Kokoro adapter."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from handler.models.kokoro import VoiceSpecError, parse_voice_spec, split_text
+
+VOICES = frozenset({"jf_alpha", "jm_kumo"})
+
+
+def test_blend_weights_are_normalised() -> None:
+    assert parse_voice_spec("jf_alpha", VOICES) == "jf_alpha*1"
+    assert parse_voice_spec("jf_alpha*0.5+jm_kumo*1.5", VOICES) == "jf_alpha*0.25+jm_kumo*0.75"
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "nobody", "jf_alpha*0", "jf_alpha+jf_alpha", "jf_alpha*-1", "jf_alpha**2", "+"]
+)
+def test_bad_voice_specs_are_rejected(spec: str) -> None:
+    with pytest.raises(VoiceSpecError):
+        parse_voice_spec(spec, VOICES)
+
+
+def test_split_at_sentence_boundaries() -> None:
+    text = "First sentence here. " * 30
+    pieces = split_text(text, limit=100)
+    assert all(len(p) <= 100 for p in pieces)
+    assert all(p.endswith(".") for p in pieces)
+
+
+@given(st.text(alphabet="abc ,.!?", min_size=0, max_size=2000))
+def test_split_keeps_every_word_and_respects_limit(text: str) -> None:
+    pieces = split_text(text, limit=50)
+    assert all(0 < len(p) <= 50 for p in pieces)
+    assert "".join("".join(pieces).split()) == "".join(text.split())
