@@ -1,0 +1,101 @@
+"""Kokoro export: checksum verification, idempotency, configs; local Triton lifecycle."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from export import kokoro
+from export.kokoro import KokoroExportOptions, export_kokoro
+from export.local_triton import LocalTriton, TritonStartError
+from export.repository import Manifest
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("repository")
+    assert export_kokoro(KokoroExportOptions(out=out, target="gpu")) is True
+    return out
+
+
+def test_assembled_onnx_matches_shipped_sha256(exported: Path) -> None:
+    expected = kokoro._data_file("model.sha256").read_text().split()[0]
+    digest = hashlib.sha256((exported / "kokoro_network/1/model.onnx").read_bytes()).hexdigest()
+    assert digest == expected
+
+
+def test_second_export_does_no_work_and_a_touched_output_is_rebuilt(exported: Path) -> None:
+    assert export_kokoro(KokoroExportOptions(out=exported, target="gpu")) is False
+    config = exported / "kokoro/config.pbtxt"
+    config.write_text("corrupted")
+    assert not Manifest.load(exported).is_current("kokoro", {})
+    assert export_kokoro(KokoroExportOptions(out=exported, target="gpu")) is True
+    assert 'platform: "ensemble"' in config.read_text()
+
+
+def test_gpu_and_cpu_network_configs_share_the_tensor_contract(exported: Path) -> None:
+    gpu = (exported / "kokoro_network/config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in gpu and "KIND_GPU" in gpu
+    cpu = kokoro.render_template(
+        "kokoro_network.cpu.pbtxt", network_instances=1, intra_op_threads=0, warmup=""
+    )
+    assert 'backend: "python"' in cpu
+
+    def tensors(text: str) -> list[str]:
+        return [line.strip() for line in text.splitlines() if line.strip().startswith("{ name:")]
+
+    assert tensors(gpu) == tensors(cpu)
+
+
+def test_checksum_mismatch_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "model.sha256"
+    fake.write_text("0" * 64)
+    real = kokoro._data_file
+    monkeypatch.setattr(
+        kokoro, "_data_file", lambda name: fake if name == "model.sha256" else real(name)
+    )
+    target = tmp_path / "model.onnx"
+    with pytest.raises(RuntimeError, match="sha256"):
+        kokoro.assemble_onnx(target)
+    assert list(tmp_path.iterdir()) == [fake]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_local_triton_stops_without_orphans(exported: Path) -> None:
+    export_kokoro(KokoroExportOptions(out=exported, target="cpu"))
+    server = LocalTriton(exported).start()
+    assert server.is_ready()
+    assert server._process is not None
+    group = server._process.pid
+    server.stop()
+    time.sleep(0.5)
+    members = [
+        int(p) for p in os.listdir("/proc") if p.isdigit() and _alive(int(p))
+        and _pgid(int(p)) == group
+    ]
+    assert members == []
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return -1
+
+
+def test_broken_repository_fails_with_log_tail(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken/config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')
+    with pytest.raises(TritonStartError, match="broken"):
+        LocalTriton(tmp_path, ready_timeout_s=60).start()
