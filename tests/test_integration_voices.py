@@ -19,7 +19,8 @@ def reply_audio(client: TestClient, speaker: str, text: str) -> np.ndarray:
         "/v1/converse", json={"conversation": [{"speaker": speaker, "text": text}]}, headers=AUTH
     )
     assert response.status_code == 200, response.text
-    samples, rate = sf.read(io.BytesIO(base64.b64decode(response.json()["reply"]["audio"]["data_b64"])))
+    wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
+    samples, rate = sf.read(io.BytesIO(wav))
     assert rate == 24_000
     return np.asarray(samples)
 

@@ -61,7 +61,7 @@ class ConversationRequest(BaseModel):
 
     @property
     def audio_format(self) -> str:
-        """ "wav", "mp3" or "pcm"."""
+        """The output format: wav, mp3 or pcm."""
         return self.output if isinstance(self.output, str) else self.output.format
 
     @property
