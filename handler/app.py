@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,8 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handler.errors import ApiError, MethodNotAllowed, NotFound, render
 from handler.models.catalog import ModelCatalog
-from handler.routes import conversation, converse, health
+from handler.routes import conversation, converse, files, health, voices
 from handler.settings import Settings
+from handler.storage import make_blob_store, make_storage
 from handler.triton import TritonClient
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -32,11 +34,19 @@ def _request_id(request: Request) -> str:
     return request_id
 
 
-def _error_response(request: Request, error: ApiError) -> Response:
-    request_id = _request_id(request)
-    response = render(error, request.url.path, request_id)
-    response.headers[REQUEST_ID_HEADER] = request_id
+def _add_headers(request: Request, response: Response) -> Response:
+    """``X-Request-ID`` always; ``X-RateLimit-*`` once the key's bucket was consulted."""
+    response.headers[REQUEST_ID_HEADER] = _request_id(request)
+    decision = getattr(request.state, "rate_limit", None)
+    if decision is not None:
+        response.headers["X-RateLimit-Limit"] = str(decision.limit)
+        response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
+        response.headers["X-RateLimit-Reset"] = str(math.ceil(decision.reset_s))
     return response
+
+
+def _error_response(request: Request, error: ApiError) -> Response:
+    return _add_headers(request, render(error, request.url.path, _request_id(request)))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,15 +76,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.triton = triton
     app.state.catalog = ModelCatalog(settings, triton)
+    app.state.storage = make_storage(settings)
+    app.state.blobs = make_blob_store(settings)
 
     @app.middleware("http")
     async def request_id_header(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        request_id = _request_id(request)
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
+        _request_id(request)
+        return _add_headers(request, await call_next(request))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Response:
@@ -98,4 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(converse.router)
     app.include_router(conversation.router)
+    app.include_router(voices.router)
+    app.include_router(files.uploads)
+    app.include_router(files.files)
     return app

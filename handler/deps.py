@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import time
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from handler.errors import AuthenticationError, InvalidRequest, ValidationItem, uses_problem_json
+from handler.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    RateLimited,
+    ValidationItem,
+    uses_problem_json,
+)
 from handler.models.catalog import ModelCatalog
+from handler.services.context import RequestContext
 from handler.settings import Settings
+from handler.storage import BlobStore, Storage
 from handler.triton import TritonClient
 
 M = TypeVar("M", bound=BaseModel)
@@ -35,6 +46,23 @@ def get_catalog(request: Request) -> ModelCatalog:
     return catalog
 
 
+def get_storage(request: Request) -> Storage:
+    """The app's storage backend."""
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_blobs(request: Request) -> BlobStore:
+    """The app's blob store."""
+    blobs: BlobStore = request.app.state.blobs
+    return blobs
+
+
+def get_key_id(request: Request) -> str:
+    """Id of the authenticated key (set by :func:`require_api_key`)."""
+    return str(request.state.key_id)
+
+
 def get_request_id(request: Request) -> str:
     """The request id set by the request-id middleware."""
     return str(request.state.request_id)
@@ -44,6 +72,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 TritonDep = Annotated[TritonClient, Depends(get_triton)]
 CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+KeyIdDep = Annotated[str, Depends(get_key_id)]
 
 
 def presented_key(request: Request) -> str | None:
@@ -55,11 +86,17 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """Accept the request only with a configured key (SHA-256 compared in constant time).
+async def require_api_key(request: Request, settings: SettingsDep, storage: StorageDep) -> None:
+    """Authenticate the key, then take one token from its rate-limit bucket.
+
+    The key's SHA-256 is compared in constant time with every configured
+    digest. ``request.state.key_id`` (first 16 hex digits of the digest) and
+    ``request.state.rate_limit`` (the bucket decision, turned into
+    ``X-RateLimit-*`` headers by the app) are set.
 
     Raises:
         AuthenticationError: no key, or a key whose digest is not configured.
+        RateLimited: the key's bucket is empty (``Retry-After`` set).
     """
     key = presented_key(request)
     if key is None:
@@ -70,6 +107,39 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
         matched |= hmac.compare_digest(digest, accepted)
     if not matched:
         raise AuthenticationError("invalid API key")
+    request.state.key_id = digest[:16]
+    decision = await run_in_threadpool(
+        storage.take_token,
+        request.state.key_id,
+        settings.rate_limit_capacity,
+        settings.rate_limit_per_minute / 60.0,
+        time.time(),
+    )
+    request.state.rate_limit = decision
+    if not decision.allowed:
+        raise RateLimited(
+            f"rate limit of {settings.rate_limit_capacity} requests exceeded; retry later",
+            headers={"Retry-After": str(max(1, math.ceil(decision.retry_after_s)))},
+        )
+
+
+def get_context(
+    request: Request,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+    triton: TritonDep,
+    storage: StorageDep,
+    blobs: BlobsDep,
+    key_id: KeyIdDep,
+    request_id: RequestIdDep,
+) -> RequestContext:
+    """The :class:`RequestContext` of an authenticated request."""
+    return RequestContext(
+        settings, catalog, triton, storage, blobs, key_id, request_id, str(request.base_url)
+    )
+
+
+ContextDep = Annotated[RequestContext, Depends(get_context)]
 
 
 def validation_error(error: ValidationError, path: str) -> InvalidRequest:

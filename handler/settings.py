@@ -7,7 +7,10 @@ README's configuration table is checked against this class by a test.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from functools import cached_property
+from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +62,39 @@ class Settings(BaseSettings):
     sentence_pause_ms: int = Field(
         250, ge=0, description="Silence between the sentences of one turn, milliseconds."
     )
+    storage_backend: Literal["sqlite", "dynamodb"] = Field(
+        "sqlite", description="Where voices, usage and rate-limit buckets live."
+    )
+    sqlite_path: Path = Field(
+        Path(".converse/converse.db"), description="SQLite file of the sqlite backend."
+    )
+    dynamodb_voices_table: str = Field("converse-voices", description="DynamoDB voices table.")
+    dynamodb_usage_table: str = Field("converse-usage", description="DynamoDB usage table.")
+    dynamodb_rate_table: str = Field(
+        "converse-rate-limits", description="DynamoDB rate-limit bucket table."
+    )
+    blob_backend: Literal["local", "s3"] = Field(
+        "local", description="Where large responses and uploads live: a directory or S3."
+    )
+    blob_dir: Path = Field(Path(".converse/blobs"), description="Directory of the local blobs.")
+    s3_bucket: str = Field("", description="S3 bucket of the s3 blob backend.")
+    url_signing_secret: str = Field(
+        "", description="HMAC secret for local file URLs; random per process when empty."
+    )
+    url_expires_s: int = Field(
+        3600, ge=60, le=604_800, description="Lifetime of download and upload URLs, seconds."
+    )
+    inline_audio_max_bytes: int = Field(
+        4_500_000,
+        ge=0,
+        description="Largest audio returned inline; larger comes back as a URL (Lambda: 6 MB).",
+    )
+    rate_limit_capacity: int = Field(
+        60, ge=1, description="Token-bucket burst per API key, requests."
+    )
+    rate_limit_per_minute: float = Field(
+        60.0, gt=0, description="Token-bucket refill per API key, requests per minute."
+    )
 
     @model_validator(mode="after")
     def _deadlines_ordered(self) -> Settings:
@@ -80,6 +116,11 @@ class Settings(BaseSettings):
             if key.strip()
         }
         return frozenset(digests)
+
+    @cached_property
+    def signing_secret(self) -> bytes:
+        """Secret for local file URL signatures."""
+        return self.url_signing_secret.encode() or secrets.token_bytes(32)
 
     @property
     def speaker_voices(self) -> list[str]:

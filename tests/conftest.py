@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,9 +32,25 @@ def triton() -> Iterator[LocalTriton]:
         yield server
 
 
+STATE_DIR = Path(tempfile.mkdtemp(prefix="converse-tests-"))
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings with storage in a fresh temp dir and a rate limit tests never reach."""
+    state = Path(tempfile.mkdtemp(dir=STATE_DIR))
+    values: dict[str, Any] = {
+        "api_keys": API_KEY,
+        "sqlite_path": state / "converse.db",
+        "blob_dir": state / "blobs",
+        "rate_limit_capacity": 1_000_000,
+        **overrides,
+    }
+    return Settings(**values)
+
+
 @pytest.fixture(scope="session")
 def settings(triton: LocalTriton) -> Settings:
-    return Settings(triton_url=triton.http_url, api_keys=API_KEY)
+    return make_settings(triton_url=triton.http_url)
 
 
 @pytest.fixture(scope="session")

@@ -108,7 +108,7 @@ GOOD = {"voice": "jf_alpha", "text": "Fine."}
          ["turns", "1", "model"], 1),
         ({"turns": [GOOD, {"text": "No voice."}]}, "validation_error", ["turns", "1", "voice"], 1),
         ({"turns": [GOOD, {"voiceId": "01940f8a-2dc1-7000-9b6c-fc6dd8a0a4d2", "text": "Hi."}]},
-         "voice_id_unsupported", ["turns", "1", "voiceId"], 1),
+         "voice_not_found", ["turns", "1", "voiceId"], 1),
         ({"turns": [GOOD, {"voiceId": "x", "voice": "jf_alpha", "text": "Hi."}]},
          "validation_error", ["turns", "1", "voiceId"], 1),
         ({"turns": [GOOD, {"voice": "alloy", "text": "Hi."}]}, "unknown_voice",

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from export.local_triton import LocalTriton
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, STATE_DIR
 
 
 class FakeContext:
@@ -27,6 +27,9 @@ def lambda_module(triton: LocalTriton) -> Iterator[ModuleType]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CONVERSE_TRITON_URL", triton.http_url)
         patch.setenv("CONVERSE_API_KEYS", API_KEY)
+        patch.setenv("CONVERSE_SQLITE_PATH", str(STATE_DIR / "lambda.db"))
+        patch.setenv("CONVERSE_BLOB_DIR", str(STATE_DIR / "lambda-blobs"))
+        patch.setenv("CONVERSE_RATE_LIMIT_CAPACITY", "100000")
         import handler.lambda_function
 
         yield importlib.reload(handler.lambda_function)

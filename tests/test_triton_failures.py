@@ -13,13 +13,13 @@ from handler.app import create_app
 from handler.errors import InferenceError
 from handler.settings import Settings
 from handler.triton import TritonClient
-from tests.conftest import API_KEY, AUTH
+from tests.conftest import AUTH, make_settings
 
 CONVERSE = {"conversation": [{"speaker": "0", "text": "Hello there, how are you today?"}]}
 
 
 def test_unreachable_triton_is_503_with_retry_after() -> None:
-    settings = Settings(triton_url=f"127.0.0.1:{free_port()}", api_keys=API_KEY, retry_after_s=7)
+    settings = make_settings(triton_url=f"127.0.0.1:{free_port()}", retry_after_s=7)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         response = client.post("/v1/converse", json=CONVERSE, headers=AUTH)
         assert response.status_code == 503
@@ -54,7 +54,7 @@ def test_triton_error_is_inference_error(triton: LocalTriton) -> None:
 
 
 def test_deadline_is_504_with_own_body(triton: LocalTriton) -> None:
-    settings = Settings(triton_url=triton.http_url, api_keys=API_KEY, triton_timeout_s=0.001)
+    settings = make_settings(triton_url=triton.http_url, triton_timeout_s=0.001)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         response = client.post("/v1/converse", json=CONVERSE, headers=AUTH)
         assert response.status_code == 504

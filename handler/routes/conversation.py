@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from handler.deps import CatalogDep, SettingsDep, TritonDep, parse_body, require_api_key
-from handler.schemas.conversation import ConversationRequest, SplitResponse
+from handler.deps import ContextDep, SettingsDep, parse_body, require_api_key
+from handler.schemas.conversation import ConversationRequest, LinkedConversation, SplitResponse
 from handler.services.conversation import render_conversation
 
 router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
@@ -20,7 +20,14 @@ router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
                 "audio/wav": {},
                 "audio/mpeg": {},
                 "audio/pcm": {},
-                "application/json": {"schema": SplitResponse.model_json_schema()},
+                "application/json": {
+                    "schema": {
+                        "anyOf": [
+                            SplitResponse.model_json_schema(),
+                            LinkedConversation.model_json_schema(),
+                        ]
+                    }
+                },
             }
         }
     },
@@ -31,12 +38,17 @@ router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
         }
     },
 )
-async def post_conversation(
-    request: Request, settings: SettingsDep, catalog: CatalogDep, triton: TritonDep
-) -> Response:
-    """Stitched audio bytes, or ``{audioSegments, warnings}`` with ``split: true``."""
+async def post_conversation(request: Request, settings: SettingsDep, ctx: ContextDep) -> Response:
+    """Stitched audio bytes, ``{audioSegments, warnings}`` with ``split: true``, or a link.
+
+    A stitched file over the inline threshold comes back as JSON
+    ``{"audio": {"url", "expires_in"}, "mediaType"}``.
+    """
     body = await parse_body(request, ConversationRequest, settings.max_request_bytes)
-    rendered = await render_conversation(body, catalog, triton, settings)
+    rendered = await render_conversation(body, ctx)
     if rendered.segments is not None:
         return JSONResponse(rendered.segments.model_dump())
+    if rendered.link is not None:
+        linked = LinkedConversation(audio=rendered.link, mediaType=rendered.media_type)
+        return JSONResponse(linked.model_dump())
     return Response(content=rendered.body, media_type=rendered.media_type)

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from handler.deps import (
-    CatalogDep,
-    RequestIdDep,
-    SettingsDep,
-    TritonDep,
-    parse_body,
-    require_api_key,
-)
+from handler.deps import CatalogDep, ContextDep, SettingsDep, parse_body, require_api_key
 from handler.schemas.converse import ConverseRequest, ConverseResponse, ModelCard, ModelList
 from handler.services.converse import converse
 
@@ -36,12 +29,8 @@ async def list_models(catalog: CatalogDep) -> ModelList:
     },
 )
 async def post_converse(
-    request: Request,
-    settings: SettingsDep,
-    catalog: CatalogDep,
-    triton: TritonDep,
-    request_id: RequestIdDep,
+    request: Request, settings: SettingsDep, ctx: ContextDep
 ) -> ConverseResponse:
     """Complete the open (last) turn of a conversation."""
     body = await parse_body(request, ConverseRequest, settings.max_request_bytes)
-    return await converse(body, request_id, catalog, triton, settings)
+    return await converse(body, ctx)

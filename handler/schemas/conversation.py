@@ -71,12 +71,28 @@ class ConversationRequest(BaseModel):
 
 
 class AudioSegment(BaseModel):
-    """One turn's audio under ``split: true``."""
+    """One turn's audio under ``split: true`` (inline, or as a URL when too big)."""
 
-    audio: str = Field(description="Base64 audio in the requested format.")
+    audio: str | None = Field(description="Base64 audio in the requested format, or null.")
+    url: str | None = Field(None, description="Download URL when audio is null.")
+    expires_in: int | None = Field(None, description="Seconds the url stays valid.")
     mediaType: str  # noqa: N815 (spec name)
     durationMs: int  # noqa: N815 (spec name)
     turnIndex: int  # noqa: N815 (spec name)
+
+
+class LinkedAudio(BaseModel):
+    """Where to download audio too big to return inline."""
+
+    url: str
+    expires_in: int = Field(description="Seconds the url stays valid.")
+
+
+class LinkedConversation(BaseModel):
+    """Answer of a stitched request whose file exceeds the inline threshold."""
+
+    audio: LinkedAudio
+    mediaType: str  # noqa: N815 (spec name)
 
 
 class SplitResponse(BaseModel):

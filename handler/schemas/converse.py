@@ -30,6 +30,13 @@ class Turn(BaseModel):
         max_length=MAX_AUDIO_B64_CHARS,
         description="Base64 WAV (data: URI prefix accepted), at most 25 MiB decoded.",
     )
+    audio_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Id of a WAV uploaded through POST /v1/uploads, instead of audio_wav_b64.",
+    )
 
 
 class ConverseParams(BaseModel):
@@ -66,7 +73,9 @@ class ReplyAudio(BaseModel):
     num_quantizers: int | None = Field(
         description="Codebooks used for codec models; null for models without a codec."
     )
-    data_b64: str
+    data_b64: str | None = Field(description="Base64 WAV; null when the audio comes as a url.")
+    url: str | None = Field(None, description="Download URL when the audio is too big inline.")
+    expires_in: int | None = Field(None, description="Seconds the url stays valid.")
 
 
 class Reply(BaseModel):

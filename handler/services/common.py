@@ -8,10 +8,13 @@ import binascii
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from starlette.concurrency import run_in_threadpool
+
 from handler.audio import AudioDecodeError, DecodedAudio, decode_wav
 from handler.errors import DeadlineExceeded, InvalidRequest, ValidationItem
 from handler.models.catalog import ModelCatalog, ServedModel
 from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
+from handler.services.context import RequestContext
 
 T = TypeVar("T")
 
@@ -76,6 +79,27 @@ def decode_turn_audio(audio_b64: str, turn_index: int) -> DecodedAudio:
         raise InvalidRequest(
             f"conversation[{turn_index}].audio_wav_b64: {error}", turn_index=turn_index
         ) from error
+
+
+async def load_uploaded_audio(ctx: RequestContext, audio_id: str, turn_index: int) -> DecodedAudio:
+    """Decode the caller's uploaded clip ``audio_id`` (size checked before reading).
+
+    Raises:
+        InvalidRequest: unknown id, over 25 MiB, or not a decodable WAV (naming the turn).
+    """
+    where = f"conversation[{turn_index}].audio_id"
+    try:
+        data = await run_in_threadpool(
+            ctx.blobs.get, ctx.upload_key(audio_id), MAX_TURN_AUDIO_BYTES
+        )
+    except ValueError as error:
+        raise InvalidRequest(f"{where}: {error} (25 MiB cap)", turn_index=turn_index) from error
+    if data is None:
+        raise InvalidRequest(f"{where}: no upload {audio_id!r}", turn_index=turn_index)
+    try:
+        return decode_wav(data)
+    except AudioDecodeError as error:
+        raise InvalidRequest(f"{where}: {error}", turn_index=turn_index) from error
 
 
 async def within_deadline(work: Awaitable[T], seconds: float) -> T:

@@ -24,12 +24,17 @@ from handler.audio import (
     stitch,
 )
 from handler.errors import InvalidRequest, ValidationItem
-from handler.models.catalog import ModelCatalog, ServedModel
+from handler.models.catalog import ServedModel
 from handler.models.kokoro import VoiceSpecError, parse_voice_spec
-from handler.schemas.conversation import AudioSegment, ConversationRequest, SplitResponse
+from handler.schemas.conversation import (
+    AudioSegment,
+    ConversationRequest,
+    ConversationTurn,
+    LinkedAudio,
+    SplitResponse,
+)
 from handler.services.common import resolve_model, within_deadline
-from handler.settings import Settings
-from handler.triton import TritonClient
+from handler.services.context import RequestContext
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,13 @@ class TurnPlan:
 class RenderedConversation:
     """The stitched result, or its segments under ``split``.
 
-    ``body`` is the encoded stitched file (None under split); ``segments`` the
-    split response (None otherwise).
+    Exactly one of: ``body`` (the encoded stitched file), ``link`` (the stitched
+    file's URL when it is too big inline), ``segments`` (the split response).
     """
 
     media_type: str
     body: bytes | None
+    link: LinkedAudio | None
     segments: SplitResponse | None
 
 
@@ -64,8 +70,24 @@ def _invalid(message: str, path: list[str | int], index: int | None, code: str) 
     )
 
 
-async def plan_turns(request: ConversationRequest, catalog: ModelCatalog) -> list[TurnPlan]:
-    """Validate every turn and resolve its model and voice.
+async def _saved_voice_turn(ctx: RequestContext, turn: ConversationTurn, index: int) -> TurnPlan:
+    """Plan a turn that names a saved voice: the voice's model and spec are used."""
+    path: list[str | int] = ["turns", index, "voiceId"]
+    if turn.voice is not None or turn.model is not None:
+        raise _invalid(
+            "a turn uses either voiceId or model + voice, not both", path, index, "validation_error"
+        )
+    saved = await ctx.saved_voice(str(turn.voiceId))
+    if saved is None or saved.voice is None:
+        raise _invalid(
+            f"no saved voice {turn.voiceId!r} for this key", path, index, "voice_not_found"
+        )
+    model = await resolve_model(ctx.catalog, saved.model, [str(p) for p in path], index)
+    return TurnPlan(index, model, saved.voice, turn.text)
+
+
+async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[TurnPlan]:
+    """Validate every turn and resolve its model and voice (saved voices included).
 
     Raises:
         InvalidRequest: with ``validation[].path`` and ``turn_index`` of the first bad turn.
@@ -85,32 +107,21 @@ async def plan_turns(request: ConversationRequest, catalog: ModelCatalog) -> lis
                 index,
                 "validation_error",
             )
+        if not turn.text.strip():
+            raise _invalid("text must not be blank", [*base, "text"], index, "validation_error")
         if turn.voiceId is not None:
-            if turn.voice is not None or turn.model is not None:
-                raise _invalid(
-                    "a turn uses either voiceId or model + voice, not both",
-                    [*base, "voiceId"],
-                    index,
-                    "validation_error",
-                )
-            raise _invalid(
-                "saved voices (voiceId) are not available on this server yet; use an inline voice",
-                [*base, "voiceId"],
-                index,
-                "voice_id_unsupported",
-            )
+            plans.append(await _saved_voice_turn(ctx, turn, index))
+            continue
         if turn.voice is None:
             raise _invalid("each turn needs a voice", [*base, "voice"], index, "validation_error")
         model_path = [*base, "model"] if turn.model is not None else ["model"]
         model = await resolve_model(
-            catalog, turn.model or request.model, [str(p) for p in model_path], index
+            ctx.catalog, turn.model or request.model, [str(p) for p in model_path], index
         )
         try:
             voice = parse_voice_spec(turn.voice, model.adapter.voices)
         except VoiceSpecError as error:
             raise _invalid(str(error), [*base, "voice"], index, "unknown_voice") from error
-        if not turn.text.strip():
-            raise _invalid("text must not be blank", [*base, "text"], index, "validation_error")
         plans.append(TurnPlan(index, model, voice, turn.text))
     rates = {plan.model.sample_rate for plan in plans}
     if len(rates) > 1:
@@ -121,23 +132,24 @@ async def plan_turns(request: ConversationRequest, catalog: ModelCatalog) -> lis
 
 
 async def render_conversation(
-    request: ConversationRequest,
-    catalog: ModelCatalog,
-    triton: TritonClient,
-    settings: Settings,
+    request: ConversationRequest, ctx: RequestContext
 ) -> RenderedConversation:
-    """Validate, synthesise every turn concurrently, normalise, stitch and encode.
+    """Validate, synthesise every turn concurrently, normalise, stitch, encode, record usage.
+
+    Audio over ``inline_audio_max_bytes`` (the stitched file, or all segments
+    together) comes back as URLs instead of bytes.
 
     Raises:
         InvalidRequest: validation failed (nothing was synthesised).
         ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
     """
-    plans = await plan_turns(request, catalog)
+    plans = await plan_turns(request, ctx)
     sample_rate = plans[0].model.sample_rate
+    settings = ctx.settings
     synthesis = asyncio.gather(
         *(
             plan.model.adapter.synthesize(
-                triton, plan.text, plan.voice, 1.0, settings.sentence_pause_ms
+                ctx.triton, plan.text, plan.voice, 1.0, settings.sentence_pause_ms
             )
             for plan in plans
         )
@@ -146,20 +158,37 @@ async def render_conversation(
     normalised = [peak_normalize(audio, request.volumeDbfs) for audio in turns]
     audio_format = request.audio_format
     media_type = MEDIA_TYPES[audio_format]
+    extension = "raw" if audio_format == "pcm" else audio_format
 
     def encoded(samples: np.ndarray) -> bytes:
         return encode(samples, sample_rate, audio_format, request.mp3_bitrate_kbps)
 
+    gap = ms_to_samples(request.gapMs, sample_rate)
+    output_s = (sum(map(len, normalised)) + gap * (len(normalised) - 1)) / sample_rate
+    await ctx.record_usage(sum(len(plan.text) for plan in plans), 0.0, output_s)
     if request.split:
-        segments = [
-            AudioSegment(
-                audio=base64.b64encode(encoded(samples)).decode(),
-                mediaType=media_type,
-                durationMs=round(len(samples) * 1000 / sample_rate),
-                turnIndex=plan.index,
+        blocks = [encoded(samples) for samples in normalised]
+        too_big = sum(map(len, blocks)) > settings.inline_audio_max_bytes
+        segments = []
+        for plan, samples, block in zip(plans, normalised, blocks, strict=True):
+            delivered = await ctx.deliver(
+                f"turn-{plan.index}.{extension}", block, media_type, force_url=too_big
             )
-            for plan, samples in zip(plans, normalised, strict=True)
-        ]
-        return RenderedConversation(media_type, None, SplitResponse(audioSegments=segments))
-    stitched = stitch(normalised, ms_to_samples(request.gapMs, sample_rate))
-    return RenderedConversation(media_type, encoded(stitched), None)
+            segments.append(
+                AudioSegment(
+                    audio=base64.b64encode(delivered.data).decode() if delivered.data else None,
+                    url=delivered.url,
+                    expires_in=delivered.expires_in,
+                    mediaType=media_type,
+                    durationMs=round(len(samples) * 1000 / sample_rate),
+                    turnIndex=plan.index,
+                )
+            )
+        return RenderedConversation(media_type, None, None, SplitResponse(audioSegments=segments))
+    delivered = await ctx.deliver(
+        f"conversation.{extension}", encoded(stitch(normalised, gap)), media_type, force_url=False
+    )
+    if delivered.url is not None and delivered.expires_in is not None:
+        link = LinkedAudio(url=delivered.url, expires_in=delivered.expires_in)
+        return RenderedConversation(media_type, None, link, None)
+    return RenderedConversation(media_type, delivered.data, None, None)

@@ -1,0 +1,166 @@
+"""SQLite backend of :class:`Storage`: one file, safe across threads and processes.
+
+Writes run in ``BEGIN IMMEDIATE`` transactions, so read-modify-write of a
+rate-limit bucket or usage row is atomic under concurrent requests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from handler.storage.base import (
+    RateDecision,
+    SavedVoice,
+    Storage,
+    UsageTotals,
+    VoicePage,
+    encode_cursor,
+    token_bucket,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS voices (
+    key_id TEXT NOT NULL, id TEXT NOT NULL, sort_key TEXT NOT NULL, name TEXT NOT NULL,
+    model TEXT NOT NULL, voice TEXT, reference_audio_id TEXT, transcript TEXT,
+    created_at REAL NOT NULL, PRIMARY KEY (key_id, id));
+CREATE INDEX IF NOT EXISTS voices_order ON voices (key_id, sort_key);
+CREATE TABLE IF NOT EXISTS usage (
+    key_id TEXT PRIMARY KEY, requests INTEGER NOT NULL, input_chars INTEGER NOT NULL,
+    input_audio_seconds REAL NOT NULL, output_audio_seconds REAL NOT NULL,
+    last_request_ts REAL);
+CREATE TABLE IF NOT EXISTS rate_buckets (
+    key_id TEXT PRIMARY KEY, tokens REAL NOT NULL, updated_at REAL NOT NULL);
+"""
+_VOICE_COLUMNS = "id, key_id, name, model, voice, reference_audio_id, transcript, created_at"
+
+
+class SQLiteStorage(Storage):
+    """Storage in one SQLite file (``:memory:`` is not supported: use a temp file)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        # executescript manages its own transaction (it commits first).
+        self._connection().executescript(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            self._local.connection = connection
+        return connection
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def put_voice(self, voice: SavedVoice) -> None:
+        """Store a new voice."""
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO voices (sort_key, {_VOICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    voice.sort_key,
+                    voice.id,
+                    voice.key_id,
+                    voice.name,
+                    voice.model,
+                    voice.voice,
+                    voice.reference_audio_id,
+                    voice.transcript,
+                    voice.created_at,
+                ),
+            )
+
+    def get_voice(self, key_id: str, voice_id: str) -> SavedVoice | None:
+        """The key's voice with this id, or None."""
+        row = (
+            self._connection()
+            .execute(
+                f"SELECT {_VOICE_COLUMNS} FROM voices WHERE key_id = ? AND id = ?",
+                (key_id, voice_id),
+            )
+            .fetchone()
+        )
+        return SavedVoice(*row) if row else None
+
+    def delete_voice(self, key_id: str, voice_id: str) -> bool:
+        """Delete the key's voice; False if it did not exist."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM voices WHERE key_id = ? AND id = ?", (key_id, voice_id)
+            )
+        return cursor.rowcount > 0
+
+    def list_voices(self, key_id: str, limit: int, after: str | None) -> VoicePage:
+        """Up to ``limit`` voices in creation order, after the sort key ``after``."""
+        rows = (
+            self._connection()
+            .execute(
+                f"SELECT {_VOICE_COLUMNS} FROM voices WHERE key_id = ? AND sort_key > ? "
+                "ORDER BY sort_key LIMIT ?",
+                (key_id, after or "", limit + 1),
+            )
+            .fetchall()
+        )
+        voices = [SavedVoice(*row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return VoicePage(voices, encode_cursor(voices[-1].sort_key) if more else None)
+
+    def record_usage(
+        self,
+        key_id: str,
+        input_chars: int,
+        input_audio_s: float,
+        output_audio_s: float,
+        now: float,
+    ) -> None:
+        """Add one request's usage to the key's totals (atomically)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO usage VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT(key_id) DO UPDATE SET "
+                "requests = requests + 1, input_chars = input_chars + excluded.input_chars, "
+                "input_audio_seconds = input_audio_seconds + excluded.input_audio_seconds, "
+                "output_audio_seconds = output_audio_seconds + excluded.output_audio_seconds, "
+                "last_request_ts = excluded.last_request_ts",
+                (key_id, input_chars, input_audio_s, output_audio_s, now),
+            )
+
+    def get_usage(self, key_id: str) -> UsageTotals:
+        """The key's totals (zeros when it has none)."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT requests, input_chars, input_audio_seconds, output_audio_seconds, "
+                "last_request_ts FROM usage WHERE key_id = ?",
+                (key_id,),
+            )
+            .fetchone()
+        )
+        return UsageTotals(key_id, *row) if row else UsageTotals(key_id, 0, 0, 0.0, 0.0, None)
+
+    def take_token(
+        self, key_id: str, capacity: int, refill_per_s: float, now: float
+    ) -> RateDecision:
+        """Atomically take one token from the key's bucket."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT tokens, updated_at FROM rate_buckets WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            tokens, updated_at = row if row else (float(capacity), now)
+            left, decision = token_bucket(tokens, updated_at, now, capacity, refill_per_s)
+            db.execute("INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?)", (key_id, left, now))
+        return decision
