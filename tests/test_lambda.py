@@ -22,17 +22,28 @@ class FakeContext:
     aws_request_id = "lambda-req-1"
 
 
-@pytest.fixture(scope="module")
-def lambda_module(triton: LocalTriton) -> Iterator[ModuleType]:
+def load_lambda(triton: LocalTriton, **env: str) -> Iterator[ModuleType]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CONVERSE_TRITON_URL", triton.http_url)
         patch.setenv("CONVERSE_API_KEYS", API_KEY)
         patch.setenv("CONVERSE_SQLITE_PATH", str(STATE_DIR / "lambda.db"))
         patch.setenv("CONVERSE_BLOB_DIR", str(STATE_DIR / "lambda-blobs"))
         patch.setenv("CONVERSE_RATE_LIMIT_CAPACITY", "100000")
+        for name, value in env.items():
+            patch.setenv(name, value)
         import handler.lambda_function
 
         yield importlib.reload(handler.lambda_function)
+
+
+@pytest.fixture(scope="module")
+def lambda_module(triton: LocalTriton) -> Iterator[ModuleType]:
+    yield from load_lambda(triton)
+
+
+@pytest.fixture(scope="module")
+def small_inline_lambda(triton: LocalTriton) -> Iterator[ModuleType]:
+    yield from load_lambda(triton, CONVERSE_INLINE_AUDIO_MAX_BYTES="1000")
 
 
 def http_api_v2_event(method: str, path: str, body: Any = None) -> dict[str, Any]:
@@ -98,3 +109,14 @@ def test_error_envelope(lambda_module: ModuleType, make_event: Any) -> None:
                                    FakeContext())
     assert result["statusCode"] == 400
     assert json.loads(result["body"])["error"]["type"] == "invalid_request"
+
+
+@pytest.mark.parametrize("make_event", [http_api_v2_event, rest_v1_event])
+def test_over_threshold_response_is_a_url(small_inline_lambda: ModuleType, make_event: Any) -> None:
+    event = make_event("POST", "/v1/audio/conversation", CONVERSATION)
+    result = small_inline_lambda.handler(event, FakeContext())
+    assert result["statusCode"] == 200 and result["isBase64Encoded"] is False
+    body = json.loads(result["body"])
+    assert body["mediaType"] == "audio/wav"
+    assert body["audio"]["url"].startswith("https://api.example.com/")
+    assert "/v1/files/responses/" in body["audio"]["url"] and body["audio"]["expires_in"] > 0

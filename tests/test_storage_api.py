@@ -1,0 +1,178 @@
+"""Saved voices, usage, rate limits, uploads and large responses through the API."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from export.local_triton import LocalTriton
+from handler.app import create_app
+from tests.conftest import AUTH, make_settings, tone, wav_b64
+
+
+@pytest.fixture(scope="module")
+def small_inline(triton: LocalTriton) -> Any:
+    """An app whose inline threshold is 1 KB, so every audio answer becomes a URL."""
+    settings = make_settings(triton_url=triton.http_url, inline_audio_max_bytes=1000)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def fetch(client: TestClient, url: str) -> Any:
+    parsed = urlparse(url)
+    return client.get(f"{parsed.path}?{parsed.query}")
+
+
+def test_voice_crud_and_pagination(client: TestClient) -> None:
+    created = [
+        client.post("/v1/voices", json={"name": f"v{i}", "voice": "jf_alpha*2+jm_kumo*2"},
+                    headers=AUTH)
+        for i in range(3)
+    ]
+    assert all(r.status_code == 201 for r in created)
+    ids = [r.json()["id"] for r in created]
+    assert created[0].json()["voice"] == "jf_alpha*0.5+jm_kumo*0.5"
+    assert created[0].json()["model"] == "kokoro"
+    first = client.get("/v1/voices?limit=2", headers=AUTH).json()
+    assert first["has_more"] is True and len(first["data"]) == 2
+    rest = client.get(f"/v1/voices?limit=200&cursor={first['next_cursor']}", headers=AUTH).json()
+    listed = [v["id"] for v in first["data"] + rest["data"]]
+    assert listed[-3:] == ids and len(listed) == len(set(listed))
+    assert rest["has_more"] is False and rest["next_cursor"] is None
+    assert client.get(f"/v1/voices/{ids[0]}", headers=AUTH).json()["name"] == "v0"
+    assert client.delete(f"/v1/voices/{ids[0]}", headers=AUTH).status_code == 204
+    missing = client.get(f"/v1/voices/{ids[0]}", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    assert client.delete(f"/v1/voices/{ids[0]}", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=201", "limit=abc", "cursor=not-a-cursor"]
+)
+def test_bad_listing_queries(client: TestClient, query: str) -> None:
+    response = client.get(f"/v1/voices?{query}", headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x", "voice": "alloy"},
+        {"name": "x"},
+        {"name": "x", "reference_audio_id": "abc", "transcript": "hello"},
+        {"name": "x", "voice": "jf_alpha", "model": "nope"},
+        {"name": "", "voice": "jf_alpha"},
+    ],
+)
+def test_bad_voices_are_rejected(client: TestClient, body: dict[str, Any]) -> None:
+    response = client.post("/v1/voices", json=body, headers=AUTH)
+    assert response.status_code == 400, response.text
+
+
+def test_saved_and_inline_voices_mix_in_one_conversation(client: TestClient) -> None:
+    saved = client.post("/v1/voices", json={"name": "host", "voice": "jm_kumo"}, headers=AUTH)
+    voice_id = saved.json()["id"]
+    body = {"turns": [{"voiceId": voice_id, "text": "Hello there."},
+                      {"voice": "jf_alpha", "model": "kokoro", "text": "Hi!"}],
+            "split": True}
+    response = client.post("/v1/audio/conversation", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert [s["turnIndex"] for s in response.json()["audioSegments"]] == [0, 1]
+    inline = client.post("/v1/audio/conversation", headers=AUTH, json={
+        "turns": [{"voice": "jm_kumo", "text": "Hello there."}], "output": "pcm"})
+    by_id = client.post("/v1/audio/conversation", headers=AUTH, json={
+        "turns": [{"voiceId": voice_id, "text": "Hello there."}], "output": "pcm"})
+    assert inline.content == by_id.content
+
+
+def test_usage_counts_requests_of_this_key(triton: LocalTriton) -> None:
+    settings = make_settings(triton_url=triton.http_url)
+    with TestClient(create_app(settings)) as client:
+        clip = wav_b64(tone(2.0), 24_000)
+        client.post("/v1/converse", headers=AUTH,
+                    json={"conversation": [{"speaker": "0", "audio_wav_b64": clip},
+                                           {"speaker": "1", "text": "Hello."}]})
+        client.post("/v1/audio/conversation", headers=AUTH,
+                    json={"turns": [{"voice": "jm_kumo", "text": "Hi there."}], "gapMs": 0})
+        usage = client.get("/v1/usage", headers=AUTH).json()
+    assert usage["requests"] == 2
+    assert usage["input_chars"] == len("Hello.") + len("Hi there.")
+    assert usage["input_audio_seconds"] == pytest.approx(2.0, abs=1e-3)
+    assert usage["output_audio_seconds"] > 0.5 and usage["last_request_ts"] > 0
+    assert len(usage["key_id"]) == 16
+
+
+def test_rate_limit_under_concurrency(triton: LocalTriton) -> None:
+    settings = make_settings(triton_url=triton.http_url, rate_limit_capacity=5,
+                             rate_limit_per_minute=0.001)
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: client.get("/v1/models", headers=AUTH), range(20)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 5 + [429] * 15
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.json()["error"]["type"] == "rate_limit_exceeded"
+    assert int(limited.headers["retry-after"]) >= 1
+    for response in responses:
+        assert response.headers["x-ratelimit-limit"] == "5"
+        assert int(response.headers["x-ratelimit-remaining"]) >= 0
+        assert int(response.headers["x-ratelimit-reset"]) > 0
+
+
+def test_upload_then_reference_by_audio_id(client: TestClient) -> None:
+    upload = client.post("/v1/uploads", headers=AUTH)
+    assert upload.status_code == 201
+    info = upload.json()
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(1.25, 16_000), 16_000, format="WAV", subtype="PCM_16")
+    parsed = urlparse(info["upload_url"])
+    assert client.put(f"{parsed.path}?{parsed.query}", content=buffer.getvalue()).status_code == 204
+    tampered = parsed.query.replace("signature=", "signature=0")
+    assert client.put(f"{parsed.path}?{tampered}", content=b"x").status_code == 401
+    body = {"conversation": [{"speaker": "0", "audio_id": info["id"]},
+                             {"speaker": "1", "text": "Nice clip."}]}
+    response = client.post("/v1/converse", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["input_audio_seconds"] == pytest.approx(1.25, abs=1e-3)
+    missing = {"conversation": [{"speaker": "0", "audio_id": "nope"},
+                                {"speaker": "1", "text": "Hi."}]}
+    bad = client.post("/v1/converse", json=missing, headers=AUTH)
+    assert bad.status_code == 400 and "audio_id" in bad.json()["error"]["message"]
+
+
+def test_large_converse_reply_comes_back_as_url(small_inline: TestClient) -> None:
+    body = {"conversation": [{"speaker": "0", "text": "This reply is too big to inline."}]}
+    audio = small_inline.post("/v1/converse", json=body, headers=AUTH).json()["reply"]["audio"]
+    assert audio["data_b64"] is None and audio["expires_in"] == 3600
+    download = fetch(small_inline, audio["url"])
+    assert download.status_code == 200 and download.headers["content-type"] == "audio/wav"
+    samples, rate = sf.read(io.BytesIO(download.content))
+    assert rate == 24_000 and len(samples) > 24_000
+
+
+def test_large_conversation_and_split_come_back_as_urls(small_inline: TestClient) -> None:
+    turns = [{"voice": "jm_kumo", "text": "First turn."}, {"voice": "jf_alpha", "text": "Second."}]
+    stitched = small_inline.post("/v1/audio/conversation", headers=AUTH,
+                                 json={"turns": turns, "output": "pcm"})
+    assert stitched.headers["content-type"] == "application/json"
+    link = stitched.json()
+    assert link["mediaType"] == "audio/pcm"
+    whole = np.frombuffer(fetch(small_inline, link["audio"]["url"]).content, "<i2")
+    split = small_inline.post("/v1/audio/conversation", headers=AUTH,
+                              json={"turns": turns, "output": "pcm", "split": True}).json()
+    parts = [np.frombuffer(fetch(small_inline, s["url"]).content, "<i2")
+             for s in split["audioSegments"]]
+    assert all(s["audio"] is None for s in split["audioSegments"])
+    assert np.array_equal(whole, np.concatenate(parts))
+
+
+def test_expired_or_unsigned_file_urls_are_refused(client: TestClient) -> None:
+    assert client.get("/v1/files/responses/x/y.wav").status_code == 401
+    assert client.get("/v1/files/responses/x/y.wav?expires=1&signature=00").status_code == 401
+
