@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# checkov pins bc-python-hcl2, which clashes with python-hcl2: it gets its own venv.
+CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: demo serve test lint repository benchmark clean
+.PHONY: demo serve test lint repository benchmark clean images upload-models
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +30,26 @@ lint: $(INSTALLED)
 	$(PY) -m ruff check handler export model_repository tests benchmarks scripts
 	$(PY) -m mypy
 
-## Lint, type-check and run every test against a real local Triton server.
-test: repository lint
-	$(PY) -m pytest -q
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install -q checkov==3.3.30
+
+## Lint, type-check and run every test (real local Triton, terraform checks).
+test: repository lint $(CHECKOV)
+	CONVERSE_CHECKOV=$(CHECKOV) $(PY) -m pytest -q
 
 benchmark: repository
 	$(PY) benchmarks/run_all.py --out docs/PERFORMANCE.md
 
+## AWS: export the GPU repository and sync it to the model bucket (terraform output).
+upload-models: $(INSTALLED)
+	$(PY) -m export kokoro --out build/model_repository --target gpu
+	aws s3 sync --delete build/model_repository "s3://$$(terraform -chdir=terraform output -raw model_bucket)/model_repository"
+
+## AWS: build and push the API (Lambda) and Triton images; TAG=... required.
+images:
+	@test -n "$(TAG)" || (echo "usage: make images TAG=0.1.0" && exit 1)
+	scripts/push_images.sh "$(TAG)"
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) .venv-checkov out build

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     api_key_sha256: str = Field(
         "", description="Comma-separated hex SHA-256 digests of accepted API keys."
     )
+    api_keys_secret_arn: str = Field(
+        "",
+        description="Secrets Manager secret whose value is more comma-separated key digests.",
+    )
     default_model: str = Field("kokoro", description="Model used when a request names none.")
     kokoro_speaker_voices: str = Field(
         "jf_alpha,jm_kumo",
@@ -115,6 +119,13 @@ class Settings(BaseSettings):
             for key in self.api_keys.split(",")
             if key.strip()
         }
+        if self.api_keys_secret_arn:
+            import boto3
+
+            secret = boto3.client("secretsmanager").get_secret_value(
+                SecretId=self.api_keys_secret_arn
+            )
+            digests |= {d.strip().lower() for d in secret["SecretString"].split(",") if d.strip()}
         return frozenset(digests)
 
     @cached_property

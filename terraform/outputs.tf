@@ -1,0 +1,24 @@
+output "endpoint_url" {
+  description = "HTTPS endpoint of the API."
+  value       = module.api.endpoint_url
+}
+
+output "audio_bucket" {
+  description = "Bucket for large responses and uploads."
+  value       = module.data.audio_bucket_name
+}
+
+output "model_bucket" {
+  description = "Bucket that holds the Triton model repository (upload with `make upload-models`)."
+  value       = module.model_store.bucket_name
+}
+
+output "api_keys_secret_arn" {
+  description = "Secrets Manager secret holding the accepted API key SHA-256 digests."
+  value       = module.data.api_keys_secret_arn
+}
+
+output "ecr_repositories" {
+  description = "ECR repositories for the API and Triton images."
+  value       = { api = module.api.ecr_repository_url, triton = module.triton.ecr_repository_url }
+}
