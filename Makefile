@@ -16,7 +16,7 @@ $(INSTALLED): pyproject.toml
 
 ## Build (or reuse) the local CPU model repository from the bundled packages.
 repository: $(INSTALLED)
-	$(PY) -m export kokoro --out model_repository --target cpu
+	$(PY) -m export all --out model_repository --target cpu
 
 ## Render the specs' example dialogues through API -> Triton -> Kokoro into out/.
 demo: repository
@@ -43,7 +43,7 @@ benchmark: repository
 
 ## AWS: export the GPU repository and sync it to the model bucket (terraform output).
 upload-models: $(INSTALLED)
-	$(PY) -m export kokoro --out build/model_repository --target gpu
+	$(PY) -m export all --out build/model_repository --target gpu
 	aws s3 sync --delete build/model_repository "s3://$$(terraform -chdir=terraform output -raw model_bucket)/model_repository"
 
 ## AWS: build and push the API (Lambda) and Triton images; TAG=... required.

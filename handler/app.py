@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handler.errors import ApiError, MethodNotAllowed, NotFound, render
 from handler.models.catalog import ModelCatalog
+from handler.moderation import load_policy
 from handler.routes import conversation, converse, files, health, voices
 from handler.settings import Settings
 from handler.storage import make_blob_store, make_storage
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = ModelCatalog(settings, triton)
     app.state.storage = make_storage(settings)
     app.state.blobs = make_blob_store(settings)
+    app.state.moderation = load_policy(settings)
 
     @app.middleware("http")
     async def request_id_header(

@@ -135,7 +135,15 @@ def get_context(
 ) -> RequestContext:
     """The :class:`RequestContext` of an authenticated request."""
     return RequestContext(
-        settings, catalog, triton, storage, blobs, key_id, request_id, str(request.base_url)
+        settings,
+        catalog,
+        triton,
+        storage,
+        blobs,
+        key_id,
+        request_id,
+        str(request.base_url),
+        request.app.state.moderation,
     )
 
 

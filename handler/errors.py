@@ -110,6 +110,27 @@ class ServiceUnavailable(ApiError):
     retryable = True
 
 
+class ContentBlocked(ApiError):
+    """422 ``content_moderation_blocked``, rendered as speechbase's moderation body.
+
+    Body: ``{"error": {"code", "message", "reason": {"type", "detail"}}}``
+    (speechbase-conversation-reference.md).
+    """
+
+    status, type, code, title = 422, "invalid_request", "content_moderation_blocked", "Blocked"
+
+    def __init__(self, message: str, reason_type: str, detail: str, turn_index: int) -> None:
+        super().__init__(message, turn_index=turn_index)
+        self.reason_type = reason_type
+        self.detail = detail
+
+
+class TimestampsUnavailable(ServiceUnavailable):
+    """503: neither forced alignment nor speech recognition could time the words."""
+
+    code = "timestamps_unavailable"
+
+
 class DeadlineExceeded(ApiError):
     """504: the Triton work did not finish within ``triton_timeout_s``."""
 
@@ -150,8 +171,24 @@ def render_problem(error: ApiError, request_id: str) -> JSONResponse:
     )
 
 
+def render_moderation(error: ContentBlocked, request_id: str) -> JSONResponse:
+    """Speechbase's moderation body (plus ``turn_index`` and ``request_id``)."""
+    body = {
+        "error": {
+            "code": error.code,
+            "message": error.message,
+            "reason": {"type": error.reason_type, "detail": error.detail},
+            "turn_index": error.turn_index,
+            "request_id": request_id,
+        }
+    }
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
 def render(error: ApiError, path: str, request_id: str) -> JSONResponse:
     """Render ``error`` in the style that ``path``'s spec requires."""
+    if isinstance(error, ContentBlocked):
+        return render_moderation(error, request_id)
     if uses_problem_json(path):
         return render_problem(error, request_id)
     return render_kalpa(error, request_id)

@@ -93,6 +93,18 @@ class Settings(BaseSettings):
         ge=0,
         description="Largest audio returned inline; larger comes back as a URL (Lambda: 6 MB).",
     )
+    moderation_policy: str = Field(
+        "blocklist", description="blocklist, or module:factory of a custom policy."
+    )
+    moderation_blocklist: str = Field(
+        "", description="Comma-separated words the blocklist policy blocks (whole words)."
+    )
+    moderation_patterns: list[str] = Field(
+        default_factory=list, description="JSON list of regular expressions the policy blocks."
+    )
+    moderation_fail_mode: Literal["open", "closed"] = Field(
+        "closed", description="What a failing moderation policy does: let through or block."
+    )
     rate_limit_capacity: int = Field(
         60, ge=1, description="Token-bucket burst per API key, requests."
     )

@@ -6,8 +6,16 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from handler.deps import ContextDep, SettingsDep, parse_body, require_api_key
-from handler.schemas.conversation import ConversationRequest, LinkedConversation, SplitResponse
+from handler.schemas.conversation import (
+    ConversationRequest,
+    LinkedConversation,
+    SplitResponse,
+    TimestampsRequest,
+    TimestampsResponse,
+    TimestampsSplitResponse,
+)
 from handler.services.conversation import render_conversation
+from handler.services.timestamps import render_with_timestamps
 
 router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
 
@@ -52,3 +60,21 @@ async def post_conversation(request: Request, settings: SettingsDep, ctx: Contex
         linked = LinkedConversation(audio=rendered.link, mediaType=rendered.media_type)
         return JSONResponse(linked.model_dump())
     return Response(content=rendered.body, media_type=rendered.media_type)
+
+
+@router.post(
+    "/conversation/with-timestamps",
+    response_model=TimestampsResponse | TimestampsSplitResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TimestampsRequest.model_json_schema()}},
+        }
+    },
+)
+async def post_conversation_with_timestamps(
+    request: Request, settings: SettingsDep, ctx: ContextDep
+) -> TimestampsResponse | TimestampsSplitResponse:
+    """Stitched audio (base64) with word timestamps, or timed per-turn segments."""
+    body = await parse_body(request, TimestampsRequest, settings.max_request_bytes)
+    return await render_with_timestamps(body, ctx)

@@ -100,3 +100,54 @@ class SplitResponse(BaseModel):
 
     audioSegments: list[AudioSegment]  # noqa: N815 (spec name)
     warnings: list[str] = Field(default_factory=list)
+
+
+class TimestampsRequest(ConversationRequest):
+    """``/with-timestamps`` request: the conversation request plus ``timestamps``."""
+
+    timestamps: Literal["on", "off"] = Field(
+        "on", description="on: return word timestamps; off: skip them."
+    )
+
+    @field_validator("timestamps")
+    @classmethod
+    def _no_timestamps_here(cls, value: object | None) -> object | None:
+        return value
+
+
+class SegmentWord(BaseModel):
+    """A word in a split segment: seconds from the segment's start."""
+
+    text: str
+    start: float
+    end: float
+
+
+class ConversationWord(SegmentWord):
+    """A word in the stitched audio: seconds from its start, and the turn it belongs to."""
+
+    turnIndex: int  # noqa: N815 (spec name)
+
+
+class TimedAudioSegment(AudioSegment):
+    """A split segment with its block-relative word timestamps."""
+
+    timestamps: list[SegmentWord]
+
+
+class TimestampsResponse(BaseModel):
+    """Stitched audio (base64, or a URL when too big) with word timestamps."""
+
+    audio: str | None
+    url: str | None = None
+    expires_in: int | None = None
+    mediaType: str  # noqa: N815 (spec name)
+    warnings: list[str] = Field(default_factory=list)
+    timestamps: list[ConversationWord]
+
+
+class TimestampsSplitResponse(BaseModel):
+    """Per-turn segments, each with block-relative timestamps."""
+
+    audioSegments: list[TimedAudioSegment]  # noqa: N815 (spec name)
+    warnings: list[str] = Field(default_factory=list)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from handler.models.catalog import ModelCatalog
+from handler.moderation import ModerationPolicy, moderate
 from handler.settings import Settings
 from handler.storage import BlobStore, Storage
 from handler.storage.base import SavedVoice
@@ -35,6 +36,7 @@ class RequestContext:
     key_id: str
     request_id: str
     base_url: str
+    moderation: ModerationPolicy
 
     async def deliver(self, name: str, data: bytes, media_type: str, force_url: bool) -> Delivered:
         """Inline ``data`` if it fits ``inline_audio_max_bytes`` (and not ``force_url``).
@@ -65,6 +67,10 @@ class RequestContext:
     async def saved_voice(self, voice_id: str) -> SavedVoice | None:
         """The caller's saved voice with this id, or None."""
         return await run_in_threadpool(self.storage.get_voice, self.key_id, voice_id)
+
+    def moderate(self, texts: list[str]) -> None:
+        """Run every text through the moderation policy (see :func:`moderate`)."""
+        moderate(self.moderation, texts, self.settings.moderation_fail_mode)
 
     def upload_key(self, upload_id: str) -> str:
         """Blob key of the caller's upload ``upload_id``."""

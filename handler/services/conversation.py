@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ from handler.schemas.conversation import (
     SplitResponse,
 )
 from handler.services.common import resolve_model, within_deadline
-from handler.services.context import RequestContext
+from handler.services.context import Delivered, RequestContext
 
 
 @dataclass(frozen=True)
@@ -131,19 +132,42 @@ async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[
     return plans
 
 
-async def render_conversation(
-    request: ConversationRequest, ctx: RequestContext
-) -> RenderedConversation:
-    """Validate, synthesise every turn concurrently, normalise, stitch, encode, record usage.
+@dataclass(frozen=True)
+class SynthesizedConversation:
+    """Every turn voiced and peak-normalised, before encoding.
 
-    Audio over ``inline_audio_max_bytes`` (the stitched file, or all segments
-    together) comes back as URLs instead of bytes.
+    Attributes:
+        plans: the validated turns, in request order.
+        turns: float32 mono audio per turn at ``sample_rate`` Hz, normalised.
+        sample_rate: Hz.
+        gap_samples: silence between consecutive turns, samples.
+    """
+
+    plans: list[TurnPlan]
+    turns: list[np.ndarray]
+    sample_rate: int
+    gap_samples: int
+
+    def turn_offsets_s(self) -> list[float]:
+        """Start of each turn in the stitched audio, seconds."""
+        offsets, position = [], 0
+        for samples in self.turns:
+            offsets.append(position / self.sample_rate)
+            position += len(samples) + self.gap_samples
+        return offsets
+
+
+async def synthesize_conversation(
+    request: ConversationRequest, ctx: RequestContext
+) -> SynthesizedConversation:
+    """Validate, synthesise every turn concurrently, peak-normalise, record usage.
 
     Raises:
         InvalidRequest: validation failed (nothing was synthesised).
         ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
     """
     plans = await plan_turns(request, ctx)
+    ctx.moderate([plan.text for plan in plans])
     sample_rate = plans[0].model.sample_rate
     settings = ctx.settings
     synthesis = asyncio.gather(
@@ -156,38 +180,78 @@ async def render_conversation(
     )
     turns = await within_deadline(synthesis, settings.triton_timeout_s)
     normalised = [peak_normalize(audio, request.volumeDbfs) for audio in turns]
+    gap = ms_to_samples(request.gapMs, sample_rate)
+    output_s = (sum(map(len, normalised)) + gap * (len(normalised) - 1)) / sample_rate
+    await ctx.record_usage(sum(len(plan.text) for plan in plans), 0.0, output_s)
+    return SynthesizedConversation(plans, normalised, sample_rate, gap)
+
+
+def _encoder(
+    request: ConversationRequest, sample_rate: int
+) -> tuple[str, str, Callable[[np.ndarray], bytes]]:
     audio_format = request.audio_format
-    media_type = MEDIA_TYPES[audio_format]
-    extension = "raw" if audio_format == "pcm" else audio_format
 
     def encoded(samples: np.ndarray) -> bytes:
         return encode(samples, sample_rate, audio_format, request.mp3_bitrate_kbps)
 
-    gap = ms_to_samples(request.gapMs, sample_rate)
-    output_s = (sum(map(len, normalised)) + gap * (len(normalised) - 1)) / sample_rate
-    await ctx.record_usage(sum(len(plan.text) for plan in plans), 0.0, output_s)
-    if request.split:
-        blocks = [encoded(samples) for samples in normalised]
-        too_big = sum(map(len, blocks)) > settings.inline_audio_max_bytes
-        segments = []
-        for plan, samples, block in zip(plans, normalised, blocks, strict=True):
-            delivered = await ctx.deliver(
-                f"turn-{plan.index}.{extension}", block, media_type, force_url=too_big
+    extension = "raw" if audio_format == "pcm" else audio_format
+    return MEDIA_TYPES[audio_format], extension, encoded
+
+
+async def encode_segments(
+    request: ConversationRequest, ctx: RequestContext, voiced: SynthesizedConversation
+) -> list[AudioSegment]:
+    """One segment per turn; all as URLs when together they exceed the inline threshold."""
+    media_type, extension, encoded = _encoder(request, voiced.sample_rate)
+    blocks = [encoded(samples) for samples in voiced.turns]
+    too_big = sum(map(len, blocks)) > ctx.settings.inline_audio_max_bytes
+    segments = []
+    for plan, samples, block in zip(voiced.plans, voiced.turns, blocks, strict=True):
+        delivered = await ctx.deliver(
+            f"turn-{plan.index}.{extension}", block, media_type, force_url=too_big
+        )
+        segments.append(
+            AudioSegment(
+                audio=base64.b64encode(delivered.data).decode() if delivered.data else None,
+                url=delivered.url,
+                expires_in=delivered.expires_in,
+                mediaType=media_type,
+                durationMs=round(len(samples) * 1000 / voiced.sample_rate),
+                turnIndex=plan.index,
             )
-            segments.append(
-                AudioSegment(
-                    audio=base64.b64encode(delivered.data).decode() if delivered.data else None,
-                    url=delivered.url,
-                    expires_in=delivered.expires_in,
-                    mediaType=media_type,
-                    durationMs=round(len(samples) * 1000 / sample_rate),
-                    turnIndex=plan.index,
-                )
-            )
-        return RenderedConversation(media_type, None, None, SplitResponse(audioSegments=segments))
-    delivered = await ctx.deliver(
-        f"conversation.{extension}", encoded(stitch(normalised, gap)), media_type, force_url=False
+        )
+    return segments
+
+
+async def encode_stitched(
+    request: ConversationRequest, ctx: RequestContext, voiced: SynthesizedConversation
+) -> tuple[str, Delivered]:
+    """The stitched file's media type and its bytes (or URL when over the threshold)."""
+    media_type, extension, encoded = _encoder(request, voiced.sample_rate)
+    data = encoded(stitch(voiced.turns, voiced.gap_samples))
+    return media_type, await ctx.deliver(
+        f"conversation.{extension}", data, media_type, force_url=False
     )
+
+
+async def render_conversation(
+    request: ConversationRequest, ctx: RequestContext
+) -> RenderedConversation:
+    """Synthesise, then encode the stitched file or (``split``) the per-turn segments.
+
+    Audio over ``inline_audio_max_bytes`` (the stitched file, or all segments
+    together) comes back as URLs instead of bytes.
+
+    Raises:
+        InvalidRequest: validation failed (nothing was synthesised).
+        ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
+    """
+    voiced = await synthesize_conversation(request, ctx)
+    if request.split:
+        segments = await encode_segments(request, ctx, voiced)
+        media_type = segments[0].mediaType
+        return RenderedConversation(media_type, None, None, SplitResponse(audioSegments=segments))
+    media_type, delivered = await encode_stitched(request, ctx, voiced)
     if delivered.url is not None and delivered.expires_in is not None:
         link = LinkedAudio(url=delivered.url, expires_in=delivered.expires_in)
         return RenderedConversation(media_type, None, link, None)

@@ -1,0 +1,130 @@
+"""``POST /v1/audio/conversation/with-timestamps``: stitched audio plus word timing.
+
+Each turn's own (normalised) audio is resampled to 16 kHz and its text is
+forced-aligned by the ``aligner`` model; when alignment fails, Whisper's word
+timestamps for that turn are used instead (and a warning says so); when both
+fail the request answers 503 ``timestamps_unavailable``. Stitched timestamps
+add each turn's start in the stitched file (gaps included); split segments
+carry block-relative ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+
+from handler.audio import resample
+from handler.errors import InferenceError, TimestampsUnavailable
+from handler.models.speech import SPEECH_SAMPLE_RATE, TimedWord, align, transcribe
+from handler.schemas.conversation import (
+    ConversationWord,
+    SegmentWord,
+    TimedAudioSegment,
+    TimestampsRequest,
+    TimestampsResponse,
+    TimestampsSplitResponse,
+)
+from handler.services.common import within_deadline
+from handler.services.context import RequestContext
+from handler.services.conversation import (
+    SynthesizedConversation,
+    TurnPlan,
+    encode_segments,
+    encode_stitched,
+    synthesize_conversation,
+)
+
+
+def _clamped(words: list[TimedWord], duration_s: float) -> list[TimedWord]:
+    """Keep intervals inside [0, duration] and in order without overlap."""
+    result: list[TimedWord] = []
+    floor = 0.0
+    for word in words:
+        start = min(max(word.start, floor), duration_s)
+        end = min(max(word.end, start), duration_s)
+        result.append(TimedWord(word.text, round(start, 3), round(end, 3)))
+        floor = end
+    return result
+
+
+async def _turn_words(
+    ctx: RequestContext, plan: TurnPlan, samples: np.ndarray, sample_rate: int
+) -> tuple[list[TimedWord], str | None]:
+    audio = resample(samples, sample_rate, SPEECH_SAMPLE_RATE)
+    duration_s = len(samples) / sample_rate
+    try:
+        return _clamped(await align(ctx.triton, audio, plan.text), duration_s), None
+    except InferenceError:
+        pass
+    try:
+        _, words = await transcribe(ctx.triton, audio)
+    except InferenceError as error:
+        raise TimestampsUnavailable(
+            f"turn {plan.index}: neither alignment nor speech recognition produced timestamps",
+            turn_index=plan.index,
+        ) from error
+    warning = f"turn {plan.index}: forced alignment failed; word timestamps come from ASR"
+    return _clamped(words, duration_s), warning
+
+
+async def _all_words(
+    ctx: RequestContext, voiced: SynthesizedConversation
+) -> tuple[list[list[TimedWord]], list[str]]:
+    results = await within_deadline(
+        asyncio.gather(
+            *(
+                _turn_words(ctx, plan, samples, voiced.sample_rate)
+                for plan, samples in zip(voiced.plans, voiced.turns, strict=True)
+            )
+        ),
+        ctx.settings.triton_timeout_s,
+    )
+    return [words for words, _ in results], [w for _, w in results if w]
+
+
+async def render_with_timestamps(
+    request: TimestampsRequest, ctx: RequestContext
+) -> TimestampsResponse | TimestampsSplitResponse:
+    """Synthesise, time every word (unless ``timestamps`` is "off"), encode.
+
+    Raises:
+        InvalidRequest: validation failed (nothing was synthesised).
+        TimestampsUnavailable: a turn could be timed neither way (503).
+        ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
+    """
+    voiced = await synthesize_conversation(request, ctx)
+    if request.timestamps == "on":
+        per_turn, warnings = await _all_words(ctx, voiced)
+    else:
+        per_turn, warnings = [[] for _ in voiced.turns], []
+    if request.split:
+        segments = await encode_segments(request, ctx, voiced)
+        timed = [
+            TimedAudioSegment(
+                **segment.model_dump(),
+                timestamps=[SegmentWord(text=w.text, start=w.start, end=w.end) for w in words],
+            )
+            for segment, words in zip(segments, per_turn, strict=True)
+        ]
+        return TimestampsSplitResponse(audioSegments=timed, warnings=warnings)
+    media_type, delivered = await encode_stitched(request, ctx, voiced)
+    stitched = [
+        ConversationWord(
+            text=w.text,
+            start=round(w.start + offset, 3),
+            end=round(w.end + offset, 3),
+            turnIndex=plan.index,
+        )
+        for plan, offset, words in zip(voiced.plans, voiced.turn_offsets_s(), per_turn, strict=True)
+        for w in words
+    ]
+    return TimestampsResponse(
+        audio=base64.b64encode(delivered.data).decode() if delivered.data else None,
+        url=delivered.url,
+        expires_in=delivered.expires_in,
+        mediaType=media_type,
+        warnings=warnings,
+        timestamps=stitched,
+    )

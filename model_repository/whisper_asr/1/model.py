@@ -1,0 +1,70 @@
+"""Triton python model ``whisper_asr``: speech -> English transcript with word timestamps.
+
+Inputs (``max_batch_size: 0``): ``AUDIO`` FP32 [n_samples], mono, 16 kHz, [-1, 1].
+Outputs: ``TEXT`` BYTES [1] (UTF-8 transcript) and ``WORDS`` BYTES [1] (UTF-8
+JSON list of ``{"word", "start", "end"}``, seconds from the clip's start).
+Runs faster-whisper (CTranslate2) on the Whisper-base conversion in
+``whisper-base/``; greedy decoding (beam 1), language fixed to English.
+"""
+
+import json
+import os
+import sys
+
+# The local tritonserver's stub interpreter ignores PYTHONPATH; the launcher
+# passes the project's site-packages in this variable instead.
+sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from faster_whisper import WhisperModel  # noqa: E402
+
+
+class TritonPythonModel:
+    """faster-whisper wrapper (see module docstring for the tensor contract)."""
+
+    def initialize(self, args):
+        """Load the CTranslate2 model with the config's device and compute type."""
+        parameters = json.loads(args["model_config"])["parameters"]
+
+        def parameter(key):
+            return parameters[key]["string_value"]
+
+        path = os.path.join(args["model_repository"], args["model_version"], "whisper-base")
+        self.model = WhisperModel(
+            path,
+            device=parameter("device"),
+            compute_type=parameter("compute_type"),
+            cpu_threads=int(parameter("cpu_threads")),
+        )
+
+    def _transcribe(self, audio):
+        segments, _ = self.model.transcribe(
+            audio, language="en", beam_size=1, word_timestamps=True, vad_filter=False
+        )
+        segments = list(segments)
+        text = "".join(segment.text for segment in segments).strip()
+        words = [
+            {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
+            for segment in segments
+            for w in segment.words or []
+        ]
+        return text, words
+
+    def execute(self, requests):
+        """One transcription per request."""
+        responses = []
+        for request in requests:
+            audio = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy()
+            audio = np.ascontiguousarray(audio.reshape(-1), dtype=np.float32)
+            try:
+                text, words = self._transcribe(audio)
+            except (RuntimeError, ValueError) as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                continue
+            outputs = [
+                pb_utils.Tensor("TEXT", np.array([text.encode()], dtype=np.object_)),
+                pb_utils.Tensor("WORDS", np.array([json.dumps(words).encode()], dtype=np.object_)),
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+        return responses
