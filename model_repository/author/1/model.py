@@ -1,0 +1,127 @@
+"""Triton python model ``author``: BLS generation loop over ``author_lm``.
+
+Inputs (``max_batch_size: 0``): ``PROMPT`` BYTES [1] (UTF-8 text, tokenized
+here with the exported ``tokenizer.json``, special tokens added);
+``TEMPERATURE`` FP32 [1] (0 = greedy); ``TOP_K`` INT32 [1] (0 = whole
+vocabulary); ``MAX_NEW_TOKENS`` INT32 [1]; ``SEED`` INT64 [1].
+Outputs: ``TEXT`` BYTES [1], the decoded continuation without its stop token;
+``TOKENS`` INT64 [n], the generated ids (stop token excluded).
+
+Loop: one prefill call with the whole prompt and an empty cache, then one
+decode call per token, each an ``InferenceRequest`` to ``author_lm`` carrying
+the KV cache. Generation stops at any ``stop_token_ids`` entry (EOS and every
+token containing a line break), at ``MAX_NEW_TOKENS``, or at ``max_context``.
+A prompt longer than ``max_context - MAX_NEW_TOKENS`` keeps its first token
+(BOS) and its most recent tokens.
+"""
+
+import json
+import os
+import sys
+
+sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+
+def sample(logits, temperature, top_k, rng):
+    """Next token id: argmax when ``temperature`` is 0, else top-k softmax sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    if 0 < top_k < scaled.size:
+        cutoff = np.partition(scaled, -top_k)[-top_k]
+        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+    probabilities = np.exp(scaled - np.max(scaled))
+    probabilities /= probabilities.sum()
+    return int(rng.choice(scaled.size, p=probabilities))
+
+
+class TritonPythonModel:
+    """Author LM generation loop (see module docstring)."""
+
+    def initialize(self, args):
+        """Load the tokenizer and read the cache geometry from the config."""
+        parameters = json.loads(args["model_config"])["parameters"]
+
+        def parameter(key):
+            return parameters[key]["string_value"]
+
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        self.tokenizer = Tokenizer.from_file(os.path.join(version_dir, "tokenizer.json"))
+        self.network = parameter("network")
+        self.cache_shape = (
+            int(parameter("num_layers")), 1, int(parameter("kv_heads")), 0,
+            int(parameter("head_dim")),
+        )
+        self.max_context = int(parameter("max_context"))
+        self.stop_ids = {int(i) for i in parameter("stop_token_ids").split(",") if i}
+
+    def _step(self, tokens, keys, values):
+        request = pb_utils.InferenceRequest(
+            model_name=self.network,
+            requested_output_names=["logits", "present_keys", "present_values"],
+            inputs=[
+                pb_utils.Tensor("input_ids", np.asarray([tokens], dtype=np.int64)),
+                pb_utils.Tensor("past_keys", keys),
+                pb_utils.Tensor("past_values", values),
+            ],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(response.error().message())
+
+        def output(name):
+            return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+
+        return output("logits")[0], output("present_keys"), output("present_values")
+
+    def _generate(self, prompt, temperature, top_k, max_new_tokens, seed):
+        ids = self.tokenizer.encode(prompt).ids
+        budget = self.max_context - max_new_tokens
+        if budget < 2:
+            raise ValueError(f"max_new_tokens must be below {self.max_context - 1}")
+        if len(ids) > budget:
+            ids = ids[:1] + ids[len(ids) - budget + 1:]
+        rng = np.random.default_rng(seed)
+        keys = np.zeros(self.cache_shape, np.float32)
+        values = np.zeros(self.cache_shape, np.float32)
+        logits, keys, values = self._step(ids, keys, values)
+        generated = []
+        while len(generated) < max_new_tokens:
+            token = sample(logits, temperature, top_k, rng)
+            if token in self.stop_ids:
+                break
+            generated.append(token)
+            if len(ids) + len(generated) >= self.max_context:
+                break
+            logits, keys, values = self._step([token], keys, values)
+        return self.tokenizer.decode(generated), generated
+
+    def execute(self, requests):
+        """Generate one continuation per request."""
+        responses = []
+        for request in requests:
+
+            def scalar(name, request=request):
+                return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0]
+
+            try:
+                text, tokens = self._generate(
+                    scalar("PROMPT").decode("utf-8"),
+                    float(scalar("TEMPERATURE")),
+                    int(scalar("TOP_K")),
+                    int(scalar("MAX_NEW_TOKENS")),
+                    int(scalar("SEED")),
+                )
+            except (RuntimeError, ValueError, UnicodeDecodeError) as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                continue
+            outputs = [
+                pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor("TOKENS", np.asarray(tokens, dtype=np.int64)),
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+        return responses
