@@ -1,9 +1,10 @@
 """``make demo``: the specs' own examples through API -> Triton -> Kokoro, into ``out/``.
 
 1. speechbase-conversation.md's three-turn "How was your weekend?" exchange
-   to ``/v1/audio/conversation`` as WAV and as MP3;
+   to ``/v1/audio/conversation`` as WAV and as MP3, and to
+   ``/with-timestamps`` for its word timestamps;
 2. kalpa-converse.md's "Welcome back to the show" contextual-TTS conversation
-   to ``/v1/converse``.
+   and its recipe conversation with an open turn to author, to ``/v1/converse``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ WEEKEND = {
     ],
     "gapMs": 500,
     "volumeDbfs": -16,
+}
+RECIPE = {
+    "conversation": [
+        {"speaker": "0", "text": "Did you end up trying that recipe?"},
+        {"speaker": "1", "text": "I did — the timing was the hard part."},
+        {"speaker": "0"},
+    ]
 }
 WELCOME_BACK = {
     "conversation": [
@@ -63,22 +71,33 @@ def main() -> None:
                 response.raise_for_status()
                 (args.out / name).write_bytes(response.content)
                 written.append((name, _duration_s(response.content)))
-            response = client.post("/v1/converse", json=WELCOME_BACK)
+            replies = {}
+            for name, body in (("welcome_back.wav", WELCOME_BACK), ("recipe_authored.wav", RECIPE)):
+                response = client.post("/v1/converse", json=body)
+                response.raise_for_status()
+                replies[name] = response.json()["reply"]
+                wav = base64.b64decode(replies[name]["audio"]["data_b64"])
+                (args.out / name).write_bytes(wav)
+                written.append((name, _duration_s(wav)))
+            response = client.post("/v1/audio/conversation/with-timestamps", json=WEEKEND)
             response.raise_for_status()
-            reply = response.json()["reply"]
-            wav = base64.b64decode(reply["audio"]["data_b64"])
-            (args.out / "welcome_back.wav").write_bytes(wav)
-            written.append(("welcome_back.wav", _duration_s(wav)))
+            timed = response.json()
+            (args.out / "weekend_timestamps.json").write_text(
+                json.dumps(timed["timestamps"], indent=2)
+            )
     for name, seconds in written:
         print(f"{args.out / name}: {seconds:.2f} s")
-    print(f'reply text: "{reply["text"]}" (speaker {reply["speaker"]})')
+    for name, reply in replies.items():
+        print(f'{name}: speaker {reply["speaker"]} says "{reply["text"]}"')
+    words = " ".join(f"{w['text']}@{w['start']:.2f}s" for w in timed["timestamps"])
+    print(f"word timestamps (out/weekend_timestamps.json): {words}")
     print("\nTry more with `make serve`, then for example:")
     print(
-        "  curl -s $CONVERSE_URL/v1/audio/conversation -H \"Authorization: Bearer $CONVERSE_KEY\" "
+        '  curl -s $CONVERSE_URL/v1/audio/conversation -H "Authorization: Bearer $CONVERSE_KEY" '
         f"-H 'Content-Type: application/json' -d {_shell_json(WEEKEND)} -o weekend.wav"
     )
     print(
-        "  curl -s $CONVERSE_URL/v1/converse -H \"Authorization: Bearer $CONVERSE_KEY\" "
+        '  curl -s $CONVERSE_URL/v1/converse -H "Authorization: Bearer $CONVERSE_KEY" '
         f"-H 'Content-Type: application/json' -d {_shell_json(WELCOME_BACK)}"
     )
 
