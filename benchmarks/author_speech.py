@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from local_stack import LocalStack  # noqa: E402
 
 from handler.audio import resample  # noqa: E402
-from handler.models.author import build_prompt  # noqa: E402
+from handler.models.author import AUTHOR_MODEL, build_prompt  # noqa: E402
 from handler.models.speech import SPEECH_SAMPLE_RATE, align, transcribe  # noqa: E402
 from handler.triton import TritonClient  # noqa: E402
 
