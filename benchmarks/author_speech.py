@@ -5,7 +5,9 @@
     decode tokens per second;
 (e) RTF of Whisper ASR and of forced alignment through Triton on 15 s of speech;
 (f) the share ASR, authoring and voicing take of a ``/v1/converse`` request
-    with one spoken history turn and an open turn to author.
+    with one spoken history turn and an open turn to author;
+(g) WER of the specs' sentences voiced by each default voice and transcribed
+    back (normalised: case, punctuation, digits spelled out).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from local_stack import LocalStack  # noqa: E402
+from wer import SPEC_SENTENCES, word_error_rate  # noqa: E402
 
 from handler.audio import resample  # noqa: E402
 from handler.models.author import AUTHOR_MODEL, build_prompt  # noqa: E402
@@ -97,6 +100,13 @@ async def _speech(url: str, audio: np.ndarray, repeats: int) -> tuple[float, flo
     return statistics.median(asr), statistics.median(aligned)
 
 
+async def _transcripts(url: str, clips: list[np.ndarray]) -> list[str]:
+    client = TritonClient(url)
+    texts = [(await transcribe(client, clip))[0] for clip in clips]
+    await client.close()
+    return texts
+
+
 def measure_author_speech(stack: LocalStack, repeats: int) -> str:
     """Run (d), (e), (f) on a running stack; returns the markdown section."""
     prompt = build_prompt(HISTORY, "0")
@@ -122,6 +132,16 @@ def measure_author_speech(stack: LocalStack, repeats: int) -> str:
             start = time.perf_counter()
             client.post("/v1/converse", json={"conversation": [{"speaker": "0", "text": authored}]})
             voice_s.append(time.perf_counter() - start)
+        rates = {}
+        for speaker in ("0", "1"):
+            clips = []
+            for sentence in SPEC_SENTENCES:
+                wav = client.post("/v1/converse", json={"conversation": [
+                    {"speaker": speaker, "text": sentence}]}).json()["reply"]["audio"]["data_b64"]
+                clip, clip_rate = sf.read(io.BytesIO(base64.b64decode(wav)), dtype="float32")
+                clips.append(resample(clip, clip_rate, SPEECH_SAMPLE_RATE))
+            heard = asyncio.run(_transcripts(url, clips))
+            rates[speaker] = word_error_rate(SPEC_SENTENCES, heard)
     total = statistics.median(request_s)
     voicing = statistics.median(voice_s)
     author_s = max(total - asr_s - voicing, 0.0)
@@ -136,6 +156,8 @@ def measure_author_speech(stack: LocalStack, repeats: int) -> str:
 | (e) Whisper-base ASR through Triton, RTF on {seconds:.1f} s of speech | {asr_s / seconds:.3f} |
 | (e) forced alignment through Triton, RTF on the same speech | {align_s / seconds:.4f} |
 | (f) `/v1/converse` with a {seconds:.1f} s spoken history turn, authored open turn | {total:.2f} s |
+| (g) WER of the spec sentences read back by Whisper, speaker "0" (jf_alpha) | {100 * rates["0"]:.1f} % |
+| (g) WER of the spec sentences read back by Whisper, speaker "1" (jm_kumo) | {100 * rates["1"]:.1f} % |
 | (f) share: ASR / authoring / voicing | {100 * asr_s / total:.0f} % / {100 * author_s / total:.0f} % / {100 * voicing / total:.0f} % |
 
 Notes: (d) prompts are the kalpa-converse recipe conversation in the author

@@ -9,13 +9,12 @@ import io
 import re
 from typing import Any
 
-import jiwer
 import numpy as np
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
-from sanotts.nano_g2p import cardinal_words
 
+from benchmarks.wer import SPEC_SENTENCES, normalise, word_error_rate
 from export.local_triton import LocalTriton
 from handler.audio import resample
 from handler.errors import InferenceError
@@ -23,25 +22,6 @@ from handler.models.speech import SPEECH_SAMPLE_RATE, align, transcribe
 from handler.services import timestamps as timestamps_service
 from handler.triton import TritonClient
 from tests.conftest import AUTH
-
-# The specs' own example lines (speechbase-conversation.md, kalpa-converse.md).
-SPEC_SENTENCES = [
-    "How was your weekend?",
-    "Good — I finally caught up on sleep.",
-    "Lucky you.",
-    "Welcome back to the show.",
-    "Glad to be here.",
-    "Let's pick up where we left off — episode twelve.",
-    "Did you end up trying that recipe?",
-    "I did — the timing was the hard part.",
-    "Same here. Did you keep the flame low like she said?",
-]
-
-
-def normalise(text: str) -> str:
-    """Lower case, digits spelled out, punctuation dropped (WER normalisation)."""
-    text = re.sub(r"\d+", lambda m: f" {cardinal_words(int(m.group(0)))} ", text.lower())
-    return " ".join(re.sub(r"[^a-z' ]+", " ", text.replace("-", " ")).split())
 
 
 def speak(client: TestClient, speaker: str, text: str) -> np.ndarray:
@@ -64,9 +44,7 @@ def word_error_rates(client: TestClient, triton: LocalTriton) -> dict[str, float
     rates = {}
     for speaker in ("0", "1"):
         heard = asyncio.run(transcripts([speak(client, speaker, s) for s in SPEC_SENTENCES]))
-        rates[speaker] = jiwer.wer(
-            [normalise(s) for s in SPEC_SENTENCES], [normalise(h) for h in heard]
-        )
+        rates[speaker] = word_error_rate(SPEC_SENTENCES, heard)
     return rates
 
 
