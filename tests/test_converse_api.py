@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from tests.conftest import AUTH, tone, wav_b64
+from export.local_triton import LocalTriton
+from handler.app import create_app
+from tests.conftest import AUTH, REPOSITORY, make_settings, tone, wav_b64
 
 HISTORY = [
     {"speaker": "0", "text": "Welcome back to the show."},
@@ -38,7 +41,7 @@ def test_models_lists_kokoro_with_speakers_and_voices(client: TestClient) -> Non
     (model,) = response.json()["data"]
     assert model["id"] == "kokoro" and model["default"] is True
     assert model["speakers"] == ["0", "1"]
-    assert model["modes"] == ["tts", "converse"]
+    assert model["modes"] == ["tts", "converse", "author"]
     assert model["sample_rate"] == 24_000 and model["num_quantizers"] is None
     assert {"jf_alpha", "jm_kumo"} <= set(model["voices"])
 
@@ -101,7 +104,6 @@ AUDIO = wav_b64(tone(0.2), 24_000)
         ({"conversation": [{"speaker": "0", "text": "Hi.", "audio_wav_b64": AUDIO}]}, 400,
          "nothing is left"),
         ({"conversation": [{"speaker": "0", "audio_wav_b64": AUDIO}]}, 400, "audio only"),
-        ({"conversation": [*HISTORY, {"speaker": "0"}]}, 400, "author"),
         ({"conversation": [{"speaker": "speaker_0", "text": "Hi."}]}, 400, "speaker label"),
         ({"conversation": [{"speaker": "2", "text": "Hi."}]}, 400, "speaker label"),
         ({"conversation": [{"speaker": "0", "audio_wav_b64": "not base64!"}, OPEN]}, 400,
@@ -154,3 +156,25 @@ def test_health_needs_no_key(client: TestClient) -> None:
     response = client.get("/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "triton_ready": True}
+
+
+@pytest.fixture(scope="module")
+def voice_only_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """An API over a repository that serves Kokoro but no author LM."""
+    repository = tmp_path_factory.mktemp("voice-only")
+    for name in ("kokoro", "kokoro_frontend", "kokoro_network"):
+        (repository / name).symlink_to(REPOSITORY / name, target_is_directory=True)
+    with LocalTriton(repository) as server, TestClient(
+        create_app(make_settings(triton_url=server.http_url))
+    ) as voice_only:
+        yield voice_only
+
+
+def test_speaker_only_open_turn_needs_the_author_mode(voice_only_client: TestClient) -> None:
+    (model,) = voice_only_client.get("/v1/models", headers=AUTH).json()["data"]
+    assert model["modes"] == ["tts", "converse"]
+    error = assert_kalpa_error(
+        post(voice_only_client, {"conversation": [*HISTORY, {"speaker": "0"}]}),
+        400, "invalid_request",
+    )
+    assert "author" in error["message"]
