@@ -156,9 +156,9 @@ def measure_author_speech(stack: LocalStack, repeats: int) -> str:
 | (e) Whisper-base ASR through Triton, RTF on {seconds:.1f} s of speech | {asr_s / seconds:.3f} |
 | (e) forced alignment through Triton, RTF on the same speech | {align_s / seconds:.4f} |
 | (f) `/v1/converse` with a {seconds:.1f} s spoken history turn, authored open turn | {total:.2f} s |
+| (f) share: ASR / authoring / voicing | {100 * asr_s / total:.0f} % / {100 * author_s / total:.0f} % / {100 * voicing / total:.0f} % |
 | (g) WER of the spec sentences read back by Whisper, speaker "0" (jf_alpha) | {100 * rates["0"]:.1f} % |
 | (g) WER of the spec sentences read back by Whisper, speaker "1" (jm_kumo) | {100 * rates["1"]:.1f} % |
-| (f) share: ASR / authoring / voicing | {100 * asr_s / total:.0f} % / {100 * author_s / total:.0f} % / {100 * voicing / total:.0f} % |
 
 Notes: (d) prompts are the kalpa-converse recipe conversation in the author
 frame ({len(prompt)} characters). Triton's loop stops at a line break, so its

@@ -17,6 +17,7 @@ import base64
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +33,12 @@ from local_stack import LocalStack  # noqa: E402
 
 from handler.audio import encode, ms_to_samples, peak_normalize, stitch  # noqa: E402
 from handler.models.catalog import ModelCatalog  # noqa: E402
+from handler.moderation import load_policy  # noqa: E402
 from handler.schemas.conversation import ConversationRequest  # noqa: E402
+from handler.services.context import RequestContext  # noqa: E402
 from handler.services.conversation import plan_turns  # noqa: E402
 from handler.settings import Settings  # noqa: E402
+from handler.storage import make_blob_store, make_storage  # noqa: E402
 from handler.triton import TritonClient  # noqa: E402
 
 SENTENCES = [
@@ -88,15 +92,20 @@ def _triton_say(client: httpx.Client, triton_url: str, text: str) -> None:
 async def _handler_own_time(triton_url: str, turns: list[np.ndarray], repeats: int) -> list[float]:
     """Seconds the handler spends on validation, normalising, stitching and encoding."""
     request = ConversationRequest.model_validate(DIALOGUE)
-    settings = Settings(triton_url=triton_url)
+    state = Path(tempfile.mkdtemp(prefix="converse-bench-"))
+    settings = Settings(triton_url=triton_url, sqlite_path=state / "db", blob_dir=state / "blobs")
     triton = TritonClient(settings.triton_url)
-    catalog = ModelCatalog(settings, triton)
-    await plan_turns(request, catalog)  # fills the model cache, as on a warm server
+    ctx = RequestContext(
+        settings, ModelCatalog(settings, triton), triton, make_storage(settings),
+        make_blob_store(settings), "bench", "bench", "http://127.0.0.1/", load_policy(settings),
+    )
+    await plan_turns(request, ctx)  # fills the model cache, as on a warm server
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         ConversationRequest.model_validate_json(json.dumps(DIALOGUE))
-        await plan_turns(request, catalog)
+        await plan_turns(request, ctx)
+        ctx.moderate([turn.text for turn in request.turns])
         stitched = stitch([peak_normalize(t, -16.0) for t in turns], ms_to_samples(300, 24_000))
         encode(stitched, 24_000, "wav")
         seconds.append(time.perf_counter() - start)
@@ -151,7 +160,7 @@ def measure_voice(stack: LocalStack, repeats: int) -> str:
 | (a) Triton / in-process ratio | {a_triton / a_local:.2f} |
 | (b) 6-turn `/v1/audio/conversation`, wall time | {b_request:.2f} s for {audio_s:.2f} s of audio |
 | (b) RTF (wall / audio) | {b_request / audio_s:.3f} |
-| (c) handler's own time (validation, normalise, stitch, WAV encode) | {c_own * 1000:.1f} ms |
+| (c) handler's own time (validation, moderation, normalise, stitch, WAV encode) | {c_own * 1000:.1f} ms |
 | (c) share of the request | {100 * c_own / b_request:.2f} % |
 
 Notes: (b) synthesises the turns concurrently, but the local repository runs one

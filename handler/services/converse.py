@@ -151,9 +151,10 @@ async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
     return _Plan(model, open_turn.speaker, text, speed, author, clips)
 
 
-async def _author(request: ConverseRequest, plan: _Plan, ctx: RequestContext) -> str:
+async def _author(
+    request: ConverseRequest, plan: _Plan, params: AuthorParams, ctx: RequestContext
+) -> str:
     """Transcribe audio-only history turns, then have the author LM write the open turn."""
-    assert plan.author is not None
     history = request.conversation[:-1]
     spoken_only = [i for i, turn in enumerate(history) if not (turn.text and turn.text.strip())]
     transcripts = await asyncio.gather(
@@ -167,7 +168,7 @@ async def _author(request: ConverseRequest, plan: _Plan, ctx: RequestContext) ->
     )
     heard = {i: text for i, (text, _) in zip(spoken_only, transcripts, strict=True)}
     lines = [(turn.speaker, turn.text or heard.get(i, "")) for i, turn in enumerate(history)]
-    return await author_turn(ctx.triton, lines, plan.speaker, plan.author)
+    return await author_turn(ctx.triton, lines, plan.speaker, params)
 
 
 async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseResponse:
@@ -187,7 +188,10 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
     settings = ctx.settings
 
     async def write_and_voice() -> tuple[str, np.ndarray]:
-        text = plan.text if plan.text is not None else await _author(request, plan, ctx)
+        if plan.author is None:
+            text = str(plan.text)
+        else:
+            text = await _author(request, plan, plan.author, ctx)
         audio = await adapter.synthesize(
             ctx.triton, text, voice, plan.speed, settings.sentence_pause_ms
         )
