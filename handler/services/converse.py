@@ -172,10 +172,11 @@ async def _author(
 
 
 async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseResponse:
-    """Voice the open turn as its speaker, build the response and record usage.
+    """Author (speaker-only open turn) and voice the open turn, respond, record usage.
 
-    History is validated and metered; Kokoro voices the open turn on its own
-    (it has no context), with the voice bound to the speaker label. Audio over
+    History is validated and metered, and feeds the author LM's prompt (audio-only
+    turns transcribed first); Kokoro voices the open turn on its own (it has no
+    context) with the voice bound to the speaker label. Audio over
     ``inline_audio_max_bytes`` comes back as ``audio.url`` + ``expires_in``.
 
     Raises:
