@@ -138,3 +138,11 @@ def test_validation_matrix(
 def test_problem_json_for_auth(client: TestClient) -> None:
     response = client.post("/v1/audio/conversation", json={"turns": [GOOD]})
     problem(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("text", ["🙂🙂", "...", "— !"])
+def test_text_with_nothing_to_speak_is_422(client: TestClient, text: str) -> None:
+    body = {"turns": [GOOD, {"voice": "jm_kumo", "text": text}]}
+    error = problem(post(client, body), 422, "unprocessable")
+    assert error["turn_index"] == 1
+    assert error["validation"][0]["path"] == ["turns", "1", "text"]

@@ -178,3 +178,11 @@ def test_speaker_only_open_turn_needs_the_author_mode(voice_only_client: TestCli
         400, "invalid_request",
     )
     assert "author" in error["message"]
+
+
+def test_open_turn_with_nothing_to_speak_is_422(client: TestClient) -> None:
+    error = assert_kalpa_error(
+        post(client, {"conversation": [*HISTORY, {"speaker": "0", "text": "🙂"}]}),
+        422, "invalid_request",
+    )
+    assert "letter or digit" in error["message"]

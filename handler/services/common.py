@@ -11,7 +11,7 @@ from typing import TypeVar
 from starlette.concurrency import run_in_threadpool
 
 from handler.audio import AudioDecodeError, DecodedAudio, decode_wav
-from handler.errors import DeadlineExceeded, InvalidRequest, ValidationItem
+from handler.errors import DeadlineExceeded, InvalidRequest, UnprocessableRequest, ValidationItem
 from handler.models.catalog import ModelCatalog, ServedModel
 from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
 from handler.services.context import RequestContext
@@ -39,6 +39,19 @@ async def resolve_model(
             validation=[ValidationItem(path, message)],
         )
     return models[wanted]
+
+
+def require_speakable(text: str, path: list[str], turn_index: int) -> None:
+    """Refuse text with nothing to say: no letter or digit in any script.
+
+    Raises:
+        UnprocessableRequest: 422 ``unprocessable``, naming ``path`` and the turn.
+    """
+    if not any(character.isalnum() for character in text):
+        message = f"turn {turn_index}: the text has no letter or digit to speak"
+        raise UnprocessableRequest(
+            message, turn_index=turn_index, validation=[ValidationItem(path, message)]
+        )
 
 
 def decode_turn_audio(audio_b64: str, turn_index: int) -> DecodedAudio:

@@ -34,7 +34,7 @@ from handler.schemas.conversation import (
     LinkedAudio,
     SplitResponse,
 )
-from handler.services.common import resolve_model, within_deadline
+from handler.services.common import require_speakable, resolve_model, within_deadline
 from handler.services.context import Delivered, RequestContext
 
 
@@ -110,6 +110,7 @@ async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[
             )
         if not turn.text.strip():
             raise _invalid("text must not be blank", [*base, "text"], index, "validation_error")
+        require_speakable(turn.text, ["turns", str(index), "text"], index)
         if turn.voiceId is not None:
             plans.append(await _saved_voice_turn(ctx, turn, index))
             continue

@@ -34,6 +34,7 @@ from handler.schemas.converse import (
 from handler.services.common import (
     decode_turn_audio,
     load_uploaded_audio,
+    require_speakable,
     resolve_model,
     within_deadline,
 )
@@ -145,6 +146,8 @@ async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
             f"mode, and {model.id!r} has modes {model.modes}; give the open turn text",
             turn_index=last,
         )
+    if has_text:
+        require_speakable(str(open_turn.text), ["conversation", str(last), "text"], last)
     speed, author = _check_params(model, request.params, authoring=not has_text)
     clips = await _history_clips(request, ctx)
     text = open_turn.text if has_text else None
