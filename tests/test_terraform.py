@@ -97,7 +97,7 @@ def _statements(module: str) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.parametrize("module", ["network", "triton", "api", "data"])
+@pytest.mark.parametrize("module", ["network", "triton", "api", "data", "service_role"])
 def test_no_wildcard_iam_actions(module: str) -> None:
     for statement in _statements(module):
         for action in statement.get("actions", []):

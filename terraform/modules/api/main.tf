@@ -75,21 +75,6 @@ resource "aws_cloudwatch_log_group" "gateway" {
   kms_key_id        = var.kms_key
 }
 
-data "aws_iam_policy_document" "lambda_assume" {
-  statement {
-    actions = ["sts:AssumeRole"]
-    principals {
-      type        = "Service"
-      identifiers = ["lambda.amazonaws.com"]
-    }
-  }
-}
-
-resource "aws_iam_role" "lambda" {
-  name               = "${var.name}-api"
-  assume_role_policy = data.aws_iam_policy_document.lambda_assume.json
-}
-
 # Lambda role, inline: its own log group; objects under responses/ and
 # uploads/ in the audio bucket; items in its three tables and the voices
 # index; the API key digests secret; the project KMS key. Managed: VPC ENIs
@@ -134,25 +119,22 @@ data "aws_iam_policy_document" "lambda" {
   }
 }
 
-resource "aws_iam_role_policy" "lambda" {
-  role   = aws_iam_role.lambda.id
-  policy = data.aws_iam_policy_document.lambda.json
-}
-
-resource "aws_iam_role_policy_attachment" "lambda" {
-  for_each = toset([
+module "lambda_role" {
+  source      = "../service_role"
+  name        = "${var.name}-api"
+  service     = "lambda.amazonaws.com"
+  policy_json = data.aws_iam_policy_document.lambda.json
+  managed_policy_arns = [
     "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
     "arn:aws:iam::aws:policy/AWSXRayDaemonWriteAccess",
-  ])
-  role       = aws_iam_role.lambda.name
-  policy_arn = each.value
+  ]
 }
 
 resource "aws_lambda_function" "api" {
   #checkov:skip=CKV_AWS_116:synchronous API behind API Gateway; the caller gets the error, there is no async event to dead-letter
   #checkov:skip=CKV_AWS_272:images come from the project's own immutable-tag ECR repository with scan on push; Lambda code signing applies to zip packages only
   function_name                  = "${var.name}-api"
-  role                           = aws_iam_role.lambda.arn
+  role                           = module.lambda_role.arn
   package_type                   = "Image"
   image_uri                      = var.image
   memory_size                    = 2048

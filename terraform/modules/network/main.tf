@@ -137,21 +137,6 @@ resource "aws_cloudwatch_log_group" "flow" {
   kms_key_id        = var.kms_key
 }
 
-data "aws_iam_policy_document" "flow_assume" {
-  statement {
-    actions = ["sts:AssumeRole"]
-    principals {
-      type        = "Service"
-      identifiers = ["vpc-flow-logs.amazonaws.com"]
-    }
-  }
-}
-
-resource "aws_iam_role" "flow" {
-  name               = "${var.name}-vpc-flow-logs"
-  assume_role_policy = data.aws_iam_policy_document.flow_assume.json
-}
-
 # Flow logs role: write to its own log group only.
 data "aws_iam_policy_document" "flow" {
   statement {
@@ -160,16 +145,18 @@ data "aws_iam_policy_document" "flow" {
   }
 }
 
-resource "aws_iam_role_policy" "flow" {
-  role   = aws_iam_role.flow.id
-  policy = data.aws_iam_policy_document.flow.json
+module "flow_role" {
+  source      = "../service_role"
+  name        = "${var.name}-vpc-flow-logs"
+  service     = "vpc-flow-logs.amazonaws.com"
+  policy_json = data.aws_iam_policy_document.flow.json
 }
 
 resource "aws_flow_log" "this" {
   vpc_id          = aws_vpc.this.id
   traffic_type    = "ALL"
   log_destination = aws_cloudwatch_log_group.flow.arn
-  iam_role_arn    = aws_iam_role.flow.arn
+  iam_role_arn    = module.flow_role.arn
 }
 
 output "vpc_id" { value = aws_vpc.this.id }

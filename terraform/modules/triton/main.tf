@@ -57,35 +57,21 @@ data "aws_ssm_parameter" "gpu_ami" {
   name = "/aws/service/ecs/optimized-ami/amazon-linux-2/gpu/recommended/image_id"
 }
 
-data "aws_iam_policy_document" "ec2_assume" {
-  statement {
-    actions = ["sts:AssumeRole"]
-    principals {
-      type        = "Service"
-      identifiers = ["ec2.amazonaws.com"]
-    }
-  }
-}
-
-resource "aws_iam_role" "instance" {
-  name               = "${var.name}-triton-instance"
-  assume_role_policy = data.aws_iam_policy_document.ec2_assume.json
-}
-
 # Instance role: the AWS-managed ECS container-instance policy (register with
 # the cluster, pull from ECR, write container logs) and SSM Session Manager.
-resource "aws_iam_role_policy_attachment" "instance" {
-  for_each = toset([
+module "instance_role" {
+  source  = "../service_role"
+  name    = "${var.name}-triton-instance"
+  service = "ec2.amazonaws.com"
+  managed_policy_arns = [
     "arn:aws:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role",
     "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore",
-  ])
-  role       = aws_iam_role.instance.name
-  policy_arn = each.value
+  ]
 }
 
 resource "aws_iam_instance_profile" "instance" {
   name = "${var.name}-triton-instance"
-  role = aws_iam_role.instance.name
+  role = module.instance_role.name
 }
 
 resource "aws_security_group" "hosts" {
@@ -174,21 +160,6 @@ resource "aws_ecs_cluster_capacity_providers" "this" {
   }
 }
 
-data "aws_iam_policy_document" "task_assume" {
-  statement {
-    actions = ["sts:AssumeRole"]
-    principals {
-      type        = "Service"
-      identifiers = ["ecs-tasks.amazonaws.com"]
-    }
-  }
-}
-
-resource "aws_iam_role" "execution" {
-  name               = "${var.name}-triton-execution"
-  assume_role_policy = data.aws_iam_policy_document.task_assume.json
-}
-
 # Execution role: pull the Triton image from its own repository and write to
 # its own log group.
 data "aws_iam_policy_document" "execution" {
@@ -208,16 +179,6 @@ data "aws_iam_policy_document" "execution" {
     actions   = ["kms:Decrypt"]
     resources = [var.kms_key]
   }
-}
-
-resource "aws_iam_role_policy" "execution" {
-  role   = aws_iam_role.execution.id
-  policy = data.aws_iam_policy_document.execution.json
-}
-
-resource "aws_iam_role" "task" {
-  name               = "${var.name}-triton-task"
-  assume_role_policy = data.aws_iam_policy_document.task_assume.json
 }
 
 # Task role: read the model repository; publish the sidecar's metrics into
@@ -248,11 +209,6 @@ data "aws_iam_policy_document" "task" {
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
     resources = ["${aws_cloudwatch_log_group.triton.arn}:*"]
   }
-}
-
-resource "aws_iam_role_policy" "task" {
-  role   = aws_iam_role.task.id
-  policy = data.aws_iam_policy_document.task.json
 }
 
 locals {
@@ -290,12 +246,26 @@ locals {
   })
 }
 
+module "execution_role" {
+  source      = "../service_role"
+  name        = "${var.name}-triton-execution"
+  service     = "ecs-tasks.amazonaws.com"
+  policy_json = data.aws_iam_policy_document.execution.json
+}
+
+module "task_role" {
+  source      = "../service_role"
+  name        = "${var.name}-triton-task"
+  service     = "ecs-tasks.amazonaws.com"
+  policy_json = data.aws_iam_policy_document.task.json
+}
+
 resource "aws_ecs_task_definition" "triton" {
   family                   = "${var.name}-triton"
   network_mode             = "awsvpc"
   requires_compatibilities = ["EC2"]
-  execution_role_arn       = aws_iam_role.execution.arn
-  task_role_arn            = aws_iam_role.task.arn
+  execution_role_arn       = module.execution_role.arn
+  task_role_arn            = module.task_role.arn
   container_definitions = jsonencode([
     {
       name              = "triton"
