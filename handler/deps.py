@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import math
 import time
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -160,6 +160,20 @@ def validation_error(error: ValidationError, path: str) -> InvalidRequest:
     summary = "; ".join(f"{'.'.join(i.path) or 'body'}: {i.message}" for i in items[:5])
     code = "validation_error" if uses_problem_json(path) else "invalid_request"
     return InvalidRequest(summary, code=code, turn_index=turn_index, validation=items)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` declaring ``model`` as the JSON request body.
+
+    Routes read their body with :func:`parse_body` (auth and size checks come
+    first), so FastAPI does not see the model; this puts it in the OpenAPI document.
+    """
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
 
 
 async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:

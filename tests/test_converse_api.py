@@ -186,3 +186,16 @@ def test_open_turn_with_nothing_to_speak_is_422(client: TestClient) -> None:
         422, "invalid_request",
     )
     assert "letter or digit" in error["message"]
+
+
+def test_openapi_documents_the_request_bodies(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {
+        "/v1/converse": "conversation",
+        "/v1/audio/conversation": "turns",
+        "/v1/audio/conversation/with-timestamps": "timestamps",
+        "/v1/voices": "name",
+    }
+    for path, field in expected.items():
+        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in schema["properties"], path

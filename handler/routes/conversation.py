@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from handler.deps import ContextDep, SettingsDep, parse_body, require_api_key
+from handler.deps import ContextDep, SettingsDep, json_body, parse_body, require_api_key
 from handler.schemas.conversation import (
     ConversationRequest,
     LinkedConversation,
@@ -39,12 +39,7 @@ router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
             }
         }
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ConversationRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body(ConversationRequest),
 )
 async def post_conversation(request: Request, settings: SettingsDep, ctx: ContextDep) -> Response:
     """Stitched audio bytes, ``{audioSegments, warnings}`` with ``split: true``, or a link.
@@ -65,12 +60,7 @@ async def post_conversation(request: Request, settings: SettingsDep, ctx: Contex
 @router.post(
     "/conversation/with-timestamps",
     response_model=TimestampsResponse | TimestampsSplitResponse,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": TimestampsRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body(TimestampsRequest),
 )
 async def post_conversation_with_timestamps(
     request: Request, settings: SettingsDep, ctx: ContextDep

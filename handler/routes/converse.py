@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from handler.deps import CatalogDep, ContextDep, SettingsDep, parse_body, require_api_key
+from handler.deps import CatalogDep, ContextDep, SettingsDep, json_body, parse_body, require_api_key
 from handler.schemas.converse import ConverseRequest, ConverseResponse, ModelCard, ModelList
 from handler.services.converse import converse
 
@@ -21,12 +21,7 @@ async def list_models(catalog: CatalogDep) -> ModelList:
 @router.post(
     "/converse",
     response_model=ConverseResponse,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ConverseRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body(ConverseRequest),
 )
 async def post_converse(
     request: Request, settings: SettingsDep, ctx: ContextDep

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from handler.deps import ContextDep, SettingsDep, parse_body, require_api_key
+from handler.deps import ContextDep, SettingsDep, json_body, parse_body, require_api_key
 from handler.schemas.storage import Usage, Voice, VoiceCreate, VoiceList
 from handler.services import voices
 
@@ -16,12 +16,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     "/voices",
     status_code=201,
     response_model=Voice,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": VoiceCreate.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body(VoiceCreate),
 )
 async def create_voice(request: Request, settings: SettingsDep, ctx: ContextDep) -> Voice:
     """Save a bundled voice or blend under a name; its id is a ``voiceId``."""
