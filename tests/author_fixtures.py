@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-CHARACTERS = list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'—-:0123456789\n")
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'—-:0123456789\n[]")
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
-def make_tiny_gemma(directory: Path, seed: int = 0) -> Path:
-    """Save a 3-layer random Gemma 3 causal LM and its tokenizer into ``directory``."""
-    import torch
+def char_tokenizer(extra_special: tuple[str, ...] = ()) -> tuple[Any, dict[str, int]]:
+    """A character-level ``PreTrainedTokenizerFast`` (BOS added) and its vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(SPECIAL + CHARACTERS)}
+    vocab = {token: index for index, token in enumerate(SPECIAL + list(extra_special) + CHARACTERS)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
@@ -24,7 +24,17 @@ def make_tiny_gemma(directory: Path, seed: int = 0) -> Path:
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=list(extra_special),
     )
+    return wrapped, vocab
+
+
+def make_tiny_gemma(directory: Path, seed: int = 0) -> Path:
+    """Save a 3-layer random Gemma 3 causal LM and its tokenizer into ``directory``."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    wrapped, vocab = char_tokenizer()
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,

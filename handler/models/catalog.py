@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handler.errors import ApiError
+from handler.models.csm import CsmModel
 from handler.models.kokoro import KokoroModel, VoiceSpecError, parse_voice_spec
 from handler.settings import Settings
 from handler.triton import TritonClient
@@ -26,7 +27,8 @@ class ServedModel:
     """One entry of ``GET /v1/models`` plus the adapter that serves it.
 
     ``num_quantizers`` is the codec's codebook count for codec models and None
-    for models without a codec (Kokoro).
+    for models without a codec (Kokoro). ``transcribes`` says whether the
+    Whisper ASR model is served next to it (spoken history gets transcripts).
     """
 
     id: str
@@ -37,8 +39,9 @@ class ServedModel:
     sample_rate: int
     num_quantizers: int | None
     voices: list[str]
-    adapter: KokoroModel
+    adapter: KokoroModel | CsmModel
     default: bool = False
+    transcribes: bool = False
 
     def public(self) -> dict[str, Any]:
         """The JSON object ``GET /v1/models`` lists."""
@@ -60,7 +63,7 @@ def _parameter(config: dict[str, Any], key: str) -> str:
 
 
 def _kokoro_entry(
-    name: str, config: dict[str, Any], settings: Settings, authoring: bool
+    name: str, config: dict[str, Any], settings: Settings, families: set[str]
 ) -> ServedModel:
     voices = frozenset(v for v in _parameter(config, "voices").split(",") if v)
     low, high = (float(x) for x in _parameter(config, "speed_range").split(","))
@@ -82,17 +85,51 @@ def _kokoro_entry(
             "Voices each turn on its own: no context, no voice cloning; the bundled "
             "voices were trained on Japanese and speak English with an accent."
         ),
-        modes=["tts", "converse", "author"] if authoring else ["tts", "converse"],
+        modes=["tts", "converse", "author"] if families >= _AUTHORING else ["tts", "converse"],
         speakers=adapter.speakers,
         sample_rate=adapter.sample_rate,
         num_quantizers=None,
         voices=sorted(voices),
         adapter=adapter,
         default=name == settings.default_model,
+        transcribes="asr" in families,
     )
 
 
-_FAMILIES = {"kokoro": _kokoro_entry}
+def _csm_entry(
+    name: str, config: dict[str, Any], settings: Settings, families: set[str]
+) -> ServedModel:
+    adapter = CsmModel(
+        name=name,
+        sample_rate=int(_parameter(config, "sample_rate")),
+        num_quantizers=int(_parameter(config, "num_quantizers")),
+        speakers=_parameter(config, "speakers").split(","),
+        max_seq_len=int(_parameter(config, "max_seq_len")),
+    )
+    return ServedModel(
+        id=name,
+        display_name=_parameter(config, "display_name") or name,
+        description=(
+            "Conversational speech model (Sesame CSM architecture): voices the open turn "
+            "conditioned on every earlier turn's text and audio, so it continues the "
+            "voices and rhythm of the conversation; a clip in an earlier turn sets a "
+            "speaker's voice."
+        ),
+        modes=["converse", "tts"],
+        speakers=adapter.speakers,
+        sample_rate=adapter.sample_rate,
+        num_quantizers=adapter.num_quantizers,
+        voices=[],
+        adapter=adapter,
+        default=name == settings.default_model,
+        transcribes="asr" in families,
+    )
+
+
+# The author LM writes turns that a voice model then speaks; ASR transcribes
+# spoken history for its prompt.
+_AUTHORING = {"author", "asr"}
+_FAMILIES = {"kokoro": _kokoro_entry, "csm": _csm_entry}
 
 
 @dataclass
@@ -115,12 +152,10 @@ class ModelCatalog:
         if self._fetched_at < 0 or now - self._fetched_at > self.settings.models_cache_s:
             configs = await self.triton.ready_models()
             families = {_parameter(config, "family") for config in configs.values()}
-            # The author LM writes turns that any voice model then speaks.
-            authoring = {"author", "asr"} <= families
             models = {}
             for name, config in configs.items():
                 build = _FAMILIES.get(_parameter(config, "family"))
                 if build is not None:
-                    models[name] = build(name, config, self.settings, authoring)
+                    models[name] = build(name, config, self.settings, families)
             self._models, self._fetched_at = models, now
         return self._models

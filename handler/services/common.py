@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from handler.audio import AudioDecodeError, DecodedAudio, decode_wav
 from handler.errors import DeadlineExceeded, InvalidRequest, UnprocessableRequest, ValidationItem
 from handler.models.catalog import ModelCatalog, ServedModel
+from handler.models.kokoro import KokoroModel
 from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
 from handler.services.context import RequestContext
 
@@ -39,6 +40,23 @@ async def resolve_model(
             validation=[ValidationItem(path, message)],
         )
     return models[wanted]
+
+
+def voice_model(model: ServedModel, path: list[str], turn_index: int | None = None) -> KokoroModel:
+    """The adapter of a model with named voices (Kokoro).
+
+    Raises:
+        InvalidRequest: ``model`` voices turns only in context (CSM), naming ``path``.
+    """
+    if isinstance(model.adapter, KokoroModel):
+        return model.adapter
+    message = (
+        f"model {model.id!r} has no named voices; it voices turns in context through "
+        "POST /v1/converse"
+    )
+    raise InvalidRequest(
+        message, turn_index=turn_index, validation=[ValidationItem(path, message)]
+    )
 
 
 def require_speakable(text: str, path: list[str], turn_index: int) -> None:

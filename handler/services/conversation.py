@@ -26,7 +26,7 @@ from handler.audio import (
 )
 from handler.errors import InvalidRequest, ValidationItem
 from handler.models.catalog import ServedModel
-from handler.models.kokoro import VoiceSpecError, parse_voice_spec
+from handler.models.kokoro import KokoroModel, VoiceSpecError, parse_voice_spec
 from handler.schemas.conversation import (
     AudioSegment,
     ConversationRequest,
@@ -34,16 +34,22 @@ from handler.schemas.conversation import (
     LinkedAudio,
     SplitResponse,
 )
-from handler.services.common import require_speakable, resolve_model, within_deadline
+from handler.services.common import (
+    require_speakable,
+    resolve_model,
+    voice_model,
+    within_deadline,
+)
 from handler.services.context import Delivered, RequestContext
 
 
 @dataclass(frozen=True)
 class TurnPlan:
-    """A validated turn: its model, canonical voice spec and text."""
+    """A validated turn: its model (and that model's voice adapter), voice spec and text."""
 
     index: int
     model: ServedModel
+    adapter: KokoroModel
     voice: str
     text: str
 
@@ -84,7 +90,8 @@ async def _saved_voice_turn(ctx: RequestContext, turn: ConversationTurn, index: 
             f"no saved voice {turn.voiceId!r} for this key", path, index, "voice_not_found"
         )
     model = await resolve_model(ctx.catalog, saved.model, [str(p) for p in path], index)
-    return TurnPlan(index, model, saved.voice, turn.text)
+    adapter = voice_model(model, [str(p) for p in path], index)
+    return TurnPlan(index, model, adapter, saved.voice, turn.text)
 
 
 async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[TurnPlan]:
@@ -120,11 +127,12 @@ async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[
         model = await resolve_model(
             ctx.catalog, turn.model or request.model, [str(p) for p in model_path], index
         )
+        adapter = voice_model(model, [str(p) for p in model_path], index)
         try:
-            voice = parse_voice_spec(turn.voice, model.adapter.voices)
+            voice = parse_voice_spec(turn.voice, adapter.voices)
         except VoiceSpecError as error:
             raise _invalid(str(error), [*base, "voice"], index, "unknown_voice") from error
-        plans.append(TurnPlan(index, model, voice, turn.text))
+        plans.append(TurnPlan(index, model, adapter, voice, turn.text))
     rates = {plan.model.sample_rate for plan in plans}
     if len(rates) > 1:
         raise _invalid(
@@ -173,7 +181,7 @@ async def synthesize_conversation(
     settings = ctx.settings
     synthesis = asyncio.gather(
         *(
-            plan.model.adapter.synthesize(
+            plan.adapter.synthesize(
                 ctx.triton, plan.text, plan.voice, 1.0, settings.sentence_pause_ms
             )
             for plan in plans

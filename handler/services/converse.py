@@ -8,6 +8,10 @@ Rules (kalpa-converse.md), all checked before any synthesis:
   * speaker labels must be the model's advertised ones;
   * history audio: at most 25 MiB decoded per turn, decodable WAV;
   * ``params`` must be ones the model supports, inside its ranges.
+
+Kokoro voices the open turn on its own with the voice bound to its speaker
+label; a CSM model voices it conditioned on every history turn (text, audio,
+or audio with its Whisper transcript when ASR is served).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from handler.audio import DecodedAudio, encode_wav, resample
 from handler.errors import InvalidRequest
 from handler.models.author import AuthorParams, author_turn
 from handler.models.catalog import ServedModel
+from handler.models.csm import CsmModel, CsmParams, Segment
+from handler.models.kokoro import KokoroModel
 from handler.models.speech import SPEECH_SAMPLE_RATE, transcribe
 from handler.schemas.converse import (
     ConverseParams,
@@ -41,9 +47,16 @@ from handler.services.common import (
 from handler.services.context import RequestContext
 
 # Parameters each use accepts: Kokoro voices with a speaking rate; authoring
-# adds the author LM's sampling parameters. The rest belong to codec LMs.
+# adds the author LM's sampling parameters; CSM takes the codec LM's sampling
+# parameters (kalpa-converse ``params``).
 _VOICE_PARAMS = frozenset({"speed"})
 _AUTHOR_PARAMS = frozenset({"temperature", "top_k", "max_new_tokens", "seed"})
+_CSM_PARAMS = frozenset(
+    {
+        "temperature", "depth_temperature", "top_k", "repetition_penalty", "penalty_window",
+        "max_new_tokens", "quantizers", "seed",
+    }
+)
 _AUTHOR_MAX_NEW_TOKENS = (16, 128)
 
 
@@ -54,26 +67,46 @@ class _Plan:
     text: str | None
     speed: float
     author: AuthorParams | None
+    csm: CsmParams | None
     clips: dict[int, DecodedAudio]
 
 
-def _check_params(
-    model: ServedModel, params: ConverseParams | None, authoring: bool
-) -> tuple[float, AuthorParams | None]:
-    """Validate ``params`` against the model and the request's use of it.
-
-    Returns:
-        The speaking rate, and the author sampling parameters when authoring.
-    """
+def _given_params(
+    model: ServedModel, params: ConverseParams | None, supported: frozenset[str]
+) -> dict[str, float | int]:
+    """The params the request set, refusing any ``model`` does not take here."""
     given = params.model_dump(exclude_none=True) if params else {}
-    supported = _VOICE_PARAMS | _AUTHOR_PARAMS if authoring else _VOICE_PARAMS
     unsupported = sorted(set(given) - supported)
     if unsupported:
         raise InvalidRequest(
             f"params {', '.join(unsupported)} not supported by model {model.id!r} for this "
             f"request (supported: {', '.join(sorted(supported))})"
         )
+    return given
+
+
+def _csm_params(model: ServedModel, params: ConverseParams | None) -> CsmParams:
+    """Validate ``params`` for a CSM model; unset ones take :class:`CsmParams` defaults."""
+    given = _given_params(model, params, _CSM_PARAMS)
+    if int(given.get("quantizers", 1)) > int(model.num_quantizers or 0):
+        raise InvalidRequest(
+            f"params.quantizers must be within [1, {model.num_quantizers}] for {model.id!r}"
+        )
+    return CsmParams(**given)  # type: ignore[arg-type]
+
+
+def _check_params(
+    model: ServedModel, params: ConverseParams | None, authoring: bool
+) -> tuple[float, AuthorParams | None]:
+    """Validate ``params`` against a Kokoro model and the request's use of it.
+
+    Returns:
+        The speaking rate, and the author sampling parameters when authoring.
+    """
+    supported = _VOICE_PARAMS | _AUTHOR_PARAMS if authoring else _VOICE_PARAMS
+    given = _given_params(model, params, supported)
     speed = float(given.get("speed", 1.0))
+    assert isinstance(model.adapter, KokoroModel)
     low, high = model.adapter.speed_range
     if not low <= speed <= high:
         raise InvalidRequest(f"params.speed must be within [{low}, {high}] for {model.id!r}")
@@ -148,16 +181,18 @@ async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
         )
     if has_text:
         require_speakable(str(open_turn.text), ["conversation", str(last), "text"], last)
-    speed, author = _check_params(model, request.params, authoring=not has_text)
+    if isinstance(model.adapter, CsmModel):
+        speed, author, csm = 1.0, None, _csm_params(model, request.params)
+    else:
+        speed, author = _check_params(model, request.params, authoring=not has_text)
+        csm = None
     clips = await _history_clips(request, ctx)
     text = open_turn.text if has_text else None
-    return _Plan(model, open_turn.speaker, text, speed, author, clips)
+    return _Plan(model, open_turn.speaker, text, speed, author, csm, clips)
 
 
-async def _author(
-    request: ConverseRequest, plan: _Plan, params: AuthorParams, ctx: RequestContext
-) -> str:
-    """Transcribe audio-only history turns, then have the author LM write the open turn."""
+async def _transcripts(request: ConverseRequest, plan: _Plan, ctx: RequestContext) -> list[str]:
+    """Each history turn's text, audio-only turns transcribed by Whisper."""
     history = request.conversation[:-1]
     spoken_only = [i for i, turn in enumerate(history) if not (turn.text and turn.text.strip())]
     transcripts = await asyncio.gather(
@@ -170,38 +205,84 @@ async def _author(
         )
     )
     heard = {i: text for i, (text, _) in zip(spoken_only, transcripts, strict=True)}
-    lines = [(turn.speaker, turn.text or heard.get(i, "")) for i, turn in enumerate(history)]
+    return [turn.text or heard.get(i, "") for i, turn in enumerate(history)]
+
+
+async def _author(
+    request: ConverseRequest, plan: _Plan, params: AuthorParams, ctx: RequestContext
+) -> str:
+    """Transcribe audio-only history turns, then have the author LM write the open turn."""
+    texts = await _transcripts(request, plan, ctx)
+    lines = [(turn.speaker, text) for turn, text in zip(request.conversation, texts, strict=False)]
     return await author_turn(ctx.triton, lines, plan.speaker, params)
+
+
+async def _voice_in_context(
+    request: ConverseRequest, plan: _Plan, adapter: CsmModel, ctx: RequestContext
+) -> tuple[np.ndarray, list[str]]:
+    """Voice the open turn with CSM, every history turn a prompt segment.
+
+    History audio is resampled to the model's rate; an audio-only turn gets its
+    Whisper transcript when ASR is served, else an empty text.
+
+    Returns:
+        The audio (float32 mono at ``adapter.sample_rate``) and the reply's warnings.
+    """
+    if plan.model.transcribes:
+        texts = await _transcripts(request, plan, ctx)
+    else:
+        texts = [turn.text or "" for turn in request.conversation[:-1]]
+    segments = []
+    for index, (turn, text) in enumerate(zip(request.conversation, texts, strict=False)):
+        clip = plan.clips.get(index)
+        audio = resample(clip.samples, clip.sample_rate, adapter.sample_rate) if clip else None
+        segments.append(Segment(turn.speaker, " ".join(text.split()), audio))
+    segments.append(Segment(plan.speaker, " ".join(str(plan.text).split())))
+    assert plan.csm is not None
+    result = await adapter.generate(ctx.triton, segments, plan.csm)
+    warnings = []
+    if result.dropped_turns:
+        warnings.append(
+            f"the conversation is longer than {plan.model.id!r} can attend to "
+            f"({adapter.max_seq_len} frames with max_new_tokens {plan.csm.max_new_tokens}): "
+            f"the {result.dropped_turns} oldest turn(s) were left out of the prompt"
+        )
+    return result.audio, warnings
 
 
 async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseResponse:
     """Author (speaker-only open turn) and voice the open turn, respond, record usage.
 
-    History is validated and metered, and feeds the author LM's prompt (audio-only
-    turns transcribed first); Kokoro voices the open turn on its own (it has no
-    context) with the voice bound to the speaker label. Audio over
+    History is validated and metered. With Kokoro it feeds the author LM's prompt
+    (audio-only turns transcribed first) and the open turn is voiced on its own
+    with the voice bound to its speaker label; with CSM every history turn
+    conditions the voicing (see :func:`_voice_in_context`). Audio over
     ``inline_audio_max_bytes`` comes back as ``audio.url`` + ``expires_in``.
 
     Raises:
-        InvalidRequest: a spec rule or cap is broken (before any synthesis).
+        InvalidRequest: a spec rule or cap is broken (before any synthesis), or the
+            open turn does not fit in a CSM model's sequence.
         ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
     """
     plan = await _plan(request, ctx)
     adapter = plan.model.adapter
-    voice = adapter.speaker_voices[int(plan.speaker)]
     settings = ctx.settings
 
-    async def write_and_voice() -> tuple[str, np.ndarray]:
+    async def write_and_voice() -> tuple[str, np.ndarray, list[str]]:
         if plan.author is None:
             text = str(plan.text)
         else:
             text = await _author(request, plan, plan.author, ctx)
+        if isinstance(adapter, CsmModel):
+            audio, warnings = await _voice_in_context(request, plan, adapter, ctx)
+            return text, audio, warnings
+        voice = adapter.speaker_voices[int(plan.speaker)]
         audio = await adapter.synthesize(
             ctx.triton, text, voice, plan.speed, settings.sentence_pause_ms
         )
-        return text, audio
+        return text, audio, []
 
-    text, audio = await within_deadline(write_and_voice(), settings.triton_timeout_s)
+    text, audio, warnings = await within_deadline(write_and_voice(), settings.triton_timeout_s)
     delivered = await ctx.deliver(
         "reply.wav", encode_wav(audio, adapter.sample_rate), "audio/wav", force_url=False
     )
@@ -219,11 +300,12 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
             text=text,
             audio=ReplyAudio(
                 sample_rate=adapter.sample_rate,
-                num_quantizers=plan.model.num_quantizers,
+                num_quantizers=plan.csm.quantizers if plan.csm else plan.model.num_quantizers,
                 data_b64=base64.b64encode(delivered.data).decode() if delivered.data else None,
                 url=delivered.url,
                 expires_in=delivered.expires_in,
             ),
         ),
         usage=usage,
+        warnings=warnings,
     )

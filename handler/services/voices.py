@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from handler.errors import InvalidRequest, NotFound
 from handler.models.kokoro import VoiceSpecError, parse_voice_spec
 from handler.schemas.storage import Voice, VoiceCreate, VoiceList
-from handler.services.common import resolve_model
+from handler.services.common import resolve_model, voice_model
 from handler.services.context import RequestContext
 from handler.storage.base import SavedVoice, decode_cursor
 
@@ -46,7 +46,7 @@ async def create_voice(body: VoiceCreate, ctx: RequestContext) -> Voice:
     if body.voice is None:
         raise InvalidRequest("'voice' is required (a bundled voice or a blend)")
     try:
-        spec = parse_voice_spec(body.voice, model.adapter.voices)
+        spec = parse_voice_spec(body.voice, voice_model(model, ["model"]).voices)
     except VoiceSpecError as error:
         raise InvalidRequest(f"voice: {error}") from error
     voice = SavedVoice(

@@ -1,0 +1,313 @@
+"""CSM: per-graph ONNX parity, Triton ensemble vs transformers generation, seeds, quantizers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from export.__main__ import main as export_main
+from export.csm import CsmExportOptions, export_csm
+from export.local_triton import LocalTriton
+from handler.triton import TritonClient
+from tests.csm_fixtures import AUDIO_EOS_TOKEN, AUDIO_TOKEN, make_tiny_csm
+
+NAME = "csm-tiny"
+FRAME_SAMPLES = 1920
+TEXT_HISTORY = [("0", "Welcome back to the show."), ("1", "Glad to be here.")]
+OPEN_TURN = ("0", "Let's pick up where we left off.")
+GREEDY = {"temperature": 0.0, "depth_temperature": 0.0, "penalty": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, LocalTriton]]:
+    checkpoint = make_tiny_csm(tmp_path_factory.mktemp("tiny-csm"))
+    repository = tmp_path_factory.mktemp("csm-repository")
+    argv = ["csm", "--checkpoint", str(checkpoint), "--out", str(repository), "--name", NAME]
+    assert export_main(argv) == 0
+    with LocalTriton(repository) as server:
+        yield checkpoint, repository, server
+
+
+def hf_model(checkpoint: Path) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer, CsmForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = CsmForConditionalGeneration.from_pretrained(
+        checkpoint, attn_implementation="eager"
+    ).eval()
+    return tokenizer, model
+
+
+def speech(seconds: float, seed: int) -> np.ndarray:
+    """Speech-like test audio at 24 kHz: a gliding harmonic tone with noise, float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * 24_000)) / 24_000
+    pitch = 140 + 40 * np.sin(2 * np.pi * 1.5 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / 24_000
+    wave = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (0.3 * wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def run_ensemble(
+    server: LocalTriton,
+    segments: list[tuple[str, str, np.ndarray | None]],
+    max_new: int,
+    temperature: float = 0.9,
+    depth_temperature: float = 0.9,
+    penalty: float = 1.0,
+    seed: int = 0,
+    quantizers: int = 32,
+) -> dict[str, np.ndarray]:
+    clips = [a if a is not None else np.zeros(0, np.float32) for _, _, a in segments]
+    inputs = {
+        "SEGMENT_TEXT": np.array([t.encode() for _, t, _ in segments], dtype=np.object_),
+        "SEGMENT_SPEAKER": np.array([s.encode() for s, _, _ in segments], dtype=np.object_),
+        "SEGMENT_AUDIO": np.concatenate(clips).astype(np.float32),
+        "SEGMENT_AUDIO_SAMPLES": np.array([len(c) for c in clips], np.int64),
+        "MAX_NEW_FRAMES": np.array([max_new], np.int32),
+        "TEMPERATURE": np.array([temperature], np.float32),
+        "DEPTH_TEMPERATURE": np.array([depth_temperature], np.float32),
+        "TOP_K": np.array([50], np.int32),
+        "REPETITION_PENALTY": np.array([penalty], np.float32),
+        "PENALTY_WINDOW": np.array([20], np.int32),
+        "SEED": np.array([seed], np.int64),
+        "NUM_QUANTIZERS": np.array([quantizers], np.int64),
+    }
+
+    async def call() -> dict[str, np.ndarray]:
+        client = TritonClient(server.http_url)
+        try:
+            return await client.infer(
+                NAME, inputs, ["AUDIO", "AUDIO_CODES", "DROPPED_SEGMENTS"]
+            )
+        finally:
+            await client.close()
+
+    return asyncio.run(call())
+
+
+def transformers_prompt(
+    tokenizer: Any, model: Any, segments: list[tuple[str, str, np.ndarray | None]]
+) -> dict[str, Any]:
+    """transformers' own 2-D prompt: text tokens, audio placeholders, audio merged by the model.
+
+    Layout per SesameAILabs/csm generator.py and transformers' CsmProcessor chat
+    template: BOS ``[speaker]text`` EOS, then one ``<|AUDIO|>`` per Mimi frame
+    and ``<|audio_eos|>``; the model Mimi-encodes ``input_values`` itself.
+    """
+    import torch
+
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    audio_eos_id = tokenizer.convert_tokens_to_ids(AUDIO_EOS_TOKEN)
+    ids: list[int] = []
+    clips, cutoffs = [], []
+    for speaker, text, audio in segments:
+        text_ids = tokenizer(f"[{speaker}]{text}", add_special_tokens=False)["input_ids"]
+        ids += [tokenizer.bos_token_id, *text_ids, tokenizer.eos_token_id]
+        if audio is not None:
+            frames = -(-len(audio) // FRAME_SAMPLES)
+            ids += [audio_id] * frames + [audio_eos_id]
+            clips.append(audio)
+            cutoffs.append(sum(map(len, clips)))
+    prompt: dict[str, Any] = {"input_ids": torch.tensor([ids])}
+    if clips:
+        prompt["input_values"] = torch.from_numpy(np.concatenate(clips))[None, None]
+        prompt["input_values_cutoffs"] = torch.tensor([cutoffs])
+    return prompt
+
+
+def transformers_greedy(checkpoint: Path, segments: list[Any], max_new: int) -> np.ndarray:
+    """Frames [F, 32] from transformers' CSM generate, greedy, without the all-zero end frame."""
+    import torch
+
+    tokenizer, model = hf_model(checkpoint)
+    with torch.no_grad():
+        frames = model.generate(
+            **transformers_prompt(tokenizer, model, segments),
+            max_new_tokens=max_new, do_sample=False, depth_decoder_do_sample=False,
+        )[0].numpy()
+    ends = np.flatnonzero((frames == 0).all(axis=1))
+    return frames[: ends[0]] if ends.size else frames
+
+
+def decode_with_transformers(checkpoint: Path, codes: np.ndarray, quantizers: int) -> np.ndarray:
+    import torch
+
+    _, model = hf_model(checkpoint)
+    with torch.no_grad():
+        audio = model.codec_model.decode(torch.from_numpy(codes[:, :quantizers])).audio_values
+    return audio.numpy().reshape(-1)
+
+
+@pytest.mark.parametrize("with_audio", [False, True], ids=["text-history", "audio-history"])
+def test_greedy_frames_match_transformers(tiny: Any, with_audio: bool) -> None:
+    checkpoint, _, server = tiny
+    history: list[tuple[str, str, np.ndarray | None]] = [(s, t, None) for s, t in TEXT_HISTORY]
+    if with_audio:
+        history[0] = (*TEXT_HISTORY[0], speech(0.8, seed=1))
+        history.append(("1", "", speech(0.56, seed=2)))
+    segments = [*history, (*OPEN_TURN, None)]
+    expected = transformers_greedy(checkpoint, segments, max_new=10)
+    got = run_ensemble(server, segments, max_new=10, **GREEDY)
+    codes = got["AUDIO_CODES"]
+    assert expected.shape[0] >= 1
+    np.testing.assert_array_equal(codes[0].T, expected)
+    audio = got["AUDIO"].reshape(-1)
+    assert audio.size == codes.shape[-1] * FRAME_SAMPLES
+    reference = decode_with_transformers(checkpoint, codes, 32)
+    np.testing.assert_allclose(audio, reference, atol=1e-4)
+
+
+def test_quantizers_decode_only_the_first_codebooks(tiny: Any) -> None:
+    checkpoint, _, server = tiny
+    segments = [*((s, t, None) for s, t in TEXT_HISTORY), (*OPEN_TURN, None)]
+    full = run_ensemble(server, segments, max_new=6, **GREEDY)
+    coarse = run_ensemble(server, segments, max_new=6, quantizers=4, **GREEDY)
+    np.testing.assert_array_equal(full["AUDIO_CODES"], coarse["AUDIO_CODES"])
+    reference = decode_with_transformers(checkpoint, coarse["AUDIO_CODES"], 4)
+    np.testing.assert_allclose(coarse["AUDIO"].reshape(-1), reference, atol=1e-4)
+    # The random tiny Mimi's later codebooks move the waveform only slightly.
+    assert np.abs(coarse["AUDIO"] - full["AUDIO"]).max() > 1e-5
+
+
+def test_seed_fixes_the_output(tiny: Any) -> None:
+    _, _, server = tiny
+    segments = [*((s, t, None) for s, t in TEXT_HISTORY), (*OPEN_TURN, None)]
+    first, again, other = (
+        run_ensemble(server, segments, max_new=8, seed=seed, penalty=3.0) for seed in (7, 7, 8)
+    )
+    np.testing.assert_array_equal(first["AUDIO"], again["AUDIO"])
+    assert first["AUDIO"].shape != other["AUDIO"].shape or not np.array_equal(
+        first["AUDIO"], other["AUDIO"]
+    )
+
+
+def test_prompt_keeps_the_most_recent_turns_that_fit(tiny: Any) -> None:
+    _, _, server = tiny
+    long_turn = "word " * 100  # 500 characters -> 505 text positions with the char tokenizer
+    segments = [("0", long_turn, None), ("1", long_turn, None), ("0", "short one", None),
+                (*OPEN_TURN, None)]
+    got = run_ensemble(server, segments, max_new=16, **GREEDY)
+    assert int(got["DROPPED_SEGMENTS"][0]) == 1
+    everything = run_ensemble(server, segments[1:], max_new=16, **GREEDY)
+    assert int(everything["DROPPED_SEGMENTS"][0]) == 0
+    np.testing.assert_array_equal(got["AUDIO_CODES"], everything["AUDIO_CODES"])
+
+
+def test_graphs_match_pytorch(tiny: Any) -> None:
+    import onnxruntime as ort
+    import torch
+
+    from export.csm_graphs import (
+        backbone_module,
+        depth_module,
+        mimi_decoder_module,
+        mimi_encoder_module,
+    )
+
+    checkpoint, repository, _ = tiny
+    _, model = hf_model(checkpoint)
+    generator = torch.Generator().manual_seed(3)
+
+    def session(role: str) -> Any:
+        return ort.InferenceSession(str(repository / f"{NAME}_{role}" / "1" / "model.onnx"))
+
+    backbone = backbone_module(model)
+    for past, positions in ((0, 9), (6, 1)):
+        mask = torch.rand(1, positions, 33, generator=generator) > 0.5
+        feeds = {
+            "frames": torch.randint(0, 64, (1, positions, 33), generator=generator),
+            "frame_mask": mask,
+            "past_keys": torch.randn(2, 1, 2, past, 16, generator=generator),
+            "past_values": torch.randn(2, 1, 2, past, 16, generator=generator),
+        }
+        with torch.no_grad():
+            expected = backbone(*feeds.values())
+        got = session("backbone").run(None, {k: v.numpy() for k, v in feeds.items()})
+        for ours, theirs in zip(got, expected, strict=True):
+            np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
+
+    depth = depth_module(model)
+    for temperature, top_k in ((0.0, 50), (0.9, 5)):
+        depth_feeds = {
+            "last_hidden": torch.randn(1, 64, generator=generator),
+            "codebook0": torch.tensor([17]),
+            "temperature": torch.tensor([temperature]),
+            "top_k": torch.tensor([top_k]),
+            "uniform_noise": torch.rand(31, 64, generator=generator),
+        }
+        with torch.no_grad():
+            expected_codes = depth(*depth_feeds.values()).numpy()
+        got_codes = session("depth").run(None, {k: v.numpy() for k, v in depth_feeds.items()})
+        np.testing.assert_array_equal(got_codes[0], expected_codes)
+
+    codes = torch.randint(0, 64, (1, 32, 7), generator=generator)
+    for quantizers in (32, 3):
+        with torch.no_grad():
+            expected_audio = model.codec_model.decode(codes[:, :quantizers]).audio_values
+        got_audio = session("mimi_decoder").run(
+            None, {"audio_codes": codes.numpy(), "num_quantizers": np.array([quantizers])}
+        )[0]
+        np.testing.assert_allclose(got_audio, expected_audio.numpy(), atol=1e-4)
+
+    audio = torch.from_numpy(speech(1.1, seed=4))[None, None]
+    with torch.no_grad():
+        expected_codes = model.codec_model.encode(audio).audio_codes.numpy()
+        patched = mimi_encoder_module(model)(audio).numpy()
+    got_codes = session("mimi_encoder").run(None, {"audio": audio.numpy()})[0]
+    assert got_codes.shape == (1, 32, -(-audio.shape[-1] // FRAME_SAMPLES))
+    np.testing.assert_array_equal(patched, expected_codes)
+    np.testing.assert_array_equal(got_codes, expected_codes)
+
+
+def test_greedy_depth_graph_matches_transformers_depth_generate(tiny: Any) -> None:
+    import onnxruntime as ort
+    import torch
+
+    checkpoint, repository, _ = tiny
+    _, model = hf_model(checkpoint)
+    hidden = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model.depth_decoder.generate(
+            input_ids=torch.tensor([[0, 9]]), backbone_last_hidden_state=hidden.clone(),
+            do_sample=False, min_new_tokens=31, max_new_tokens=31,
+        )[0, 2:].numpy()
+    depth = ort.InferenceSession(str(repository / f"{NAME}_depth" / "1" / "model.onnx"))
+    got = depth.run(None, {
+        "last_hidden": hidden.numpy(), "codebook0": np.array([9]),
+        "temperature": np.array([0.0], np.float32), "top_k": np.array([64]),
+        "uniform_noise": np.full((31, 64), 0.5, np.float32),
+    })[0][0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_export_is_idempotent_and_writes_a_manifest(tiny: Any) -> None:
+    import json
+
+    checkpoint, repository, _ = tiny
+    options = CsmExportOptions(checkpoint=str(checkpoint), out=repository, name=NAME)
+    assert export_csm(options) is False
+    record = json.loads((repository / "manifest.json").read_text())["models"][f"csm:{NAME}"]
+    assert record["inputs"]["precision"] == "fp32"
+    assert record["inputs"]["source"]["directory"] == str(checkpoint.resolve())
+    assert record["shapes"]["num_codebooks"] == 32
+    onnx_files = [k for k in record["outputs"] if k.endswith("model.onnx")]
+    assert len(onnx_files) == 4
+    assert all(len(record["outputs"][k]["sha256"]) == 64 for k in onnx_files)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is present here")
+def test_tensorrt_without_a_gpu_fails_clearly(
+    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint, _, _ = tiny
+    argv = ["csm", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--tensorrt"]
+    assert export_main(argv) == 2
+    assert "--tensorrt needs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
