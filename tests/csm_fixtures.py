@@ -41,6 +41,17 @@ def make_tiny_csm(directory: Path, seed: int = 0) -> Path:
         codec_config=codec.to_dict(),
     )
     model = CsmForConditionalGeneration(config)
+    # Random init leaves Mimi's codebooks at zero (they are k-means statistics,
+    # not parameters): give every codebook random centroids so codes matter.
+    quantizer = model.codec_model.quantizer
+    for rvq in (
+        quantizer.semantic_residual_vector_quantizer,
+        quantizer.acoustic_residual_vector_quantizer,
+    ):
+        for layer in rvq.layers:
+            layer.codebook.embed_sum.copy_(torch.randn_like(layer.codebook.embed_sum) * 0.5)
+            layer.codebook.cluster_usage.fill_(1.0)
+            layer.codebook.initialized.fill_(True)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -311,3 +311,124 @@ def test_tensorrt_without_a_gpu_fails_clearly(
     assert export_main(argv) == 2
     assert "--tensorrt needs" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# --- /v1/converse with the tiny CSM -------------------------------------------------------
+
+OPEN = {"speaker": "0", "text": "Let's pick up where we left off."}
+HISTORY = [{"speaker": s, "text": t} for s, t in TEXT_HISTORY]
+
+
+@pytest.fixture(scope="module")
+def csm_client(tiny: Any) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from handler.app import create_app
+    from tests.conftest import make_settings
+
+    _, _, server = tiny
+    app = create_app(make_settings(triton_url=server.http_url, default_model=NAME))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def converse(client: Any, body: dict[str, Any]) -> Any:
+    from tests.conftest import AUTH
+
+    return client.post("/v1/converse", json={"model": NAME, **body}, headers=AUTH)
+
+
+def reply_samples(response: Any) -> tuple[np.ndarray, int]:
+    import base64
+    import io
+
+    import soundfile as sf
+
+    assert response.status_code == 200, response.text
+    data = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return samples, rate
+
+
+def test_models_lists_the_csm_entry(csm_client: Any) -> None:
+    from tests.conftest import AUTH
+
+    models = {m["id"]: m for m in csm_client.get("/v1/models", headers=AUTH).json()["data"]}
+    model = models[NAME]
+    assert model["modes"] == ["converse", "tts"]
+    assert model["speakers"] == ["0", "1"]
+    assert model["num_quantizers"] == 32 and model["sample_rate"] == 24_000
+    assert model["voices"] == [] and model["default"] is True
+
+
+def test_contextual_tts_reply(csm_client: Any) -> None:
+    body = {"conversation": [*HISTORY, OPEN], "params": {"max_new_tokens": 16, "seed": 3}}
+    response = converse(csm_client, body)
+    samples, rate = reply_samples(response)
+    reply = response.json()["reply"]
+    assert reply["speaker"] == "0" and reply["text"] == OPEN["text"]
+    assert reply["audio"]["num_quantizers"] == 32 and rate == 24_000
+    assert 0 < samples.size <= 16 * FRAME_SAMPLES and samples.size % FRAME_SAMPLES == 0
+    assert response.json()["warnings"] == []
+    assert response.json()["usage"]["output_audio_seconds"] == pytest.approx(samples.size / rate)
+
+
+def test_history_audio_conditions_the_turn_and_quantizers_are_reported(csm_client: Any) -> None:
+    from tests.conftest import wav_b64
+
+    clip = speech(0.9, seed=6)
+    spoken = {"speaker": "1", "audio_wav_b64": wav_b64(clip[::3], 8_000)}  # resampled to 24 kHz
+    params = {"max_new_tokens": 16, "seed": 11, "quantizers": 8}
+    with_audio = converse(csm_client, {"conversation": [*HISTORY, spoken, OPEN], "params": params})
+    again = converse(csm_client, {"conversation": [*HISTORY, spoken, OPEN], "params": params})
+    text_only = converse(csm_client, {"conversation": [*HISTORY, OPEN], "params": params})
+    first, _ = reply_samples(with_audio)
+    np.testing.assert_array_equal(first, reply_samples(again)[0])
+    other, _ = reply_samples(text_only)
+    assert first.shape != other.shape or not np.array_equal(first, other)
+    assert with_audio.json()["reply"]["audio"]["num_quantizers"] == 8
+    assert with_audio.json()["usage"]["input_audio_seconds"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_long_history_keeps_the_most_recent_turns_with_a_warning(csm_client: Any) -> None:
+    long_turns = [{"speaker": str(i % 2), "text": "word " * 80} for i in range(4)]
+    body = {"conversation": [*long_turns, OPEN], "params": {"max_new_tokens": 512, "seed": 1}}
+    response = converse(csm_client, body)
+    reply_samples(response)
+    (warning,) = response.json()["warnings"]
+    assert "oldest turn" in warning and "left out" in warning
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"conversation": [{"speaker": "2", "text": "Hi."}]}, "speaker label"),
+        ({"conversation": [*HISTORY, {"speaker": "0"}]}, "author"),
+        ({"conversation": [{"speaker": "0", "text": "Hi.", "audio_wav_b64": "UklGRg=="}]},
+         "nothing is left"),
+        ({"conversation": [{"speaker": "0", "text": " "}, OPEN]}, "history turn"),
+        ({"conversation": [OPEN], "params": {"speed": 1.2}}, "speed"),
+        ({"conversation": [OPEN], "params": {"quantizers": 33}}, "quantizers"),
+        ({"conversation": [OPEN], "params": {"quantizers": 0}}, "quantizers"),
+        ({"conversation": [OPEN], "params": {"max_new_tokens": 8}}, "max_new_tokens"),
+        ({"conversation": [OPEN], "params": {"max_new_tokens": 4096}}, "max_new_tokens"),
+        ({"conversation": [OPEN], "params": {"repetition_penalty": 0.5}}, "repetition_penalty"),
+        ({"conversation": [{"speaker": "0", "text": "x" * 600}]}, "does not fit"),
+    ],
+)
+def test_spec_rules(csm_client: Any, body: dict[str, Any], needle: str) -> None:
+    response = converse(csm_client, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request"
+    assert needle in error["message"]
+
+
+def test_stitched_dialogue_refuses_a_model_without_voices(csm_client: Any) -> None:
+    from tests.conftest import AUTH
+
+    body = {"model": NAME, "turns": [{"voice": "jf_alpha", "text": "Fine."}]}
+    response = csm_client.post("/v1/audio/conversation", json=body, headers=AUTH)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "no named voices" in response.json()["detail"]
