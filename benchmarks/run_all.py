@@ -15,12 +15,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from author_speech import measure_author_speech  # noqa: E402
+from csm import measure_csm  # noqa: E402
 from local_stack import LocalStack  # noqa: E402
 from voice import measure_voice  # noqa: E402
 
 
 def main() -> None:
-    """Start the local stack, run the voice and author/speech benchmarks, write the page."""
+    """Run the voice and author/speech benchmarks on the local stack, then CSM; write the page."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/PERFORMANCE.md")
@@ -28,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     with LocalStack(ROOT / "model_repository") as stack:
         sections = [measure_voice(stack, args.repeats), measure_author_speech(stack, args.repeats)]
+    sections.append(measure_csm(args.repeats))
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     text = "\n".join([
         "# Performance",

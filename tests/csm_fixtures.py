@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from tests.author_fixtures import char_tokenizer
 
 AUDIO_TOKEN, AUDIO_EOS_TOKEN = "<|AUDIO|>", "<|audio_eos|>"
 CODEBOOK_VOCAB = 64
+FRAME_SAMPLES = 1920
 
 
 def make_tiny_csm(directory: Path, seed: int = 0) -> Path:
@@ -56,3 +60,43 @@ def make_tiny_csm(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def speech(seconds: float, seed: int) -> np.ndarray:
+    """Speech-like test audio at 24 kHz: a gliding harmonic tone with noise, float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * 24_000)) / 24_000
+    pitch = 140 + 40 * np.sin(2 * np.pi * 1.5 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / 24_000
+    wave = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (0.3 * wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def transformers_prompt(
+    tokenizer: Any, model: Any, segments: list[tuple[str, str, np.ndarray | None]]
+) -> dict[str, Any]:
+    """transformers' own 2-D prompt: text tokens, audio placeholders, audio merged by the model.
+
+    Layout per SesameAILabs/csm generator.py and transformers' CsmProcessor chat
+    template: BOS ``[speaker]text`` EOS, then one ``<|AUDIO|>`` per Mimi frame
+    and ``<|audio_eos|>``; the model Mimi-encodes ``input_values`` itself.
+    """
+    import torch
+
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    audio_eos_id = tokenizer.convert_tokens_to_ids(AUDIO_EOS_TOKEN)
+    ids: list[int] = []
+    clips, cutoffs = [], []
+    for speaker, text, audio in segments:
+        text_ids = tokenizer(f"[{speaker}]{text}", add_special_tokens=False)["input_ids"]
+        ids += [tokenizer.bos_token_id, *text_ids, tokenizer.eos_token_id]
+        if audio is not None:
+            frames = -(-len(audio) // FRAME_SAMPLES)
+            ids += [audio_id] * frames + [audio_eos_id]
+            clips.append(audio)
+            cutoffs.append(sum(map(len, clips)))
+    prompt: dict[str, Any] = {"input_ids": torch.tensor([ids])}
+    if clips:
+        prompt["input_values"] = torch.from_numpy(np.concatenate(clips))[None, None]
+        prompt["input_values_cutoffs"] = torch.tensor([cutoffs])
+    return prompt

@@ -15,10 +15,10 @@ from export.__main__ import main as export_main
 from export.csm import CsmExportOptions, export_csm
 from export.local_triton import LocalTriton
 from handler.triton import TritonClient
-from tests.csm_fixtures import AUDIO_EOS_TOKEN, AUDIO_TOKEN, make_tiny_csm
+from tests.csm_fixtures import FRAME_SAMPLES, make_tiny_csm, speech, transformers_prompt
 
 NAME = "csm-tiny"
-FRAME_SAMPLES = 1920
+
 TEXT_HISTORY = [("0", "Welcome back to the show."), ("1", "Glad to be here.")]
 OPEN_TURN = ("0", "Let's pick up where we left off.")
 GREEDY = {"temperature": 0.0, "depth_temperature": 0.0, "penalty": 1.0}
@@ -42,16 +42,6 @@ def hf_model(checkpoint: Path) -> tuple[Any, Any]:
         checkpoint, attn_implementation="eager"
     ).eval()
     return tokenizer, model
-
-
-def speech(seconds: float, seed: int) -> np.ndarray:
-    """Speech-like test audio at 24 kHz: a gliding harmonic tone with noise, float32."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(round(seconds * 24_000)) / 24_000
-    pitch = 140 + 40 * np.sin(2 * np.pi * 1.5 * t)
-    phase = 2 * np.pi * np.cumsum(pitch) / 24_000
-    wave = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return (0.3 * wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def run_ensemble(
@@ -90,36 +80,6 @@ def run_ensemble(
             await client.close()
 
     return asyncio.run(call())
-
-
-def transformers_prompt(
-    tokenizer: Any, model: Any, segments: list[tuple[str, str, np.ndarray | None]]
-) -> dict[str, Any]:
-    """transformers' own 2-D prompt: text tokens, audio placeholders, audio merged by the model.
-
-    Layout per SesameAILabs/csm generator.py and transformers' CsmProcessor chat
-    template: BOS ``[speaker]text`` EOS, then one ``<|AUDIO|>`` per Mimi frame
-    and ``<|audio_eos|>``; the model Mimi-encodes ``input_values`` itself.
-    """
-    import torch
-
-    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-    audio_eos_id = tokenizer.convert_tokens_to_ids(AUDIO_EOS_TOKEN)
-    ids: list[int] = []
-    clips, cutoffs = [], []
-    for speaker, text, audio in segments:
-        text_ids = tokenizer(f"[{speaker}]{text}", add_special_tokens=False)["input_ids"]
-        ids += [tokenizer.bos_token_id, *text_ids, tokenizer.eos_token_id]
-        if audio is not None:
-            frames = -(-len(audio) // FRAME_SAMPLES)
-            ids += [audio_id] * frames + [audio_eos_id]
-            clips.append(audio)
-            cutoffs.append(sum(map(len, clips)))
-    prompt: dict[str, Any] = {"input_ids": torch.tensor([ids])}
-    if clips:
-        prompt["input_values"] = torch.from_numpy(np.concatenate(clips))[None, None]
-        prompt["input_values_cutoffs"] = torch.tensor([cutoffs])
-    return prompt
 
 
 def transformers_greedy(checkpoint: Path, segments: list[Any], max_new: int) -> np.ndarray:
@@ -207,7 +167,6 @@ def test_graphs_match_pytorch(tiny: Any) -> None:
     from export.csm_graphs import (
         backbone_module,
         depth_module,
-        mimi_decoder_module,
         mimi_encoder_module,
     )
 
