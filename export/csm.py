@@ -325,7 +325,7 @@ def export_csm(
         directory = root / f"{name}_{graph.role}"
         progress(f"{name}: exporting {graph.role} to ONNX")
         written = _export_onnx(graph, dtype, directory, large)
-        if options.tensorrt and build_engine is not None:
+        if build_engine is not None:
             progress(f"{name}: building the TensorRT engine for {graph.role}")
             plan = directory / "1" / "model.plan"
             build_engine(written[0], plan, graph.dynamic, graph.example)

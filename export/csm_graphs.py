@@ -34,12 +34,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def _module_base() -> Any:
-    import torch
-
-    return torch.nn.Module
-
-
 def backbone_module(model: Any) -> Any:
     """Backbone step graph module over a ``CsmForConditionalGeneration`` (see module doc)."""
     import torch
@@ -48,7 +42,7 @@ def backbone_module(model: Any) -> Any:
     layers = model.config.num_hidden_layers
     codebooks = model.config.num_codebooks
 
-    class Backbone(_module_base()):  # type: ignore[misc]
+    class Backbone(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
@@ -94,7 +88,7 @@ def depth_module(model: Any) -> Any:
         scores = torch.where(temperature > 0, sampled, logits)
         return scores.argmax(dim=-1)
 
-    class Depth(_module_base()):  # type: ignore[misc]
+    class Depth(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.depth = model.depth_decoder
@@ -149,6 +143,8 @@ def mimi_encoder_module(model: Any) -> Any:
     The module's codebooks quantize with :func:`_nearest_centroid` (argmin of
     squared distances, the same order as ``cdist``'s distances).
     """
+    import torch
+
     quantizer = model.codec_model.quantizer
     for rvq in (
         quantizer.semantic_residual_vector_quantizer,
@@ -157,7 +153,7 @@ def mimi_encoder_module(model: Any) -> Any:
         for layer in rvq.layers:
             layer.codebook.quantize = _nearest_centroid(layer.codebook)
 
-    class MimiEncoder(_module_base()):  # type: ignore[misc]
+    class MimiEncoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.codec = model.codec_model
@@ -185,7 +181,7 @@ def mimi_decoder_module(model: Any) -> Any:
             total = embedded * keep if total is None else total + embedded * keep
         return total if rvq.output_proj is None else rvq.output_proj(total)
 
-    class MimiDecoder(_module_base()):  # type: ignore[misc]
+    class MimiDecoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.codec = model.codec_model

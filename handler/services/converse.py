@@ -86,13 +86,23 @@ def _given_params(
 
 
 def _csm_params(model: ServedModel, params: ConverseParams | None) -> CsmParams:
-    """Validate ``params`` for a CSM model; unset ones take :class:`CsmParams` defaults."""
+    """Validate ``params`` for a CSM model; unset ones take :class:`CsmParams` defaults.
+
+    ``max_new_tokens`` must leave room for a prompt in the model's sequence.
+    """
     given = _given_params(model, params, _CSM_PARAMS)
     if int(given.get("quantizers", 1)) > int(model.num_quantizers or 0):
         raise InvalidRequest(
             f"params.quantizers must be within [1, {model.num_quantizers}] for {model.id!r}"
         )
-    return CsmParams(**given)  # type: ignore[arg-type]
+    chosen = CsmParams(**given)  # type: ignore[arg-type]
+    assert isinstance(model.adapter, CsmModel)
+    if chosen.max_new_tokens >= model.adapter.max_seq_len:
+        raise InvalidRequest(
+            f"params.max_new_tokens must be below {model.id!r}'s sequence length "
+            f"{model.adapter.max_seq_len}"
+        )
+    return chosen
 
 
 def _check_params(
