@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                     target=args.target, precision=args.precision, tensorrt=args.tensorrt,
                 )
             )
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
             print(f"python -m export csm: {error}", file=sys.stderr)
             return 2
     if args.family == "author":

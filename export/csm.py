@@ -290,12 +290,14 @@ def export_csm(
         raise ValueError(f"precision must be one of {PRECISIONS}")
     if not options.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ValueError(f"--name {options.name!r}: letters, digits, '-', '_' and '.' only")
-    if options.tensorrt:
+    if not options.tensorrt:
+        build_engine = None
+    elif build_engine is None:
         from export.tensorrt import build_engine as default_build
         from export.tensorrt import require_gpu
 
         require_gpu()
-        build_engine = build_engine or default_build
+        build_engine = default_build
     sources = ["csm_prompt.py", "csm_generator.py", ONNXRUNTIME_WRAPPER.name]
     inputs = {
         "source": _source_fingerprint(options.checkpoint),
