@@ -218,6 +218,10 @@ def _export_onnx(graph: _Graph, dtype: Any, directory: Path, large: bool) -> lis
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     module = _boundary_cast(graph.module, dtype)
+    # By position; the precision wrapper's ``forward(*args)`` nests them once more.
+    shapes: Any = tuple(graph.dynamic.get(name) or None for name, _, _ in graph.inputs)
+    if module is not graph.module:
+        shapes = (shapes,)
     with torch.no_grad():
         torch.onnx.export(
             module,
@@ -226,7 +230,7 @@ def _export_onnx(graph: _Graph, dtype: Any, directory: Path, large: bool) -> lis
             dynamo=True,
             input_names=[name for name, _, _ in graph.inputs],
             output_names=[name for name, _, _ in graph.outputs],
-            dynamic_shapes=graph.dynamic or None,
+            dynamic_shapes=shapes,
             external_data=large,
             optimize=graph.optimize,
         )

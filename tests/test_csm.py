@@ -432,3 +432,35 @@ def test_tensorrt_export_writes_plans_and_profiles(
     )
     ensemble = (tmp_path / "trt" / "config.pbtxt").read_text()
     assert 'model_name: "trt_mimi_decoder"' in ensemble
+
+
+def test_fp16_export_keeps_fp32_tensors_and_close_outputs(tiny: Any, tmp_path: Path) -> None:
+    import json
+
+    import onnxruntime as ort
+    import torch
+
+    from export.csm_graphs import backbone_module
+
+    checkpoint, _, _ = tiny
+    options = CsmExportOptions(
+        checkpoint=str(checkpoint), out=tmp_path, name="half", precision="fp16"
+    )
+    assert export_csm(options) is True
+    record = json.loads((tmp_path / "manifest.json").read_text())["models"]["csm:half"]
+    assert record["inputs"]["precision"] == "fp16"
+    session = ort.InferenceSession(str(tmp_path / "half_backbone" / "1" / "model.onnx"))
+    assert [i.type for i in session.get_inputs()][2:] == ["tensor(float)", "tensor(float)"]
+    rng = np.random.default_rng(2)
+    feeds = {
+        "frames": rng.integers(0, 64, (1, 9, 33)),
+        "frame_mask": rng.random((1, 9, 33)) > 0.5,
+        "past_keys": np.zeros((2, 1, 2, 0, 16), np.float32),
+        "past_values": np.zeros((2, 1, 2, 0, 16), np.float32),
+    }
+    logits = session.run(["codebook0_logits"], feeds)[0]
+    _, model = hf_model(checkpoint)
+    with torch.no_grad():
+        expected = backbone_module(model)(*(torch.from_numpy(v) for v in feeds.values()))[0]
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, expected.numpy(), atol=5e-3)
