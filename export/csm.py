@@ -86,6 +86,16 @@ def _io_block(inputs: list[tuple[str, str, str]], outputs: list[tuple[str, str, 
     return f"input [\n{rows(inputs)}\n]\noutput [\n{rows(outputs)}\n]"
 
 
+def _warmup_block(graph: _Graph) -> str:
+    """A Triton ``model_warmup`` running the graph once on zeros at its example shapes."""
+    rows = "\n".join(
+        f'  inputs {{ key: "{name}" value {{ data_type: {dtype} '
+        f'dims: [ {", ".join(str(d) for d in example.shape)} ] zero_data: true }} }}'
+        for (name, dtype, _), example in zip(graph.inputs, graph.example, strict=True)
+    )
+    return f'model_warmup [{{\n  name: "zeros"\n  batch_size: 1\n{rows}\n}}]'
+
+
 def _boundary_cast(module: Any, dtype: Any) -> Any:
     """Wrap ``module`` so FP32 inputs are cast to ``dtype`` and float outputs back to FP32."""
     import torch
@@ -343,6 +353,7 @@ def export_csm(
             model_name=directory.name,
             role=graph.role.replace("_", " "),
             io=_io_block(graph.inputs, graph.outputs),
+            warmup=_warmup_block(graph),
         )
         write_text_atomic(directory / "config.pbtxt", config_text)
         outputs.append(directory / "config.pbtxt")
