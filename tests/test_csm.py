@@ -14,6 +14,7 @@ import pytest
 from export.__main__ import main as export_main
 from export.csm import CsmExportOptions, export_csm
 from export.local_triton import LocalTriton
+from export.speech import export_asr
 from handler.triton import TritonClient
 from tests.csm_fixtures import FRAME_SAMPLES, make_tiny_csm, speech, transformers_prompt
 
@@ -30,6 +31,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path,
     repository = tmp_path_factory.mktemp("csm-repository")
     argv = ["csm", "--checkpoint", str(checkpoint), "--out", str(repository), "--name", NAME]
     assert export_main(argv) == 0
+    export_asr(repository)  # audio-only history turns get Whisper transcripts
     with LocalTriton(repository) as server:
         yield checkpoint, repository, server
 
@@ -464,3 +466,39 @@ def test_fp16_export_keeps_fp32_tensors_and_close_outputs(tiny: Any, tmp_path: P
         expected = backbone_module(model)(*(torch.from_numpy(v) for v in feeds.values()))[0]
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, expected.numpy(), atol=5e-3)
+
+
+def test_audio_only_turn_is_conditioned_with_its_transcript(
+    csm_client: Any, tiny: Any, client: Any
+) -> None:
+    import base64
+    import io
+
+    import soundfile as sf
+
+    from handler.audio import resample
+    from handler.models.speech import SPEECH_SAMPLE_RATE, transcribe
+    from tests.conftest import AUTH
+
+    _, _, server = tiny
+    spoken = client.post("/v1/converse", headers=AUTH, json={"conversation": [
+        {"speaker": "1", "text": "I finally fixed the old bicycle in the garage."}]})
+    clip = spoken.json()["reply"]["audio"]["data_b64"]
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(clip)), dtype="float32")
+
+    async def heard() -> str:
+        triton = TritonClient(server.http_url)
+        try:
+            text, _ = await transcribe(triton, resample(samples, rate, SPEECH_SAMPLE_RATE))
+        finally:
+            await triton.close()
+        return text
+
+    transcript = asyncio.run(heard())
+    assert "bicycle" in transcript.lower()
+    params = {"max_new_tokens": 16, "seed": 5}
+    audio_only = converse(csm_client, {"conversation": [
+        {"speaker": "1", "audio_wav_b64": clip}, OPEN], "params": params})
+    with_transcript = converse(csm_client, {"conversation": [
+        {"speaker": "1", "audio_wav_b64": clip, "text": transcript}, OPEN], "params": params})
+    np.testing.assert_array_equal(reply_samples(audio_only)[0], reply_samples(with_transcript)[0])

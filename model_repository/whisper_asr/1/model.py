@@ -4,7 +4,8 @@ Inputs (``max_batch_size: 0``): ``AUDIO`` FP32 [n_samples], mono, 16 kHz, [-1, 1
 Outputs: ``TEXT`` BYTES [1] (UTF-8 transcript) and ``WORDS`` BYTES [1] (UTF-8
 JSON list of ``{"word", "start", "end"}``, seconds from the clip's start).
 Runs faster-whisper (CTranslate2) on the Whisper-base conversion in
-``whisper-base/``; greedy decoding (beam 1), language fixed to English.
+``whisper-base/``; greedy decoding (beam 1) without faster-whisper's sampled
+temperature fallback, so a transcript is deterministic; language fixed to English.
 """
 
 import json
@@ -40,7 +41,8 @@ class TritonPythonModel:
 
     def _transcribe(self, audio):
         segments, _ = self.model.transcribe(
-            audio, language="en", beam_size=1, word_timestamps=True, vad_filter=False
+            audio, language="en", beam_size=1, temperature=0.0, word_timestamps=True,
+            vad_filter=False,
         )
         segments = list(segments)
         text = "".join(segment.text for segment in segments).strip()
