@@ -41,7 +41,11 @@ class CsmParams:
 
 @dataclass(frozen=True)
 class Segment:
-    """One turn of the prompt: speaker label, text ('' when unknown), mono audio at 24 kHz."""
+    """One turn of the prompt: speaker label, text ('' when unknown) and audio.
+
+    ``audio`` is float32 [n] samples, mono, -1..1, at the model's sample rate
+    (24000 Hz), or None for a turn without audio.
+    """
 
     speaker: str
     text: str
@@ -50,7 +54,12 @@ class Segment:
 
 @dataclass(frozen=True)
 class CsmResult:
-    """Generated audio (float32 mono at the model's rate), frames and dropped history turns."""
+    """One generated reply.
+
+    ``audio`` is float32 [frames * 1920] at 24000 Hz; ``frames`` counts Mimi
+    frames (80 ms each); ``dropped_turns`` counts the oldest history turns left
+    out of the prompt.
+    """
 
     audio: np.ndarray
     frames: int

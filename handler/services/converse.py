@@ -85,28 +85,29 @@ def _given_params(
     return given
 
 
-def _csm_params(model: ServedModel, params: ConverseParams | None) -> CsmParams:
+def _csm_params(
+    model: ServedModel, adapter: CsmModel, params: ConverseParams | None
+) -> CsmParams:
     """Validate ``params`` for a CSM model; unset ones take :class:`CsmParams` defaults.
 
     ``max_new_tokens`` must leave room for a prompt in the model's sequence.
     """
     given = _given_params(model, params, _CSM_PARAMS)
-    if int(given.get("quantizers", 1)) > int(model.num_quantizers or 0):
+    if int(given.get("quantizers", 1)) > adapter.num_quantizers:
         raise InvalidRequest(
-            f"params.quantizers must be within [1, {model.num_quantizers}] for {model.id!r}"
+            f"params.quantizers must be within [1, {adapter.num_quantizers}] for {model.id!r}"
         )
     chosen = CsmParams(**given)  # type: ignore[arg-type]
-    assert isinstance(model.adapter, CsmModel)
-    if chosen.max_new_tokens >= model.adapter.max_seq_len:
+    if chosen.max_new_tokens >= adapter.max_seq_len:
         raise InvalidRequest(
             f"params.max_new_tokens must be below {model.id!r}'s sequence length "
-            f"{model.adapter.max_seq_len}"
+            f"{adapter.max_seq_len}"
         )
     return chosen
 
 
 def _check_params(
-    model: ServedModel, params: ConverseParams | None, authoring: bool
+    model: ServedModel, adapter: KokoroModel, params: ConverseParams | None, authoring: bool
 ) -> tuple[float, AuthorParams | None]:
     """Validate ``params`` against a Kokoro model and the request's use of it.
 
@@ -116,8 +117,7 @@ def _check_params(
     supported = _VOICE_PARAMS | _AUTHOR_PARAMS if authoring else _VOICE_PARAMS
     given = _given_params(model, params, supported)
     speed = float(given.get("speed", 1.0))
-    assert isinstance(model.adapter, KokoroModel)
-    low, high = model.adapter.speed_range
+    low, high = adapter.speed_range
     if not low <= speed <= high:
         raise InvalidRequest(f"params.speed must be within [{low}, {high}] for {model.id!r}")
     if not authoring:
@@ -192,9 +192,11 @@ async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
     if has_text:
         require_speakable(str(open_turn.text), ["conversation", str(last), "text"], last)
     if isinstance(model.adapter, CsmModel):
-        speed, author, csm = 1.0, None, _csm_params(model, request.params)
+        speed, author, csm = 1.0, None, _csm_params(model, model.adapter, request.params)
     else:
-        speed, author = _check_params(model, request.params, authoring=not has_text)
+        speed, author = _check_params(
+            model, model.adapter, request.params, authoring=not has_text
+        )
         csm = None
     clips = await _history_clips(request, ctx)
     text = open_turn.text if has_text else None
