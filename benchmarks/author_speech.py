@@ -31,8 +31,8 @@ from local_stack import LocalStack  # noqa: E402
 from wer import SPEC_SENTENCES, word_error_rate  # noqa: E402
 
 from handler.audio import resample  # noqa: E402
-from handler.models.author import AUTHOR_MODEL, build_prompt  # noqa: E402
-from handler.models.speech import SPEECH_SAMPLE_RATE, align, transcribe  # noqa: E402
+from handler.author_lm import AUTHOR_MODEL, build_prompt  # noqa: E402
+from handler.transcription import SPEECH_SAMPLE_RATE, align, transcribe  # noqa: E402
 from handler.triton import TritonClient  # noqa: E402
 
 HISTORY = [("0", "Did you end up trying that recipe?"),

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from export.csm import CsmExportOptions, export_csm  # noqa: E402
 from export.local_triton import LocalTriton  # noqa: E402
-from handler.models.csm import CsmModel, CsmParams, Segment  # noqa: E402
+from handler.engines.base import take_params  # noqa: E402
+from handler.engines.csm import CsmEngine, Segment  # noqa: E402
 from handler.triton import TritonClient  # noqa: E402
 from tests.csm_fixtures import make_tiny_csm, speech, transformers_prompt  # noqa: E402
 
@@ -43,14 +44,15 @@ SEGMENTS: list[tuple[str, str, np.ndarray | None]] = [
 
 async def _triton_runs(url: str, repeats: int) -> list[tuple[float, int]]:
     client = TritonClient(url)
-    model = CsmModel(NAME, 24_000, 32, ["0", "1"], 1024)
+    engine = CsmEngine(NAME, 24_000, 32, ["0", "1"], 1024)
     segments = [Segment(s, t, a) for s, t, a in SEGMENTS]
     runs = []
     for seed in range(repeats + 1):
-        params = CsmParams(temperature=0.9, repetition_penalty=1.0, max_new_tokens=FRAMES,
-                           seed=seed)
+        given = {"temperature": 0.9, "repetition_penalty": 1.0, "max_new_tokens": FRAMES,
+                 "seed": seed}
+        params = engine.check_params(take_params(engine.param_rules(), given, NAME))
         start = time.perf_counter()
-        result = await model.generate(client, segments, params)
+        result = await engine.generate(client, segments, params)
         runs.append((time.perf_counter() - start, result.frames))
     await client.close()
     return runs[1:]

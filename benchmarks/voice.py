@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from local_stack import LocalStack  # noqa: E402
 
 from handler.audio import encode, ms_to_samples, peak_normalize, stitch  # noqa: E402
-from handler.models.catalog import ModelCatalog  # noqa: E402
+from handler.engines.catalog import ModelCatalog  # noqa: E402
 from handler.moderation import load_policy  # noqa: E402
-from handler.schemas.conversation import ConversationRequest  # noqa: E402
+from handler.schemas.dialogue import DialogueRequest  # noqa: E402
 from handler.services.context import RequestContext  # noqa: E402
-from handler.services.conversation import plan_turns  # noqa: E402
+from handler.services.dialogue import plan_turns  # noqa: E402
 from handler.settings import Settings  # noqa: E402
 from handler.storage import make_blob_store, make_storage  # noqa: E402
 from handler.triton import TritonClient  # noqa: E402
@@ -91,7 +91,7 @@ def _triton_say(client: httpx.Client, triton_url: str, text: str) -> None:
 
 async def _handler_own_time(triton_url: str, turns: list[np.ndarray], repeats: int) -> list[float]:
     """Seconds the handler spends on validation, normalising, stitching and encoding."""
-    request = ConversationRequest.model_validate(DIALOGUE)
+    request = DialogueRequest.model_validate(DIALOGUE)
     state = Path(tempfile.mkdtemp(prefix="converse-bench-"))
     settings = Settings(triton_url=triton_url, sqlite_path=state / "db", blob_dir=state / "blobs")
     triton = TritonClient(settings.triton_url)
@@ -103,7 +103,7 @@ async def _handler_own_time(triton_url: str, turns: list[np.ndarray], repeats: i
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        ConversationRequest.model_validate_json(json.dumps(DIALOGUE))
+        DialogueRequest.model_validate_json(json.dumps(DIALOGUE))
         await plan_turns(request, ctx)
         ctx.moderate([turn.text for turn in request.turns])
         stitched = stitch([peak_normalize(t, -16.0) for t in turns], ms_to_samples(300, 24_000))

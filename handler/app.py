@@ -12,10 +12,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from handler.engines.catalog import ModelCatalog
 from handler.errors import ApiError, MethodNotAllowed, NotFound, render
-from handler.models.catalog import ModelCatalog
 from handler.moderation import load_policy
-from handler.routes import conversation, converse, files, health, voices
+from handler.routes import converse, dialogue, files, health, usage, voices
 from handler.settings import Settings
 from handler.storage import make_blob_store, make_storage
 from handler.triton import TritonClient
@@ -109,8 +109,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(converse.router)
-    app.include_router(conversation.router)
+    app.include_router(dialogue.router)
     app.include_router(voices.router)
+    app.include_router(usage.router)
     app.include_router(files.uploads)
     app.include_router(files.files)
     return app

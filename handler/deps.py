@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from handler.engines.catalog import ModelCatalog
 from handler.errors import (
     AuthenticationError,
     InvalidRequest,
@@ -19,7 +20,6 @@ from handler.errors import (
     ValidationItem,
     uses_problem_json,
 )
-from handler.models.catalog import ModelCatalog
 from handler.services.context import RequestContext
 from handler.settings import Settings
 from handler.storage import BlobStore, Storage

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from export.__main__ import main as export_main
 from export.local_triton import LocalTriton
-from handler.models.author import AuthorParams, clean_turn
+from handler.author_lm import AuthorParams, clean_turn
 from handler.triton import TritonClient
 from tests.author_fixtures import make_tiny_gemma
 from tests.conftest import AUTH

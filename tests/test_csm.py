@@ -477,7 +477,7 @@ def test_audio_only_turn_is_conditioned_with_its_transcript(
     import soundfile as sf
 
     from handler.audio import resample
-    from handler.models.speech import SPEECH_SAMPLE_RATE, transcribe
+    from handler.transcription import SPEECH_SAMPLE_RATE, transcribe
     from tests.conftest import AUTH
 
     _, _, server = tiny

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handler.models.kokoro import VoiceSpecError, parse_voice_spec, split_text
+from handler.engines.kokoro import VoiceSpecError, parse_voice_spec, split_text
 
 VOICES = frozenset({"jf_alpha", "jm_kumo"})
 

@@ -18,8 +18,8 @@ from benchmarks.wer import SPEC_SENTENCES, normalise, word_error_rate
 from export.local_triton import LocalTriton
 from handler.audio import resample
 from handler.errors import InferenceError
-from handler.models.speech import SPEECH_SAMPLE_RATE, align, transcribe
 from handler.services import timestamps as timestamps_service
+from handler.transcription import SPEECH_SAMPLE_RATE, align, transcribe
 from handler.triton import TritonClient
 from tests.conftest import AUTH
 

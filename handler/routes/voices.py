@@ -1,12 +1,11 @@
-"""``/v1/voices`` (saved voices) and ``/v1/usage`` (Kalpa error envelope)."""
+"""``/v1/voices``: saved voices (Kalpa error envelope)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from handler.deps import ContextDep, SettingsDep, json_body, parse_body, require_api_key
-from handler.schemas.storage import Usage, Voice, VoiceCreate, VoiceList
+from handler.schemas.storage import Voice, VoiceCreate, VoiceList
 from handler.services import voices
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -41,17 +40,3 @@ async def delete_voice(voice_id: str, ctx: ContextDep) -> Response:
     """Delete a saved voice (204)."""
     await voices.delete_voice(voice_id, ctx)
     return Response(status_code=204)
-
-
-@router.get("/usage", response_model=Usage)
-async def usage(ctx: ContextDep) -> Usage:
-    """Totals of every request made with the calling key."""
-    totals = await run_in_threadpool(ctx.storage.get_usage, ctx.key_id)
-    return Usage(
-        key_id=totals.key_id,
-        requests=totals.requests,
-        input_chars=totals.input_chars,
-        input_audio_seconds=round(totals.input_audio_seconds, 3),
-        output_audio_seconds=round(totals.output_audio_seconds, 3),
-        last_request_ts=totals.last_request_ts,
-    )

@@ -40,7 +40,13 @@ class Turn(BaseModel):
 
 
 class ConverseParams(BaseModel):
-    """Generation parameters; each model accepts the subset it supports."""
+    """Generation parameters; each model accepts the subset it supports.
+
+    The bounds here are the API-wide caps; each engine's own ranges and defaults
+    are its :class:`handler.engines.base.ParamRule` list (Kokoro: ``speed``; CSM:
+    sampling, ``max_new_tokens`` as frames, ``quantizers`` as codebooks; the
+    author LM: sampling, ``max_new_tokens`` as tokens).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,8 +92,8 @@ class Reply(BaseModel):
     audio: ReplyAudio
 
 
-class Usage(BaseModel):
-    """Metering of one request."""
+class RequestUsage(BaseModel):
+    """Metering of one request (the ``usage`` object of a converse reply)."""
 
     input_chars: int
     input_audio_seconds: float
@@ -100,7 +106,7 @@ class ConverseResponse(BaseModel):
     request_id: str
     model: str
     reply: Reply
-    usage: Usage
+    usage: RequestUsage
     warnings: list[str] = Field(default_factory=list)
 
 

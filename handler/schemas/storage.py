@@ -39,7 +39,7 @@ class VoiceList(BaseModel):
     has_more: bool
 
 
-class Usage(BaseModel):
+class KeyUsage(BaseModel):
     """``GET /v1/usage``: totals of the calling key."""
 
     key_id: str

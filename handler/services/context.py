@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from handler.models.catalog import ModelCatalog
+from handler.engines.catalog import ModelCatalog
 from handler.moderation import ModerationPolicy, moderate
 from handler.settings import Settings
 from handler.storage import BlobStore, Storage

@@ -9,9 +9,11 @@ Rules (kalpa-converse.md), all checked before any synthesis:
   * history audio: at most 25 MiB decoded per turn, decodable WAV;
   * ``params`` must be ones the model supports, inside its ranges.
 
-Kokoro voices the open turn on its own with the voice bound to its speaker
-label; a CSM model voices it conditioned on every history turn (text, audio,
-or audio with its Whisper transcript when ASR is served).
+The service only orchestrates: the model's voice engine
+(:class:`handler.engines.base.VoiceEngine`) checks its own ``params`` and voices
+the open turn; Kokoro voices it on its own with the voice bound to its speaker
+label, a CSM model conditioned on every history turn (text, audio, or audio
+with its Whisper transcript when ASR is served).
 """
 
 from __future__ import annotations
@@ -20,120 +22,37 @@ import asyncio
 import base64
 from dataclasses import dataclass
 
-import numpy as np
-
 from handler.audio import DecodedAudio, encode_wav, resample
+from handler.author_lm import AUTHOR_RULES, AuthorParams, author_turn
+from handler.engines.base import TurnInContext, VoicedTurn, take_params
+from handler.engines.catalog import ServedModel
 from handler.errors import InvalidRequest
-from handler.models.author import AuthorParams, author_turn
-from handler.models.catalog import ServedModel
-from handler.models.csm import CsmModel, CsmParams, Segment
-from handler.models.kokoro import KokoroModel
-from handler.models.speech import SPEECH_SAMPLE_RATE, transcribe
 from handler.schemas.converse import (
-    ConverseParams,
     ConverseRequest,
     ConverseResponse,
     Reply,
     ReplyAudio,
-    Usage,
-)
-from handler.services.common import (
-    decode_turn_audio,
-    load_uploaded_audio,
-    require_speakable,
-    resolve_model,
-    within_deadline,
+    RequestUsage,
 )
 from handler.services.context import RequestContext
-
-# Parameters each use accepts: Kokoro voices with a speaking rate; authoring
-# adds the author LM's sampling parameters; CSM takes the codec LM's sampling
-# parameters (kalpa-converse ``params``).
-_VOICE_PARAMS = frozenset({"speed"})
-_AUTHOR_PARAMS = frozenset({"temperature", "top_k", "max_new_tokens", "seed"})
-_CSM_PARAMS = frozenset(
-    {
-        "temperature", "depth_temperature", "top_k", "repetition_penalty", "penalty_window",
-        "max_new_tokens", "quantizers", "seed",
-    }
-)
-_AUTHOR_MAX_NEW_TOKENS = (16, 128)
+from handler.services.deadline import within_deadline
+from handler.services.turn_input import decode_turn_audio, load_uploaded_audio, require_speakable
+from handler.transcription import SPEECH_SAMPLE_RATE, transcribe
 
 
 @dataclass(frozen=True)
 class _Plan:
+    """A validated request: what to voice, with which engine parameters.
+
+    ``text`` is None when the open turn is to be authored (``author`` set).
+    """
+
     model: ServedModel
     speaker: str
     text: str | None
-    speed: float
+    engine_params: object
     author: AuthorParams | None
-    csm: CsmParams | None
     clips: dict[int, DecodedAudio]
-
-
-def _given_params(
-    model: ServedModel, params: ConverseParams | None, supported: frozenset[str]
-) -> dict[str, float | int]:
-    """The params the request set, refusing any ``model`` does not take here."""
-    given = params.model_dump(exclude_none=True) if params else {}
-    unsupported = sorted(set(given) - supported)
-    if unsupported:
-        raise InvalidRequest(
-            f"params {', '.join(unsupported)} not supported by model {model.id!r} for this "
-            f"request (supported: {', '.join(sorted(supported))})"
-        )
-    return given
-
-
-def _csm_params(
-    model: ServedModel, adapter: CsmModel, params: ConverseParams | None
-) -> CsmParams:
-    """Validate ``params`` for a CSM model; unset ones take :class:`CsmParams` defaults.
-
-    ``max_new_tokens`` must leave room for a prompt in the model's sequence.
-    """
-    given = _given_params(model, params, _CSM_PARAMS)
-    if int(given.get("quantizers", 1)) > adapter.num_quantizers:
-        raise InvalidRequest(
-            f"params.quantizers must be within [1, {adapter.num_quantizers}] for {model.id!r}"
-        )
-    chosen = CsmParams(**given)  # type: ignore[arg-type]
-    if chosen.max_new_tokens >= adapter.max_seq_len:
-        raise InvalidRequest(
-            f"params.max_new_tokens must be below {model.id!r}'s sequence length "
-            f"{adapter.max_seq_len}"
-        )
-    return chosen
-
-
-def _check_params(
-    model: ServedModel, adapter: KokoroModel, params: ConverseParams | None, authoring: bool
-) -> tuple[float, AuthorParams | None]:
-    """Validate ``params`` against a Kokoro model and the request's use of it.
-
-    Returns:
-        The speaking rate, and the author sampling parameters when authoring.
-    """
-    supported = _VOICE_PARAMS | _AUTHOR_PARAMS if authoring else _VOICE_PARAMS
-    given = _given_params(model, params, supported)
-    speed = float(given.get("speed", 1.0))
-    low, high = adapter.speed_range
-    if not low <= speed <= high:
-        raise InvalidRequest(f"params.speed must be within [{low}, {high}] for {model.id!r}")
-    if not authoring:
-        return speed, None
-    defaults = AuthorParams()
-    max_new = int(given.get("max_new_tokens", defaults.max_new_tokens))
-    if not _AUTHOR_MAX_NEW_TOKENS[0] <= max_new <= _AUTHOR_MAX_NEW_TOKENS[1]:
-        raise InvalidRequest(
-            f"params.max_new_tokens must be within {list(_AUTHOR_MAX_NEW_TOKENS)} when authoring"
-        )
-    return speed, AuthorParams(
-        temperature=float(given.get("temperature", defaults.temperature)),
-        top_k=int(given.get("top_k", defaults.top_k)),
-        max_new_tokens=max_new,
-        seed=int(given.get("seed", defaults.seed)),
-    )
 
 
 async def _history_clips(request: ConverseRequest, ctx: RequestContext) -> dict[int, DecodedAudio]:
@@ -152,15 +71,20 @@ async def _history_clips(request: ConverseRequest, ctx: RequestContext) -> dict[
     return clips
 
 
-async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
-    model = await resolve_model(ctx.catalog, request.model, ["model"])
+def _check_turns(request: ConverseRequest, model: ServedModel) -> bool:
+    """Apply the spec's turn rules; True when the open turn has text to voice.
+
+    Raises:
+        InvalidRequest: a rule is broken (naming the turn).
+        UnprocessableRequest: the open turn's text has nothing to speak.
+    """
     history, open_turn = request.conversation[:-1], request.conversation[-1]
     last = len(request.conversation) - 1
     for index, turn in enumerate(request.conversation):
-        if turn.speaker not in model.speakers:
+        if turn.speaker not in model.engine.speakers:
             raise InvalidRequest(
                 f"conversation[{index}].speaker {turn.speaker!r} is not a speaker label of "
-                f"{model.id!r}; use one of {model.speakers}",
+                f"{model.id!r}; use one of {model.engine.speakers}",
                 turn_index=index,
             )
     for index, turn in enumerate(history):
@@ -191,22 +115,44 @@ async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
         )
     if has_text:
         require_speakable(str(open_turn.text), ["conversation", str(last), "text"], last)
-    if isinstance(model.adapter, CsmModel):
-        speed, author, csm = 1.0, None, _csm_params(model, model.adapter, request.params)
-    else:
-        speed, author = _check_params(
-            model, model.adapter, request.params, authoring=not has_text
-        )
-        csm = None
+    return has_text
+
+
+async def _plan(request: ConverseRequest, ctx: RequestContext) -> _Plan:
+    """Validate everything (turns, params, history audio) before any inference."""
+    model = await ctx.catalog.resolve(request.model, ["model"])
+    has_text = _check_turns(request, model)
+    engine = model.engine
+    voice_rules = list(engine.param_rules())
+    rules = voice_rules if has_text else [*voice_rules, *AUTHOR_RULES]
+    given = request.params.model_dump(exclude_none=True) if request.params else {}
+    values = take_params(rules, given, model.id)
+    engine_params = engine.check_params({r.name: values[r.name] for r in voice_rules})
+    author = (
+        None
+        if has_text
+        else AuthorParams.from_values({r.name: values[r.name] for r in AUTHOR_RULES})
+    )
     clips = await _history_clips(request, ctx)
+    open_turn = request.conversation[-1]
     text = open_turn.text if has_text else None
-    return _Plan(model, open_turn.speaker, text, speed, author, csm, clips)
+    return _Plan(model, open_turn.speaker, text, engine_params, author, clips)
 
 
-async def _transcripts(request: ConverseRequest, plan: _Plan, ctx: RequestContext) -> list[str]:
-    """Each history turn's text, audio-only turns transcribed by Whisper."""
+async def _history(
+    request: ConverseRequest, plan: _Plan, ctx: RequestContext
+) -> list[TurnInContext]:
+    """Each history turn with its audio and its text, audio-only turns transcribed.
+
+    Transcripts come from Whisper when ASR is served and the result is used (an
+    authored turn, or an engine that hears the history); otherwise audio-only
+    turns keep an empty text.
+    """
     history = request.conversation[:-1]
-    spoken_only = [i for i, turn in enumerate(history) if not (turn.text and turn.text.strip())]
+    heard_by = plan.author is not None or plan.model.engine.uses_history
+    spoken_only = []
+    if heard_by and plan.model.transcribes:
+        spoken_only = [i for i, turn in enumerate(history) if not (turn.text and turn.text.strip())]
     transcripts = await asyncio.gather(
         *(
             transcribe(
@@ -217,91 +163,55 @@ async def _transcripts(request: ConverseRequest, plan: _Plan, ctx: RequestContex
         )
     )
     heard = {i: text for i, (text, _) in zip(spoken_only, transcripts, strict=True)}
-    return [turn.text or heard.get(i, "") for i, turn in enumerate(history)]
-
-
-async def _author(
-    request: ConverseRequest, plan: _Plan, params: AuthorParams, ctx: RequestContext
-) -> str:
-    """Transcribe audio-only history turns, then have the author LM write the open turn."""
-    texts = await _transcripts(request, plan, ctx)
-    lines = [(turn.speaker, text) for turn, text in zip(request.conversation, texts, strict=False)]
-    return await author_turn(ctx.triton, lines, plan.speaker, params)
-
-
-async def _voice_in_context(
-    request: ConverseRequest, plan: _Plan, adapter: CsmModel, ctx: RequestContext
-) -> tuple[np.ndarray, list[str]]:
-    """Voice the open turn with CSM, every history turn a prompt segment.
-
-    History audio is resampled to the model's rate; an audio-only turn gets its
-    Whisper transcript when ASR is served, else an empty text.
-
-    Returns:
-        The audio (float32 mono at ``adapter.sample_rate``) and the reply's warnings.
-    """
-    if plan.model.transcribes:
-        texts = await _transcripts(request, plan, ctx)
-    else:
-        texts = [turn.text or "" for turn in request.conversation[:-1]]
-    segments = []
-    for index, (turn, text) in enumerate(zip(request.conversation, texts, strict=False)):
+    turns = []
+    for index, turn in enumerate(history):
         clip = plan.clips.get(index)
-        audio = resample(clip.samples, clip.sample_rate, adapter.sample_rate) if clip else None
-        segments.append(Segment(turn.speaker, " ".join(text.split()), audio))
-    segments.append(Segment(plan.speaker, " ".join(str(plan.text).split())))
-    assert plan.csm is not None
-    result = await adapter.generate(ctx.triton, segments, plan.csm)
-    warnings = []
-    if result.dropped_turns:
-        warnings.append(
-            f"the conversation is longer than {plan.model.id!r} can attend to "
-            f"({adapter.max_seq_len} frames with max_new_tokens {plan.csm.max_new_tokens}): "
-            f"the {result.dropped_turns} oldest turn(s) were left out of the prompt"
+        turns.append(
+            TurnInContext(
+                speaker=turn.speaker,
+                text=turn.text or heard.get(index, ""),
+                audio=clip.samples if clip else None,
+                sample_rate=clip.sample_rate if clip else 0,
+            )
         )
-    return result.audio, warnings
+    return turns
 
 
 async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseResponse:
     """Author (speaker-only open turn) and voice the open turn, respond, record usage.
 
-    History is validated and metered. With Kokoro it feeds the author LM's prompt
-    (audio-only turns transcribed first) and the open turn is voiced on its own
-    with the voice bound to its speaker label; with CSM every history turn
-    conditions the voicing (see :func:`_voice_in_context`). Audio over
-    ``inline_audio_max_bytes`` comes back as ``audio.url`` + ``expires_in``.
+    History is validated and metered. Audio-only history turns are transcribed
+    when the author LM or the engine uses them; the author LM writes a
+    speaker-only open turn from the history's text; the engine voices the turn.
+    Audio over ``inline_audio_max_bytes`` comes back as ``audio.url`` +
+    ``expires_in``.
 
     Raises:
         InvalidRequest: a spec rule or cap is broken (before any synthesis), or the
-            open turn does not fit in a CSM model's sequence.
+            open turn does not fit in the engine's context.
         ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
     """
     plan = await _plan(request, ctx)
-    adapter = plan.model.adapter
-    settings = ctx.settings
+    engine = plan.model.engine
 
-    async def write_and_voice() -> tuple[str, np.ndarray, list[str]]:
+    async def write_and_voice() -> tuple[str, VoicedTurn]:
+        history = await _history(request, plan, ctx)
         if plan.author is None:
             text = str(plan.text)
         else:
-            text = await _author(request, plan, plan.author, ctx)
-        if isinstance(adapter, CsmModel):
-            audio, warnings = await _voice_in_context(request, plan, adapter, ctx)
-            return text, audio, warnings
-        voice = adapter.speaker_voices[int(plan.speaker)]
-        audio = await adapter.synthesize(
-            ctx.triton, text, voice, plan.speed, settings.sentence_pause_ms
-        )
-        return text, audio, []
+            lines = [(turn.speaker, turn.text) for turn in history]
+            text = await author_turn(ctx.triton, lines, plan.speaker, plan.author)
+        open_turn = TurnInContext(plan.speaker, text)
+        return text, await engine.voice(ctx.triton, history, open_turn, plan.engine_params)
 
-    text, audio, warnings = await within_deadline(write_and_voice(), settings.triton_timeout_s)
+    text, voiced = await within_deadline(write_and_voice(), ctx.settings.triton_timeout_s)
     delivered = await ctx.deliver(
-        "reply.wav", encode_wav(audio, adapter.sample_rate), "audio/wav", force_url=False
+        "reply.wav", encode_wav(voiced.audio, engine.sample_rate), "audio/wav", force_url=False
     )
-    usage = Usage(
+    usage = RequestUsage(
         input_chars=sum(len(turn.text or "") for turn in request.conversation),
         input_audio_seconds=round(sum(c.duration_s for c in plan.clips.values()), 3),
-        output_audio_seconds=round(len(audio) / adapter.sample_rate, 3),
+        output_audio_seconds=round(len(voiced.audio) / engine.sample_rate, 3),
     )
     await ctx.record_usage(usage.input_chars, usage.input_audio_seconds, usage.output_audio_seconds)
     return ConverseResponse(
@@ -311,13 +221,13 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
             speaker=plan.speaker,
             text=text,
             audio=ReplyAudio(
-                sample_rate=adapter.sample_rate,
-                num_quantizers=plan.csm.quantizers if plan.csm else plan.model.num_quantizers,
+                sample_rate=engine.sample_rate,
+                num_quantizers=voiced.num_codebooks,
                 data_b64=base64.b64encode(delivered.data).decode() if delivered.data else None,
                 url=delivered.url,
                 expires_in=delivered.expires_in,
             ),
         ),
         usage=usage,
-        warnings=warnings,
+        warnings=voiced.warnings,
     )

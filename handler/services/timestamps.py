@@ -17,24 +17,24 @@ import numpy as np
 
 from handler.audio import resample
 from handler.errors import InferenceError, TimestampsUnavailable
-from handler.models.speech import SPEECH_SAMPLE_RATE, TimedWord, align, transcribe
-from handler.schemas.conversation import (
-    ConversationWord,
+from handler.schemas.dialogue import (
+    DialogueWord,
     SegmentWord,
     TimedAudioSegment,
     TimestampsRequest,
     TimestampsResponse,
     TimestampsSplitResponse,
 )
-from handler.services.common import within_deadline
 from handler.services.context import RequestContext
-from handler.services.conversation import (
-    SynthesizedConversation,
+from handler.services.deadline import within_deadline
+from handler.services.dialogue import (
+    SynthesizedDialogue,
     TurnPlan,
     encode_segments,
     encode_stitched,
-    synthesize_conversation,
+    synthesize_dialogue,
 )
+from handler.transcription import SPEECH_SAMPLE_RATE, TimedWord, align, transcribe
 
 
 def _clamped(words: list[TimedWord], duration_s: float) -> list[TimedWord]:
@@ -70,7 +70,7 @@ async def _turn_words(
 
 
 async def _all_words(
-    ctx: RequestContext, voiced: SynthesizedConversation
+    ctx: RequestContext, voiced: SynthesizedDialogue
 ) -> tuple[list[list[TimedWord]], list[str]]:
     results = await within_deadline(
         asyncio.gather(
@@ -94,7 +94,7 @@ async def render_with_timestamps(
         TimestampsUnavailable: a turn could be timed neither way (503).
         ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
     """
-    voiced = await synthesize_conversation(request, ctx)
+    voiced = await synthesize_dialogue(request, ctx)
     if request.timestamps == "on":
         per_turn, warnings = await _all_words(ctx, voiced)
     else:
@@ -111,7 +111,7 @@ async def render_with_timestamps(
         return TimestampsSplitResponse(audioSegments=timed, warnings=warnings)
     media_type, delivered = await encode_stitched(request, ctx, voiced)
     stitched = [
-        ConversationWord(
+        DialogueWord(
             text=w.text,
             start=round(w.start + offset, 3),
             end=round(w.end + offset, 3),

@@ -7,10 +7,9 @@ import uuid
 
 from starlette.concurrency import run_in_threadpool
 
+from handler.engines.kokoro import VoiceSpecError
 from handler.errors import InvalidRequest, NotFound
-from handler.models.kokoro import VoiceSpecError, parse_voice_spec
 from handler.schemas.storage import Voice, VoiceCreate, VoiceList
-from handler.services.common import resolve_model, voice_model
 from handler.services.context import RequestContext
 from handler.storage.base import SavedVoice, decode_cursor
 
@@ -38,7 +37,7 @@ async def create_voice(body: VoiceCreate, ctx: RequestContext) -> Voice:
     Raises:
         InvalidRequest: unknown model, bad voice spec, or a clip for a model without cloning.
     """
-    model = await resolve_model(ctx.catalog, body.model, ["model"])
+    model = await ctx.catalog.resolve(body.model, ["model"])
     if body.reference_audio_id is not None or body.transcript is not None:
         raise InvalidRequest(
             f"model {model.id!r} has no voice cloning: save a bundled voice or blend as 'voice'"
@@ -46,7 +45,8 @@ async def create_voice(body: VoiceCreate, ctx: RequestContext) -> Voice:
     if body.voice is None:
         raise InvalidRequest("'voice' is required (a bundled voice or a blend)")
     try:
-        spec = parse_voice_spec(body.voice, voice_model(model, ["model"]).voices)
+        _, engine = await ctx.catalog.resolve_named_voices(model.id, ["model"])
+        spec = engine.parse_voice(body.voice)
     except VoiceSpecError as error:
         raise InvalidRequest(f"voice: {error}") from error
     voice = SavedVoice(

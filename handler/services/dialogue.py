@@ -24,38 +24,34 @@ from handler.audio import (
     peak_normalize,
     stitch,
 )
+from handler.engines.catalog import ServedModel
+from handler.engines.kokoro import KokoroEngine, VoiceSpecError
 from handler.errors import InvalidRequest, ValidationItem
-from handler.models.catalog import ServedModel
-from handler.models.kokoro import KokoroModel, VoiceSpecError, parse_voice_spec
-from handler.schemas.conversation import (
+from handler.schemas.dialogue import (
     AudioSegment,
-    ConversationRequest,
-    ConversationTurn,
+    DialogueRequest,
+    DialogueTurn,
     LinkedAudio,
     SplitResponse,
 )
-from handler.services.common import (
-    require_speakable,
-    resolve_model,
-    voice_model,
-    within_deadline,
-)
 from handler.services.context import Delivered, RequestContext
+from handler.services.deadline import within_deadline
+from handler.services.turn_input import require_speakable
 
 
 @dataclass(frozen=True)
 class TurnPlan:
-    """A validated turn: its model (and that model's voice adapter), voice spec and text."""
+    """A validated turn: its model (and that model's named-voice engine), voice spec and text."""
 
     index: int
     model: ServedModel
-    adapter: KokoroModel
+    engine: KokoroEngine
     voice: str
     text: str
 
 
 @dataclass(frozen=True)
-class RenderedConversation:
+class RenderedDialogue:
     """The stitched result, or its segments under ``split``.
 
     Exactly one of: ``body`` (the encoded stitched file), ``link`` (the stitched
@@ -77,7 +73,7 @@ def _invalid(message: str, path: list[str | int], index: int | None, code: str) 
     )
 
 
-async def _saved_voice_turn(ctx: RequestContext, turn: ConversationTurn, index: int) -> TurnPlan:
+async def _saved_voice_turn(ctx: RequestContext, turn: DialogueTurn, index: int) -> TurnPlan:
     """Plan a turn that names a saved voice: the voice's model and spec are used."""
     path: list[str | int] = ["turns", index, "voiceId"]
     if turn.voice is not None or turn.model is not None:
@@ -89,12 +85,13 @@ async def _saved_voice_turn(ctx: RequestContext, turn: ConversationTurn, index: 
         raise _invalid(
             f"no saved voice {turn.voiceId!r} for this key", path, index, "voice_not_found"
         )
-    model = await resolve_model(ctx.catalog, saved.model, [str(p) for p in path], index)
-    adapter = voice_model(model, [str(p) for p in path], index)
-    return TurnPlan(index, model, adapter, saved.voice, turn.text)
+    model, engine = await ctx.catalog.resolve_named_voices(
+        saved.model, [str(p) for p in path], index
+    )
+    return TurnPlan(index, model, engine, saved.voice, turn.text)
 
 
-async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[TurnPlan]:
+async def plan_turns(request: DialogueRequest, ctx: RequestContext) -> list[TurnPlan]:
     """Validate every turn and resolve its model and voice (saved voices included).
 
     Raises:
@@ -124,16 +121,15 @@ async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[
         if turn.voice is None:
             raise _invalid("each turn needs a voice", [*base, "voice"], index, "validation_error")
         model_path = [*base, "model"] if turn.model is not None else ["model"]
-        model = await resolve_model(
-            ctx.catalog, turn.model or request.model, [str(p) for p in model_path], index
+        model, engine = await ctx.catalog.resolve_named_voices(
+            turn.model or request.model, [str(p) for p in model_path], index
         )
-        adapter = voice_model(model, [str(p) for p in model_path], index)
         try:
-            voice = parse_voice_spec(turn.voice, adapter.voices)
+            voice = engine.parse_voice(turn.voice)
         except VoiceSpecError as error:
             raise _invalid(str(error), [*base, "voice"], index, "unknown_voice") from error
-        plans.append(TurnPlan(index, model, adapter, voice, turn.text))
-    rates = {plan.model.sample_rate for plan in plans}
+        plans.append(TurnPlan(index, model, engine, voice, turn.text))
+    rates = {plan.engine.sample_rate for plan in plans}
     if len(rates) > 1:
         raise _invalid(
             "all turns' models must share one sample rate", ["turns"], None, "validation_error"
@@ -142,7 +138,7 @@ async def plan_turns(request: ConversationRequest, ctx: RequestContext) -> list[
 
 
 @dataclass(frozen=True)
-class SynthesizedConversation:
+class SynthesizedDialogue:
     """Every turn voiced and peak-normalised, before encoding.
 
     Attributes:
@@ -166,9 +162,9 @@ class SynthesizedConversation:
         return offsets
 
 
-async def synthesize_conversation(
-    request: ConversationRequest, ctx: RequestContext
-) -> SynthesizedConversation:
+async def synthesize_dialogue(
+    request: DialogueRequest, ctx: RequestContext
+) -> SynthesizedDialogue:
     """Validate, synthesise every turn concurrently, peak-normalise, record usage.
 
     Raises:
@@ -177,26 +173,20 @@ async def synthesize_conversation(
     """
     plans = await plan_turns(request, ctx)
     ctx.moderate([plan.text for plan in plans])
-    sample_rate = plans[0].model.sample_rate
-    settings = ctx.settings
+    sample_rate = plans[0].engine.sample_rate
     synthesis = asyncio.gather(
-        *(
-            plan.adapter.synthesize(
-                ctx.triton, plan.text, plan.voice, 1.0, settings.sentence_pause_ms
-            )
-            for plan in plans
-        )
+        *(plan.engine.synthesize(ctx.triton, plan.text, plan.voice, 1.0) for plan in plans)
     )
-    turns = await within_deadline(synthesis, settings.triton_timeout_s)
+    turns = await within_deadline(synthesis, ctx.settings.triton_timeout_s)
     normalised = [peak_normalize(audio, request.volumeDbfs) for audio in turns]
     gap = ms_to_samples(request.gapMs, sample_rate)
     output_s = (sum(map(len, normalised)) + gap * (len(normalised) - 1)) / sample_rate
     await ctx.record_usage(sum(len(plan.text) for plan in plans), 0.0, output_s)
-    return SynthesizedConversation(plans, normalised, sample_rate, gap)
+    return SynthesizedDialogue(plans, normalised, sample_rate, gap)
 
 
 def _encoder(
-    request: ConversationRequest, sample_rate: int
+    request: DialogueRequest, sample_rate: int
 ) -> tuple[str, str, Callable[[np.ndarray], bytes]]:
     audio_format = request.audio_format
 
@@ -208,7 +198,7 @@ def _encoder(
 
 
 async def encode_segments(
-    request: ConversationRequest, ctx: RequestContext, voiced: SynthesizedConversation
+    request: DialogueRequest, ctx: RequestContext, voiced: SynthesizedDialogue
 ) -> list[AudioSegment]:
     """One segment per turn; all as URLs when together they exceed the inline threshold."""
     media_type, extension, encoded = _encoder(request, voiced.sample_rate)
@@ -233,7 +223,7 @@ async def encode_segments(
 
 
 async def encode_stitched(
-    request: ConversationRequest, ctx: RequestContext, voiced: SynthesizedConversation
+    request: DialogueRequest, ctx: RequestContext, voiced: SynthesizedDialogue
 ) -> tuple[str, Delivered]:
     """The stitched file's media type and its bytes (or URL when over the threshold)."""
     media_type, extension, encoded = _encoder(request, voiced.sample_rate)
@@ -243,9 +233,9 @@ async def encode_stitched(
     )
 
 
-async def render_conversation(
-    request: ConversationRequest, ctx: RequestContext
-) -> RenderedConversation:
+async def render_dialogue(
+    request: DialogueRequest, ctx: RequestContext
+) -> RenderedDialogue:
     """Synthesise, then encode the stitched file or (``split``) the per-turn segments.
 
     Audio over ``inline_audio_max_bytes`` (the stitched file, or all segments
@@ -255,13 +245,13 @@ async def render_conversation(
         InvalidRequest: validation failed (nothing was synthesised).
         ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
     """
-    voiced = await synthesize_conversation(request, ctx)
+    voiced = await synthesize_dialogue(request, ctx)
     if request.split:
         segments = await encode_segments(request, ctx, voiced)
         media_type = segments[0].mediaType
-        return RenderedConversation(media_type, None, None, SplitResponse(audioSegments=segments))
+        return RenderedDialogue(media_type, None, None, SplitResponse(audioSegments=segments))
     media_type, delivered = await encode_stitched(request, ctx, voiced)
     if delivered.url is not None and delivered.expires_in is not None:
         link = LinkedAudio(url=delivered.url, expires_in=delivered.expires_in)
-        return RenderedConversation(media_type, None, link, None)
-    return RenderedConversation(media_type, delivered.data, None, None)
+        return RenderedDialogue(media_type, None, link, None)
+    return RenderedDialogue(media_type, delivered.data, None, None)

@@ -1,6 +1,6 @@
-"""Kokoro-82M adapter: voice specs, text splitting and synthesis through the ``kokoro`` ensemble.
+"""Kokoro-82M engine: voice specs, text splitting and synthesis through its Triton ensemble.
 
-Kokoro has no codec (``num_quantizers`` is None), no sampling parameters and no
+Kokoro has no codec (``num_codebooks`` is None), no sampling parameters and no
 context: each turn is voiced on its own with the voice bound to its speaker
 label. Text is split at sentence boundaries into pieces of at most
 ``MAX_PIECE_CHARS`` characters so each ensemble call stays inside the model's
@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from handler.audio import ms_to_samples, silence, trim_silence
+from handler.engines.base import ParamRule, ParamValue, TurnInContext, VoicedTurn
 from handler.triton import TritonClient
 
-ENSEMBLE = "kokoro"
 # English phoneme strings run close to one symbol per letter; 240 characters
 # leaves headroom under 510 tokens for digits and abbreviations, which expand.
 MAX_PIECE_CHARS = 240
@@ -106,28 +107,90 @@ def split_text(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
 
 
 @dataclass(frozen=True)
-class KokoroModel:
+class KokoroParams:
+    """Voicing parameters of one request: ``speed`` is a speaking-rate multiplier."""
+
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class KokoroEngine:
     """A served Kokoro ensemble, described by its Triton config parameters.
 
+    Implements :class:`handler.engines.base.VoiceEngine`.
+
     Attributes:
-        voices: voice pack names the frontend holds.
+        model_id: the ensemble's Triton model name (the API model id).
+        voice_names: voice pack names the frontend holds.
         sample_rate: output sample rate, Hz (24000).
         speed_range: inclusive (min, max) speaking-rate multiplier.
         speaker_voices: canonical voice spec per speaker label "0", "1", ...
+        pause_ms: silence between the text pieces of one turn, milliseconds.
     """
 
-    voices: frozenset[str]
+    model_id: str
+    voice_names: frozenset[str]
     sample_rate: int
     speed_range: tuple[float, float]
     speaker_voices: tuple[str, ...]
+    pause_ms: int
+    num_codebooks: None = None
+    uses_history: bool = False
+    modes: tuple[str, ...] = ("tts", "converse")
+    voices_authored_turns: bool = True
+    description: str = (
+        "Neural TTS with style-vector voices and voice blends (name*weight+...). "
+        "Voices each turn on its own: no context, no voice cloning; the bundled "
+        "voices were trained on Japanese and speak English with an accent."
+    )
 
     @property
     def speakers(self) -> list[str]:
         """Advertised speaker labels."""
         return [str(i) for i in range(len(self.speaker_voices))]
 
+    @property
+    def voices(self) -> list[str]:
+        """Voice pack names, sorted."""
+        return sorted(self.voice_names)
+
+    def param_rules(self) -> Sequence[ParamRule]:
+        """``speed`` within the served model's ``speed_range`` (default 1.0)."""
+        low, high = self.speed_range
+        return (ParamRule("speed", "speed", float, low, high, 1.0),)
+
+    def check_params(self, values: Mapping[str, ParamValue]) -> KokoroParams:
+        """:class:`KokoroParams` from checked values."""
+        return KokoroParams(**values)  # type: ignore[arg-type]
+
+    def parse_voice(self, spec: str) -> str:
+        """The canonical form of a voice or blend of this model's voices.
+
+        Raises:
+            VoiceSpecError: see :func:`parse_voice_spec`.
+        """
+        return parse_voice_spec(spec, self.voice_names)
+
+    async def voice(
+        self,
+        triton: TritonClient,
+        history: Sequence[TurnInContext],
+        open_turn: TurnInContext,
+        params: KokoroParams,
+    ) -> VoicedTurn:
+        """Voice the open turn on its own with the voice bound to its speaker label.
+
+        History does not change the voice (Kokoro has no context).
+
+        Raises:
+            ServiceUnavailable, InferenceError: from the Triton client.
+        """
+        voice = self.speaker_voices[int(open_turn.speaker)]
+        audio = await self.synthesize(triton, open_turn.text, voice, params.speed)
+        return VoicedTurn(audio=audio, num_codebooks=None, warnings=[])
+
     async def synthesize(
-        self, triton: TritonClient, text: str, voice: str, speed: float, pause_ms: int
+        self, triton: TritonClient, text: str, voice: str, speed: float
     ) -> np.ndarray:
         """Voice ``text`` with a canonical voice spec; float32 mono at ``sample_rate``.
 
@@ -141,7 +204,7 @@ class KokoroModel:
         results = await asyncio.gather(
             *(self._synthesize_piece(triton, piece, voice, speed) for piece in pieces)
         )
-        gap = silence(ms_to_samples(pause_ms, self.sample_rate))
+        gap = silence(ms_to_samples(self.pause_ms, self.sample_rate))
         joined: list[np.ndarray] = []
         for index, audio in enumerate(results):
             if index:
@@ -153,7 +216,7 @@ class KokoroModel:
         self, triton: TritonClient, text: str, voice: str, speed: float
     ) -> np.ndarray:
         outputs = await triton.infer(
-            ENSEMBLE,
+            self.model_id,
             {
                 "TEXT": np.array([text.encode("utf-8")], dtype=np.object_),
                 "VOICE": np.array([voice.encode("utf-8")], dtype=np.object_),

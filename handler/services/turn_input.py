@@ -1,62 +1,19 @@
-"""Pieces both API families share: model lookup, turn audio decoding, the deadline."""
+"""What a turn carries, checked and decoded: speakable text, inline or uploaded WAV audio.
+
+Used by both API families (``/v1/converse`` and stitched dialogue).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-from collections.abc import Awaitable
-from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from handler.audio import AudioDecodeError, DecodedAudio, decode_wav
-from handler.errors import DeadlineExceeded, InvalidRequest, UnprocessableRequest, ValidationItem
-from handler.models.catalog import ModelCatalog, ServedModel
-from handler.models.kokoro import KokoroModel
+from handler.errors import InvalidRequest, UnprocessableRequest, ValidationItem
 from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
 from handler.services.context import RequestContext
-
-T = TypeVar("T")
-
-
-async def resolve_model(
-    catalog: ModelCatalog, model_id: str | None, path: list[str], turn_index: int | None = None
-) -> ServedModel:
-    """The served model named ``model_id`` (the default model when None).
-
-    Raises:
-        InvalidRequest: unknown model id (code ``unknown_model``), naming ``path``.
-        ServiceUnavailable: Triton unreachable.
-    """
-    models = await catalog.models()
-    wanted = model_id or catalog.settings.default_model
-    if wanted not in models:
-        message = f"unknown model {wanted!r}; available: {', '.join(sorted(models)) or 'none'}"
-        raise InvalidRequest(
-            message,
-            code="unknown_model",
-            turn_index=turn_index,
-            validation=[ValidationItem(path, message)],
-        )
-    return models[wanted]
-
-
-def voice_model(model: ServedModel, path: list[str], turn_index: int | None = None) -> KokoroModel:
-    """The adapter of a model with named voices (Kokoro).
-
-    Raises:
-        InvalidRequest: ``model`` voices turns only in context (CSM), naming ``path``.
-    """
-    if isinstance(model.adapter, KokoroModel):
-        return model.adapter
-    message = (
-        f"model {model.id!r} has no named voices; it voices turns in context through "
-        "POST /v1/converse"
-    )
-    raise InvalidRequest(
-        message, turn_index=turn_index, validation=[ValidationItem(path, message)]
-    )
 
 
 def require_speakable(text: str, path: list[str], turn_index: int) -> None:
@@ -131,17 +88,3 @@ async def load_uploaded_audio(ctx: RequestContext, audio_id: str, turn_index: in
         return decode_wav(data)
     except AudioDecodeError as error:
         raise InvalidRequest(f"{where}: {error}", turn_index=turn_index) from error
-
-
-async def within_deadline(work: Awaitable[T], seconds: float) -> T:
-    """Await ``work``, cancelling it after ``seconds``.
-
-    Raises:
-        DeadlineExceeded: the deadline passed (504).
-    """
-    try:
-        return await asyncio.wait_for(work, timeout=seconds)
-    except TimeoutError as error:
-        raise DeadlineExceeded(
-            f"inference did not finish within {seconds:g} s",
-        ) from error

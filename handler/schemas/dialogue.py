@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from handler.schemas.converse import MAX_TURN_CHARS, MAX_TURNS
 
 
-class ConversationTurn(BaseModel):
+class DialogueTurn(BaseModel):
     """One turn: text plus a voice reference (inline ``voice`` or saved ``voiceId``)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -35,13 +35,13 @@ class Mp3Output(BaseModel):
     bitrate: int = Field(96, description="kbps")
 
 
-class ConversationRequest(BaseModel):
+class DialogueRequest(BaseModel):
     """Many turns, many voices, one stitched file (or per-turn segments with ``split``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, min_length=1, max_length=128)
-    turns: list[ConversationTurn] = Field(min_length=1, max_length=MAX_TURNS)
+    turns: list[DialogueTurn] = Field(min_length=1, max_length=MAX_TURNS)
     gapMs: int = Field(0, ge=0, le=10_000)  # noqa: N815 (spec name)
     volumeDbfs: float = Field(-16.0, ge=-60.0, le=0.0)  # noqa: N815 (spec name)
     output: Literal["wav", "mp3", "pcm"] | Mp3Output = "wav"
@@ -88,7 +88,7 @@ class LinkedAudio(BaseModel):
     expires_in: int = Field(description="Seconds the url stays valid.")
 
 
-class LinkedConversation(BaseModel):
+class LinkedDialogue(BaseModel):
     """Answer of a stitched request whose file exceeds the inline threshold."""
 
     audio: LinkedAudio
@@ -102,7 +102,7 @@ class SplitResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
-class TimestampsRequest(ConversationRequest):
+class TimestampsRequest(DialogueRequest):
     """``/with-timestamps`` request: the conversation request plus ``timestamps``."""
 
     timestamps: Literal["on", "off"] = Field(
@@ -123,7 +123,7 @@ class SegmentWord(BaseModel):
     end: float
 
 
-class ConversationWord(SegmentWord):
+class DialogueWord(SegmentWord):
     """A word in the stitched audio: seconds from its start, and the turn it belongs to."""
 
     turnIndex: int  # noqa: N815 (spec name)
@@ -143,7 +143,7 @@ class TimestampsResponse(BaseModel):
     expires_in: int | None = None
     mediaType: str  # noqa: N815 (spec name)
     warnings: list[str] = Field(default_factory=list)
-    timestamps: list[ConversationWord]
+    timestamps: list[DialogueWord]
 
 
 class TimestampsSplitResponse(BaseModel):

@@ -1,4 +1,4 @@
-"""Author adapter: write the open turn's text with the ``author`` LM in Triton.
+"""Author LM: write the open turn's text with the ``author`` LM in Triton.
 
 The author is a base (not instruction-tuned) LM, so the prompt is a plain
 transcript: a short example conversation that sets the register, then the
@@ -12,10 +12,12 @@ number of times.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from handler.engines.base import ParamRule, ParamValue
 from handler.errors import InferenceError
 from handler.triton import TritonClient
 
@@ -34,14 +36,31 @@ _PREFIX = re.compile(r"^\s*(?:speaker\s*)?\d+\s*:\s*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?…](?=\s|$)")
 
 
+# The kalpa-converse ``params`` an authored turn takes (besides the voice's own).
+AUTHOR_RULES = (
+    ParamRule("temperature", "temperature", float, 0.0, 2.0, 0.7),
+    ParamRule("top_k", "top_k", int, 1, 2051, 50),
+    ParamRule("max_new_tokens", "max_new_tokens", int, 16, 128, 48, "tokens"),
+    ParamRule("seed", "seed", int, 0, 2**63 - 1, 0),
+)
+
+
 @dataclass(frozen=True)
 class AuthorParams:
-    """Sampling parameters of one authoring request (temperature 0 = greedy)."""
+    """Sampling parameters of one authoring request (temperature 0 = greedy).
 
-    temperature: float = 0.7
-    top_k: int = 50
-    max_new_tokens: int = 48
-    seed: int = 0
+    Defaults are those of :data:`AUTHOR_RULES`.
+    """
+
+    temperature: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, ParamValue]) -> AuthorParams:
+        """The parameters from values checked against :data:`AUTHOR_RULES`."""
+        return cls(**values)  # type: ignore[arg-type]
 
 
 def build_prompt(history: list[tuple[str, str]], speaker: str) -> str:

@@ -6,15 +6,15 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from handler.deps import ContextDep, SettingsDep, json_body, parse_body, require_api_key
-from handler.schemas.conversation import (
-    ConversationRequest,
-    LinkedConversation,
+from handler.schemas.dialogue import (
+    DialogueRequest,
+    LinkedDialogue,
     SplitResponse,
     TimestampsRequest,
     TimestampsResponse,
     TimestampsSplitResponse,
 )
-from handler.services.conversation import render_conversation
+from handler.services.dialogue import render_dialogue
 from handler.services.timestamps import render_with_timestamps
 
 router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
@@ -32,27 +32,27 @@ router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
                     "schema": {
                         "anyOf": [
                             SplitResponse.model_json_schema(),
-                            LinkedConversation.model_json_schema(),
+                            LinkedDialogue.model_json_schema(),
                         ]
                     }
                 },
             }
         }
     },
-    openapi_extra=json_body(ConversationRequest),
+    openapi_extra=json_body(DialogueRequest),
 )
-async def post_conversation(request: Request, settings: SettingsDep, ctx: ContextDep) -> Response:
+async def post_dialogue(request: Request, settings: SettingsDep, ctx: ContextDep) -> Response:
     """Stitched audio bytes, ``{audioSegments, warnings}`` with ``split: true``, or a link.
 
     A stitched file over the inline threshold comes back as JSON
     ``{"audio": {"url", "expires_in"}, "mediaType"}``.
     """
-    body = await parse_body(request, ConversationRequest, settings.max_request_bytes)
-    rendered = await render_conversation(body, ctx)
+    body = await parse_body(request, DialogueRequest, settings.max_request_bytes)
+    rendered = await render_dialogue(body, ctx)
     if rendered.segments is not None:
         return JSONResponse(rendered.segments.model_dump())
     if rendered.link is not None:
-        linked = LinkedConversation(audio=rendered.link, mediaType=rendered.media_type)
+        linked = LinkedDialogue(audio=rendered.link, mediaType=rendered.media_type)
         return JSONResponse(linked.model_dump())
     return Response(content=rendered.body, media_type=rendered.media_type)
 
@@ -62,7 +62,7 @@ async def post_conversation(request: Request, settings: SettingsDep, ctx: Contex
     response_model=TimestampsResponse | TimestampsSplitResponse,
     openapi_extra=json_body(TimestampsRequest),
 )
-async def post_conversation_with_timestamps(
+async def post_dialogue_with_timestamps(
     request: Request, settings: SettingsDep, ctx: ContextDep
 ) -> TimestampsResponse | TimestampsSplitResponse:
     """Stitched audio (base64) with word timestamps, or timed per-turn segments."""
