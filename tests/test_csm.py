@@ -403,7 +403,7 @@ def test_tensorrt_export_writes_plans_and_profiles(
     import export.csm
     from export.tensorrt import _profile_shapes
 
-    def fake_onnx(graph: Any, dtype: Any, directory: Path, large: bool) -> list[Path]:
+    def fake_onnx(graph: Any, dtype: Any, directory: Path) -> list[Path]:
         path = directory / "1" / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"onnx")
@@ -415,7 +415,7 @@ def test_tensorrt_export_writes_plans_and_profiles(
         built[onnx.parent.parent.name] = (dynamic, example)
         plan.write_bytes(b"plan")
 
-    monkeypatch.setattr(export.csm, "_export_onnx", fake_onnx)
+    monkeypatch.setattr(export.csm, "_export_graph", fake_onnx)
     checkpoint, _, _ = tiny
     options = CsmExportOptions(
         checkpoint=str(checkpoint), out=tmp_path, name="trt", target="gpu", tensorrt=True
