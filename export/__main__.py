@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -67,63 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exports(args: argparse.Namespace) -> list[tuple[Callable[[Any], bool], ExportOptions]]:
-    """The (exporter, options) pairs one command line asks for, in order.
+FAMILIES: dict[str, tuple[Callable[[Any], bool], type[ExportOptions]]] = {
+    "asr": (export_asr, ExportOptions),
+    "aligner": (export_aligner, ExportOptions),
+    "kokoro": (export_kokoro, KokoroExportOptions),
+    "author": (export_author, AuthorExportOptions),
+    "csm": (export_csm, CsmExportOptions),
+}
+# What ``python -m export all`` builds, in order (CSM needs a checkpoint).
+BUNDLED = ("asr", "aligner", "kokoro", "author")
+
+
+def _options(kind: type[ExportOptions], args: argparse.Namespace) -> ExportOptions:
+    """``kind`` from the command line: each of its fields that is an argument, else its default.
 
     Raises:
-        ValueError: options the exporter refuses (e.g. a CSM name that is no model id).
+        ValueError: values the options refuse (e.g. a CSM name that is no model id).
     """
-    common = {"out": args.out, "target": args.target}
-    if args.family == "kokoro":
-        return [
-            (
-                export_kokoro,
-                KokoroExportOptions(
-                    **common,
-                    network_instances=args.network_instances,
-                    frontend_instances=args.frontend_instances,
-                    intra_op_threads=args.intra_op_threads,
-                ),
-            )
-        ]
-    if args.family == "author":
-        return [
-            (
-                export_author,
-                AuthorExportOptions(**common, checkpoint=args.checkpoint, cache=args.cache),
-            )
-        ]
-    if args.family == "csm":
-        return [
-            (
-                export_csm,
-                CsmExportOptions(
-                    **common,
-                    checkpoint=args.checkpoint,
-                    name=args.name,
-                    precision=args.precision,
-                    tensorrt=args.tensorrt,
-                ),
-            )
-        ]
-    if args.family == "asr":
-        return [(export_asr, ExportOptions(**common))]
-    if args.family == "aligner":
-        return [(export_aligner, ExportOptions(**common))]
-    return [
-        (export_asr, ExportOptions(**common)),
-        (export_aligner, ExportOptions(**common)),
-        (export_kokoro, KokoroExportOptions(**common)),
-        (export_author, AuthorExportOptions(**common)),
-    ]
+    return kind(**{f.name: getattr(args, f.name) for f in fields(kind) if hasattr(args, f.name)})
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the export CLI; returns the process exit status (2: refused or failed export)."""
     args = build_parser().parse_args(argv)
     try:
-        for exporter, options in _exports(args):
-            exporter(options)
+        for family in BUNDLED if args.family == "all" else (args.family,):
+            exporter, kind = FAMILIES[family]
+            exporter(_options(kind, args))
     except (RuntimeError, ValueError) as error:
         print(f"python -m export {args.family}: {error}", file=sys.stderr)
         return 2
