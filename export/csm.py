@@ -5,11 +5,10 @@
 template folder ``model_repository/csm_template/`` for model id ``NAME``:
 
 * ``NAME_mimi_encoder``, ``NAME_backbone``, ``NAME_depth``,
-  ``NAME_mimi_decoder``: the ONNX graphs of :mod:`export.csm_graphs`
-  (python-backend onnxruntime wrappers on ``--target cpu``, the
-  ``onnxruntime_onnx`` platform on ``gpu``, ``tensorrt_plan`` engines with
-  ``--tensorrt``);
-  from ``csm_template/network``;
+  ``NAME_mimi_decoder``: the ONNX graphs of :mod:`export.csm_graphs`, all
+  from ``csm_template/network`` (the python-backend onnxruntime model on
+  ``--target cpu``, the ``onnxruntime_onnx`` platform on ``gpu``,
+  ``tensorrt_plan`` engines with ``--tensorrt``);
 * ``NAME_prompt`` (python: segments -> frames, ``csm_template/prompt``) and
   ``NAME_generator`` (python BLS: the frame loop, ``csm_template/generator``);
 * ``NAME``: the ensemble decoder chaining prompt -> generator -> Mimi decoder
