@@ -8,7 +8,7 @@ CHECKOV := .venv-checkov/bin/checkov
 
 .PHONY: demo serve test lint repository benchmark clean images upload-models
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml model_repository/requirements.txt $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[local,export,dev]"
@@ -16,7 +16,7 @@ $(INSTALLED): pyproject.toml
 
 ## Build (or reuse) the local CPU model repository from the bundled packages.
 repository: $(INSTALLED)
-	$(PY) -m export all --out model_repository --target cpu
+	$(PY) -m export all --out build/model_repository --target cpu
 
 ## Render the specs' example dialogues through API -> Triton -> Kokoro into out/.
 demo: repository

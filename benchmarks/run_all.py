@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/PERFORMANCE.md")
     parser.add_argument("--wer", default="", help="WER line from tests/test_speech.py")
     args = parser.parse_args()
-    with LocalStack(ROOT / "model_repository") as stack:
+    with LocalStack(ROOT / "build" / "model_repository") as stack:
         sections = [measure_voice(stack, args.repeats), measure_author_speech(stack, args.repeats)]
     sections.append(measure_csm(args.repeats))
     machine = f"{platform.machine()}, {os.cpu_count()} cores"

@@ -115,7 +115,7 @@ async def _handler_own_time(triton_url: str, turns: list[np.ndarray], repeats: i
 
 def measure_voice(stack: LocalStack, repeats: int) -> str:
     """Run (a), (b), (c) on a running stack; returns the markdown section."""
-    local = InProcessKokoro(ROOT / "model_repository")
+    local = InProcessKokoro(ROOT / "build" / "model_repository")
     with httpx.Client(timeout=120) as client:
         local(SENTENCES[0])
         _triton_say(client, stack.triton.http_url, SENTENCES[0])

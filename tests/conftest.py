@@ -19,7 +19,7 @@ from export.local_triton import LocalTriton
 from handler.app import create_app
 from handler.settings import Settings
 
-REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+REPOSITORY = Path(__file__).resolve().parent.parent / "build" / "model_repository"
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -14,6 +14,7 @@ import pytest
 from export.__main__ import main as export_main
 from export.csm import CsmExportOptions, export_csm
 from export.local_triton import LocalTriton
+from export.repository import ExportOptions
 from export.speech import export_asr
 from handler.triton import TritonClient
 from tests.csm_fixtures import FRAME_SAMPLES, make_tiny_csm, speech, transformers_prompt
@@ -31,7 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path,
     repository = tmp_path_factory.mktemp("csm-repository")
     argv = ["csm", "--checkpoint", str(checkpoint), "--out", str(repository), "--name", NAME]
     assert export_main(argv) == 0
-    export_asr(repository)  # audio-only history turns get Whisper transcripts
+    export_asr(ExportOptions(out=repository))  # audio-only history turns get Whisper transcripts
     with LocalTriton(repository) as server:
         yield checkpoint, repository, server
 
@@ -403,7 +404,7 @@ def test_tensorrt_export_writes_plans_and_profiles(
     import export.csm
     from export.tensorrt import _profile_shapes
 
-    def fake_onnx(graph: Any, dtype: Any, directory: Path, large: bool) -> list[Path]:
+    def fake_onnx(graph: Any, dtype: Any, directory: Path) -> list[Path]:
         path = directory / "1" / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"onnx")
@@ -415,7 +416,7 @@ def test_tensorrt_export_writes_plans_and_profiles(
         built[onnx.parent.parent.name] = (dynamic, example)
         plan.write_bytes(b"plan")
 
-    monkeypatch.setattr(export.csm, "_export_onnx", fake_onnx)
+    monkeypatch.setattr(export.csm, "_export_graph", fake_onnx)
     checkpoint, _, _ = tiny
     options = CsmExportOptions(
         checkpoint=str(checkpoint), out=tmp_path, name="trt", target="gpu", tensorrt=True

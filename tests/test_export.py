@@ -12,7 +12,7 @@ import pytest
 from export import kokoro
 from export.kokoro import KokoroExportOptions, export_kokoro
 from export.local_triton import LocalTriton, TritonStartError
-from export.repository import Manifest
+from export.repository import SOURCE_REPOSITORY, Manifest, render_template
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,9 @@ def test_second_export_does_no_work_and_a_touched_output_is_rebuilt(exported: Pa
 def test_gpu_and_cpu_network_configs_share_the_tensor_contract(exported: Path) -> None:
     gpu = (exported / "kokoro_network/config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in gpu and "KIND_GPU" in gpu
-    cpu = kokoro.render_template(
-        "kokoro_network.cpu.pbtxt", network_instances=1, intra_op_threads=0, warmup=""
+    cpu = render_template(
+        SOURCE_REPOSITORY / "kokoro_network" / "config.cpu.pbtxt.template",
+        network_instances=1, intra_op_threads=0, warmup="",
     )
     assert 'backend: "python"' in cpu
 

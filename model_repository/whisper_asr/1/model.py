@@ -9,16 +9,13 @@ temperature fallback, so a transcript is deterministic; language fixed to Englis
 """
 
 import json
-import os
-import sys
 
-# The local tritonserver's stub interpreter ignores PYTHONPATH; the launcher
-# passes the project's site-packages in this variable instead.
-sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
+import converse_backend as backend
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from faster_whisper import WhisperModel  # noqa: E402
+# isort: split
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from faster_whisper import WhisperModel
 
 
 class TritonPythonModel:
@@ -26,17 +23,12 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Load the CTranslate2 model with the config's device and compute type."""
-        parameters = json.loads(args["model_config"])["parameters"]
-
-        def parameter(key):
-            return parameters[key]["string_value"]
-
-        path = os.path.join(args["model_repository"], args["model_version"], "whisper-base")
+        parameter = backend.parameters(args)
         self.model = WhisperModel(
-            path,
-            device=parameter("device"),
-            compute_type=parameter("compute_type"),
-            cpu_threads=int(parameter("cpu_threads")),
+            backend.version_file(args, "whisper-base"),
+            device=parameter["device"],
+            compute_type=parameter["compute_type"],
+            cpu_threads=int(parameter["cpu_threads"]),
         )
 
     def _transcribe(self, audio):
@@ -62,7 +54,7 @@ class TritonPythonModel:
             try:
                 text, words = self._transcribe(audio)
             except (RuntimeError, ValueError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                responses.append(backend.error_response(error))
                 continue
             outputs = [
                 pb_utils.Tensor("TEXT", np.array([text.encode()], dtype=np.object_)),

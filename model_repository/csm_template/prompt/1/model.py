@@ -18,15 +18,12 @@ MAX_NEW_FRAMES`` positions; an open turn that alone does not fit is an error
 whose message starts with ``prompt_too_long:``.
 """
 
-import json
-import os
-import sys
+import converse_backend as backend
 
-sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
-
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
+# isort: split
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
 
 
 class TritonPythonModel:
@@ -34,19 +31,14 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Load the tokenizer and read the frame geometry from the config."""
-        parameters = json.loads(args["model_config"])["parameters"]
-
-        def parameter(key):
-            return parameters[key]["string_value"]
-
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
-        self.tokenizer = Tokenizer.from_file(os.path.join(version_dir, "tokenizer.json"))
-        self.encoder = parameter("encoder")
-        self.codebooks = int(parameter("num_codebooks"))
-        self.max_seq_len = int(parameter("max_seq_len"))
-        self.bos = int(parameter("bos_token_id"))
-        self.eos = int(parameter("eos_token_id"))
-        self.frame_samples = int(parameter("frame_samples"))
+        parameter = backend.parameters(args)
+        self.tokenizer = Tokenizer.from_file(backend.version_file(args, "tokenizer.json"))
+        self.encoder = parameter["encoder"]
+        self.codebooks = int(parameter["num_codebooks"])
+        self.max_seq_len = int(parameter["max_seq_len"])
+        self.bos = int(parameter["bos_token_id"])
+        self.eos = int(parameter["eos_token_id"])
+        self.frame_samples = int(parameter["frame_samples"])
 
     def _text_frames(self, speaker, text):
         ids = [self.bos, *self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False).ids,
@@ -60,15 +52,10 @@ class TritonPythonModel:
     def _audio_frames(self, audio):
         if audio.size < self.frame_samples:  # the encoder needs one whole frame
             audio = np.pad(audio, (0, self.frame_samples - audio.size))
-        request = pb_utils.InferenceRequest(
-            model_name=self.encoder,
-            requested_output_names=["audio_codes"],
-            inputs=[pb_utils.Tensor("audio", audio.reshape(1, 1, -1).astype(np.float32))],
+        (codes,) = backend.infer(
+            self.encoder, {"audio": audio.reshape(1, 1, -1).astype(np.float32)}, ["audio_codes"]
         )
-        response = request.exec()
-        if response.has_error():
-            raise RuntimeError(response.error().message())
-        codes = pb_utils.get_output_tensor_by_name(response, "audio_codes").as_numpy()[0]
+        codes = codes[0]
         frames = np.zeros((codes.shape[1] + 1, self.codebooks + 1), np.int64)
         frames[:-1, :-1] = codes.T
         mask = np.zeros(frames.shape, bool)
@@ -130,7 +117,7 @@ class TritonPythonModel:
                     texts, speakers, audio, samples, int(tensor("MAX_NEW_FRAMES")[0])
                 )
             except (RuntimeError, ValueError, UnicodeDecodeError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                responses.append(backend.error_response(error))
                 continue
             outputs = [
                 pb_utils.Tensor("FRAMES", frames),

@@ -19,31 +19,24 @@ Keskar et al. 2019: positive logits divided by the penalty, negative ones
 multiplied), temperature, top-k, then softmax sampling.
 """
 
-import json
-import os
-import sys
+import converse_backend as backend
 
-sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
-
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+# isort: split
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
 
-def sample_codebook0(logits, recent, penalty, temperature, top_k, rng):
-    """Codebook-0 id from ``logits`` [V] given the recent codebook-0 ids (see module doc)."""
+def penalize_repeats(logits, recent, penalty):
+    """``logits`` [V] as float64 with the CTRL repetition penalty on the ``recent`` ids.
+
+    Positive logits of ids in ``recent`` are divided by ``penalty``, negative
+    ones multiplied (Keskar et al. 2019); ``penalty`` 1 leaves them unchanged.
+    """
     scores = logits.astype(np.float64)
     if penalty != 1.0 and len(recent):
         seen = np.unique(np.asarray(recent, dtype=np.int64))
         scores[seen] = np.where(scores[seen] > 0, scores[seen] / penalty, scores[seen] * penalty)
-    if temperature <= 0:
-        return int(np.argmax(scores))
-    scores = scores / temperature
-    if 0 < top_k < scores.size:
-        cutoff = np.partition(scores, -top_k)[-top_k]
-        scores = np.where(scores >= cutoff, scores, -np.inf)
-    probabilities = np.exp(scores - np.max(scores))
-    probabilities /= probabilities.sum()
-    return int(rng.choice(scores.size, p=probabilities))
+    return scores
 
 
 class TritonPythonModel:
@@ -51,32 +44,16 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Read the model names and cache geometry from the config."""
-        parameters = json.loads(args["model_config"])["parameters"]
-
-        def parameter(key):
-            return parameters[key]["string_value"]
-
-        self.backbone = parameter("backbone")
-        self.depth = parameter("depth")
-        self.codebooks = int(parameter("num_codebooks"))
-        self.vocab = int(parameter("vocab_size"))
-        self.max_seq_len = int(parameter("max_seq_len"))
+        parameter = backend.parameters(args)
+        self.backbone = parameter["backbone"]
+        self.depth = parameter["depth"]
+        self.codebooks = int(parameter["num_codebooks"])
+        self.vocab = int(parameter["vocab_size"])
+        self.max_seq_len = int(parameter["max_seq_len"])
         self.cache_shape = (
-            int(parameter("num_layers")), 1, int(parameter("kv_heads")), 0,
-            int(parameter("head_dim")),
+            int(parameter["num_layers"]), 1, int(parameter["kv_heads"]), 0,
+            int(parameter["head_dim"]),
         )
-
-    @staticmethod
-    def _call(model, inputs, outputs):
-        request = pb_utils.InferenceRequest(
-            model_name=model,
-            requested_output_names=outputs,
-            inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
-        )
-        response = request.exec()
-        if response.has_error():
-            raise RuntimeError(response.error().message())
-        return [pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
 
     def _generate(self, frames, mask, max_new, temperature, depth_temperature, top_k, penalty,
                   window, seed):
@@ -89,15 +66,17 @@ class TritonPythonModel:
         generated = []
         position = frames.shape[1]
         while len(generated) < max_new and position < self.max_seq_len:
-            logits, hidden, keys, values = self._call(
+            logits, hidden, keys, values = backend.infer(
                 self.backbone,
                 {"frames": frames, "frame_mask": mask, "past_keys": keys, "past_values": values},
                 ["codebook0_logits", "last_hidden", "present_keys", "present_values"],
             )
             recent = [frame[0] for frame in generated[-window:]] if window > 0 else []
-            first = sample_codebook0(logits[0], recent, penalty, temperature, top_k, rng)
+            first = backend.sample_top_k(
+                penalize_repeats(logits[0], recent, penalty), temperature, top_k, rng
+            )
             noise = rng.random((self.codebooks - 1, self.vocab), dtype=np.float32)
-            (rest,) = self._call(
+            (rest,) = backend.infer(
                 self.depth,
                 {
                     "last_hidden": hidden,
@@ -141,7 +120,7 @@ class TritonPythonModel:
                     int(tensor("SEED").reshape(-1)[0]),
                 )
             except (RuntimeError, ValueError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                responses.append(backend.error_response(error))
                 continue
             responses.append(
                 pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("AUDIO_CODES", codes)])
