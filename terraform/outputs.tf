@@ -3,6 +3,16 @@ output "endpoint_url" {
   value       = module.api.endpoint_url
 }
 
+output "stream_url" {
+  description = "Base URL of live sessions and streams (wss://...; https:// for SSE on the same host)."
+  value       = module.sessions.stream_url
+}
+
+output "sessions_url" {
+  description = "HTTPS base URL of the sessions service."
+  value       = module.sessions.https_url
+}
+
 output "audio_bucket" {
   description = "Bucket for large responses and uploads."
   value       = module.data.audio_bucket_name
