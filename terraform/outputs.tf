@@ -32,3 +32,8 @@ output "ecr_repositories" {
   description = "ECR repositories for the API and Triton images."
   value       = { api = module.api.ecr_repository_url, triton = module.triton.ecr_repository_url }
 }
+
+output "region" {
+  description = "Region of the deployment (scripts/push_images.sh logs in to ECR there)."
+  value       = var.region
+}
