@@ -37,3 +37,8 @@ output "region" {
   description = "Region of the deployment (scripts/push_images.sh logs in to ECR there)."
   value       = var.region
 }
+
+output "logs_bucket" {
+  description = "Bucket of S3 and ALB access logs (SSE-S3)."
+  value       = module.data.logs_bucket
+}

@@ -101,6 +101,7 @@ module "logs_bucket" {
   noncurrent_days      = 30
   log_access           = false # logging into itself would loop
   receives_access_logs = true
+  force_destroy        = true # logs keep arriving while the other buckets are deleted
 }
 
 module "audio_bucket" {

@@ -34,6 +34,12 @@ variable "receives_access_logs" {
   default     = false
 }
 
+variable "force_destroy" {
+  description = "Let `terraform destroy` delete the bucket with its objects (the log bucket only: S3 keeps delivering access logs while the other buckets are deleted)."
+  type        = bool
+  default     = false
+}
+
 data "aws_caller_identity" "current" {}
 data "aws_elb_service_account" "current" {}
 
@@ -43,6 +49,7 @@ resource "aws_s3_bucket" "this" {
   #checkov:skip=CKV_AWS_18:logging is configured by aws_s3_bucket_logging below, except on the log bucket itself (logging into itself would loop)
   #checkov:skip=CKV_AWS_145:SSE-KMS with the project key everywhere except the log bucket, which S3 and ELB access logging can only write with SSE-S3
   bucket_prefix = var.name_prefix
+  force_destroy = var.force_destroy
   lifecycle {
     precondition {
       condition     = !var.log_access || var.access_log_bucket != null
