@@ -101,7 +101,7 @@ def _statements(module: str) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.parametrize("module", ["network", "triton", "api", "data", "service_role", "sessions"])
+@pytest.mark.parametrize("module", ["network", "triton", "api", "data", "service_role", "sessions", "ecs_execution_role"])
 def test_no_wildcard_iam_actions(module: str) -> None:
     for statement in _statements(module):
         for action in statement.get("actions", []):
@@ -110,7 +110,7 @@ def test_no_wildcard_iam_actions(module: str) -> None:
 
 def test_wildcard_resources_only_where_aws_allows_no_other() -> None:
     allowed = {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
-    for module in ("network", "triton", "api", "sessions"):
+    for module in ("network", "triton", "api", "sessions", "ecs_execution_role"):
         for statement in _statements(module):
             if "*" in statement.get("resources", []):
                 assert set(statement["actions"]) <= allowed, (module, statement["actions"])

@@ -110,6 +110,7 @@ resource "aws_vpc_security_group_ingress_rule" "alb_redirect" {
 }
 
 resource "aws_vpc_security_group_ingress_rule" "alb_from_cloudfront" {
+  #checkov:skip=CKV_AWS_260:port 80 from CloudFront's origin-facing prefix list only, not 0.0.0.0/0; CloudFront terminates TLS for clients
   count             = local.custom_domain ? 0 : 1
   security_group_id = aws_security_group.alb.id
   description       = "HTTP from CloudFront's origin-facing addresses only"
@@ -157,6 +158,7 @@ resource "aws_security_group" "tasks" {
 
 resource "aws_lb" "this" {
   #checkov:skip=CKV_AWS_150:deletion protection would block `terraform destroy` in docs/deploy.md's tear-down; the ALB holds no state
+  #checkov:skip=CKV2_AWS_20:with a domain, port 80 redirects to HTTPS (listener "redirect"); without one, the HTTP listener serves CloudFront only, which terminates TLS
   #checkov:skip=CKV2_AWS_28:WAF is optional: every route but /health authenticates with an API key, and CloudFront fronts the ALB without a domain; attach a web ACL where needed
   name                       = "${var.name}-sessions"
   internal                   = false
@@ -359,30 +361,12 @@ resource "aws_ecs_cluster" "this" {
 }
 
 # Execution role: pull the API image from its repository, write the log group.
-data "aws_iam_policy_document" "execution" {
-  statement {
-    actions   = ["ecr:GetAuthorizationToken"]
-    resources = ["*"] # GetAuthorizationToken has no resource-level permissions
-  }
-  statement {
-    actions   = ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"]
-    resources = [var.ecr_repository_arn]
-  }
-  statement {
-    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
-    resources = ["${aws_cloudwatch_log_group.this.arn}:*"]
-  }
-  statement {
-    actions   = ["kms:Decrypt"]
-    resources = [var.kms_key]
-  }
-}
-
 module "execution_role" {
-  source          = "../service_role"
-  name            = "${var.name}-sessions-execution"
-  service         = "ecs-tasks.amazonaws.com"
-  inline_policies = { "pull-and-log" = data.aws_iam_policy_document.execution.json }
+  source             = "../ecs_execution_role"
+  name               = "${var.name}-sessions-execution"
+  ecr_repository_arn = var.ecr_repository_arn
+  log_group_arn      = aws_cloudwatch_log_group.this.arn
+  kms_key            = var.kms_key
 }
 
 # Task role: what the Lambda's application may do (one policy for both).

@@ -172,27 +172,6 @@ resource "aws_ecs_cluster_capacity_providers" "this" {
   }
 }
 
-# Execution role: pull the Triton image from its own repository and write to
-# its own log group.
-data "aws_iam_policy_document" "execution" {
-  statement {
-    actions   = ["ecr:GetAuthorizationToken"]
-    resources = ["*"] # GetAuthorizationToken has no resource-level permissions
-  }
-  statement {
-    actions   = ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"]
-    resources = [aws_ecr_repository.triton.arn]
-  }
-  statement {
-    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
-    resources = ["${aws_cloudwatch_log_group.triton.arn}:*"]
-  }
-  statement {
-    actions   = ["kms:Decrypt"]
-    resources = [var.kms_key]
-  }
-}
-
 # Task role: read the model repository; publish the sidecar's metrics into
 # this project's CloudWatch namespace only.
 data "aws_iam_policy_document" "task" {
@@ -261,11 +240,14 @@ locals {
   })
 }
 
+# Execution role: pull the Triton image from its own repository and write to
+# its own log group.
 module "execution_role" {
-  source          = "../service_role"
-  name            = "${var.name}-triton-execution"
-  service         = "ecs-tasks.amazonaws.com"
-  inline_policies = { "pull-and-log" = data.aws_iam_policy_document.execution.json }
+  source             = "../ecs_execution_role"
+  name               = "${var.name}-triton-execution"
+  ecr_repository_arn = aws_ecr_repository.triton.arn
+  log_group_arn      = aws_cloudwatch_log_group.triton.arn
+  kms_key            = var.kms_key
 }
 
 module "task_role" {
