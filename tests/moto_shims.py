@@ -34,7 +34,7 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _s3_logging_policy() -> None:
-    """PutBucketLogging: AWS accepts any target-bucket policy statement that lets logging.s3 PutObject.
+    """PutBucketLogging: AWS accepts any target-bucket statement letting logging.s3 PutObject.
 
     moto reads ``Principal`` as a dict (a ``"*"`` principal, as in a TLS-only
     deny, raises) and wants one exact ``Resource`` string.
@@ -49,11 +49,13 @@ def _s3_logging_policy() -> None:
         for statement in _as_list(document.get("Statement", [])):
             principal = statement.get("Principal")
             services = principal.get("Service", []) if isinstance(principal, dict) else []
-            if statement.get("Effect") != "Allow" or models.LOGGING_SERVICE_PRINCIPAL not in _as_list(services):
+            allowed = statement.get("Effect") == "Allow"
+            if not allowed or models.LOGGING_SERVICE_PRINCIPAL not in _as_list(services):
                 continue
             if "s3:PutObject" not in _as_list(statement.get("Action", [])):
                 continue
-            if any(fnmatch.fnmatchcase(key, pattern) for pattern in _as_list(statement.get("Resource", []))):
+            patterns = _as_list(statement.get("Resource", []))
+            if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns):
                 return True
         return False
 
@@ -79,7 +81,7 @@ def _ecs_memory_reservation() -> None:
 
 
 def _application_autoscaling_tags() -> None:
-    """Application Auto Scaling keeps tags on scalable targets (TagResource, ListTagsForResource)."""
+    """Application Auto Scaling keeps scalable targets' tags (TagResource, ListTagsForResource)."""
     from moto.applicationautoscaling.responses import ApplicationAutoScalingResponse as Response
 
     register = Response.register_scalable_target
@@ -94,7 +96,8 @@ def _application_autoscaling_tags() -> None:
         return json.dumps({"Tags": _SCALING_TAGS.get(self._get_param("ResourceARN"), {})})
 
     def tag_resource(self: Any) -> str:
-        _SCALING_TAGS.setdefault(self._get_param("ResourceARN"), {}).update(self._get_param("Tags") or {})
+        tags = _SCALING_TAGS.setdefault(self._get_param("ResourceARN"), {})
+        tags.update(self._get_param("Tags") or {})
         return "{}"
 
     def untag_resource(self: Any) -> str:

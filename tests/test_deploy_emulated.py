@@ -66,7 +66,8 @@ def _requirements() -> tuple[str, Path]:
     return terraform, plugins
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], cwd: Path, env: dict[str, str],
+         timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
@@ -145,7 +146,8 @@ def emulator() -> Iterator[str]:
         server.stop()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            extra = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
+            extra = [t for t in threading.enumerate()
+                     if t.ident not in threads_before and t.is_alive()]
             if not extra:
                 break
             time.sleep(0.1)
@@ -184,7 +186,8 @@ def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -
     assert outputs["stream_url"]["value"].startswith("wss://")
     assert outputs["endpoint_url"]["value"]
     assert len(managed) > 100, len(managed)
-    for needed in ("module.sessions.aws_ecs_service.this", "module.sessions.aws_cloudfront_distribution.this[0]",
+    for needed in ("module.sessions.aws_ecs_service.this",
+                   "module.sessions.aws_cloudfront_distribution.this[0]",
                    "module.triton.aws_appautoscaling_policy.from_zero[0]",
                    "module.data.aws_iam_service_linked_role.autoscaling[0]"):
         assert needed in managed, needed
@@ -202,7 +205,8 @@ def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -
                      work, env, APPLY_BUDGET_S)
     destroy_s = time.monotonic() - started
     assert destroyed.returncode == 0, destroyed.stdout[-6000:] + destroyed.stderr[-6000:]
-    print(f"emulated apply: {len(managed)} resources in {apply_s:.0f} s, destroy in {destroy_s:.0f} s")
+    print(f"emulated apply: {len(managed)} resources in {apply_s:.0f} s, "
+          f"destroy in {destroy_s:.0f} s")
 
 
 def _empty_versioned_buckets(endpoint: str) -> None:

@@ -81,8 +81,10 @@ def test_buckets_block_public_access_and_use_kms() -> None:
     rule = encryption["this"]["rule"][0]["apply_server_side_encryption_by_default"][0]
     assert rule["sse_algorithm"] == '${var.kms_key_arn == null ? "AES256" : "aws:kms"}'
     # SSE-S3 only where access logs are written (they cannot be written SSE-KMS).
-    data = {n: b for block in parse(TERRAFORM / "modules/data/main.tf")["module"] for n, b in block.items()}
-    assert data["logs_bucket"]["kms_key_arn"] is None and data["logs_bucket"]["receives_access_logs"] is True
+    calls = parse(TERRAFORM / "modules/data/main.tf")["module"]
+    data = {n: b for block in calls for n, b in block.items()}
+    assert data["logs_bucket"]["kms_key_arn"] is None
+    assert data["logs_bucket"]["receives_access_logs"] is True
     assert data["audio_bucket"]["kms_key_arn"] == "${aws_kms_key.this.arn}"
     lifecycle = resources("private_bucket", "aws_s3_bucket_lifecycle_configuration")["this"]
     assert lifecycle["rule"][0]["expiration"][0]["days"] == "${var.expiry_days}"
@@ -101,7 +103,8 @@ def _statements(module: str) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.parametrize("module", ["network", "triton", "api", "data", "service_role", "sessions", "ecs_execution_role"])
+@pytest.mark.parametrize("module", ["network", "triton", "api", "data", "service_role", "sessions",
+                                    "ecs_execution_role"])
 def test_no_wildcard_iam_actions(module: str) -> None:
     for statement in _statements(module):
         for action in statement.get("actions", []):
@@ -158,7 +161,8 @@ def test_every_log_group_has_retention_and_kms() -> None:
 def test_sessions_alb_outlasts_the_session_idle_timeout() -> None:
     balancer = resources("sessions", "aws_lb")["this"]
     assert balancer["idle_timeout"] == "${local.alb_idle_timeout_s}"
-    locals_ = {k: v for block in parse(TERRAFORM / "modules/sessions/main.tf")["locals"] for k, v in block.items()}
+    blocks = parse(TERRAFORM / "modules/sessions/main.tf")["locals"]
+    locals_ = {k: v for block in blocks for k, v in block.items()}
     assert locals_["alb_idle_timeout_s"] == "${var.idle_timeout_s + 60}"
     # Without a domain, only CloudFront reaches the ALB: prefix list + secret header.
     ingress = resources("sessions", "aws_vpc_security_group_ingress_rule")["alb_from_cloudfront"]
