@@ -56,8 +56,20 @@ variable "gpu_utilization_high" {
   default     = 85
 }
 
+variable "triton_shm_size_mb" {
+  description = "/dev/shm of the Triton container, MiB (the python backend and BLS pass tensors and KV caches through it)."
+  type        = number
+  default     = 4096
+}
+
+variable "create_autoscaling_service_linked_role" {
+  description = "Create the AWSServiceRoleForAutoScaling role, which the project key's policy names; set false if `aws iam get-role --role-name AWSServiceRoleForAutoScaling` finds it."
+  type        = bool
+  default     = true
+}
+
 variable "triton_client_timeout_s" {
-  description = "Deadline of the API's Triton calls, seconds (< lambda_timeout_s)."
+  description = "Deadline of the API's Triton calls, seconds (< lambda_timeout_s; plan fails otherwise)."
   type        = number
   default     = 20
 }
@@ -72,12 +84,16 @@ variable "gateway_timeout_ms" {
   description = "API Gateway integration timeout, milliseconds (HTTP API maximum 30000)."
   type        = number
   default     = 29000
+  validation {
+    condition     = var.gateway_timeout_ms >= 50 && var.gateway_timeout_ms <= 30000
+    error_message = "An HTTP API integration timeout lies between 50 and 30000 ms."
+  }
 }
 
 variable "lambda_reserved_concurrency" {
-  description = "Reserved concurrent executions of the API Lambda."
+  description = "Reserved concurrent executions of the API Lambda; -1 reserves none (new accounts with a quota of 10 cannot reserve any)."
   type        = number
-  default     = 50
+  default     = -1
 }
 
 variable "throttle_rate_limit" {
@@ -108,4 +124,44 @@ variable "kms_key_rotation_days" {
   description = "Rotation period of the project's KMS key, days."
   type        = number
   default     = 365
+}
+
+variable "sessions_domain_name" {
+  description = "Host name for live sessions (e.g. live.example.com) with an ACM certificate on the ALB; null serves them on CloudFront's own *.cloudfront.net name."
+  type        = string
+  default     = null
+}
+
+variable "sessions_route53_zone_id" {
+  description = "Route 53 hosted zone of sessions_domain_name (certificate validation and the alias record)."
+  type        = string
+  default     = null
+}
+
+variable "session_idle_timeout_s" {
+  description = "Seconds a live session may stay silent before the service closes it (the ALB waits 60 s longer)."
+  type        = number
+  default     = 300
+  validation {
+    condition     = var.session_idle_timeout_s >= 30 && var.session_idle_timeout_s <= 3600
+    error_message = "session_idle_timeout_s lies between 30 and 3600 (the ALB idle timeout is at most 4000 s)."
+  }
+}
+
+variable "min_session_tasks" {
+  description = "Fewest tasks of the sessions service (Fargate, 1 vCPU / 2 GB each)."
+  type        = number
+  default     = 1
+}
+
+variable "max_session_tasks" {
+  description = "Most tasks of the sessions service."
+  type        = number
+  default     = 4
+}
+
+variable "connections_per_session_task" {
+  description = "Target concurrent client connections per sessions task (scaling)."
+  type        = number
+  default     = 50
 }

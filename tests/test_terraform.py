@@ -1,7 +1,7 @@
 """Offline checks of terraform/: fmt, python-hcl2 assertions, checkov (own venv).
 
-``terraform validate`` needs the AWS provider, which cannot be downloaded here;
-these checks stand in for it.
+``terraform validate`` and an emulated ``apply``/``destroy`` live in
+tests/test_deploy_emulated.py; these read the configuration's text.
 """
 
 from __future__ import annotations
@@ -79,7 +79,13 @@ def test_buckets_block_public_access_and_use_kms() -> None:
         assert blocks[flag] is True
     encryption = resources("private_bucket", "aws_s3_bucket_server_side_encryption_configuration")
     rule = encryption["this"]["rule"][0]["apply_server_side_encryption_by_default"][0]
-    assert rule["sse_algorithm"] == "aws:kms"
+    assert rule["sse_algorithm"] == '${var.kms_key_arn == null ? "AES256" : "aws:kms"}'
+    # SSE-S3 only where access logs are written (they cannot be written SSE-KMS).
+    calls = parse(TERRAFORM / "modules/data/main.tf")["module"]
+    data = {n: b for block in calls for n, b in block.items()}
+    assert data["logs_bucket"]["kms_key_arn"] is None
+    assert data["logs_bucket"]["receives_access_logs"] is True
+    assert data["audio_bucket"]["kms_key_arn"] == "${aws_kms_key.this.arn}"
     lifecycle = resources("private_bucket", "aws_s3_bucket_lifecycle_configuration")["this"]
     assert lifecycle["rule"][0]["expiration"][0]["days"] == "${var.expiry_days}"
     data = parse(TERRAFORM / "modules/data/main.tf")
@@ -97,7 +103,8 @@ def _statements(module: str) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.parametrize("module", ["network", "triton", "api", "data", "service_role"])
+@pytest.mark.parametrize("module", ["network", "triton", "api", "data", "service_role", "sessions",
+                                    "ecs_execution_role"])
 def test_no_wildcard_iam_actions(module: str) -> None:
     for statement in _statements(module):
         for action in statement.get("actions", []):
@@ -106,7 +113,7 @@ def test_no_wildcard_iam_actions(module: str) -> None:
 
 def test_wildcard_resources_only_where_aws_allows_no_other() -> None:
     allowed = {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
-    for module in ("network", "triton", "api"):
+    for module in ("network", "triton", "api", "sessions", "ecs_execution_role"):
         for statement in _statements(module):
             if "*" in statement.get("resources", []):
                 assert set(statement["actions"]) <= allowed, (module, statement["actions"])
@@ -123,8 +130,10 @@ def test_lambda_and_triton_run_in_private_subnets() -> None:
     assert group["vpc_zone_identifier"] == "${var.private_subnet_ids}"
     root = parse(TERRAFORM / "main.tf")
     modules = {name: body for block in root["module"] for name, body in block.items()}
-    for name in ("triton", "api"):
+    for name in ("triton", "api", "sessions"):
         assert modules[name]["private_subnet_ids"] == "${module.network.private_subnet_ids}"
+    sessions = resources("sessions", "aws_ecs_service")["this"]
+    assert sessions["network_configuration"][0]["assign_public_ip"] is False
 
 
 def test_triton_is_not_reachable_from_the_internet() -> None:
@@ -134,19 +143,39 @@ def test_triton_is_not_reachable_from_the_internet() -> None:
     for name, group in groups.items():
         for rule in group.get("ingress", []):
             assert "cidr_blocks" not in rule, name
-            assert rule["security_groups"] == ["${var.client_security_group_id}"]
+            assert rule["security_groups"] == "${var.client_security_group_ids}"
     rule = resources("triton", "aws_security_group_rule")["tasks_from_alb"]
     assert rule["source_security_group_id"] == "${aws_security_group.alb.id}"
 
 
 def test_every_log_group_has_retention_and_kms() -> None:
     count = 0
-    for module in ("network", "triton", "api"):
+    for module in ("network", "triton", "api", "sessions"):
         for name, group in resources(module, "aws_cloudwatch_log_group").items():
             assert group["retention_in_days"] in ("${var.log_days}", "${var.log_retention_days}")
             assert "kms_key_id" in group, name
             count += 1
-    assert count == 4
+    assert count == 5
+
+
+def test_sessions_alb_outlasts_the_session_idle_timeout() -> None:
+    balancer = resources("sessions", "aws_lb")["this"]
+    assert balancer["idle_timeout"] == "${local.alb_idle_timeout_s}"
+    blocks = parse(TERRAFORM / "modules/sessions/main.tf")["locals"]
+    locals_ = {k: v for block in blocks for k, v in block.items()}
+    assert locals_["alb_idle_timeout_s"] == "${var.idle_timeout_s + 60}"
+    # Without a domain, only CloudFront reaches the ALB: prefix list + secret header.
+    ingress = resources("sessions", "aws_vpc_security_group_ingress_rule")["alb_from_cloudfront"]
+    assert ingress["prefix_list_id"] == "${data.aws_ec2_managed_prefix_list.cloudfront.id}"
+    listener = resources("sessions", "aws_lb_listener")["from_cloudfront"]
+    assert listener["default_action"][0]["fixed_response"][0]["status_code"] == "403"
+
+
+def test_scaling_reads_the_dimensions_the_agent_publishes() -> None:
+    text = (TERRAFORM / "modules/triton/main.tf").read_text()
+    assert 'dimensions = [["ClusterName"], ["ClusterName", "model"]]' in text
+    alarm = resources("triton", "aws_cloudwatch_metric_alarm")["gpu_high"]
+    assert alarm["dimensions"] == {"ClusterName": "${var.name}"}
 
 
 def test_checkov_has_no_failed_checks() -> None:

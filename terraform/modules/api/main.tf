@@ -8,21 +8,24 @@ variable "region" { type = string }
 variable "vpc_id" { type = string }
 variable "private_subnet_ids" { type = list(string) }
 variable "image" { type = string }
-variable "triton_url" { type = string }
+variable "environment" {
+  description = "CONVERSE_* settings shared with the sessions service (storage, blobs, Triton, keys)."
+  type        = map(string)
+}
 variable "triton_timeout_s" { type = number }
 variable "lambda_timeout_s" { type = number }
 variable "gateway_timeout_ms" { type = number }
-variable "reserved_concurrency" { type = number }
+variable "reserved_concurrency" {
+  description = "Reserved concurrent executions; -1 reserves none (accounts with a quota of 10 cannot reserve any)."
+  type        = number
+}
 variable "throttle_rate_limit" { type = number }
 variable "throttle_burst_limit" { type = number }
 variable "audio_bucket_arn" { type = string }
-variable "audio_bucket_name" { type = string }
 variable "voices_table_arn" { type = string }
 variable "usage_table_arn" { type = string }
 variable "rate_table_arn" { type = string }
-variable "voices_table_name" { type = string }
-variable "usage_table_name" { type = string }
-variable "rate_table_name" { type = string }
+variable "sessions_table_arn" { type = string }
 variable "api_keys_secret_arn" { type = string }
 variable "kms_key" { type = string }
 variable "log_retention_days" { type = number }
@@ -75,21 +78,21 @@ resource "aws_cloudwatch_log_group" "gateway" {
   kms_key_id        = var.kms_key
 }
 
-# Lambda role, inline: its own log group; objects under responses/ and
-# uploads/ in the audio bucket; items in its three tables and the voices
-# index; the API key digests secret; the project KMS key. Managed: VPC ENIs
-# (AWSLambdaVPCAccessExecutionRole) and X-Ray (AWSXRayDaemonWriteAccess),
-# whose EC2/X-Ray actions have no resource-level permissions.
-data "aws_iam_policy_document" "lambda" {
-  statement {
-    sid       = "Logs"
-    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
-    resources = ["${aws_cloudwatch_log_group.lambda.arn}:*"]
-  }
+# What the application needs, wherever it runs (the Lambda here, the sessions
+# service on ECS): objects under responses/ and uploads/ in the audio bucket
+# and ListBucket on it (without ListBucket S3 answers a missing key with 403,
+# not 404, and an unknown audio_id would become a 500); items in its tables and
+# the voices index; the API key digests secret; the project KMS key.
+data "aws_iam_policy_document" "app" {
   statement {
     sid       = "AudioObjects"
     actions   = ["s3:GetObject", "s3:PutObject"]
     resources = ["${var.audio_bucket_arn}/responses/*", "${var.audio_bucket_arn}/uploads/*"]
+  }
+  statement {
+    sid       = "AudioBucketList"
+    actions   = ["s3:ListBucket"]
+    resources = [var.audio_bucket_arn]
   }
   statement {
     sid = "Tables"
@@ -105,6 +108,7 @@ data "aws_iam_policy_document" "lambda" {
       "${var.voices_table_arn}/index/by_sort_key",
       var.usage_table_arn,
       var.rate_table_arn,
+      var.sessions_table_arn,
     ]
   }
   statement {
@@ -119,12 +123,30 @@ data "aws_iam_policy_document" "lambda" {
   }
 }
 
+resource "aws_iam_policy" "app" {
+  name        = "${var.name}-app"
+  description = "converse API: audio objects, tables, key digests, project key"
+  policy      = data.aws_iam_policy_document.app.json
+}
+
+# Lambda role: the app policy, its own log group; managed VPC ENIs
+# (AWSLambdaVPCAccessExecutionRole) and X-Ray (AWSXRayDaemonWriteAccess),
+# whose EC2/X-Ray actions have no resource-level permissions.
+data "aws_iam_policy_document" "lambda_logs" {
+  statement {
+    sid       = "Logs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${aws_cloudwatch_log_group.lambda.arn}:*"]
+  }
+}
+
 module "lambda_role" {
-  source      = "../service_role"
-  name        = "${var.name}-api"
-  service     = "lambda.amazonaws.com"
-  policy_json = data.aws_iam_policy_document.lambda.json
+  source          = "../service_role"
+  name            = "${var.name}-api"
+  service         = "lambda.amazonaws.com"
+  inline_policies = { "logs" = data.aws_iam_policy_document.lambda_logs.json }
   managed_policy_arns = [
+    aws_iam_policy.app.arn,
     "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
     "arn:aws:iam::aws:policy/AWSXRayDaemonWriteAccess",
   ]
@@ -132,7 +154,8 @@ module "lambda_role" {
 
 resource "aws_lambda_function" "api" {
   #checkov:skip=CKV_AWS_116:synchronous API behind API Gateway; the caller gets the error, there is no async event to dead-letter
-  #checkov:skip=CKV_AWS_272:images come from the project's own immutable-tag ECR repository with scan on push; Lambda code signing applies to zip packages only
+  #checkov:skip=CKV_AWS_272:images come from the project's own ECR repository with scan on push; Lambda code signing applies to zip packages only
+  #checkov:skip=CKV_AWS_115:reserved concurrency is the variable lambda_reserved_concurrency; its default (-1, none) lets accounts with a concurrency quota of 10 deploy; the gateway's throttling caps load
   function_name                  = "${var.name}-api"
   role                           = module.lambda_role.arn
   package_type                   = "Image"
@@ -149,21 +172,19 @@ resource "aws_lambda_function" "api" {
     mode = "Active"
   }
   environment {
-    variables = {
-      CONVERSE_TRITON_URL            = var.triton_url
-      CONVERSE_TRITON_TIMEOUT_S      = tostring(var.triton_timeout_s)
-      CONVERSE_LAMBDA_TIMEOUT_S      = tostring(var.lambda_timeout_s)
-      CONVERSE_GATEWAY_TIMEOUT_S     = tostring(var.gateway_timeout_ms / 1000)
-      CONVERSE_STORAGE_BACKEND       = "dynamodb"
-      CONVERSE_DYNAMODB_VOICES_TABLE = var.voices_table_name
-      CONVERSE_DYNAMODB_USAGE_TABLE  = var.usage_table_name
-      CONVERSE_DYNAMODB_RATE_TABLE   = var.rate_table_name
-      CONVERSE_BLOB_BACKEND          = "s3"
-      CONVERSE_S3_BUCKET             = var.audio_bucket_name
-      CONVERSE_API_KEYS_SECRET_ARN   = var.api_keys_secret_arn
-    }
+    variables = merge(var.environment, {
+      CONVERSE_LAMBDA_TIMEOUT_S  = tostring(var.lambda_timeout_s)
+      CONVERSE_GATEWAY_TIMEOUT_S = tostring(var.gateway_timeout_ms / 1000)
+    })
   }
   depends_on = [aws_cloudwatch_log_group.lambda]
+  lifecycle {
+    # Fails `terraform plan`: the service, not the gateway, must answer slow requests.
+    precondition {
+      condition     = var.triton_timeout_s < var.lambda_timeout_s && var.lambda_timeout_s * 1000 < var.gateway_timeout_ms
+      error_message = "Timeouts must be ordered: triton_client_timeout_s < lambda_timeout_s < gateway_timeout_ms / 1000."
+    }
+  }
 }
 
 # HTTP API rather than a REST API: lower latency and price, native Lambda
@@ -220,3 +241,5 @@ resource "aws_lambda_permission" "gateway" {
 output "endpoint_url" { value = aws_apigatewayv2_api.this.api_endpoint }
 output "security_group_id" { value = aws_security_group.lambda.id }
 output "ecr_repository_url" { value = aws_ecr_repository.api.repository_url }
+output "ecr_repository_arn" { value = aws_ecr_repository.api.arn }
+output "app_policy_arn" { value = aws_iam_policy.app.arn }

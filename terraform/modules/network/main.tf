@@ -146,10 +146,10 @@ data "aws_iam_policy_document" "flow" {
 }
 
 module "flow_role" {
-  source      = "../service_role"
-  name        = "${var.name}-vpc-flow-logs"
-  service     = "vpc-flow-logs.amazonaws.com"
-  policy_json = data.aws_iam_policy_document.flow.json
+  source          = "../service_role"
+  name            = "${var.name}-vpc-flow-logs"
+  service         = "vpc-flow-logs.amazonaws.com"
+  inline_policies = { "flow-logs" = data.aws_iam_policy_document.flow.json }
 }
 
 resource "aws_flow_log" "this" {

@@ -1,25 +1,61 @@
-# One private S3 bucket: public access blocked, SSE-KMS, versioning, TLS-only
-# policy, lifecycle expiry, and access logging into another bucket (unless it
-# is the log bucket itself).
+# One private S3 bucket: public access blocked, encrypted at rest, versioning,
+# TLS-only policy, lifecycle expiry, and access logging into another bucket.
+#
+# Encryption is SSE-KMS with the project key, except for the bucket that
+# receives S3 server access logs and ALB access logs: neither service can
+# write to an SSE-KMS bucket, so that one bucket uses SSE-S3 (kms_key_arn =
+# null). Every count below is decided by a boolean the caller writes, never by
+# a bucket name or key ARN that is only known after apply.
 
 variable "name_prefix" { type = string }
-variable "kms_key_arn" { type = string }
+variable "kms_key_arn" {
+  description = "Project KMS key for SSE-KMS; null for SSE-S3 (only the log bucket)."
+  type        = string
+  default     = null
+}
 variable "expiry_days" { type = number }
 variable "noncurrent_days" {
   type    = number
   default = 1
 }
+variable "log_access" {
+  description = "Send this bucket's server access logs to access_log_bucket."
+  type        = bool
+  default     = true
+}
 variable "access_log_bucket" {
-  description = "Bucket receiving this bucket's access logs; null for the log bucket itself."
+  description = "Bucket receiving this bucket's access logs (used when log_access)."
   type        = string
   default     = null
 }
+variable "receives_access_logs" {
+  description = "This is the log bucket: let S3 server access logging and ELB access logging write to it."
+  type        = bool
+  default     = false
+}
+
+variable "force_destroy" {
+  description = "Let `terraform destroy` delete the bucket with its objects (the log bucket only: S3 keeps delivering access logs while the other buckets are deleted)."
+  type        = bool
+  default     = false
+}
+
+data "aws_caller_identity" "current" {}
+data "aws_elb_service_account" "current" {}
 
 resource "aws_s3_bucket" "this" {
   #checkov:skip=CKV_AWS_144:objects are expiring audio, logs or a model repository rebuilt by `make upload-models`; cross-region replication buys nothing
   #checkov:skip=CKV2_AWS_62:readers fetch objects by key; nothing reacts to new objects
   #checkov:skip=CKV_AWS_18:logging is configured by aws_s3_bucket_logging below, except on the log bucket itself (logging into itself would loop)
+  #checkov:skip=CKV_AWS_145:SSE-KMS with the project key everywhere except the log bucket, which S3 and ELB access logging can only write with SSE-S3
   bucket_prefix = var.name_prefix
+  force_destroy = var.force_destroy
+  lifecycle {
+    precondition {
+      condition     = !var.log_access || var.access_log_bucket != null
+      error_message = "log_access needs access_log_bucket."
+    }
+  }
 }
 
 resource "aws_s3_bucket_public_access_block" "this" {
@@ -30,14 +66,21 @@ resource "aws_s3_bucket_public_access_block" "this" {
   restrict_public_buckets = true
 }
 
+resource "aws_s3_bucket_ownership_controls" "this" {
+  bucket = aws_s3_bucket.this.id
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
 resource "aws_s3_bucket_server_side_encryption_configuration" "this" {
   bucket = aws_s3_bucket.this.id
   rule {
     apply_server_side_encryption_by_default {
-      sse_algorithm     = "aws:kms"
+      sse_algorithm     = var.kms_key_arn == null ? "AES256" : "aws:kms"
       kms_master_key_id = var.kms_key_arn
     }
-    bucket_key_enabled = true
+    bucket_key_enabled = var.kms_key_arn != null
   }
 }
 
@@ -67,13 +110,13 @@ resource "aws_s3_bucket_lifecycle_configuration" "this" {
 }
 
 resource "aws_s3_bucket_logging" "this" {
-  count         = var.access_log_bucket == null ? 0 : 1
+  count         = var.log_access ? 1 : 0
   bucket        = aws_s3_bucket.this.id
   target_bucket = var.access_log_bucket
   target_prefix = "s3/${aws_s3_bucket.this.id}/"
 }
 
-data "aws_iam_policy_document" "tls_only" {
+data "aws_iam_policy_document" "this" {
   statement {
     sid       = "DenyInsecureTransport"
     effect    = "Deny"
@@ -89,12 +132,45 @@ data "aws_iam_policy_document" "tls_only" {
       values   = ["false"]
     }
   }
+  dynamic "statement" {
+    for_each = var.receives_access_logs ? ["s3"] : []
+    content {
+      sid       = "S3ServerAccessLogs"
+      actions   = ["s3:PutObject"]
+      resources = ["${aws_s3_bucket.this.arn}/s3/*"]
+      principals {
+        type        = "Service"
+        identifiers = ["logging.s3.amazonaws.com"]
+      }
+      condition {
+        test     = "StringEquals"
+        variable = "aws:SourceAccount"
+        values   = [data.aws_caller_identity.current.account_id]
+      }
+    }
+  }
+  dynamic "statement" {
+    for_each = var.receives_access_logs ? ["alb"] : []
+    content {
+      sid       = "AlbAccessLogs"
+      actions   = ["s3:PutObject"]
+      resources = ["${aws_s3_bucket.this.arn}/alb/AWSLogs/${data.aws_caller_identity.current.account_id}/*"]
+      principals {
+        type        = "AWS"
+        identifiers = [data.aws_elb_service_account.current.arn]
+      }
+    }
+  }
 }
 
 resource "aws_s3_bucket_policy" "this" {
   bucket = aws_s3_bucket.this.id
-  policy = data.aws_iam_policy_document.tls_only.json
+  policy = data.aws_iam_policy_document.this.json
 }
 
-output "id" { value = aws_s3_bucket.this.id }
+output "id" {
+  description = "Bucket name, available once its policy is in place (log writers check it when configured)."
+  value       = aws_s3_bucket.this.id
+  depends_on  = [aws_s3_bucket_policy.this, aws_s3_bucket_ownership_controls.this]
+}
 output "arn" { value = aws_s3_bucket.this.arn }

@@ -1,19 +1,22 @@
-# One IAM role that an AWS service assumes, with an optional inline policy and
-# optional AWS-managed policies. Every role of the project is made here, so
-# trust policies are written once.
+# One IAM role that an AWS service assumes, with inline policies and
+# AWS-managed or project policies. Every role of the project is made here, so
+# trust policies are written once. Inline policies are a map whose keys are
+# written in the caller (known at plan time) and managed policies are counted
+# by list length, so unknown policy documents or ARNs never decide how many
+# resources exist.
 
 variable "name" { type = string }
 variable "service" {
   description = "Service principal allowed to assume the role, e.g. lambda.amazonaws.com."
   type        = string
 }
-variable "policy_json" {
-  description = "Inline policy document (JSON), or null for none."
-  type        = string
-  default     = null
+variable "inline_policies" {
+  description = "Inline policy documents (JSON) by policy name; {} for none."
+  type        = map(string)
+  default     = {}
 }
 variable "managed_policy_arns" {
-  description = "AWS-managed policies to attach."
+  description = "Managed policies to attach (AWS-managed or the project's own)."
   type        = list(string)
   default     = []
 }
@@ -34,15 +37,16 @@ resource "aws_iam_role" "this" {
 }
 
 resource "aws_iam_role_policy" "this" {
-  count  = var.policy_json == null ? 0 : 1
-  role   = aws_iam_role.this.id
-  policy = var.policy_json
+  for_each = var.inline_policies
+  name     = each.key
+  role     = aws_iam_role.this.id
+  policy   = each.value
 }
 
 resource "aws_iam_role_policy_attachment" "this" {
-  for_each   = toset(var.managed_policy_arns)
+  count      = length(var.managed_policy_arns)
   role       = aws_iam_role.this.name
-  policy_arn = each.value
+  policy_arn = var.managed_policy_arns[count.index]
 }
 
 output "arn" { value = aws_iam_role.this.arn }

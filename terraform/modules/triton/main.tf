@@ -1,8 +1,9 @@
-# Triton on ECS with EC2 GPU hosts in private subnets, behind an internal ALB
-# that only the API's security group can reach. The model repository is read
-# from S3 by the task role. A CloudWatch agent sidecar scrapes Triton's
-# Prometheus metrics; the service scales on queue time per request, with GPU
-# utilisation as a second signal.
+# Triton on ECS with EC2 GPU hosts (Amazon Linux 2023 ECS GPU AMI) in private
+# subnets, behind an internal ALB that only the API's security groups can
+# reach. The model repository is read from S3 by the task role. A CloudWatch
+# agent sidecar scrapes Triton's Prometheus metrics; the service scales on
+# queue time per request, with GPU utilisation as a second signal, and from
+# zero tasks on the first request the ALB receives.
 
 variable "name" { type = string }
 variable "region" { type = string }
@@ -15,12 +16,23 @@ variable "image" { type = string }
 variable "port" { type = number }
 variable "model_bucket_arn" { type = string }
 variable "model_bucket_name" { type = string }
-variable "client_security_group_id" { type = string }
+variable "client_security_group_ids" {
+  description = "Security groups of the API (Lambda and the sessions service) allowed to reach Triton."
+  type        = list(string)
+}
+variable "shm_size_mb" {
+  description = "/dev/shm of the Triton container, MiB (BLS passes KV caches through it; Docker's default is 64)."
+  type        = number
+}
 variable "queue_time_target_us" { type = number }
 variable "gpu_utilization_high" { type = number }
 variable "kms_key" { type = string }
 variable "log_retention_days" { type = number }
 variable "logs_bucket" { type = string }
+variable "scale_from_zero" {
+  description = "min_instances is 0: add the scale-out path that starts the first task."
+  type        = bool
+}
 
 locals {
   metrics_port      = 8002
@@ -54,7 +66,7 @@ resource "aws_ecs_cluster" "this" {
 }
 
 data "aws_ssm_parameter" "gpu_ami" {
-  name = "/aws/service/ecs/optimized-ami/amazon-linux-2/gpu/recommended/image_id"
+  name = "/aws/service/ecs/optimized-ami/amazon-linux-2023/gpu/recommended/image_id"
 }
 
 # Instance role: the AWS-managed ECS container-instance policy (register with
@@ -160,27 +172,6 @@ resource "aws_ecs_cluster_capacity_providers" "this" {
   }
 }
 
-# Execution role: pull the Triton image from its own repository and write to
-# its own log group.
-data "aws_iam_policy_document" "execution" {
-  statement {
-    actions   = ["ecr:GetAuthorizationToken"]
-    resources = ["*"] # GetAuthorizationToken has no resource-level permissions
-  }
-  statement {
-    actions   = ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"]
-    resources = [aws_ecr_repository.triton.arn]
-  }
-  statement {
-    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
-    resources = ["${aws_cloudwatch_log_group.triton.arn}:*"]
-  }
-  statement {
-    actions   = ["kms:Decrypt"]
-    resources = [var.kms_key]
-  }
-}
-
 # Task role: read the model repository; publish the sidecar's metrics into
 # this project's CloudWatch namespace only.
 data "aws_iam_policy_document" "task" {
@@ -225,7 +216,10 @@ locals {
             metric_declaration = [{
               source_labels = ["job"]
               label_matcher = "^triton$"
-              dimensions    = [["ClusterName", "model"]]
+              # [ClusterName] is what the scaling policies and the alarm read
+              # (CloudWatch matches dimension sets exactly); [ClusterName,
+              # model] keeps the per-model series for dashboards.
+              dimensions = [["ClusterName"], ["ClusterName", "model"]]
               metric_selectors = [
                 "^nv_inference_queue_duration_us$",
                 "^nv_inference_request_success$",
@@ -246,18 +240,21 @@ locals {
   })
 }
 
+# Execution role: pull the Triton image from its own repository and write to
+# its own log group.
 module "execution_role" {
-  source      = "../service_role"
-  name        = "${var.name}-triton-execution"
-  service     = "ecs-tasks.amazonaws.com"
-  policy_json = data.aws_iam_policy_document.execution.json
+  source             = "../ecs_execution_role"
+  name               = "${var.name}-triton-execution"
+  ecr_repository_arn = aws_ecr_repository.triton.arn
+  log_group_arn      = aws_cloudwatch_log_group.triton.arn
+  kms_key            = var.kms_key
 }
 
 module "task_role" {
-  source      = "../service_role"
-  name        = "${var.name}-triton-task"
-  service     = "ecs-tasks.amazonaws.com"
-  policy_json = data.aws_iam_policy_document.task.json
+  source          = "../service_role"
+  name            = "${var.name}-triton-task"
+  service         = "ecs-tasks.amazonaws.com"
+  inline_policies = { "models-and-metrics" = data.aws_iam_policy_document.task.json }
 }
 
 resource "aws_ecs_task_definition" "triton" {
@@ -281,6 +278,9 @@ resource "aws_ecs_task_definition" "triton" {
       ]
       environment          = [{ name = "AWS_DEFAULT_REGION", value = var.region }]
       resourceRequirements = [{ type = "GPU", value = "1" }]
+      # Docker's 64 MB /dev/shm is too small for the python backend's tensors
+      # (BLS passes CSM KV caches through shared memory). EC2 launch type only.
+      linuxParameters = { sharedMemorySize = var.shm_size_mb }
       portMappings = [
         { containerPort = var.port, protocol = "tcp" },
         { containerPort = local.metrics_port, protocol = "tcp" },
@@ -303,11 +303,13 @@ resource "aws_ecs_task_definition" "triton" {
       }
     },
     {
-      name                   = "metrics"
-      image                  = "public.ecr.aws/cloudwatch-agent/cloudwatch-agent:latest"
-      essential              = false
-      memoryReservation      = 256
-      readonlyRootFilesystem = true
+      name              = "metrics"
+      image             = "public.ecr.aws/cloudwatch-agent/cloudwatch-agent:latest"
+      essential         = false
+      memoryReservation = 256
+      # The agent writes its translated configuration and state under
+      # /opt/aws/amazon-cloudwatch-agent at start; a read-only root stops it.
+      readonlyRootFilesystem = false
       environment = [
         { name = "CW_CONFIG_CONTENT", value = local.cw_agent_config },
         { name = "PROMETHEUS_CONFIG_CONTENT", value = local.prometheus_config },
@@ -329,11 +331,11 @@ resource "aws_security_group" "alb" {
   description = "Internal Triton ALB: HTTP from the API only"
   vpc_id      = var.vpc_id
   ingress {
-    description     = "Triton HTTP from the API Lambda"
+    description     = "Triton HTTP from the API (Lambda and sessions service)"
     from_port       = var.port
     to_port         = var.port
     protocol        = "tcp"
-    security_groups = [var.client_security_group_id]
+    security_groups = var.client_security_group_ids
   }
   egress {
     description     = "To Triton tasks"
@@ -368,7 +370,6 @@ resource "aws_security_group_rule" "tasks_from_alb" {
 }
 
 resource "aws_lb" "triton" {
-  #checkov:skip=CKV_AWS_91:ALB access logs need an SSE-S3 bucket and the project's buckets are SSE-KMS; request logs come from Triton and the API instead
   #checkov:skip=CKV_AWS_150:deletion protection would block `terraform destroy` in docs/deploy.md's tear-down; the ALB holds no state
   #checkov:skip=CKV2_AWS_28:the ALB is internal (no internet path); WAF does not apply
   #checkov:skip=CKV2_AWS_20:internal HTTP-only ALB (see the listener); there is no HTTPS listener to redirect to
@@ -379,6 +380,11 @@ resource "aws_lb" "triton" {
   security_groups            = [aws_security_group.alb.id]
   drop_invalid_header_fields = true
   idle_timeout               = 60
+  access_logs {
+    bucket  = var.logs_bucket
+    prefix  = "alb"
+    enabled = true
+  }
 }
 
 resource "aws_lb_target_group" "triton" {
@@ -437,7 +443,9 @@ resource "aws_ecs_service" "triton" {
   lifecycle {
     ignore_changes = [desired_count]
   }
-  depends_on = [aws_lb_listener.triton]
+  # The association must outlive the service: destroy removes the service
+  # (and its tasks) before the capacity provider leaves the cluster.
+  depends_on = [aws_lb_listener.triton, aws_ecs_cluster_capacity_providers.this]
 }
 
 resource "aws_appautoscaling_target" "triton" {
@@ -531,6 +539,65 @@ resource "aws_cloudwatch_metric_alarm" "gpu_high" {
   comparison_operator = "GreaterThanThreshold"
   threshold           = var.gpu_utilization_high / 100
   alarm_actions       = [aws_appautoscaling_policy.gpu_high.arn]
+}
+
+# Scale from zero: with no task there are no Triton metrics, so the queue-time
+# policy reads 0 and never scales out. The internal ALB still counts the
+# requests it answers with 503; while the service wants no task and requests
+# arrive, add one.
+resource "aws_appautoscaling_policy" "from_zero" {
+  count              = var.scale_from_zero ? 1 : 0
+  name               = "${var.name}-triton-from-zero"
+  policy_type        = "StepScaling"
+  service_namespace  = aws_appautoscaling_target.triton.service_namespace
+  resource_id        = aws_appautoscaling_target.triton.resource_id
+  scalable_dimension = aws_appautoscaling_target.triton.scalable_dimension
+  step_scaling_policy_configuration {
+    adjustment_type         = "ChangeInCapacity"
+    cooldown                = 60
+    metric_aggregation_type = "Maximum"
+    step_adjustment {
+      metric_interval_lower_bound = 0
+      scaling_adjustment          = 1
+    }
+  }
+}
+
+resource "aws_cloudwatch_metric_alarm" "from_zero" {
+  count               = var.scale_from_zero ? 1 : 0
+  alarm_name          = "${var.name}-triton-from-zero"
+  alarm_description   = "Requests reach the Triton ALB while the service wants no task"
+  evaluation_periods  = 1
+  comparison_operator = "GreaterThanOrEqualToThreshold"
+  threshold           = 1
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [aws_appautoscaling_policy.from_zero[0].arn]
+  metric_query {
+    id          = "wake"
+    expression  = "IF(FILL(desired, 0) == 0 AND FILL(requests, 0) > 0, 1, 0)"
+    label       = "requests while no task is wanted"
+    return_data = true
+  }
+  metric_query {
+    id = "requests"
+    metric {
+      namespace   = "AWS/ApplicationELB"
+      metric_name = "RequestCount"
+      dimensions  = { LoadBalancer = aws_lb.triton.arn_suffix }
+      stat        = "Sum"
+      period      = 60
+    }
+  }
+  metric_query {
+    id = "desired"
+    metric {
+      namespace   = "ECS/ContainerInsights"
+      metric_name = "DesiredTaskCount"
+      dimensions  = { ClusterName = aws_ecs_cluster.this.name, ServiceName = aws_ecs_service.triton.name }
+      stat        = "Maximum"
+      period      = 60
+    }
+  }
 }
 
 output "alb_dns_name" { value = aws_lb.triton.dns_name }

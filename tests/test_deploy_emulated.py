@@ -1,0 +1,230 @@
+"""``terraform validate``, then ``apply`` and ``destroy`` of the whole configuration against moto.
+
+moto's server mode stands in for AWS on 127.0.0.1 with fake credentials, so
+wrong references, values unknown at plan time that decide ``count``, argument
+combinations a service refuses and missing dependencies (destroy order
+included) fail here instead of in an account. What this does not prove:
+nothing runs (no instance boots, no container starts, no request is served),
+IAM, KMS key and bucket policies are stored but not enforced, and moto accepts
+some values AWS would refuse. docs/deploy.md says the same.
+
+The provider comes from a local plugin directory (``terraform init
+-plugin-dir``); the tests skip, saying why, where terraform or the provider is
+absent. The configuration is copied to a temporary directory so nothing is
+written into ``terraform/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.moto_shims import install_shims
+
+TERRAFORM_SRC = Path(__file__).resolve().parent.parent / "terraform"
+PROVIDER_GLOB = "registry.terraform.io/hashicorp/aws/*/*/terraform-provider-aws*"
+PLUGIN_ROOTS = (
+    os.environ.get("CONVERSE_TF_PLUGIN_DIR", ""),
+    "/opt/tf-plugins",
+    str(Path.home() / ".terraform.d/plugins"),
+    "/usr/share/terraform/plugins",
+    "/usr/local/share/terraform/plugins",
+)
+# Every endpoint the configuration's resources and data sources call.
+ENDPOINTS = (
+    "acm", "apigatewayv2", "appautoscaling", "autoscaling", "cloudfront", "cloudwatch", "dynamodb",
+    "ec2", "ecr", "ecs", "elbv2", "iam", "kms", "lambda", "logs", "route53", "s3",
+    "secretsmanager", "ssm", "sts",
+)
+APPLY_BUDGET_S = 600
+
+
+def plugin_dir() -> Path | None:
+    """The directory above ``registry.terraform.io`` that holds the AWS provider, if any."""
+    for root in PLUGIN_ROOTS:
+        if root and any(Path(root).glob(PROVIDER_GLOB)):
+            return Path(root)
+    return None
+
+
+def _requirements() -> tuple[str, Path]:
+    terraform = shutil.which("terraform")
+    if not terraform:
+        pytest.skip("terraform is not installed on this machine")
+    plugins = plugin_dir()
+    if plugins is None:
+        pytest.skip("the hashicorp/aws provider is not in a local plugin directory "
+                    f"({', '.join(r for r in PLUGIN_ROOTS if r)}); set CONVERSE_TF_PLUGIN_DIR")
+    return terraform, plugins
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str],
+         timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TF_"))}
+    env.update({
+        "TF_IN_AUTOMATION": "1",
+        "TF_INPUT": "0",
+        "TF_CLI_CONFIG_FILE": str(tmp / "terraformrc"),  # no user config, no network mirrors
+        "CHECKPOINT_DISABLE": "1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    (tmp / "terraformrc").write_text("")
+    return env
+
+
+def _copy_config(tmp: Path) -> Path:
+    work = tmp / "terraform"
+    shutil.copytree(TERRAFORM_SRC, work,
+                    ignore=shutil.ignore_patterns(".terraform", ".terraform.lock.hcl", "*.tfstate*",
+                                                  "terraform.tfvars"))
+    return work
+
+
+def _init(terraform: str, plugins: Path, work: Path, env: dict[str, str]) -> None:
+    result = _run([terraform, "init", "-backend=false", f"-plugin-dir={plugins}", "-no-color"],
+                  work, env, 120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_terraform_validate(tmp_path: Path) -> None:
+    terraform, plugins = _requirements()
+    env = _env(tmp_path)
+    work = _copy_config(tmp_path)
+    _init(terraform, plugins, work, env)
+    result = _run([terraform, "validate", "-no-color"], work, env, 120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _provider_override(endpoint: str) -> str:
+    urls = "\n".join(f'    {name} = "{endpoint}"' for name in ENDPOINTS)
+    return f"""
+provider "aws" {{
+  region                      = "us-east-1"
+  access_key                  = "testing"
+  secret_key                  = "testing"
+  skip_credentials_validation = true
+  skip_metadata_api_check     = true
+  skip_region_validation      = true
+  skip_requesting_account_id  = false
+  s3_use_path_style           = true
+  endpoints {{
+{urls}
+  }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[str]:
+    """moto in server mode on 127.0.0.1 (a thread of this process), stopped at the end."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (dev extra)")
+    from moto.server import ThreadedMotoServer
+
+    install_shims()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    threads_before = {t.ident for t in threading.enumerate()}
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            extra = [t for t in threading.enumerate()
+                     if t.ident not in threads_before and t.is_alive()]
+            if not extra:
+                break
+            time.sleep(0.1)
+        assert not extra, f"emulator threads outlived the test: {extra}"
+
+
+TFVARS = {
+    "api_image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/converse-api:test",
+    "triton_image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/converse-triton:test",
+    "min_gpu_instances": 0,  # scale-from-zero path included
+}
+
+
+def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -> None:
+    terraform, plugins = _requirements()
+    env = _env(tmp_path)
+    work = _copy_config(tmp_path)
+    (work / "emulator_override.tf").write_text(_provider_override(emulator))
+    (work / "terraform.tfvars.json").write_text(json.dumps(TFVARS))
+    _init(terraform, plugins, work, env)
+
+    # Timeouts out of order fail the plan (the lambda function's precondition).
+    bad = _run([terraform, "plan", "-no-color", "-var", "lambda_timeout_s=40"], work, env, 300)
+    assert bad.returncode != 0
+    assert "Timeouts must be ordered" in bad.stdout + bad.stderr
+
+    started = time.monotonic()
+    applied = _run([terraform, "apply", "-auto-approve", "-no-color", "-parallelism=20"],
+                   work, env, APPLY_BUDGET_S)
+    apply_s = time.monotonic() - started
+    assert applied.returncode == 0, applied.stdout[-6000:] + applied.stderr[-6000:]
+
+    state = json.loads(_run([terraform, "show", "-json"], work, env, 120).stdout)
+    managed = _managed_resources(state["values"]["root_module"])
+    outputs = state["values"]["outputs"]
+    assert outputs["stream_url"]["value"].startswith("wss://")
+    assert outputs["endpoint_url"]["value"]
+    assert len(managed) > 100, len(managed)
+    for needed in ("module.sessions.aws_ecs_service.this",
+                   "module.sessions.aws_cloudfront_distribution.this[0]",
+                   "module.triton.aws_appautoscaling_policy.from_zero[0]",
+                   "module.data.aws_iam_service_linked_role.autoscaling[0]"):
+        assert needed in managed, needed
+
+    # A second plan refreshes every resource without error. (It is not empty:
+    # moto drops some attributes, e.g. capacity provider strategies.)
+    again = _run([terraform, "plan", "-no-color", "-refresh=true"], work, env, 300)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+
+    # docs/deploy.md's tear-down: versioned buckets keep every version and
+    # delete marker (the log bucket holds access logs); delete them all first.
+    _empty_versioned_buckets(emulator)
+    started = time.monotonic()
+    destroyed = _run([terraform, "destroy", "-auto-approve", "-no-color", "-parallelism=20"],
+                     work, env, APPLY_BUDGET_S)
+    destroy_s = time.monotonic() - started
+    assert destroyed.returncode == 0, destroyed.stdout[-6000:] + destroyed.stderr[-6000:]
+    print(f"emulated apply: {len(managed)} resources in {apply_s:.0f} s, "
+          f"destroy in {destroy_s:.0f} s")
+
+
+def _empty_versioned_buckets(endpoint: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    for bucket in s3.list_buckets()["Buckets"]:
+        pages = s3.get_paginator("list_object_versions").paginate(Bucket=bucket["Name"])
+        for page in pages:
+            doomed = [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                      for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+            if doomed:
+                s3.delete_objects(Bucket=bucket["Name"], Delete={"Objects": doomed, "Quiet": True})
+
+
+def _managed_resources(module: dict[str, object]) -> set[str]:
+    found = {r["address"] for r in module.get("resources", []) if r["mode"] == "managed"}  # type: ignore[union-attr]
+    for child in module.get("child_modules", []):  # type: ignore[union-attr]
+        found |= _managed_resources(child)
+    return found
