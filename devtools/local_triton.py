@@ -16,7 +16,7 @@ Usage::
     with LocalTriton(Path("model_repository")) as triton:
         print(triton.http_url)   # e.g. "127.0.0.1:40123"
 
-or ``python -m export.local_triton --repository model_repository``.
+or ``python -m devtools.local_triton [--repository DIR]``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from devtools import REPOSITORY
 
 
 class TritonStartError(RuntimeError):
@@ -203,8 +205,8 @@ class LocalTriton:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve a repository in the foreground until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m export.local_triton")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser = argparse.ArgumentParser(prog="python -m devtools.local_triton")
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
     args = parser.parse_args(argv)
     with LocalTriton(args.repository) as triton:
         print(f"tritonserver ready at http://{triton.http_url} (Ctrl-C stops it)", flush=True)

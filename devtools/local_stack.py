@@ -15,7 +15,7 @@ from types import TracebackType
 
 import uvicorn
 
-from export.local_triton import LocalTriton, free_port
+from devtools.local_triton import LocalTriton, free_port
 from handler.app import create_app
 from handler.settings import Settings
 
