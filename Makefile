@@ -39,8 +39,8 @@ test: repository lint $(CHECKOV)
 	CONVERSE_CHECKOV=$(CHECKOV) $(PY) -m pytest -q
 
 ## Tests that need no tritonserver and no exported repository (Triton test double), in seconds.
-test-fast: $(INSTALLED)
-	$(PY) -m pytest -q -m "not triton and not gpu" --fake-triton
+test-fast: $(INSTALLED) $(CHECKOV)
+	CONVERSE_CHECKOV=$(CHECKOV) $(PY) -m pytest -q -m "not triton and not gpu" --fake-triton
 
 benchmark: repository
 	$(PY) -m benchmarks.run_all --out docs/PERFORMANCE.md

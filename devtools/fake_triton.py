@@ -43,7 +43,6 @@ import zlib
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
@@ -51,6 +50,7 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from devtools.service import Service
 from export.kokoro import MAX_TOKENS, SAMPLE_RATE_HZ, SPEED_RANGE, _voice_names
 from export.repository import render_template
 
@@ -384,7 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
         return (encoded + b"".join(blobs), len(encoded)) if blobs else (encoded, None)
 
 
-class FakeTriton:
+class FakeTriton(Service):
     """The double, serving ``models`` on ``127.0.0.1:<free port>`` until stopped.
 
     Args:
@@ -408,12 +408,13 @@ class FakeTriton:
         return f"127.0.0.1:{self._server.server_port}"
 
     def start(self) -> FakeTriton:
-        """Bind a free loopback port and serve from a daemon thread."""
+        """Bind a free loopback port and serve from a daemon thread ``fake-triton-<port>``."""
         server = _Server(("127.0.0.1", 0), _Handler)
         server.configs, server.inferences = self.configs, self.inferences
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="fake-triton",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, name=f"fake-triton-{server.server_port}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -426,14 +427,3 @@ class FakeTriton:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-    def __enter__(self) -> FakeTriton:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -35,9 +35,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from devtools import REPOSITORY
+from devtools.service import Service
 
 
 class TritonStartError(RuntimeError):
@@ -57,7 +57,7 @@ def _pytriton_dir() -> Path:
     return Path(pytriton.__file__).resolve().parent
 
 
-class LocalTriton:
+class LocalTriton(Service):
     """A tritonserver process on loopback serving a model repository.
 
     Args:
@@ -190,17 +190,6 @@ class LocalTriton:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
-
-    def __enter__(self) -> LocalTriton:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

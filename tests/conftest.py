@@ -16,9 +16,11 @@ from fastapi.testclient import TestClient
 from devtools import REPOSITORY
 from devtools.fake_triton import FakeTriton
 from devtools.local_triton import LocalTriton
+from devtools.tiny_models import make_tiny_csm, make_tiny_gemma
 from export.__main__ import main as export_main
+from export.speech import export_asr
 from handler.app import create_app
-from tests.helpers import make_settings
+from tests.helpers import TINY_CSM, TinyTriton, make_settings
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Refuse a test that starts the real server without the ``triton`` mark."""
     unmarked = [
         item.nodeid for item in items
-        if "triton" in getattr(item, "fixturenames", ())
+        if {"triton", "tiny_triton"} & set(getattr(item, "fixturenames", ()))
         and item.get_closest_marker("triton") is None
     ]
     if unmarked:
@@ -46,6 +48,24 @@ def triton() -> Iterator[LocalTriton]:
     assert export_main(["all", "--out", str(REPOSITORY), "--target", "cpu"]) == 0
     with LocalTriton(REPOSITORY) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyTriton]:
+    """One tritonserver for the parity tests: tiny Gemma as ``author``, tiny CSM, whisper_asr.
+
+    The CSM tests need Whisper (audio-only turns get transcripts); the author
+    tests call ``author`` directly, so the two tiny families share one server.
+    """
+    gemma = make_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
+    csm = make_tiny_csm(tmp_path_factory.mktemp("tiny-csm"))
+    repository = tmp_path_factory.mktemp("tiny-repository")
+    assert export_main(["author", "--checkpoint", str(gemma), "--out", str(repository)]) == 0
+    argv = ["csm", "--checkpoint", str(csm), "--out", str(repository), "--name", TINY_CSM]
+    assert export_main(argv) == 0
+    export_asr(repository)
+    with LocalTriton(repository) as server:
+        yield TinyTriton(gemma, csm, repository, server)
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,31 @@ from __future__ import annotations
 import base64
 import io
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
+from devtools.local_triton import LocalTriton
 from handler.settings import Settings
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Name of the tiny CSM checkpoint in the test repository (conftest.tiny_triton).
+TINY_CSM = "csm-tiny"
 STATE_DIR = Path(tempfile.mkdtemp(prefix="converse-tests-"))
+
+
+@dataclass(frozen=True)
+class TinyTriton:
+    """The tiny random checkpoints, their exported repository and the server on it."""
+
+    gemma: Path
+    csm: Path
+    repository: Path
+    server: LocalTriton
 
 
 def make_settings(**overrides: Any) -> Settings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +12,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from devtools.local_triton import LocalTriton
-from devtools.tiny_models import make_tiny_gemma
-from export.__main__ import main as export_main
 from handler.models.author import AuthorParams, clean_turn
 from handler.triton import TritonClient
-from tests.helpers import AUTH
+from tests.helpers import AUTH, TinyTriton
 
 PROMPT = "0: Did you end up trying that recipe?\n1: I did, the timing was hard.\n0:"
 STOPS = [2, 75]  # <eos> and "\n" in the tiny tokenizer (see devtools.tiny_models)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, LocalTriton]]:
-    checkpoint = make_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
-    repository = tmp_path_factory.mktemp("author-repository")
-    assert export_main(["author", "--checkpoint", str(checkpoint), "--out", str(repository)]) == 0
-    with LocalTriton(repository) as server:
-        yield checkpoint, repository, server
+def tiny(tiny_triton: TinyTriton) -> tuple[Path, Path, LocalTriton]:
+    return tiny_triton.gemma, tiny_triton.repository, tiny_triton.server
 
 
 def hf_model(checkpoint: Path) -> tuple[Any, Any]:

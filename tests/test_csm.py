@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from devtools.local_triton import LocalTriton
-from devtools.tiny_models import FRAME_SAMPLES, make_tiny_csm, speech, transformers_prompt
+from devtools.tiny_models import FRAME_SAMPLES, speech, transformers_prompt
 from export.__main__ import main as export_main
 from export.csm import CsmExportOptions, export_csm
-from export.speech import export_asr
 from handler.triton import TritonClient
-from tests.helpers import AUTH, make_settings, wav_b64
+from tests.helpers import AUTH, TINY_CSM, TinyTriton, make_settings, wav_b64
 
-NAME = "csm-tiny"
+NAME = TINY_CSM
 
 TEXT_HISTORY = [("0", "Welcome back to the show."), ("1", "Glad to be here.")]
 OPEN_TURN = ("0", "Let's pick up where we left off.")
@@ -29,14 +28,8 @@ pytestmark = pytest.mark.triton
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, LocalTriton]]:
-    checkpoint = make_tiny_csm(tmp_path_factory.mktemp("tiny-csm"))
-    repository = tmp_path_factory.mktemp("csm-repository")
-    argv = ["csm", "--checkpoint", str(checkpoint), "--out", str(repository), "--name", NAME]
-    assert export_main(argv) == 0
-    export_asr(repository)  # audio-only history turns get Whisper transcripts
-    with LocalTriton(repository) as server:
-        yield checkpoint, repository, server
+def tiny(tiny_triton: TinyTriton) -> tuple[Path, Path, LocalTriton]:
+    return tiny_triton.csm, tiny_triton.repository, tiny_triton.server
 
 
 def hf_model(checkpoint: Path) -> tuple[Any, Any]:
