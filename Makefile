@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # checkov pins bc-python-hcl2, which clashes with python-hcl2: it gets its own venv.
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: demo serve test lint repository benchmark clean images upload-models
+.PHONY: demo serve test test-fast lint repository benchmark clean images upload-models
 
 $(INSTALLED): pyproject.toml model_repository/requirements.txt $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ serve: repository
 	$(PY) scripts/serve.py
 
 lint: $(INSTALLED)
-	$(PY) -m ruff check handler export model_repository tests benchmarks scripts
+	$(PY) -m ruff check handler export model_repository devtools tests benchmarks scripts
 	$(PY) -m mypy
 
 $(CHECKOV):
@@ -38,8 +38,12 @@ $(CHECKOV):
 test: repository lint $(CHECKOV)
 	CONVERSE_CHECKOV=$(CHECKOV) $(PY) -m pytest -q
 
+## Tests that need no tritonserver and no exported repository (Triton test double), in seconds.
+test-fast: $(INSTALLED) $(CHECKOV)
+	CONVERSE_CHECKOV=$(CHECKOV) $(PY) -m pytest -q -m "not triton and not gpu" --fake-triton
+
 benchmark: repository
-	$(PY) benchmarks/run_all.py --out docs/PERFORMANCE.md
+	$(PY) -m benchmarks.run_all --out docs/PERFORMANCE.md
 
 ## AWS: export the GPU repository and sync it to the model bucket (terraform output).
 upload-models: $(INSTALLED)

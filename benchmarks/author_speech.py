@@ -16,7 +16,6 @@ import asyncio
 import base64
 import io
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,16 +23,14 @@ import httpx
 import numpy as np
 import soundfile as sf
 
+from devtools.local_stack import LocalStack
+from devtools.wer import SPEC_SENTENCES, word_error_rate
+from handler.audio import resample
+from handler.author_lm import AUTHOR_MODEL, build_prompt
+from handler.transcription import SPEECH_SAMPLE_RATE, align, transcribe
+from handler.triton import TritonClient
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from local_stack import LocalStack  # noqa: E402
-from wer import SPEC_SENTENCES, word_error_rate  # noqa: E402
-
-from handler.audio import resample  # noqa: E402
-from handler.author_lm import AUTHOR_MODEL, build_prompt  # noqa: E402
-from handler.transcription import SPEECH_SAMPLE_RATE, align, transcribe  # noqa: E402
-from handler.triton import TritonClient  # noqa: E402
 
 HISTORY = [("0", "Did you end up trying that recipe?"),
            ("1", "I did, the timing was the hard part.")]

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from devtools.local_triton import LocalTriton
+from devtools.tiny_models import make_tiny_csm, speech, transformers_prompt
+from export.csm import CsmExportOptions, export_csm
+from handler.engines.base import take_params
+from handler.engines.csm import CsmEngine, Segment
+from handler.triton import TritonClient
 
-from export.csm import CsmExportOptions, export_csm  # noqa: E402
-from export.local_triton import LocalTriton  # noqa: E402
-from handler.engines.base import take_params  # noqa: E402
-from handler.engines.csm import CsmEngine, Segment  # noqa: E402
-from handler.triton import TritonClient  # noqa: E402
-from tests.csm_fixtures import make_tiny_csm, speech, transformers_prompt  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 NAME = "csm-tiny"
 FRAMES = 48

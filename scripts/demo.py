@@ -17,7 +17,9 @@ from pathlib import Path
 
 import httpx
 import soundfile as sf
-from local_stack import LocalStack
+
+from devtools import REPOSITORY
+from devtools.local_stack import LocalStack
 
 WEEKEND = {
     "model": "kokoro",
@@ -59,7 +61,7 @@ def main() -> None:
     """Run the examples, write the files, print durations and curl commands."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("out"))
-    parser.add_argument("--repository", type=Path, default=Path("build/model_repository"))
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with LocalStack(args.repository) as stack:

@@ -7,13 +7,14 @@ import contextlib
 import signal
 from pathlib import Path
 
-from local_stack import LocalStack
+from devtools import REPOSITORY
+from devtools.local_stack import LocalStack
 
 
 def main() -> None:
     """Start the stack, print the URL, a working key and a curl to try, wait for Ctrl-C."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repository", type=Path, default=Path("build/model_repository"))
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args()
     with LocalStack(args.repository, args.port) as stack:

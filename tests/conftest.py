@@ -1,74 +1,97 @@
-"""Shared fixtures: the real local Triton (session-scoped) and API clients over it."""
+"""Fixtures: the real local Triton and its test double (session-scoped), API clients over them.
+
+Tests that need the real tritonserver carry ``@pytest.mark.triton``; the rest
+(``make test-fast``: ``-m "not triton and not gpu" --fake-triton``) reach
+Triton only through ``triton_url`` / ``client``, which ``--fake-triton`` points
+at :class:`devtools.fake_triton.FakeTriton` instead of the real server.
+"""
 
 from __future__ import annotations
 
-import base64
-import io
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-import soundfile as sf
 from fastapi.testclient import TestClient
 
-from export.kokoro import KokoroExportOptions, export_kokoro
-from export.local_triton import LocalTriton
+from devtools import REPOSITORY
+from devtools.fake_triton import FakeTriton
+from devtools.local_triton import LocalTriton
+from devtools.tiny_models import make_tiny_csm, make_tiny_gemma
+from export.__main__ import main as export_main
 from handler.app import create_app
-from handler.settings import Settings
+from tests.helpers import TINY_CSM, TinyTriton, make_settings
 
-REPOSITORY = Path(__file__).resolve().parent.parent / "build" / "model_repository"
-API_KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fake-triton", action="store_true",
+        help="serve `triton_url` and `client` from the Triton test double (devtools.fake_triton)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that starts the real server without the ``triton`` mark."""
+    unmarked = [
+        item.nodeid for item in items
+        if {"triton", "tiny_triton"} & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("triton") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("tests using the real tritonserver need @pytest.mark.triton: "
+                                + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
 def triton() -> Iterator[LocalTriton]:
-    """tritonserver serving the exported Kokoro repository (export is a no-op when current)."""
-    export_kokoro(KokoroExportOptions(out=REPOSITORY))
+    """tritonserver on the full local repository, exported first where missing or stale."""
+    assert export_main(["all", "--out", str(REPOSITORY), "--target", "cpu"]) == 0
     with LocalTriton(REPOSITORY) as server:
         yield server
 
 
-STATE_DIR = Path(tempfile.mkdtemp(prefix="converse-tests-"))
+@pytest.fixture(scope="session")
+def tiny_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyTriton]:
+    """One tritonserver for the parity tests: tiny Gemma as ``author``, tiny CSM, whisper_asr.
 
-
-def make_settings(**overrides: Any) -> Settings:
-    """Settings with storage in a fresh temp dir and a rate limit tests never reach."""
-    state = Path(tempfile.mkdtemp(dir=STATE_DIR))
-    values: dict[str, Any] = {
-        "api_keys": API_KEY,
-        "sqlite_path": state / "converse.db",
-        "blob_dir": state / "blobs",
-        "rate_limit_capacity": 1_000_000,
-        **overrides,
-    }
-    return Settings(**values)
+    The CSM tests need Whisper (audio-only turns get transcripts); the author
+    tests call ``author`` directly, so the two tiny families share one server.
+    """
+    gemma = make_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
+    csm = make_tiny_csm(tmp_path_factory.mktemp("tiny-csm"))
+    repository = tmp_path_factory.mktemp("tiny-repository")
+    assert export_main(["author", "--checkpoint", str(gemma), "--out", str(repository)]) == 0
+    argv = ["csm", "--checkpoint", str(csm), "--out", str(repository), "--name", TINY_CSM]
+    assert export_main(argv) == 0
+    assert export_main(["asr", "--out", str(repository)]) == 0
+    with LocalTriton(repository) as server:
+        yield TinyTriton(gemma, csm, repository, server)
 
 
 @pytest.fixture(scope="session")
-def settings(triton: LocalTriton) -> Settings:
-    return make_settings(triton_url=triton.http_url)
+def fake_triton() -> Iterator[FakeTriton]:
+    """The Triton test double serving kokoro, whisper_asr, aligner and author."""
+    with FakeTriton() as double:
+        yield double
 
 
 @pytest.fixture(scope="session")
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+def triton_url(request: pytest.FixtureRequest) -> str:
+    """``host:port`` the API tests send Triton calls to: real server, or the double."""
+    backend = "fake_triton" if request.config.getoption("fake_triton") else "triton"
+    return str(request.getfixturevalue(backend).http_url)
+
+
+@pytest.fixture(scope="session")
+def client(triton_url: str) -> Iterator[TestClient]:
+    """The API over ``triton_url``."""
+    app = create_app(make_settings(triton_url=triton_url))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
 
-def wav_b64(samples: np.ndarray, sample_rate: int, data_uri: bool = False) -> str:
-    """Base64 16-bit WAV of ``samples`` ([n] or [n, channels])."""
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
-    encoded = base64.b64encode(buffer.getvalue()).decode()
-    return f"data:audio/wav;base64,{encoded}" if data_uri else encoded
-
-
-def tone(seconds: float, sample_rate: int = 24_000, hz: float = 440.0,
-         amplitude: float = 0.5) -> np.ndarray:
-    """A float32 sine tone."""
-    t = np.arange(round(seconds * sample_rate)) / sample_rate
-    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+@pytest.fixture(scope="session")
+def real_client(triton: LocalTriton) -> Iterator[TestClient]:
+    """The API over the real tritonserver, for tests that listen to what the models produce."""
+    app = create_app(make_settings(triton_url=triton.http_url))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client

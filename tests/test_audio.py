@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from handler import audio
-from tests.conftest import tone
+from tests.helpers import tone
 
 
 def test_peak_normalize_hits_target_after_16_bit_encoding() -> None:

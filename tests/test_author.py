@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +11,18 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from export.__main__ import main as export_main
-from export.local_triton import LocalTriton
+from devtools.local_triton import LocalTriton
 from handler.author_lm import AuthorParams, clean_turn
 from handler.triton import TritonClient
-from tests.author_fixtures import make_tiny_gemma
-from tests.conftest import AUTH
+from tests.helpers import AUTH, TinyTriton
 
 PROMPT = "0: Did you end up trying that recipe?\n1: I did, the timing was hard.\n0:"
-STOPS = [2, 75]  # <eos> and "\n" in the tiny tokenizer (see author_fixtures)
+STOPS = [2, 75]  # <eos> and "\n" in the tiny tokenizer (see devtools.tiny_models)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, LocalTriton]]:
-    checkpoint = make_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
-    repository = tmp_path_factory.mktemp("author-repository")
-    assert export_main(["author", "--checkpoint", str(checkpoint), "--out", str(repository)]) == 0
-    with LocalTriton(repository) as server:
-        yield checkpoint, repository, server
+def tiny(tiny_triton: TinyTriton) -> tuple[Path, Path, LocalTriton]:
+    return tiny_triton.gemma, tiny_triton.repository, tiny_triton.server
 
 
 def hf_model(checkpoint: Path) -> tuple[Any, Any]:
@@ -58,6 +51,7 @@ def generate_in_triton(server: LocalTriton, prompt: str, params: AuthorParams) -
     return asyncio.run(call())
 
 
+@pytest.mark.triton
 def test_step_graph_matches_pytorch(tiny: Any) -> None:
     import onnxruntime as ort
     import torch
@@ -82,6 +76,7 @@ def test_step_graph_matches_pytorch(tiny: Any) -> None:
             np.testing.assert_allclose(ours, reference.numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("prompt", [PROMPT, "1: Hello there.\n0: Hi!\n1:"])
 def test_greedy_tokens_through_triton_equal_transformers(tiny: Any, prompt: str) -> None:
     import torch
@@ -98,6 +93,7 @@ def test_greedy_tokens_through_triton_equal_transformers(tiny: Any, prompt: str)
     assert got == expected and len(got) > 3
 
 
+@pytest.mark.triton
 def test_seeded_sampling_is_reproducible(tiny: Any) -> None:
     _, _, server = tiny
     first = generate_in_triton(server, PROMPT, AuthorParams(1.5, 20, 24, 7))
@@ -132,10 +128,13 @@ def test_models_advertise_author_mode(client: TestClient) -> None:
     assert "author" in model["modes"]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_authored_recipe_turn_is_short_english_and_voiced(client: TestClient, seed: int) -> None:
-    response = client.post("/v1/converse", headers=AUTH,
-                           json={"conversation": RECIPE, "params": {"seed": seed}})
+def test_authored_recipe_turn_is_short_english_and_voiced(
+    real_client: TestClient, seed: int
+) -> None:
+    response = real_client.post("/v1/converse", headers=AUTH,
+                                json={"conversation": RECIPE, "params": {"seed": seed}})
     assert response.status_code == 200, response.text
     reply = response.json()["reply"]
     words = reply["text"].split()
@@ -146,11 +145,12 @@ def test_authored_recipe_turn_is_short_english_and_voiced(client: TestClient, se
     assert response.json()["usage"]["output_audio_seconds"] > 0.3
 
 
-def test_audio_only_history_is_transcribed_for_authoring(client: TestClient) -> None:
-    spoken = client.post("/v1/converse", headers=AUTH, json={"conversation": [
+@pytest.mark.triton
+def test_audio_only_history_is_transcribed_for_authoring(real_client: TestClient) -> None:
+    spoken = real_client.post("/v1/converse", headers=AUTH, json={"conversation": [
         {"speaker": "1", "text": "I finally fixed the old bicycle in the garage."}]})
     clip = spoken.json()["reply"]["audio"]["data_b64"]
-    response = client.post("/v1/converse", headers=AUTH, json={"conversation": [
+    response = real_client.post("/v1/converse", headers=AUTH, json={"conversation": [
         {"speaker": "1", "audio_wav_b64": clip}, {"speaker": "0"}]})
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["input_audio_seconds"] > 1.0

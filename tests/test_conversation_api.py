@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from tests.conftest import AUTH
+from tests.helpers import AUTH
 
 WEEKEND = [
     {"voice": "jf_alpha", "text": "How was your weekend?"},

@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from export.local_triton import LocalTriton
+from devtools.fake_triton import FakeTriton
 from handler.app import create_app
-from tests.conftest import AUTH, REPOSITORY, make_settings, tone, wav_b64
+from tests.helpers import AUTH, make_settings, tone, wav_b64
 
 HISTORY = [
     {"speaker": "0", "text": "Welcome back to the show."},
@@ -124,10 +124,9 @@ def test_invalid_requests(client: TestClient, body: Any, status: int, needle: st
 
 
 def test_audio_cap_is_checked_on_base64_length() -> None:
-    from handler.services.turn_input import decode_turn_audio
-
     from handler.errors import InvalidRequest
     from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
+    from handler.services.turn_input import decode_turn_audio
 
     oversized = "A" * ((MAX_TURN_AUDIO_BYTES // 3 + 1) * 4)
     with pytest.raises(InvalidRequest, match="25 MiB"):
@@ -160,12 +159,9 @@ def test_health_needs_no_key(client: TestClient) -> None:
 
 
 @pytest.fixture(scope="module")
-def voice_only_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    """An API over a repository that serves Kokoro but no author LM."""
-    repository = tmp_path_factory.mktemp("voice-only")
-    for name in ("kokoro", "kokoro_frontend", "kokoro_network"):
-        (repository / name).symlink_to(REPOSITORY / name, target_is_directory=True)
-    with LocalTriton(repository) as server, TestClient(
+def voice_only_client() -> Iterator[TestClient]:
+    """An API over a Triton (the test double) that serves Kokoro but no author LM."""
+    with FakeTriton(models=["kokoro"]) as server, TestClient(
         create_app(make_settings(triton_url=server.http_url))
     ) as voice_only:
         yield voice_only

@@ -11,30 +11,25 @@ from typing import Any
 import numpy as np
 import pytest
 
+from devtools.local_triton import LocalTriton
+from devtools.tiny_models import FRAME_SAMPLES, speech, transformers_prompt
 from export.__main__ import main as export_main
 from export.csm import CsmExportOptions, export_csm
-from export.local_triton import LocalTriton
-from export.repository import ExportOptions
-from export.speech import export_asr
 from handler.triton import TritonClient
-from tests.csm_fixtures import FRAME_SAMPLES, make_tiny_csm, speech, transformers_prompt
+from tests.helpers import AUTH, TINY_CSM, TinyTriton, make_settings, wav_b64
 
-NAME = "csm-tiny"
+NAME = TINY_CSM
 
 TEXT_HISTORY = [("0", "Welcome back to the show."), ("1", "Glad to be here.")]
 OPEN_TURN = ("0", "Let's pick up where we left off.")
 GREEDY = {"temperature": 0.0, "depth_temperature": 0.0, "penalty": 1.0}
 
+pytestmark = pytest.mark.triton
+
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, LocalTriton]]:
-    checkpoint = make_tiny_csm(tmp_path_factory.mktemp("tiny-csm"))
-    repository = tmp_path_factory.mktemp("csm-repository")
-    argv = ["csm", "--checkpoint", str(checkpoint), "--out", str(repository), "--name", NAME]
-    assert export_main(argv) == 0
-    export_asr(ExportOptions(out=repository))  # audio-only history turns get Whisper transcripts
-    with LocalTriton(repository) as server:
-        yield checkpoint, repository, server
+def tiny(tiny_triton: TinyTriton) -> tuple[Path, Path, LocalTriton]:
+    return tiny_triton.csm, tiny_triton.repository, tiny_triton.server
 
 
 def hf_model(checkpoint: Path) -> tuple[Any, Any]:
@@ -286,7 +281,6 @@ def csm_client(tiny: Any) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from handler.app import create_app
-    from tests.conftest import make_settings
 
     _, _, server = tiny
     app = create_app(make_settings(triton_url=server.http_url, default_model=NAME))
@@ -295,8 +289,6 @@ def csm_client(tiny: Any) -> Iterator[Any]:
 
 
 def converse(client: Any, body: dict[str, Any]) -> Any:
-    from tests.conftest import AUTH
-
     return client.post("/v1/converse", json={"model": NAME, **body}, headers=AUTH)
 
 
@@ -313,8 +305,6 @@ def reply_samples(response: Any) -> tuple[np.ndarray, int]:
 
 
 def test_models_lists_the_csm_entry(csm_client: Any) -> None:
-    from tests.conftest import AUTH
-
     models = {m["id"]: m for m in csm_client.get("/v1/models", headers=AUTH).json()["data"]}
     model = models[NAME]
     assert model["modes"] == ["converse", "tts"]
@@ -336,8 +326,6 @@ def test_contextual_tts_reply(csm_client: Any) -> None:
 
 
 def test_history_audio_conditions_the_turn_and_quantizers_are_reported(csm_client: Any) -> None:
-    from tests.conftest import wav_b64
-
     clip = speech(0.9, seed=6)
     spoken = {"speaker": "1", "audio_wav_b64": wav_b64(clip[::3], 8_000)}  # resampled to 24 kHz
     params = {"max_new_tokens": 16, "seed": 11, "quantizers": 8}
@@ -388,8 +376,6 @@ def test_spec_rules(csm_client: Any, body: dict[str, Any], needle: str) -> None:
 
 
 def test_stitched_dialogue_refuses_a_model_without_voices(csm_client: Any) -> None:
-    from tests.conftest import AUTH
-
     body = {"model": NAME, "turns": [{"voice": "jf_alpha", "text": "Fine."}]}
     response = csm_client.post("/v1/audio/conversation", json=body, headers=AUTH)
     assert response.status_code == 400
@@ -470,7 +456,7 @@ def test_fp16_export_keeps_fp32_tensors_and_close_outputs(tiny: Any, tmp_path: P
 
 
 def test_audio_only_turn_is_conditioned_with_its_transcript(
-    csm_client: Any, tiny: Any, client: Any
+    csm_client: Any, tiny: Any, real_client: Any
 ) -> None:
     import base64
     import io
@@ -479,10 +465,8 @@ def test_audio_only_turn_is_conditioned_with_its_transcript(
 
     from handler.audio import resample
     from handler.transcription import SPEECH_SAMPLE_RATE, transcribe
-    from tests.conftest import AUTH
-
     _, _, server = tiny
-    spoken = client.post("/v1/converse", headers=AUTH, json={"conversation": [
+    spoken = real_client.post("/v1/converse", headers=AUTH, json={"conversation": [
         {"speaker": "1", "text": "I finally fixed the old bicycle in the garage."}]})
     clip = spoken.json()["reply"]["audio"]["data_b64"]
     samples, rate = sf.read(io.BytesIO(base64.b64decode(clip)), dtype="float32")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.tiny_models import make_tiny_csm
 from export.__main__ import main as export_main
-from tests.csm_fixtures import make_tiny_csm
 
 
 def _gpu_available() -> bool:

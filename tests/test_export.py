@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.local_triton import LocalTriton, TritonStartError
 from export import kokoro
 from export.kokoro import KokoroExportOptions, export_kokoro
-from export.local_triton import LocalTriton, TritonStartError
 from export.repository import SOURCE_REPOSITORY, Manifest, render_template
 
 
@@ -73,6 +73,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.triton
 def test_local_triton_stops_without_orphans(exported: Path) -> None:
     export_kokoro(KokoroExportOptions(out=exported, target="cpu"))
     server = LocalTriton(exported).start()
@@ -95,6 +96,7 @@ def _pgid(pid: int) -> int:
         return -1
 
 
+@pytest.mark.triton
 def test_broken_repository_fails_with_log_tail(tmp_path: Path) -> None:
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken/config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')

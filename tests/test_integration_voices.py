@@ -6,10 +6,13 @@ import base64
 import io
 
 import numpy as np
+import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from tests.conftest import AUTH
+from tests.helpers import AUTH
+
+pytestmark = pytest.mark.triton
 
 SENTENCE = "The weather was lovely, so we walked along the river for an hour."
 
@@ -31,9 +34,9 @@ def spectrum(samples: np.ndarray) -> np.ndarray:
     return np.asarray(power / power.sum())
 
 
-def test_each_speaker_label_gives_plausible_speech(client: TestClient) -> None:
+def test_each_speaker_label_gives_plausible_speech(real_client: TestClient) -> None:
     for speaker in ("0", "1"):
-        samples = reply_audio(client, speaker, SENTENCE)
+        samples = reply_audio(real_client, speaker, SENTENCE)
         seconds = len(samples) / 24_000
         # 13 words of English read aloud: 2.5-8 s (about 100-300 words per minute).
         assert 2.5 < seconds < 8.0
@@ -44,13 +47,13 @@ def test_each_speaker_label_gives_plausible_speech(client: TestClient) -> None:
         assert np.std(frame_rms) / np.mean(frame_rms) > 0.5
 
 
-def test_default_voices_differ(client: TestClient) -> None:
-    first, second = (spectrum(reply_audio(client, s, SENTENCE)) for s in ("0", "1"))
+def test_default_voices_differ(real_client: TestClient) -> None:
+    first, second = (spectrum(reply_audio(real_client, s, SENTENCE)) for s in ("0", "1"))
     assert np.abs(first - second).sum() > 0.1
 
 
-def test_long_text_is_split_and_fully_voiced(client: TestClient) -> None:
+def test_long_text_is_split_and_fully_voiced(real_client: TestClient) -> None:
     text = " ".join(["This sentence is part of a long turn that must be split."] * 12)
-    samples = reply_audio(client, "0", text)
+    samples = reply_audio(real_client, "0", text)
     # 132 words: well over 20 s of speech, and not truncated to the first piece.
     assert len(samples) / 24_000 > 20

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 import soundfile as sf
 
-from export.local_triton import LocalTriton
-from tests.conftest import API_KEY, STATE_DIR
+from tests.helpers import API_KEY, STATE_DIR
 
 
 class FakeContext:
@@ -22,9 +21,9 @@ class FakeContext:
     aws_request_id = "lambda-req-1"
 
 
-def load_lambda(triton: LocalTriton, **env: str) -> Iterator[ModuleType]:
+def load_lambda(triton_url: str, **env: str) -> Iterator[ModuleType]:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CONVERSE_TRITON_URL", triton.http_url)
+        patch.setenv("CONVERSE_TRITON_URL", triton_url)
         patch.setenv("CONVERSE_API_KEYS", API_KEY)
         patch.setenv("CONVERSE_SQLITE_PATH", str(STATE_DIR / "lambda.db"))
         patch.setenv("CONVERSE_BLOB_DIR", str(STATE_DIR / "lambda-blobs"))
@@ -37,13 +36,13 @@ def load_lambda(triton: LocalTriton, **env: str) -> Iterator[ModuleType]:
 
 
 @pytest.fixture(scope="module")
-def lambda_module(triton: LocalTriton) -> Iterator[ModuleType]:
-    yield from load_lambda(triton)
+def lambda_module(triton_url: str) -> Iterator[ModuleType]:
+    yield from load_lambda(triton_url)
 
 
 @pytest.fixture(scope="module")
-def small_inline_lambda(triton: LocalTriton) -> Iterator[ModuleType]:
-    yield from load_lambda(triton, CONVERSE_INLINE_AUDIO_MAX_BYTES="1000")
+def small_inline_lambda(triton_url: str) -> Iterator[ModuleType]:
+    yield from load_lambda(triton_url, CONVERSE_INLINE_AUDIO_MAX_BYTES="1000")
 
 
 def http_api_v2_event(method: str, path: str, body: Any = None) -> dict[str, Any]:

@@ -6,11 +6,12 @@ import re
 import tomllib
 from importlib import metadata
 
+import pytest
 import yaml
 
-from export.local_triton import LocalTriton
+from devtools import REPOSITORY
+from devtools.local_triton import LocalTriton
 from export.repository import BACKEND_HELPERS, SOURCE_REPOSITORY
-from tests.conftest import REPOSITORY
 
 ROOT = SOURCE_REPOSITORY.parent
 REQUIREMENTS = SOURCE_REPOSITORY / "requirements.txt"
@@ -75,6 +76,7 @@ def test_every_model_has_a_source_folder_with_its_config_template() -> None:
         assert imports.index("converse_backend") < imports.index("numpy"), path
 
 
+@pytest.mark.triton
 def test_built_repository_holds_only_models(triton: LocalTriton) -> None:
     for folder in (p for p in REPOSITORY.iterdir() if p.is_dir()):
         assert (folder / "config.pbtxt").is_file(), folder

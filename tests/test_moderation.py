@@ -7,11 +7,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from export.local_triton import LocalTriton
 from handler.app import create_app
 from handler.moderation import BlocklistPolicy, ModerationVerdict
 from handler.settings import Settings
-from tests.conftest import AUTH, make_settings
+from tests.helpers import AUTH, make_settings
 
 
 class BrokenPolicy:
@@ -35,8 +34,8 @@ def test_blocklist_matches_whole_words_case_insensitively() -> None:
     assert verdict is not None and verdict.type == "pattern"
 
 
-def test_one_blocked_turn_fails_the_whole_conversation(triton: LocalTriton) -> None:
-    settings = make_settings(triton_url=triton.http_url, moderation_blocklist="darn,heck")
+def test_one_blocked_turn_fails_the_whole_conversation(triton_url: str) -> None:
+    settings = make_settings(triton_url=triton_url, moderation_blocklist="darn,heck")
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/audio/conversation", headers=AUTH,
                                json=conversation("Hello there.", "Oh heck, no."))
@@ -53,9 +52,9 @@ def test_one_blocked_turn_fails_the_whole_conversation(triton: LocalTriton) -> N
 
 
 @pytest.mark.parametrize(("fail_mode", "status"), [("closed", 422), ("open", 200)])
-def test_failing_policy_obeys_fail_mode(triton: LocalTriton, fail_mode: str, status: int) -> None:
+def test_failing_policy_obeys_fail_mode(triton_url: str, fail_mode: str, status: int) -> None:
     settings = make_settings(
-        triton_url=triton.http_url,
+        triton_url=triton_url,
         moderation_policy="tests.test_moderation:broken_policy",
         moderation_fail_mode=fail_mode,
     )

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AUTH
+from tests.helpers import AUTH
 
 json_values = st.recursive(
     st.none()

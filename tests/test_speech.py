@@ -1,4 +1,4 @@
-"""ASR and word timestamps through the real local Triton (Whisper, pocketsphinx)."""
+"""ASR and word timestamps: what Whisper and pocketsphinx hear in the real local Triton."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from benchmarks.wer import SPEC_SENTENCES, normalise, word_error_rate
-from export.local_triton import LocalTriton
+from devtools.local_triton import LocalTriton
+from devtools.wer import SPEC_SENTENCES, normalise, word_error_rate
 from handler.audio import resample
 from handler.errors import InferenceError
 from handler.services import timestamps as timestamps_service
 from handler.transcription import SPEECH_SAMPLE_RATE, align, transcribe
 from handler.triton import TritonClient
-from tests.conftest import AUTH
+from tests.helpers import AUTH
 
 
 def speak(client: TestClient, speaker: str, text: str) -> np.ndarray:
@@ -48,10 +48,11 @@ def word_error_rates(client: TestClient, triton: LocalTriton) -> dict[str, float
     return rates
 
 
+@pytest.mark.triton
 def test_spec_sentences_transcribe_back_within_10_percent_wer(
-    client: TestClient, triton: LocalTriton
+    real_client: TestClient, triton: LocalTriton
 ) -> None:
-    rates = word_error_rates(client, triton)
+    rates = word_error_rates(real_client, triton)
     print(f"WER per default voice: {rates}")
     assert all(rate <= 0.10 for rate in rates.values()), rates
 
@@ -70,10 +71,11 @@ def post_timed(client: TestClient, **extra: Any) -> Any:
     return response.json()
 
 
+@pytest.mark.triton
 def test_stitched_timestamps_are_ordered_inside_the_audio_and_mapped_to_turns(
-    client: TestClient,
+    real_client: TestClient,
 ) -> None:
-    body = post_timed(client)
+    body = post_timed(real_client)
     samples, rate = sf.read(io.BytesIO(base64.b64decode(body["audio"])), dtype="float32")
     duration = len(samples) / rate
     words = body["timestamps"]
@@ -88,7 +90,7 @@ def test_stitched_timestamps_are_ordered_inside_the_audio_and_mapped_to_turns(
     # Each turn's words fall inside that turn's span of the stitched file.
     gap = 0.4
     turn_lengths = [
-        s["durationMs"] / 1000 for s in post_timed(client, split=True)["audioSegments"]
+        s["durationMs"] / 1000 for s in post_timed(real_client, split=True)["audioSegments"]
     ]
     starts = np.concatenate([[0.0], np.cumsum(np.array(turn_lengths) + gap)])
     for word in words:
@@ -97,8 +99,9 @@ def test_stitched_timestamps_are_ordered_inside_the_audio_and_mapped_to_turns(
         assert word["end"] <= starts[index] + turn_lengths[index] + 1e-3
 
 
-def test_split_timestamps_are_block_relative(client: TestClient) -> None:
-    body = post_timed(client, split=True)
+@pytest.mark.triton
+def test_split_timestamps_are_block_relative(real_client: TestClient) -> None:
+    body = post_timed(real_client, split=True)
     for segment in body["audioSegments"]:
         words = segment["timestamps"]
         assert words and words[0]["start"] < 0.5
@@ -110,9 +113,10 @@ def test_timestamps_off_skips_them(client: TestClient) -> None:
     assert post_timed(client, timestamps="off")["timestamps"] == []
 
 
-def test_aligned_starts_agree_with_whisper(client: TestClient, triton: LocalTriton) -> None:
+@pytest.mark.triton
+def test_aligned_starts_agree_with_whisper(real_client: TestClient, triton: LocalTriton) -> None:
     text = "The weather was lovely, so we walked along the river for an hour."
-    audio = speak(client, "1", text)
+    audio = speak(real_client, "1", text)
 
     async def both() -> tuple[Any, Any]:
         triton_client = TritonClient(triton.http_url)
@@ -137,14 +141,15 @@ def test_aligned_starts_agree_with_whisper(client: TestClient, triton: LocalTrit
     assert np.mean(differences) < 0.100
 
 
+@pytest.mark.triton
 def test_alignment_failure_falls_back_to_whisper(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    real_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def failing_align(*_: Any) -> Any:
         raise InferenceError("alignment failed")
 
     monkeypatch.setattr(timestamps_service, "align", failing_align)
-    body = post_timed(client)
+    body = post_timed(real_client)
     assert len(body["warnings"]) == 3 and "ASR" in body["warnings"][0]
     heard = [normalise(w["text"]) for w in body["timestamps"] if w["turnIndex"] == 0]
     assert heard == ["how", "was", "your", "weekend"]

@@ -12,15 +12,14 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from export.local_triton import LocalTriton
 from handler.app import create_app
-from tests.conftest import AUTH, make_settings, tone, wav_b64
+from tests.helpers import AUTH, make_settings, tone, wav_b64
 
 
 @pytest.fixture(scope="module")
-def small_inline(triton: LocalTriton) -> Any:
+def small_inline(triton_url: str) -> Any:
     """An app whose inline threshold is 1 KB, so every audio answer becomes a URL."""
-    settings = make_settings(triton_url=triton.http_url, inline_audio_max_bytes=1000)
+    settings = make_settings(triton_url=triton_url, inline_audio_max_bytes=1000)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
 
@@ -92,8 +91,8 @@ def test_saved_and_inline_voices_mix_in_one_conversation(client: TestClient) -> 
     assert inline.content == by_id.content
 
 
-def test_usage_counts_requests_of_this_key(triton: LocalTriton) -> None:
-    settings = make_settings(triton_url=triton.http_url)
+def test_usage_counts_requests_of_this_key(triton_url: str) -> None:
+    settings = make_settings(triton_url=triton_url)
     with TestClient(create_app(settings)) as client:
         clip = wav_b64(tone(2.0), 24_000)
         client.post("/v1/converse", headers=AUTH,
@@ -109,8 +108,8 @@ def test_usage_counts_requests_of_this_key(triton: LocalTriton) -> None:
     assert len(usage["key_id"]) == 16
 
 
-def test_rate_limit_under_concurrency(triton: LocalTriton) -> None:
-    settings = make_settings(triton_url=triton.http_url, rate_limit_capacity=5,
+def test_rate_limit_under_concurrency(triton_url: str) -> None:
+    settings = make_settings(triton_url=triton_url, rate_limit_capacity=5,
                              rate_limit_per_minute=0.001)
     with TestClient(create_app(settings)) as client, ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: client.get("/v1/models", headers=AUTH), range(20)))

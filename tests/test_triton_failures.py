@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from export.local_triton import LocalTriton, free_port
+from devtools.local_triton import free_port
 from handler.app import create_app
 from handler.errors import InferenceError
 from handler.settings import Settings
 from handler.triton import TritonClient
-from tests.conftest import AUTH, make_settings
+from tests.helpers import AUTH, make_settings
 
 CONVERSE = {"conversation": [{"speaker": "0", "text": "Hello there, how are you today?"}]}
 
@@ -33,9 +33,9 @@ def test_unreachable_triton_is_503_with_retry_after() -> None:
         assert client.get("/health").json() == {"status": "degraded", "triton_ready": False}
 
 
-def test_triton_error_is_inference_error(triton: LocalTriton) -> None:
+def test_triton_error_is_inference_error(triton_url: str) -> None:
     async def bad_voice() -> None:
-        client = TritonClient(triton.http_url)
+        client = TritonClient(triton_url)
         try:
             await client.infer(
                 "kokoro",
@@ -53,8 +53,8 @@ def test_triton_error_is_inference_error(triton: LocalTriton) -> None:
         asyncio.run(bad_voice())
 
 
-def test_deadline_is_504_with_own_body(triton: LocalTriton) -> None:
-    settings = make_settings(triton_url=triton.http_url, triton_timeout_s=0.001)
+def test_deadline_is_504_with_own_body(triton_url: str) -> None:
+    settings = make_settings(triton_url=triton_url, triton_timeout_s=0.001)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         response = client.post("/v1/converse", json=CONVERSE, headers=AUTH)
         assert response.status_code == 504

@@ -1,4 +1,4 @@
-"""Word error rate of the bundled voices, read back by Whisper (shared with tests/test_speech.py)."""
+"""Word error rate of the bundled voices read back by Whisper (tests/test_speech.py, benchmarks)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Usage::
     with LocalTriton(Path("build/model_repository")) as triton:
         print(triton.http_url)   # e.g. "127.0.0.1:40123"
 
-or ``python -m export.local_triton --repository build/model_repository``.
+or ``python -m devtools.local_triton [--repository DIR]``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
+
+from devtools import REPOSITORY
+from devtools.service import Service
 
 
 class TritonStartError(RuntimeError):
@@ -55,7 +57,7 @@ def _pytriton_dir() -> Path:
     return Path(pytriton.__file__).resolve().parent
 
 
-class LocalTriton:
+class LocalTriton(Service):
     """A tritonserver process on loopback serving a model repository.
 
     Args:
@@ -189,22 +191,11 @@ class LocalTriton:
             self._workdir.cleanup()
             self._workdir = None
 
-    def __enter__(self) -> LocalTriton:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def main(argv: list[str] | None = None) -> int:
     """Serve a repository in the foreground until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m export.local_triton")
-    parser.add_argument("--repository", type=Path, default=Path("build/model_repository"))
+    parser = argparse.ArgumentParser(prog="python -m devtools.local_triton")
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
     args = parser.parse_args(argv)
     with LocalTriton(args.repository) as triton:
         print(f"tritonserver ready at http://{triton.http_url} (Ctrl-C stops it)", flush=True)

@@ -1,4 +1,4 @@
-"""Triton + the API on loopback, for ``make demo`` and ``make serve``.
+"""Triton + the API on loopback, for ``make demo``, ``make serve`` and the benchmarks.
 
 ``LocalStack`` starts the local tritonserver on the repository, then the
 FastAPI app under uvicorn in a background thread on a free port, with a fresh
@@ -11,16 +11,16 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
 import uvicorn
 
-from export.local_triton import LocalTriton, free_port
+from devtools.local_triton import LocalTriton, free_port
+from devtools.service import Service
 from handler.app import create_app
 from handler.settings import Settings
 
 
-class LocalStack:
+class LocalStack(Service):
     """Local Triton plus the API server; ``base_url`` and ``api_key`` once entered."""
 
     def __init__(self, repository: Path, port: int | None = None) -> None:
@@ -35,7 +35,8 @@ class LocalStack:
         """``http://127.0.0.1:<port>``."""
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> LocalStack:
+    def start(self) -> LocalStack:
+        """Start Triton, then the API; return once both answer."""
         self.triton.start()
         settings = Settings(triton_url=self.triton.http_url, api_keys=self.api_key)
         config = uvicorn.Config(
@@ -47,17 +48,13 @@ class LocalStack:
         deadline = time.monotonic() + 30
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                self.__exit__(None, None, None)
+                self.stop()
                 raise RuntimeError("the API server did not start")
             time.sleep(0.05)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Stop the API server thread, then Triton."""
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(timeout=15)

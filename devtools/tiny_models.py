@@ -1,4 +1,10 @@
-"""A tiny random CSM checkpoint (backbone, depth decoder, Mimi) with a character tokenizer."""
+"""Tiny random checkpoints for tests and benchmarks: Gemma 3 (author LM) and CSM.
+
+Both use one character-level tokenizer, so token ids are easy to reason about
+(``<eos>`` is id 2, a newline id 75). Nothing is downloaded: weights are random
+and seeded. Also here: speech-like test audio and transformers' own CSM prompt,
+the independent reference the CSM parity tests and benchmark compare against.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,53 @@ from typing import Any
 
 import numpy as np
 
-from tests.author_fixtures import char_tokenizer
-
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'—-:0123456789\n[]")
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 AUDIO_TOKEN, AUDIO_EOS_TOKEN = "<|AUDIO|>", "<|audio_eos|>"
 CODEBOOK_VOCAB = 64
+# Samples of one Mimi frame: 80 ms at 24 kHz.
 FRAME_SAMPLES = 1920
+
+
+def char_tokenizer(extra_special: tuple[str, ...] = ()) -> tuple[Any, dict[str, int]]:
+    """A character-level ``PreTrainedTokenizerFast`` (BOS added) and its vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL + list(extra_special) + CHARACTERS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=list(extra_special),
+    )
+    return wrapped, vocab
+
+
+def make_tiny_gemma(directory: Path, seed: int = 0) -> Path:
+    """Save a 3-layer random Gemma 3 causal LM and its tokenizer into ``directory``."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    wrapped, vocab = char_tokenizer()
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=512,
+        max_position_embeddings=1024,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"],
+    )
+    model = Gemma3ForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    wrapped.save_pretrained(directory)
+    return directory
 
 
 def make_tiny_csm(directory: Path, seed: int = 0) -> Path:
@@ -63,7 +111,15 @@ def make_tiny_csm(directory: Path, seed: int = 0) -> Path:
 
 
 def speech(seconds: float, seed: int) -> np.ndarray:
-    """Speech-like test audio at 24 kHz: a gliding harmonic tone with noise, float32."""
+    """Speech-like test audio: a gliding harmonic tone with a little noise.
+
+    Args:
+        seconds: duration in seconds.
+        seed: seed of the noise.
+
+    Returns:
+        float32 mono samples at 24 kHz in about [-0.6, 0.6], shape [round(seconds * 24000)].
+    """
     rng = np.random.default_rng(seed)
     t = np.arange(round(seconds * 24_000)) / 24_000
     pitch = 140 + 40 * np.sin(2 * np.pi * 1.5 * t)
@@ -75,11 +131,21 @@ def speech(seconds: float, seed: int) -> np.ndarray:
 def transformers_prompt(
     tokenizer: Any, model: Any, segments: list[tuple[str, str, np.ndarray | None]]
 ) -> dict[str, Any]:
-    """transformers' own 2-D prompt: text tokens, audio placeholders, audio merged by the model.
+    """The 2-D CSM prompt as transformers builds it: text tokens, audio placeholders, audio.
 
     Layout per SesameAILabs/csm generator.py and transformers' CsmProcessor chat
     template: BOS ``[speaker]text`` EOS, then one ``<|AUDIO|>`` per Mimi frame
     and ``<|audio_eos|>``; the model Mimi-encodes ``input_values`` itself.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer (from :func:`make_tiny_csm`).
+        model: the ``CsmForConditionalGeneration`` it belongs to.
+        segments: ``(speaker, text, audio)`` per turn; audio float32 [n] at 24 kHz or None.
+
+    Returns:
+        ``input_ids`` int64 [1, T]; with any audio also ``input_values`` float32
+        [1, 1, total samples] and ``input_values_cutoffs`` int64 [1, clips]
+        (cumulative sample counts).
     """
     import torch
 

@@ -1,0 +1,60 @@
+"""Test utilities shared by the test modules: the API key, app settings and test audio."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from devtools.local_triton import LocalTriton
+from handler.settings import Settings
+
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Name of the tiny CSM checkpoint in the test repository (conftest.tiny_triton).
+TINY_CSM = "csm-tiny"
+STATE_DIR = Path(tempfile.mkdtemp(prefix="converse-tests-"))
+
+
+@dataclass(frozen=True)
+class TinyTriton:
+    """The tiny random checkpoints, their exported repository and the server on it."""
+
+    gemma: Path
+    csm: Path
+    repository: Path
+    server: LocalTriton
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings with storage in a fresh temp dir and a rate limit tests never reach."""
+    state = Path(tempfile.mkdtemp(dir=STATE_DIR))
+    values: dict[str, Any] = {
+        "api_keys": API_KEY,
+        "sqlite_path": state / "converse.db",
+        "blob_dir": state / "blobs",
+        "rate_limit_capacity": 1_000_000,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def wav_b64(samples: np.ndarray, sample_rate: int, data_uri: bool = False) -> str:
+    """Base64 16-bit WAV of ``samples`` ([n] or [n, channels])."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return f"data:audio/wav;base64,{encoded}" if data_uri else encoded
+
+
+def tone(seconds: float, sample_rate: int = 24_000, hz: float = 440.0,
+         amplitude: float = 0.5) -> np.ndarray:
+    """A float32 sine tone."""
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
