@@ -29,6 +29,8 @@ import pytest
 
 from tests.moto_shims import install_shims
 
+pytestmark = pytest.mark.infra
+
 TERRAFORM_SRC = Path(__file__).resolve().parent.parent / "terraform"
 PROVIDER_GLOB = "registry.terraform.io/hashicorp/aws/*/*/terraform-provider-aws*"
 PLUGIN_ROOTS = (

