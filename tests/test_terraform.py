@@ -180,7 +180,7 @@ def test_scaling_reads_the_dimensions_the_agent_publishes() -> None:
 
 @pytest.mark.infra
 def test_checkov_has_no_failed_checks() -> None:
-    assert CHECKOV.exists(), f"{CHECKOV} missing: `make checkov-venv` installs it"
+    assert CHECKOV.exists(), f"{CHECKOV} missing: `make test` installs it (.venv-checkov)"
     result = subprocess.run(
         [str(CHECKOV), "-d", str(TERRAFORM), "--framework", "terraform",
          "--output", "json", "--skip-download"],
