@@ -156,7 +156,8 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 def test_health_needs_no_key(client: TestClient) -> None:
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "triton_ready": True}
+    assert response.json() == {"status": "ok"}
+    assert client.get("/ready").json()["status"] == "ready"
 
 
 @pytest.fixture(scope="module")
