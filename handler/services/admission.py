@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from handler.errors import KeyOverShare, Overloaded
+from handler.errors import DeadlineExceeded, KeyOverShare, Overloaded
 
 # Expected latencies are multiplied by this before they are compared with the
 # time left, so that requests slower than the average still finish in time.
@@ -96,15 +96,15 @@ class Admission:
         return {"Retry-After": str(max(1, seconds))}
 
     def _refuse_or_queue(self, key_id: str, deadline: float) -> _Waiter:
+        if len(self._waiting) >= self.max_queued:
+            raise Overloaded(
+                "the service is at capacity; retry later", headers=self._retry_after()
+            )
         if self._held[key_id] >= self.key_limit:
             raise KeyOverShare(
                 f"this key already has {self._held[key_id]} requests running or waiting, its "
                 "share of the service while it is busy; retry later",
                 headers=self._retry_after(),
-            )
-        if len(self._waiting) >= self.max_queued:
-            raise Overloaded(
-                "the service is at capacity; retry later", headers=self._retry_after()
             )
         expected = self._expected_s(len(self._waiting))
         if expected is not None and self._clock() + expected > deadline:
@@ -153,10 +153,19 @@ class Admission:
         except asyncio.CancelledError:
             self._leave(waiter)
             raise
+        if self._run_s is not None and self._clock() + SAFETY * self._run_s > deadline:
+            self._leave(waiter)
+            raise Overloaded(
+                "the service could not start this request in time to finish it; retry later",
+                headers=self._retry_after(),
+            )
 
     @asynccontextmanager
     async def slot(self, key_id: str, deadline: float) -> AsyncIterator[None]:
         """Hold a slot for the body of the ``async with`` block.
+
+        The time the body takes feeds the run-time estimate when it succeeds or
+        runs out of time (not when it fails early, e.g. on validation).
 
         Args:
             key_id: the caller's key id (for its share).
@@ -176,6 +185,9 @@ class Admission:
         try:
             yield
             completed = True
+        except DeadlineExceeded:
+            completed = True
+            raise
         finally:
             self._held[key_id] -= 1
             if completed:
