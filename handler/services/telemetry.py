@@ -89,11 +89,21 @@ class RequestRecord:
         )
 
 
+class _Stdout:
+    """Whatever ``sys.stdout`` is when a line is written (it may be replaced after startup)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def request_logger() -> logging.Logger:
     """The ``converse.requests`` logger, writing bare JSON lines to stdout."""
     logger = logging.getLogger(REQUEST_LOGGER)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(_Stdout())
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
