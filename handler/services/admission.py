@@ -3,9 +3,11 @@
 One :class:`Admission` per API process. A request that finds a free slot
 starts at once. Otherwise it may wait in a FIFO queue, but only when it can
 still start and finish before its deadline: the expected latency of a request
-that joins the queue behind ``q`` others is ``d * (1 + (q + 1) / k)``, where
-``k`` is the number of slots and ``d`` a moving average of how long a running
-request takes (each slot frees after about ``d / k`` seconds). A request that
+that joins ``a`` running and ``q`` waiting ones is ``c * (a + q + 1)``, where
+``c`` is a moving average of the service time one request costs (its run time
+divided by the requests running beside it: Triton serves the work of all slots
+with the same hardware, so more slots do not mean proportionally more
+throughput). A request that
 cannot make it is refused at once with 503 and ``Retry-After``; a key that
 already holds its share of the running + waiting slots while others wait is
 refused with 429. A waiter whose deadline comes before a slot frees leaves
@@ -79,20 +81,20 @@ class Admission:
 
     @property
     def run_s(self) -> float | None:
-        """Moving average of a running request's duration, seconds (None before the first)."""
+        """Moving average of one request's service cost, seconds (None before the first)."""
         return self._run_s
 
     def _expected_s(self, ahead: int) -> float | None:
-        """Expected seconds from now to the end of a request with ``ahead`` waiters before it."""
+        """Expected seconds from now to the end of a request with ``ahead`` others before it."""
         if self._run_s is None:
             return None
-        return SAFETY * self._run_s * (1 + (ahead + 1) / self.max_active)
+        return SAFETY * self._run_s * (ahead + 1)
 
     def _retry_after(self) -> dict[str, str]:
         if self._run_s is None:
             seconds = self.retry_after_s
         else:
-            seconds = math.ceil((len(self._waiting) + 1) * self._run_s / self.max_active)
+            seconds = math.ceil((self._active + len(self._waiting)) * self._run_s)
         return {"Retry-After": str(max(1, seconds))}
 
     def _refuse_or_queue(self, key_id: str, deadline: float) -> _Waiter:
@@ -106,7 +108,7 @@ class Admission:
                 "share of the service while it is busy; retry later",
                 headers=self._retry_after(),
             )
-        expected = self._expected_s(len(self._waiting))
+        expected = self._expected_s(self._active + len(self._waiting))
         if expected is not None and self._clock() + expected > deadline:
             raise Overloaded(
                 "the service cannot finish this request before its deadline; retry later",
@@ -142,7 +144,8 @@ class Admission:
             Overloaded: no slot freed in time (503).
         """
         try:
-            async with asyncio.timeout_at(deadline - SAFETY * (self._run_s or 0.0)):
+            latest_start = deadline - SAFETY * (self._run_s or 0.0) * self._active
+            async with asyncio.timeout_at(latest_start):
                 await asyncio.shield(waiter.started)
         except TimeoutError:
             self._leave(waiter)
@@ -153,7 +156,8 @@ class Admission:
         except asyncio.CancelledError:
             self._leave(waiter)
             raise
-        if self._run_s is not None and self._clock() + SAFETY * self._run_s > deadline:
+        expected = self._expected_s(self._active - 1)
+        if expected is not None and self._clock() + expected > deadline:
             self._leave(waiter)
             raise Overloaded(
                 "the service could not start this request in time to finish it; retry later",
@@ -181,6 +185,7 @@ class Admission:
         else:
             await self._wait(self._refuse_or_queue(key_id, deadline), deadline)
         started = self._clock()
+        beside = self._active
         completed = False
         try:
             yield
@@ -191,7 +196,7 @@ class Admission:
         finally:
             self._held[key_id] -= 1
             if completed:
-                took = self._clock() - started
+                took = (self._clock() - started) / max(1, beside, self._active)
                 self._run_s = (
                     took
                     if self._run_s is None
