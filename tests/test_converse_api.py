@@ -124,10 +124,9 @@ def test_invalid_requests(client: TestClient, body: Any, status: int, needle: st
 
 
 def test_audio_cap_is_checked_on_base64_length() -> None:
-    from handler.services.turn_input import decode_turn_audio
-
     from handler.errors import InvalidRequest
     from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
+    from handler.services.turn_input import decode_turn_audio
 
     oversized = "A" * ((MAX_TURN_AUDIO_BYTES // 3 + 1) * 4)
     with pytest.raises(InvalidRequest, match="25 MiB"):

@@ -91,8 +91,9 @@ def test_key_over_its_share_is_429_while_other_keys_wait() -> None:
 def test_waiter_that_cannot_start_before_its_deadline_gets_503_not_504() -> None:
     fake = FakeTriton()
     gate = gated(fake)
-    with fake_client(fake, admission_max_active=1, admission_max_queued=1,
-                     admission_key_share=1.0, triton_timeout_s=1.0) as client, ThreadPoolExecutor(1) as pool:
+    settings = {"admission_max_active": 1, "admission_max_queued": 1,
+                "admission_key_share": 1.0, "triton_timeout_s": 1.0}
+    with fake_client(fake, **settings) as client, ThreadPoolExecutor(1) as pool:
         running = pool.submit(post, client, "/v1/converse", CONVERSE)
         wait_for_calls(fake, 1)
         waited = post(client, "/v1/converse", CONVERSE)
