@@ -14,7 +14,6 @@ schemathesis' summaries; JUnit reports go to ``--report-dir``.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from isolated import isolate  # noqa: E402
 from local_stack import LocalStack  # noqa: E402
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
@@ -35,12 +36,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--report-dir", type=Path, default=Path(tempfile.mkdtemp(prefix="fuzz-")))
     args = parser.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="converse-fuzz-"))
-    # A rate limit the run never reaches, and storage of its own.
-    os.environ.update(CONVERSE_RATE_LIMIT_CAPACITY="100000000",
-                      CONVERSE_SQLITE_PATH=str(state / "converse.db"),
-                      CONVERSE_BLOB_DIR=str(state / "blobs"),
-                      CONVERSE_LOG_REQUESTS="false")
+    isolate("converse-fuzz-")
     inference = "^/v1/(converse|audio/.*)$"
     parts = {
         "other": ["--exclude-path-regex", inference, "--phases", "examples,coverage,fuzzing"],

@@ -17,7 +17,6 @@ import collections
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from isolated import isolate  # noqa: E402
 from local_stack import LocalStack  # noqa: E402
 
 BODY = {"conversation": [{"speaker": "0", "text": "Hello there, how are you today?"}]}
@@ -72,11 +73,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--sequential", type=int, default=10)
     args = parser.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="converse-overload-"))
-    os.environ.update(CONVERSE_RATE_LIMIT_CAPACITY="100000000",
-                      CONVERSE_SQLITE_PATH=str(state / "converse.db"),
-                      CONVERSE_BLOB_DIR=str(state / "blobs"),
-                      CONVERSE_LOG_REQUESTS="false")
+    isolate("converse-overload-")
     with LocalStack(ROOT / "model_repository") as stack:
         result = asyncio.run(run(stack.base_url, stack.api_key, args.requests,
                                  args.concurrency, args.sequential))
