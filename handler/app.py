@@ -6,16 +6,23 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handler.engines.catalog import ModelCatalog
 from handler.errors import ApiError, MethodNotAllowed, NotFound, render
 from handler.moderation import load_policy
 from handler.routes import converse, dialogue, files, health, usage, voices
+from handler.routes.openapi import API_DESCRIPTION, build_openapi
+from handler.services.admission import Admission
+from handler.services.telemetry import Metrics, RequestRecord, request_logger
 from handler.settings import Settings
 from handler.storage import make_blob_store, make_storage
 from handler.triton import TritonClient
@@ -25,29 +32,94 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 logger = logging.getLogger("converse")
 
 
-def _request_id(request: Request) -> str:
-    existing = getattr(request.state, "request_id", None)
-    if existing:
-        return str(existing)
-    sent = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = sent if _CLIENT_REQUEST_ID.match(sent) else f"req_{uuid.uuid4().hex}"
-    request.state.request_id = request_id
-    return request_id
+def _new_request_id(sent: str) -> str:
+    return sent if _CLIENT_REQUEST_ID.match(sent) else f"req_{uuid.uuid4().hex}"
 
 
-def _add_headers(request: Request, response: Response) -> Response:
-    """``X-Request-ID`` always; ``X-RateLimit-*`` once the key's bucket was consulted."""
-    response.headers[REQUEST_ID_HEADER] = _request_id(request)
-    decision = getattr(request.state, "rate_limit", None)
-    if decision is not None:
-        response.headers["X-RateLimit-Limit"] = str(decision.limit)
-        response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
-        response.headers["X-RateLimit-Reset"] = str(math.ceil(decision.reset_s))
-    return response
+def _rate_limit_headers(state: dict[str, Any]) -> dict[str, str]:
+    """``X-RateLimit-*`` once the key's bucket was consulted, else nothing."""
+    decision = state.get("rate_limit")
+    if decision is None:
+        return {}
+    return {
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(math.ceil(decision.reset_s)),
+    }
+
+
+class RequestMiddleware:
+    """Per HTTP request: id, deadline and telemetry record on arrival; headers; the log line.
+
+    On arrival ``scope["state"]`` gets ``request_id`` (a valid client
+    ``X-Request-ID`` or ``req_<32 hex>``), ``deadline`` (``time.monotonic()`` +
+    ``triton_timeout_s``) and ``record`` (:class:`RequestRecord`). Every
+    response carries ``X-Request-ID`` and, once the key's bucket was consulted,
+    ``X-RateLimit-*``. When the answer has gone out the record is written as one
+    JSON line (``log_requests``) and counted in ``metrics`` (when enabled).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        admission: Admission,
+        metrics: Metrics | None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.admission = admission
+        self.metrics = metrics
+        self.log = request_logger() if settings.log_requests else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run one request through the app with its id, deadline and record."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        request_id = _new_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER, ""))
+        record = RequestRecord(request_id, scope["method"], scope["path"])
+        state.update(
+            request_id=request_id,
+            deadline=record.started + self.settings.triton_timeout_s,
+            record=record,
+        )
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                for name, value in _rate_limit_headers(state).items():
+                    headers[name] = value
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            record.status = record.status or 500
+            record.error_code = record.error_code or "internal_error"
+            raise
+        finally:
+            record.route = str(getattr(scope.get("route"), "path", ""))
+            record.key_id = str(state.get("key_id", ""))
+            if self.log is not None:
+                self.log.info(record.line())
+            if self.metrics is not None:
+                self.metrics.observe(record, self.admission.active, self.admission.waiting)
 
 
 def _error_response(request: Request, error: ApiError) -> Response:
-    return _add_headers(request, render(error, request.url.path, _request_id(request)))
+    """The error in its path's style, with the request id and rate-limit headers."""
+    request_id = str(request.state.request_id)
+    record: RequestRecord = request.state.record
+    record.error_code = error.code
+    record.error_detail = error.detail
+    response = render(error, request.url.path, request_id)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    response.headers.update(_rate_limit_headers(request.scope.get("state", {})))
+    return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,10 +130,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Returns:
         A FastAPI app whose ``state`` holds ``settings``, ``triton`` (the one
-        Triton client) and ``catalog`` (the model catalogue).
+        Triton client), ``catalog`` (the model catalogue), ``admission`` (the
+        inference slots) and ``metrics`` (None unless ``metrics_enabled``).
     """
     settings = settings or Settings()
     triton = TritonClient(settings.triton_url, settings.triton_max_inflight, settings.retry_after_s)
+    admission = Admission(
+        settings.admission_max_active,
+        settings.admission_max_queued,
+        settings.admission_key_share,
+        settings.retry_after_s,
+    )
+    metrics = Metrics() if settings.metrics_enabled else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -71,8 +151,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="converse",
         version="0.1.0",
-        description="Self-hostable conversational speech API served from Triton.",
+        description=API_DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
     app.state.triton = triton
@@ -80,13 +161,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = make_storage(settings)
     app.state.blobs = make_blob_store(settings)
     app.state.moderation = load_policy(settings)
-
-    @app.middleware("http")
-    async def request_id_header(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        _request_id(request)
-        return _add_headers(request, await call_next(request))
+    app.state.admission = admission
+    app.state.metrics = metrics
+    app.add_middleware(RequestMiddleware, settings=settings, admission=admission, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Response:
@@ -104,8 +181,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
-        logger.exception("unhandled error", exc_info=error)
-        return _error_response(request, ApiError("internal error"))
+        logger.exception("unhandled error (request %s)", request.state.request_id, exc_info=error)
+        return _error_response(request, ApiError("internal error", detail=repr(error)))
 
     app.include_router(health.router)
     app.include_router(converse.router)
@@ -114,4 +191,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(files.uploads)
     app.include_router(files.files)
+    app.openapi = partial(build_openapi, app)  # type: ignore[method-assign]
     return app

@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import math
 import time
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
@@ -16,16 +18,21 @@ from handler.engines.catalog import ModelCatalog
 from handler.errors import (
     AuthenticationError,
     InvalidRequest,
+    PayloadTooLarge,
     RateLimited,
     ValidationItem,
     uses_problem_json,
 )
+from handler.services.admission import Admission
 from handler.services.context import RequestContext
+from handler.services.deadline import within_deadline
+from handler.services.telemetry import RequestRecord
 from handler.settings import Settings
 from handler.storage import BlobStore, Storage
 from handler.triton import TritonClient
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def get_settings(request: Request) -> Settings:
@@ -64,8 +71,13 @@ def get_key_id(request: Request) -> str:
 
 
 def get_request_id(request: Request) -> str:
-    """The request id set by the request-id middleware."""
+    """The request id set by the request middleware."""
     return str(request.state.request_id)
+
+
+def get_deadline(request: Request) -> float:
+    """The request's deadline, ``time.monotonic()`` seconds (set on arrival)."""
+    return float(request.state.deadline)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -75,6 +87,7 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 KeyIdDep = Annotated[str, Depends(get_key_id)]
+DeadlineDep = Annotated[float, Depends(get_deadline)]
 
 
 def presented_key(request: Request) -> str | None:
@@ -132,8 +145,10 @@ def get_context(
     blobs: BlobsDep,
     key_id: KeyIdDep,
     request_id: RequestIdDep,
+    deadline: DeadlineDep,
 ) -> RequestContext:
     """The :class:`RequestContext` of an authenticated request."""
+    record: RequestRecord = request.state.record
     return RequestContext(
         settings,
         catalog,
@@ -144,6 +159,8 @@ def get_context(
         request_id,
         str(request.base_url),
         request.app.state.moderation,
+        deadline,
+        record,
     )
 
 
@@ -162,35 +179,47 @@ def validation_error(error: ValidationError, path: str) -> InvalidRequest:
     return InvalidRequest(summary, code=code, turn_index=turn_index, validation=items)
 
 
-def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` declaring ``model`` as the JSON request body.
-
-    Routes read their body with :func:`parse_body` (auth and size checks come
-    first), so FastAPI does not see the model; this puts it in the OpenAPI document.
-    """
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
-
-
 async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
     """Read the JSON body (size-checked first) and validate it against ``model``.
 
     Raises:
-        InvalidRequest: body larger than ``max_bytes``, not JSON, or not a valid ``model``.
+        PayloadTooLarge: body larger than ``max_bytes`` (413).
+        InvalidRequest: not JSON, or not a valid ``model``.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise InvalidRequest(f"request body exceeds {max_bytes} bytes")
+        raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
         if len(body) > max_bytes:
-            raise InvalidRequest(f"request body exceeds {max_bytes} bytes")
+            raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
     try:
         return model.model_validate_json(bytes(body))
     except ValidationError as error:
         raise validation_error(error, request.url.path) from error
+
+
+async def client_gone(request: Request) -> None:
+    """Return once the client has disconnected (call after the body was read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+
+
+async def run_admitted(
+    request: Request, ctx: RequestContext, work: Callable[[], Coroutine[Any, Any, T]]
+) -> T:
+    """Run an inference request's ``work`` in an admission slot, under its one deadline.
+
+    The work is cancelled (and with it its Triton calls) when the deadline
+    passes or the client disconnects.
+
+    Raises:
+        KeyOverShare: the key holds its share of a busy service (429, ``Retry-After``).
+        Overloaded: the request cannot start and finish before its deadline (503).
+        DeadlineExceeded: the work did not finish before the deadline (504).
+        ClientClosedRequest: the client went away (499, logged only).
+    """
+    admission: Admission = request.app.state.admission
+    async with admission.slot(ctx.key_id, ctx.deadline):
+        return await within_deadline(work(), ctx.deadline, partial(client_gone, request))

@@ -1,6 +1,9 @@
 """One error hierarchy and the two renderers the specs require.
 
 Services raise :class:`ApiError` subclasses; nothing else builds error bodies.
+An error's ``message`` is what the client reads: it names no internal host,
+port or path. What only operators need (the Triton address, the upstream's own
+words) goes in ``detail``, which the app logs under the request id.
 ``/v1/audio/*`` errors render as RFC 7807 ``application/problem+json``
 (speechbase-conversation-reference.md); every other path renders the Kalpa
 envelope ``{"error": {"type", "message", "request_id"}}`` (kalpa-converse).
@@ -24,6 +27,22 @@ class ValidationItem:
     message: str
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Who failed upstream, in speechbase's problem fields.
+
+    Attributes:
+        provider: the inference provider ("triton").
+        code: the provider's error code (Triton's: ``INVALID_ARG``, ``INTERNAL``,
+            ``UNAVAILABLE``, ...).
+        status: the provider's HTTP status, or None when it never answered.
+    """
+
+    provider: str
+    code: str
+    status: int | None = None
+
+
 class ApiError(Exception):
     """Base of every error the API answers with.
 
@@ -33,6 +52,9 @@ class ApiError(Exception):
         code: problem+json ``code`` (machine-readable reason).
         title: problem+json ``title``.
         retryable: True if the same request may succeed later (Triton busy, timeout).
+        detail: operator-only context, logged under the request id, never rendered.
+        upstream: the failing inference server's answer (problem+json
+            ``provider``, ``upstream_code``, ``upstream_status``), when one failed.
     """
 
     status = 500
@@ -49,9 +71,13 @@ class ApiError(Exception):
         turn_index: int | None = None,
         validation: list[ValidationItem] | None = None,
         headers: dict[str, str] | None = None,
+        detail: str = "",
+        upstream: Upstream | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail
+        self.upstream = upstream
         if code is not None:
             self.code = code
         self.turn_index = turn_index
@@ -97,6 +123,12 @@ class RateLimited(ApiError):
     retryable = True
 
 
+class PayloadTooLarge(InvalidRequest):
+    """413: the request body is larger than ``max_request_bytes``."""
+
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
 class InferenceError(ApiError):
     """502: Triton answered with an error."""
 
@@ -110,6 +142,18 @@ class ServiceUnavailable(ApiError):
     retryable = True
 
 
+class Overloaded(ServiceUnavailable):
+    """503: the service cannot start this request before its deadline (``Retry-After`` set)."""
+
+    code = "overloaded"
+
+
+class KeyOverShare(RateLimited):
+    """429: under load, this key already holds its share of the service's capacity."""
+
+    code = "concurrency_limited"
+
+
 class ContentBlocked(ApiError):
     """422 ``content_moderation_blocked``, rendered as speechbase's moderation body.
 
@@ -119,10 +163,10 @@ class ContentBlocked(ApiError):
 
     status, type, code, title = 422, "invalid_request", "content_moderation_blocked", "Blocked"
 
-    def __init__(self, message: str, reason_type: str, detail: str, turn_index: int) -> None:
+    def __init__(self, message: str, reason_type: str, reason: str, turn_index: int) -> None:
         super().__init__(message, turn_index=turn_index)
         self.reason_type = reason_type
-        self.detail = detail
+        self.reason = reason
 
 
 class TimestampsUnavailable(ServiceUnavailable):
@@ -132,10 +176,16 @@ class TimestampsUnavailable(ServiceUnavailable):
 
 
 class DeadlineExceeded(ApiError):
-    """504: the Triton work did not finish within ``triton_timeout_s``."""
+    """504: the request did not finish by its deadline (``triton_timeout_s`` after arrival)."""
 
     status, type, code, title = 504, "timeout_error", "timeout", "Deadline exceeded"
     retryable = True
+
+
+class ClientClosedRequest(ApiError):
+    """499: the client went away before the answer; its work was cancelled (logged only)."""
+
+    status, type, code, title = 499, "client_closed_request", "client_closed_request", "Closed"
 
 
 def uses_problem_json(path: str) -> bool:
@@ -163,6 +213,11 @@ def render_problem(error: ApiError, request_id: str) -> JSONResponse:
         body["validation"] = [{"path": v.path, "message": v.message} for v in error.validation]
     if error.turn_index is not None:
         body["turn_index"] = error.turn_index
+    if error.upstream is not None:
+        body["provider"] = error.upstream.provider
+        body["upstream_code"] = error.upstream.code
+        if error.upstream.status is not None:
+            body["upstream_status"] = error.upstream.status
     return JSONResponse(
         body,
         status_code=error.status,
@@ -177,7 +232,7 @@ def render_moderation(error: ContentBlocked, request_id: str) -> JSONResponse:
         "error": {
             "code": error.code,
             "message": error.message,
-            "reason": {"type": error.reason_type, "detail": error.detail},
+            "reason": {"type": error.reason_type, "detail": error.reason},
             "turn_index": error.turn_index,
             "request_id": request_id,
         }

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         description="Kokoro voice (or blend) bound to speaker labels 0, 1, ... in order.",
     )
     triton_timeout_s: float = Field(
-        20.0, gt=0, description="Deadline for all Triton work of one request, seconds."
+        20.0,
+        gt=0,
+        description="Deadline of one request from its arrival, every stage included, seconds.",
     )
     lambda_timeout_s: float = Field(
         25.0, gt=0, description="Lambda function timeout, seconds (must exceed triton_timeout_s)."
@@ -53,6 +55,28 @@ class Settings(BaseSettings):
     )
     triton_max_inflight: int = Field(
         8, ge=1, description="Most Triton inference calls one API process keeps in flight."
+    )
+    admission_max_active: int = Field(
+        4, ge=1, description="Inference requests one API process runs at once; more wait."
+    )
+    admission_max_queued: int = Field(
+        32, ge=0, description="Inference requests that may wait for a slot; beyond it 503."
+    )
+    admission_key_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of running + waiting slots one key may hold once requests wait; "
+        "beyond it 429.",
+    )
+    ready_timeout_s: float = Field(
+        2.0, gt=0, description="How long /ready waits for Triton and the model list, seconds."
+    )
+    log_requests: bool = Field(
+        True, description="Write one JSON line per request (with per-turn events) to stdout."
+    )
+    metrics_enabled: bool = Field(
+        False, description="Serve Prometheus request metrics at /metrics (no key needed)."
     )
     retry_after_s: int = Field(
         5, ge=1, description="Retry-After seconds sent with 503 when Triton is unreachable."
@@ -64,7 +88,10 @@ class Settings(BaseSettings):
         64 * MIB, ge=1024, description="Largest accepted request body, bytes."
     )
     sentence_pause_ms: int = Field(
-        250, ge=0, description="Silence between the sentences of one turn, milliseconds."
+        0,
+        ge=0,
+        description="Silence between the sentences of one turn, milliseconds "
+        "(0: sentences share Kokoro calls).",
     )
     storage_backend: Literal["sqlite", "dynamodb"] = Field(
         "sqlite", description="Where voices, usage and rate-limit buckets live."
@@ -122,15 +149,23 @@ class Settings(BaseSettings):
             )
         return self
 
-    @cached_property
-    def key_digests(self) -> frozenset[str]:
-        """Hex SHA-256 digests of every accepted API key (plaintext keys hashed here)."""
-        digests = {d.strip().lower() for d in self.api_key_sha256.split(",") if d.strip()}
-        digests |= {
+    @model_validator(mode="after")
+    def _hash_plain_keys(self) -> Settings:
+        """Move ``api_keys`` into ``api_key_sha256`` as digests; the plaintext is dropped."""
+        digests = [
             hashlib.sha256(key.strip().encode()).hexdigest()
             for key in self.api_keys.split(",")
             if key.strip()
-        }
+        ]
+        if digests:
+            self.api_key_sha256 = ",".join(d for d in (self.api_key_sha256, *digests) if d)
+            self.api_keys = ""
+        return self
+
+    @cached_property
+    def key_digests(self) -> frozenset[str]:
+        """Hex SHA-256 digests of every accepted API key (``api_keys`` were hashed at load)."""
+        digests = {d.strip().lower() for d in self.api_key_sha256.split(",") if d.strip()}
         if self.api_keys_secret_arn:
             import boto3
 

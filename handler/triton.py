@@ -4,7 +4,10 @@ The client is created lazily inside the running event loop (aiohttp sessions
 belong to one loop; under Mangum each invocation may run a new loop, in which
 case a fresh client is made). Transport and server failures map onto the API's
 error classes: unreachable -> :class:`ServiceUnavailable` (503), an error
-answer -> :class:`InferenceError` (502).
+answer -> :class:`InferenceError` (502). Their client-facing messages name no
+host or port; Triton's address and its own words go in ``detail`` (logged), its
+status in ``upstream``. Cancelling the awaiting task (deadline passed, client
+gone) cancels the HTTP call.
 """
 
 from __future__ import annotations
@@ -17,7 +20,29 @@ import numpy as np
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from handler.errors import InferenceError, ServiceUnavailable
+from handler.errors import InferenceError, ServiceUnavailable, Upstream
+
+PROVIDER = "triton"
+# Triton's error codes by the HTTP status its HTTP endpoint answers them with.
+_TRITON_CODES = {
+    400: "INVALID_ARG",
+    404: "NOT_FOUND",
+    409: "ALREADY_EXISTS",
+    500: "INTERNAL",
+    501: "UNSUPPORTED",
+    503: "UNAVAILABLE",
+}
+
+
+def _inference_error(model: str, error: InferenceServerException) -> InferenceError:
+    status_text = str(error.status() or "")
+    status = int(status_text) if status_text.isdigit() else None
+    code = _TRITON_CODES.get(status or 0, "UNKNOWN")
+    return InferenceError(
+        f"model {model!r} failed in the inference server ({code})",
+        detail=f"model {model!r}: {error.message()}",
+        upstream=Upstream(PROVIDER, code, status),
+    )
 
 
 class TritonClient:
@@ -47,8 +72,10 @@ class TritonClient:
 
     def _unavailable(self, error: BaseException) -> ServiceUnavailable:
         return ServiceUnavailable(
-            f"inference server unreachable at {self.url}: {error}",
+            "the inference server is unreachable; retry later",
             headers={"Retry-After": str(self.retry_after_s)},
+            detail=f"inference server unreachable at {self.url}: {error!r}",
+            upstream=Upstream(PROVIDER, "UNAVAILABLE"),
         )
 
     async def is_ready(self) -> bool:
@@ -102,7 +129,7 @@ class TritonClient:
             except (aiohttp.ClientConnectionError, OSError) as error:
                 raise self._unavailable(error) from error
             except InferenceServerException as error:
-                raise InferenceError(f"model {model!r} failed: {error.message()}") from error
+                raise _inference_error(model, error) from error
         return {name: result.as_numpy(name) for name in outputs}
 
     async def close(self) -> None:

@@ -32,14 +32,21 @@ class TinyTriton:
     server: LocalTriton
 
 
+# Deadlines of the API under test, seconds. Tests check what the service answers,
+# not how fast: a 2-core machine running other suites voices a long turn in more
+# than the production 20 s. Deadline behaviour has its own tests with short ones.
+TEST_DEADLINES = {"triton_timeout_s": 90.0, "lambda_timeout_s": 95.0, "gateway_timeout_s": 100.0}
+
+
 def make_settings(**overrides: Any) -> Settings:
-    """Settings with storage in a fresh temp dir and a rate limit tests never reach."""
+    """Settings with storage in a fresh temp dir, a rate limit tests never reach, long deadlines."""
     state = Path(tempfile.mkdtemp(dir=STATE_DIR))
     values: dict[str, Any] = {
         "api_keys": API_KEY,
         "sqlite_path": state / "converse.db",
         "blob_dir": state / "blobs",
         "rate_limit_capacity": 1_000_000,
+        **TEST_DEADLINES,
         **overrides,
     }
     return Settings(**values)

@@ -6,7 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handler.engines.kokoro import VoiceSpecError, parse_voice_spec, split_text
+from handler.engines.kokoro import (
+    VoiceSpecError,
+    packed_pieces,
+    parse_voice_spec,
+    sentence_pieces,
+)
 
 VOICES = frozenset({"jf_alpha", "jm_kumo"})
 
@@ -26,13 +31,13 @@ def test_bad_voice_specs_are_rejected(spec: str) -> None:
 
 def test_split_at_sentence_boundaries() -> None:
     text = "First sentence here. " * 30
-    pieces = split_text(text, limit=100)
+    pieces = packed_pieces(sentence_pieces(text, limit=100), limit=100)
     assert all(len(p) <= 100 for p in pieces)
     assert all(p.endswith(".") for p in pieces)
 
 
 @given(st.text(alphabet="abc ,.!?", min_size=0, max_size=2000))
 def test_split_keeps_every_word_and_respects_limit(text: str) -> None:
-    pieces = split_text(text, limit=50)
+    pieces = packed_pieces(sentence_pieces(text, limit=50), limit=50)
     assert all(0 < len(p) <= 50 for p in pieces)
     assert "".join("".join(pieces).split()) == "".join(text.split())

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import soundfile as sf
 
-from tests.helpers import API_KEY, STATE_DIR
+from tests.helpers import API_KEY, STATE_DIR, TEST_DEADLINES
 
 
 class FakeContext:
@@ -28,6 +28,8 @@ def load_lambda(triton_url: str, **env: str) -> Iterator[ModuleType]:
         patch.setenv("CONVERSE_SQLITE_PATH", str(STATE_DIR / "lambda.db"))
         patch.setenv("CONVERSE_BLOB_DIR", str(STATE_DIR / "lambda-blobs"))
         patch.setenv("CONVERSE_RATE_LIMIT_CAPACITY", "100000")
+        for name, seconds in TEST_DEADLINES.items():
+            patch.setenv(f"CONVERSE_{name.upper()}", str(seconds))
         for name, value in env.items():
             patch.setenv(name, value)
         import handler.lambda_function

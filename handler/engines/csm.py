@@ -207,7 +207,7 @@ class CsmEngine:
                 self.model_id, inputs, ["AUDIO", "AUDIO_CODES", "DROPPED_SEGMENTS"]
             )
         except InferenceError as error:
-            message = str(error)
+            message = error.detail
             if PROMPT_TOO_LONG in message:
                 detail = message.split(PROMPT_TOO_LONG, 1)[1].strip()
                 raise InvalidRequest(

@@ -2,10 +2,14 @@
 
 Kokoro has no codec (``num_codebooks`` is None), no sampling parameters and no
 context: each turn is voiced on its own with the voice bound to its speaker
-label. Text is split at sentence boundaries into pieces of at most
-``MAX_PIECE_CHARS`` characters so each ensemble call stays inside the model's
-510 phoneme-token window; pieces are synthesised concurrently and joined with
-a short pause.
+label, and history audio (spoken turns, reference clips) is not heard, which
+the answer's ``warnings`` say. Text is split into sentences, and a sentence
+longer than ``MAX_PIECE_CHARS`` characters into pieces, so each ensemble call
+stays inside the model's 510 phoneme-token window; pieces are synthesised
+concurrently. With ``pause_ms`` > 0 every sentence is voiced on its own and
+sentences are joined with that much silence; with 0, consecutive sentences
+share one call while they fit (Kokoro's own sentence prosody, which Whisper
+reads back better: 8.8 % against 12.3 % WER for jf_alpha on the spec sentences).
 """
 
 from __future__ import annotations
@@ -85,25 +89,31 @@ def _split_long(piece: str, limit: int) -> list[str]:
     return parts
 
 
-def split_text(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
-    """Split text into pieces of at most ``limit`` chars, at sentence ends where possible.
+def sentence_pieces(text: str, limit: int = MAX_PIECE_CHARS) -> list[list[str]]:
+    """The text's sentences, each as the pieces of at most ``limit`` chars it is voiced in.
 
-    Consecutive short sentences are grouped; an over-long sentence is split at
-    clause punctuation, then between words. Whitespace-only input gives ``[]``.
+    A sentence ends at ``.``, ``!``, ``?`` or ``…`` followed by whitespace; a
+    sentence longer than ``limit`` is split at clause punctuation, then between
+    words. Whitespace-only input gives ``[]``.
     """
-    pieces: list[str] = []
+    sentences = (sentence.strip() for sentence in _SENTENCE_END.split(text.strip()))
+    return [_split_long(sentence, limit) for sentence in sentences if sentence]
+
+
+def packed_pieces(sentences: list[list[str]], limit: int = MAX_PIECE_CHARS) -> list[str]:
+    """Consecutive pieces of :func:`sentence_pieces` merged while they fit in ``limit`` chars."""
+    packed: list[str] = []
     current = ""
-    for sentence in _SENTENCE_END.split(text.strip()):
-        for part in _split_long(sentence.strip(), limit):
-            candidate = f"{current} {part}".strip()
-            if len(candidate) <= limit:
-                current = candidate
-            else:
-                pieces.append(current)
-                current = part
+    for piece in (piece for pieces in sentences for piece in pieces):
+        candidate = f"{current} {piece}".strip()
+        if len(candidate) <= limit:
+            current = candidate
+        else:
+            packed.append(current)
+            current = piece
     if current:
-        pieces.append(current)
-    return [p for p in pieces if p]
+        packed.append(current)
+    return [piece for piece in packed if piece]
 
 
 @dataclass(frozen=True)
@@ -180,36 +190,54 @@ class KokoroEngine:
     ) -> VoicedTurn:
         """Voice the open turn on its own with the voice bound to its speaker label.
 
-        History does not change the voice (Kokoro has no context).
+        History does not change the voice (Kokoro has no context); history turns
+        that carry audio get a warning saying their audio was not used.
 
         Raises:
             ServiceUnavailable, InferenceError: from the Triton client.
         """
         voice = self.speaker_voices[int(open_turn.speaker)]
         audio = await self.synthesize(triton, open_turn.text, voice, params.speed)
-        return VoicedTurn(audio=audio, num_codebooks=None, warnings=[])
+        unheard = [str(index) for index, turn in enumerate(history) if turn.audio is not None]
+        warnings = []
+        if unheard:
+            warnings.append(
+                f"model {self.model_id!r} voices each turn on its own: the audio of conversation "
+                f"turn(s) {', '.join(unheard)} (spoken history or a reference voice) was not "
+                f"used; the reply has speaker {open_turn.speaker!r}'s bundled voice"
+            )
+        return VoicedTurn(audio=audio, num_codebooks=None, warnings=warnings)
 
     async def synthesize(
         self, triton: TritonClient, text: str, voice: str, speed: float
     ) -> np.ndarray:
         """Voice ``text`` with a canonical voice spec; float32 mono at ``sample_rate``.
 
-        Pieces are trimmed of edge silence (threshold 0.01, 30 ms kept) and joined
-        with ``pause_ms`` of silence.
+        Pieces are trimmed of edge silence (threshold 0.01, 30 ms kept); the
+        pieces of one sentence are joined directly, sentences with ``pause_ms``
+        of silence (with ``pause_ms`` 0, sentences are packed into shared calls).
 
         Raises:
             ServiceUnavailable, InferenceError: from the Triton client.
         """
-        pieces = split_text(text)
-        results = await asyncio.gather(
-            *(self._synthesize_piece(triton, piece, voice, speed) for piece in pieces)
+        sentences = sentence_pieces(text)
+        if not self.pause_ms:
+            sentences = [packed_pieces(sentences)]
+        results = iter(
+            await asyncio.gather(
+                *(
+                    self._synthesize_piece(triton, piece, voice, speed)
+                    for pieces in sentences
+                    for piece in pieces
+                )
+            )
         )
         gap = silence(ms_to_samples(self.pause_ms, self.sample_rate))
         joined: list[np.ndarray] = []
-        for index, audio in enumerate(results):
+        for index, pieces in enumerate(sentences):
             if index:
                 joined.append(gap)
-            joined.append(trim_silence(audio, self.sample_rate))
+            joined.extend(trim_silence(next(results), self.sample_rate) for _ in pieces)
         return np.concatenate(joined) if joined else silence(0)
 
     async def _synthesize_piece(

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from handler.deps import CatalogDep, ContextDep, SettingsDep, json_body, parse_body, require_api_key
+from handler.deps import (
+    CatalogDep,
+    ContextDep,
+    DeadlineDep,
+    SettingsDep,
+    parse_body,
+    require_api_key,
+    run_admitted,
+)
+from handler.routes.openapi import json_body
 from handler.schemas.converse import ConverseRequest, ConverseResponse, ModelCard, ModelList
 from handler.services.converse import converse
+from handler.services.deadline import within_deadline
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(catalog: CatalogDep) -> ModelList:
+async def list_models(catalog: CatalogDep, deadline: DeadlineDep) -> ModelList:
     """Models Triton serves, with modes, speaker labels and voices."""
-    models = await catalog.models()
+    models = await within_deadline(catalog.models(), deadline)
     return ModelList(data=[ModelCard(**m.public()) for m in models.values()])
 
 
@@ -28,4 +38,4 @@ async def post_converse(
 ) -> ConverseResponse:
     """Complete the open (last) turn of a conversation."""
     body = await parse_body(request, ConverseRequest, settings.max_request_bytes)
-    return await converse(body, ctx)
+    return await run_admitted(request, ctx, lambda: converse(body, ctx))

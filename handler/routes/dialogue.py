@@ -5,7 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from handler.deps import ContextDep, SettingsDep, json_body, parse_body, require_api_key
+from handler.deps import (
+    ContextDep,
+    SettingsDep,
+    parse_body,
+    require_api_key,
+    run_admitted,
+)
+from handler.routes.openapi import json_body, ref
 from handler.schemas.dialogue import (
     DialogueRequest,
     LinkedDialogue,
@@ -29,12 +36,7 @@ router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
                 "audio/mpeg": {},
                 "audio/pcm": {},
                 "application/json": {
-                    "schema": {
-                        "anyOf": [
-                            SplitResponse.model_json_schema(),
-                            LinkedDialogue.model_json_schema(),
-                        ]
-                    }
+                    "schema": {"anyOf": [ref(SplitResponse), ref(LinkedDialogue)]}
                 },
             }
         }
@@ -48,7 +50,7 @@ async def post_dialogue(request: Request, settings: SettingsDep, ctx: ContextDep
     ``{"audio": {"url", "expires_in"}, "mediaType"}``.
     """
     body = await parse_body(request, DialogueRequest, settings.max_request_bytes)
-    rendered = await render_dialogue(body, ctx)
+    rendered = await run_admitted(request, ctx, lambda: render_dialogue(body, ctx))
     if rendered.segments is not None:
         return JSONResponse(rendered.segments.model_dump())
     if rendered.link is not None:
@@ -67,4 +69,4 @@ async def post_dialogue_with_timestamps(
 ) -> TimestampsResponse | TimestampsSplitResponse:
     """Stitched audio (base64) with word timestamps, or timed per-turn segments."""
     body = await parse_body(request, TimestampsRequest, settings.max_request_bytes)
-    return await render_with_timestamps(body, ctx)
+    return await run_admitted(request, ctx, lambda: render_with_timestamps(body, ctx))

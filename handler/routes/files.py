@@ -32,30 +32,44 @@ async def create_upload(ctx: ContextDep) -> Upload:
     return Upload(id=upload_id, upload_url=url, expires_in=expires, max_bytes=MAX_TURN_AUDIO_BYTES)
 
 
-def _local_store(blobs: object, method: str, key: str, request: Request) -> LocalBlobStore:
+def _local_store(
+    blobs: object, method: str, key: str, expires: str, signature: str
+) -> LocalBlobStore:
     if not isinstance(blobs, LocalBlobStore):
         raise NotFound("files are served by the object store")
-    expires = request.query_params.get("expires", "")
-    signature = request.query_params.get("signature", "")
     if not (expires.isdigit() and blobs.verify(method, key, int(expires), signature, time.time())):
         raise AuthenticationError("invalid or expired file signature")
     return blobs
 
 
 @files.get("/files/{key:path}")
-async def download(key: str, request: Request, blobs: BlobsDep) -> Response:
-    """The object's bytes (signed local URL)."""
-    store = _local_store(blobs, "GET", key, request)
+async def download(key: str, blobs: BlobsDep, expires: str = "", signature: str = "") -> Response:
+    """The object's bytes (signed local URL: ``expires`` unix seconds, ``signature``)."""
+    store = _local_store(blobs, "GET", key, expires, signature)
     data = store.get(key, max_bytes=1 << 31)
     if data is None:
         raise NotFound(f"no file {key!r}")
     return Response(content=data, media_type=store.content_type(key))
 
 
-@files.put("/files/{key:path}", status_code=204)
-async def upload(key: str, request: Request, blobs: BlobsDep) -> Response:
-    """Store an upload (signed local URL); at most 25 MiB."""
-    store = _local_store(blobs, "PUT", key, request)
+@files.put(
+    "/files/{key:path}",
+    status_code=204,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in ("audio/wav", "application/octet-stream")
+            },
+        }
+    },
+)
+async def upload(
+    key: str, request: Request, blobs: BlobsDep, expires: str = "", signature: str = ""
+) -> Response:
+    """Store an upload (signed local URL: ``expires``, ``signature``); at most 25 MiB."""
+    store = _local_store(blobs, "PUT", key, expires, signature)
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from handler.deps import ContextDep, SettingsDep, json_body, parse_body, require_api_key
+from handler.deps import ContextDep, SettingsDep, parse_body, require_api_key
+from handler.routes.openapi import json_body
 from handler.schemas.storage import Voice, VoiceCreate, VoiceList
 from handler.services import voices
+from handler.services.deadline import within_deadline
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -20,7 +22,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 async def create_voice(request: Request, settings: SettingsDep, ctx: ContextDep) -> Voice:
     """Save a bundled voice or blend under a name; its id is a ``voiceId``."""
     body = await parse_body(request, VoiceCreate, settings.max_request_bytes)
-    return await voices.create_voice(body, ctx)
+    return await within_deadline(voices.create_voice(body, ctx), ctx.deadline)
 
 
 @router.get("/voices", response_model=VoiceList)

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from handler.engines.catalog import ModelCatalog
 from handler.moderation import ModerationPolicy, moderate
+from handler.services.telemetry import RequestRecord
 from handler.settings import Settings
 from handler.storage import BlobStore, Storage
 from handler.storage.base import SavedVoice
@@ -26,7 +27,11 @@ class Delivered:
 
 @dataclass(frozen=True)
 class RequestContext:
-    """Shared services plus the caller's key id, request id and public base URL."""
+    """Shared services plus the caller's key id, request id, public base URL and deadline.
+
+    ``deadline`` is ``time.monotonic()`` seconds (set when the request arrived);
+    ``record`` collects the request's telemetry (see :mod:`handler.services.telemetry`).
+    """
 
     settings: Settings
     catalog: ModelCatalog
@@ -37,6 +42,8 @@ class RequestContext:
     request_id: str
     base_url: str
     moderation: ModerationPolicy
+    deadline: float
+    record: RequestRecord
 
     async def deliver(self, name: str, data: bytes, media_type: str, force_url: bool) -> Delivered:
         """Inline ``data`` if it fits ``inline_audio_max_bytes`` (and not ``force_url``).
@@ -54,7 +61,10 @@ class RequestContext:
     async def record_usage(
         self, input_chars: int, input_audio_s: float, output_audio_s: float
     ) -> None:
-        """Add this request's usage to the key's totals."""
+        """Add this (successful) request's usage to the key's totals and to its log record."""
+        self.record.characters = input_chars
+        self.record.input_audio_s = input_audio_s
+        self.record.output_audio_s = output_audio_s
         await run_in_threadpool(
             self.storage.record_usage,
             self.key_id,

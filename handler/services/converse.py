@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from dataclasses import dataclass
 
 from handler.audio import DecodedAudio, encode_wav, resample
 from handler.author_lm import AUTHOR_RULES, AuthorParams, author_turn
-from handler.engines.base import TurnInContext, VoicedTurn, take_params
+from handler.engines.base import TurnInContext, take_params
 from handler.engines.catalog import ServedModel
 from handler.errors import InvalidRequest
 from handler.schemas.converse import (
@@ -35,9 +36,8 @@ from handler.schemas.converse import (
     RequestUsage,
 )
 from handler.services.context import RequestContext
-from handler.services.deadline import within_deadline
 from handler.services.turn_input import decode_turn_audio, load_uploaded_audio, require_speakable
-from handler.transcription import SPEECH_SAMPLE_RATE, transcribe
+from handler.transcription import SPEECH_SAMPLE_RATE, TimedWord, transcribe
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,16 @@ async def _history(
     spoken_only = []
     if heard_by and plan.model.transcribes:
         spoken_only = [i for i, turn in enumerate(history) if not (turn.text and turn.text.strip())]
-    transcripts = await asyncio.gather(
-        *(
-            transcribe(
-                ctx.triton,
-                resample(plan.clips[i].samples, plan.clips[i].sample_rate, SPEECH_SAMPLE_RATE),
-            )
-            for i in spoken_only
+    async def transcribed(index: int) -> tuple[str, list[TimedWord]]:
+        started = time.monotonic()
+        clip = plan.clips[index]
+        result = await transcribe(
+            ctx.triton, resample(clip.samples, clip.sample_rate, SPEECH_SAMPLE_RATE)
         )
-    )
+        ctx.record.turn(index, "transcribe", started, audio_seconds=round(clip.duration_s, 3))
+        return result
+
+    transcripts = await asyncio.gather(*(transcribed(i) for i in spoken_only))
     heard = {i: text for i, (text, _) in zip(spoken_only, transcripts, strict=True)}
     turns = []
     for index, turn in enumerate(history):
@@ -193,18 +194,27 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
     """
     plan = await _plan(request, ctx)
     engine = plan.model.engine
-
-    async def write_and_voice() -> tuple[str, VoicedTurn]:
-        history = await _history(request, plan, ctx)
-        if plan.author is None:
-            text = str(plan.text)
-        else:
-            lines = [(turn.speaker, turn.text) for turn in history]
-            text = await author_turn(ctx.triton, lines, plan.speaker, plan.author)
-        open_turn = TurnInContext(plan.speaker, text)
-        return text, await engine.voice(ctx.triton, history, open_turn, plan.engine_params)
-
-    text, voiced = await within_deadline(write_and_voice(), ctx.settings.triton_timeout_s)
+    ctx.record.model = plan.model.id
+    open_index = len(request.conversation) - 1
+    history = await _history(request, plan, ctx)
+    if plan.author is None:
+        text = str(plan.text)
+    else:
+        started = time.monotonic()
+        lines = [(turn.speaker, turn.text) for turn in history]
+        text = await author_turn(ctx.triton, lines, plan.speaker, plan.author)
+        ctx.record.turn(open_index, "author", started, characters=len(text))
+    started = time.monotonic()
+    voiced = await engine.voice(
+        ctx.triton, history, TurnInContext(plan.speaker, text), plan.engine_params
+    )
+    ctx.record.turn(
+        open_index,
+        "voice",
+        started,
+        characters=len(text),
+        audio_seconds=round(len(voiced.audio) / engine.sample_rate, 3),
+    )
     delivered = await ctx.deliver(
         "reply.wav", encode_wav(voiced.audio, engine.sample_rate), "audio/wav", force_url=False
     )

@@ -1,25 +1,56 @@
-"""The one deadline every request's Triton work runs under."""
+"""The one deadline of a request: set on arrival, covering every stage of its work.
+
+A request's deadline is ``triton_timeout_s`` seconds after it arrived, on the
+event loop's monotonic clock. Its work (catalog lookup, transcription,
+authoring, synthesis, alignment) runs as one task under that deadline; when the
+deadline passes or the client goes away the task is cancelled, and with it the
+Triton calls it was awaiting.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
-from handler.errors import DeadlineExceeded
+from handler.errors import ClientClosedRequest, DeadlineExceeded
 
 T = TypeVar("T")
 
 
-async def within_deadline(work: Awaitable[T], seconds: float) -> T:
-    """Await ``work``, cancelling it after ``seconds``.
+async def within_deadline(
+    work: Coroutine[Any, Any, T],
+    deadline: float,
+    client_gone: Callable[[], Awaitable[None]] | None = None,
+) -> T:
+    """Run ``work`` until it ends, ``deadline`` passes, or ``client_gone`` returns.
+
+    Args:
+        work: the request's work, not yet started.
+        deadline: ``time.monotonic()`` seconds (the event loop's clock).
+        client_gone: awaitable factory that returns once the client has disconnected.
+
+    Returns:
+        What ``work`` returned.
 
     Raises:
-        DeadlineExceeded: the deadline passed (504).
+        DeadlineExceeded: the deadline passed first (504); ``work`` was cancelled.
+        ClientClosedRequest: the client went away first (499, for the log);
+            ``work`` was cancelled.
     """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
     try:
-        return await asyncio.wait_for(work, timeout=seconds)
+        async with asyncio.timeout_at(deadline):
+            waited = {task} if watcher is None else {task, watcher}
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
     except TimeoutError as error:
-        raise DeadlineExceeded(
-            f"inference did not finish within {seconds:g} s",
-        ) from error
+        raise DeadlineExceeded("the request did not finish before its deadline") from error
+    finally:
+        for pending in (task, watcher):
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+    if not task.done() or task.cancelled():
+        raise ClientClosedRequest("the client closed the connection")
+    return task.result()

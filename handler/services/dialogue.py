@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,6 @@ from handler.schemas.dialogue import (
     SplitResponse,
 )
 from handler.services.context import Delivered, RequestContext
-from handler.services.deadline import within_deadline
 from handler.services.turn_input import require_speakable
 
 
@@ -94,14 +94,12 @@ async def _saved_voice_turn(ctx: RequestContext, turn: DialogueTurn, index: int)
 async def plan_turns(request: DialogueRequest, ctx: RequestContext) -> list[TurnPlan]:
     """Validate every turn and resolve its model and voice (saved voices included).
 
+    The MP3 bitrate is checked against the turns' sample rate (MP3 allows
+    different bitrates at different rates).
+
     Raises:
         InvalidRequest: with ``validation[].path`` and ``turn_index`` of the first bad turn.
     """
-    if request.audio_format == "mp3":
-        try:
-            mp3_compression_level(request.mp3_bitrate_kbps, 24_000)
-        except ValueError as error:
-            raise _invalid(str(error), ["output", "bitrate"], None, "validation_error") from error
     plans = []
     for index, turn in enumerate(request.turns):
         base: list[str | int] = ["turns", index]
@@ -134,6 +132,11 @@ async def plan_turns(request: DialogueRequest, ctx: RequestContext) -> list[Turn
         raise _invalid(
             "all turns' models must share one sample rate", ["turns"], None, "validation_error"
         )
+    if request.audio_format == "mp3":
+        try:
+            mp3_compression_level(request.mp3_bitrate_kbps, rates.pop())
+        except ValueError as error:
+            raise _invalid(str(error), ["output", "bitrate"], None, "validation_error") from error
     return plans
 
 
@@ -153,6 +156,16 @@ class SynthesizedDialogue:
     sample_rate: int
     gap_samples: int
 
+    @property
+    def output_s(self) -> float:
+        """Duration of the stitched audio (gaps included), seconds."""
+        gaps = self.gap_samples * (len(self.turns) - 1)
+        return (sum(map(len, self.turns)) + gaps) / self.sample_rate
+
+    async def record_usage(self, ctx: RequestContext) -> None:
+        """Meter the request (call once it has succeeded)."""
+        await ctx.record_usage(sum(len(plan.text) for plan in self.plans), 0.0, self.output_s)
+
     def turn_offsets_s(self) -> list[float]:
         """Start of each turn in the stitched audio, seconds."""
         offsets, position = [], 0
@@ -165,24 +178,37 @@ class SynthesizedDialogue:
 async def synthesize_dialogue(
     request: DialogueRequest, ctx: RequestContext
 ) -> SynthesizedDialogue:
-    """Validate, synthesise every turn concurrently, peak-normalise, record usage.
+    """Validate, synthesise every turn concurrently, peak-normalise.
+
+    Each turn's synthesis is a child event of the request's log record. Usage
+    is not recorded here: the caller meters the request once it has succeeded.
 
     Raises:
         InvalidRequest: validation failed (nothing was synthesised).
-        ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
+        ServiceUnavailable, InferenceError: from Triton.
     """
     plans = await plan_turns(request, ctx)
     ctx.moderate([plan.text for plan in plans])
+    ctx.record.model = ",".join(sorted({plan.model.id for plan in plans}))
     sample_rate = plans[0].engine.sample_rate
-    synthesis = asyncio.gather(
-        *(plan.engine.synthesize(ctx.triton, plan.text, plan.voice, 1.0) for plan in plans)
-    )
-    turns = await within_deadline(synthesis, ctx.settings.triton_timeout_s)
+
+    async def voiced(plan: TurnPlan) -> np.ndarray:
+        started = time.monotonic()
+        audio = await plan.engine.synthesize(ctx.triton, plan.text, plan.voice, 1.0)
+        ctx.record.turn(
+            plan.index,
+            "voice",
+            started,
+            characters=len(plan.text),
+            audio_seconds=round(len(audio) / sample_rate, 3),
+        )
+        return audio
+
+    turns = await asyncio.gather(*(voiced(plan) for plan in plans))
     normalised = [peak_normalize(audio, request.volumeDbfs) for audio in turns]
-    gap = ms_to_samples(request.gapMs, sample_rate)
-    output_s = (sum(map(len, normalised)) + gap * (len(normalised) - 1)) / sample_rate
-    await ctx.record_usage(sum(len(plan.text) for plan in plans), 0.0, output_s)
-    return SynthesizedDialogue(plans, normalised, sample_rate, gap)
+    return SynthesizedDialogue(
+        plans, normalised, sample_rate, ms_to_samples(request.gapMs, sample_rate)
+    )
 
 
 def _encoder(
@@ -243,14 +269,16 @@ async def render_dialogue(
 
     Raises:
         InvalidRequest: validation failed (nothing was synthesised).
-        ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
+        ServiceUnavailable, InferenceError: from Triton.
     """
     voiced = await synthesize_dialogue(request, ctx)
     if request.split:
         segments = await encode_segments(request, ctx, voiced)
+        await voiced.record_usage(ctx)
         media_type = segments[0].mediaType
         return RenderedDialogue(media_type, None, None, SplitResponse(audioSegments=segments))
     media_type, delivered = await encode_stitched(request, ctx, voiced)
+    await voiced.record_usage(ctx)
     if delivered.url is not None and delivered.expires_in is not None:
         link = LinkedAudio(url=delivered.url, expires_in=delivered.expires_in)
         return RenderedDialogue(media_type, None, link, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 
 import numpy as np
 
@@ -26,7 +27,6 @@ from handler.schemas.dialogue import (
     TimestampsSplitResponse,
 )
 from handler.services.context import RequestContext
-from handler.services.deadline import within_deadline
 from handler.services.dialogue import (
     SynthesizedDialogue,
     TurnPlan,
@@ -54,10 +54,15 @@ async def _turn_words(
 ) -> tuple[list[TimedWord], str | None]:
     audio = resample(samples, sample_rate, SPEECH_SAMPLE_RATE)
     duration_s = len(samples) / sample_rate
+    started = time.monotonic()
     try:
-        return _clamped(await align(ctx.triton, audio, plan.text), duration_s), None
+        words = _clamped(await align(ctx.triton, audio, plan.text), duration_s)
     except InferenceError:
-        pass
+        ctx.record.turn(plan.index, "align", started, failed=True)
+    else:
+        ctx.record.turn(plan.index, "align", started, words=len(words))
+        return words, None
+    started = time.monotonic()
     try:
         _, words = await transcribe(ctx.triton, audio)
     except InferenceError as error:
@@ -65,6 +70,7 @@ async def _turn_words(
             f"turn {plan.index}: neither alignment nor speech recognition produced timestamps",
             turn_index=plan.index,
         ) from error
+    ctx.record.turn(plan.index, "transcribe", started, words=len(words))
     warning = f"turn {plan.index}: forced alignment failed; word timestamps come from ASR"
     return _clamped(words, duration_s), warning
 
@@ -72,14 +78,11 @@ async def _turn_words(
 async def _all_words(
     ctx: RequestContext, voiced: SynthesizedDialogue
 ) -> tuple[list[list[TimedWord]], list[str]]:
-    results = await within_deadline(
-        asyncio.gather(
-            *(
-                _turn_words(ctx, plan, samples, voiced.sample_rate)
-                for plan, samples in zip(voiced.plans, voiced.turns, strict=True)
-            )
-        ),
-        ctx.settings.triton_timeout_s,
+    results = await asyncio.gather(
+        *(
+            _turn_words(ctx, plan, samples, voiced.sample_rate)
+            for plan, samples in zip(voiced.plans, voiced.turns, strict=True)
+        )
     )
     return [words for words, _ in results], [w for _, w in results if w]
 
@@ -87,12 +90,15 @@ async def _all_words(
 async def render_with_timestamps(
     request: TimestampsRequest, ctx: RequestContext
 ) -> TimestampsResponse | TimestampsSplitResponse:
-    """Synthesise, time every word (unless ``timestamps`` is "off"), encode.
+    """Synthesise, time every word (unless ``timestamps`` is "off"), encode, then meter.
+
+    Usage is recorded only once the timestamps exist: a request that fails
+    (e.g. 503 ``timestamps_unavailable``) is not metered.
 
     Raises:
         InvalidRequest: validation failed (nothing was synthesised).
         TimestampsUnavailable: a turn could be timed neither way (503).
-        ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
+        ServiceUnavailable, InferenceError: from Triton.
     """
     voiced = await synthesize_dialogue(request, ctx)
     if request.timestamps == "on":
@@ -108,6 +114,7 @@ async def render_with_timestamps(
             )
             for segment, words in zip(segments, per_turn, strict=True)
         ]
+        await voiced.record_usage(ctx)
         return TimestampsSplitResponse(audioSegments=timed, warnings=warnings)
     media_type, delivered = await encode_stitched(request, ctx, voiced)
     stitched = [
@@ -120,6 +127,7 @@ async def render_with_timestamps(
         for plan, offset, words in zip(voiced.plans, voiced.turn_offsets_s(), per_turn, strict=True)
         for w in words
     ]
+    await voiced.record_usage(ctx)
     return TimestampsResponse(
         audio=base64.b64encode(delivered.data).decode() if delivered.data else None,
         url=delivered.url,
