@@ -24,7 +24,6 @@ from handler.app import create_app
 from handler.schemas.converse import ConverseRequest
 from handler.schemas.dialogue import DialogueRequest, TimestampsRequest
 from handler.schemas.storage import VoiceCreate
-from handler.settings import Settings
 from tests.helpers import API_KEY, make_settings
 
 BIN = Path(sys.executable).parent
@@ -97,9 +96,9 @@ def test_request_examples_come_from_the_specs_and_validate(document: dict[str, A
 
 
 @pytest.fixture(scope="module")
-def live_url(settings: Settings) -> Iterator[str]:
-    """The API under uvicorn on a loopback port, over the session's real Triton."""
-    live = make_settings(triton_url=settings.triton_url, log_requests=False)
+def live_url(triton_url: str) -> Iterator[str]:
+    """The API under uvicorn on a loopback port, over the session's Triton (real or double)."""
+    live = make_settings(triton_url=triton_url, log_requests=False)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(live), host="127.0.0.1", port=port,
                                            log_level="warning"))
