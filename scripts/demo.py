@@ -20,31 +20,13 @@ import soundfile as sf
 
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
+from handler.routes.openapi import CONVERSE_EXAMPLES
+from handler.routes.openapi import WEEKEND as DIALOGUE_WEEKEND
 
-WEEKEND = {
-    "model": "kokoro",
-    "turns": [
-        {"voice": "jf_alpha", "text": "How was your weekend?"},
-        {"voice": "jm_kumo", "text": "Good — I finally caught up on sleep."},
-        {"voice": "jf_alpha", "text": "Lucky you."},
-    ],
-    "gapMs": 500,
-    "volumeDbfs": -16,
-}
-RECIPE = {
-    "conversation": [
-        {"speaker": "0", "text": "Did you end up trying that recipe?"},
-        {"speaker": "1", "text": "I did — the timing was the hard part."},
-        {"speaker": "0"},
-    ]
-}
-WELCOME_BACK = {
-    "conversation": [
-        {"speaker": "0", "text": "Welcome back to the show."},
-        {"speaker": "1", "text": "Glad to be here."},
-        {"speaker": "0", "text": "Let's pick up where we left off — episode twelve."},
-    ]
-}
+# The specs' example conversations, as the API document shows them.
+WEEKEND = {**DIALOGUE_WEEKEND, "output": "wav"}
+RECIPE = CONVERSE_EXAMPLES["author"]["value"]
+WELCOME_BACK = CONVERSE_EXAMPLES["contextual_tts"]["value"]
 
 
 def _duration_s(data: bytes) -> float:
@@ -52,7 +34,7 @@ def _duration_s(data: bytes) -> float:
     return float(info.frames / info.samplerate)
 
 
-def _shell_json(body: dict[str, object]) -> str:
+def _shell_json(body: object) -> str:
     """JSON quoted for a POSIX shell single-quoted argument."""
     return "'" + json.dumps(body, ensure_ascii=False).replace("'", "'\\''") + "'"
 
