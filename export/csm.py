@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from export.csm_graphs import (
     backbone_module,
@@ -49,6 +49,9 @@ from export.repository import (
     write_model,
 )
 from export.tensorrt import PLAN_NAME, TENSORRT_VERSION, Profile
+
+if TYPE_CHECKING:
+    from handler.engines.base import ParamRule
 
 # Builds one engine: (onnx_path, plan_path, profiles); export.tensorrt.build_engine by default.
 EngineBuilder = Callable[[Path, Path, Sequence[Profile]], None]
@@ -259,7 +262,7 @@ def _frame_samples(model: Any) -> int:
     return round(codec.sampling_rate / codec.frame_rate)
 
 
-def _new_frames_rule(model: Any) -> Any:
+def _new_frames_rule(model: Any) -> ParamRule:
     """The API's ``max_new_tokens`` rule for this checkpoint (a ``ParamRule``, in frames).
 
     Read from :meth:`handler.engines.csm.CsmEngine.param_rules`, the rule the
@@ -314,7 +317,9 @@ def tensorrt_profiles(model: Any) -> dict[str, list[Profile]]:
     columns, codebooks = config.num_codebooks + 1, config.num_codebooks
     max_seq, frame_samples = config.max_position_embeddings, _frame_samples(model)
     rule = _new_frames_rule(model)
-    fewest_new, most_new, default_new = int(rule.low), int(rule.high), int(rule.default)
+    if not isinstance(rule.default, int):  # the opt shapes need the API's default length
+        raise RuntimeError("the handler's max_new_tokens rule has no default frame count")
+    fewest_new, most_new, default_new = int(rule.low), int(rule.high), rule.default
     longest_prompt = max_seq - fewest_new
     longest_reply = min(most_new, max_seq - 1)
     longest_clip = longest_prompt - _PROMPT_FRAMES_BESIDE_A_CLIP
