@@ -283,7 +283,8 @@ def test_profiles_cover_what_the_handler_lets_through(tiny_model: Any) -> None:
     engine = CsmEngine("tiny", 24000, 32, [], seq)
     values = {"temperature": 0.0, "depth_temperature": None, "top_k": 50,
               "repetition_penalty": 1.0, "penalty_window": 20, "num_codebooks": 32, "seed": 0}
-    fewest = next(r for r in engine.param_rules() if r.name == "max_new_frames").low
+    rule = next(r for r in engine.param_rules() if r.name == "max_new_frames")
+    fewest = rule.low
     engine.check_params({**values, "max_new_frames": fewest})
     with pytest.raises(InvalidRequest):
         engine.check_params({**values, "max_new_frames": seq})
@@ -292,7 +293,7 @@ def test_profiles_cover_what_the_handler_lets_through(tiny_model: Any) -> None:
     assert prefill.shapes["frames"][2][1] >= seq - fewest
     assert decode.shapes["past_keys"][2][3] + 1 >= seq
     (reply,) = tensorrt_profiles(tiny_model)["mimi_decoder"]
-    assert reply.shapes["audio_codes"][2][2] >= min(seq - 1, 2048)
+    assert reply.shapes["audio_codes"][2][2] >= min(seq - 1, rule.high)
 
 
 # --- the exported repository: plans only -----------------------------------------------
@@ -346,9 +347,16 @@ def test_tensorrt_export_writes_plans_only(
                    for w in config.model_warmup}
         wanted = [f"zeros_{p.name}" for p in profiles] or ["zeros"]
         assert sorted(warmups) == sorted(wanted)
+        dims = {tensor.name: list(tensor.dims) for tensor in config.input}
         for profile in profiles:
             for tensor, shape in profile.opt_shapes().items():
                 assert warmups[f"zeros_{profile.name}"][tensor] == list(shape)
+            # Every dynamic input is in the profile, and its static dimensions are the config's.
+            assert {n for n, d in dims.items() if -1 in d} == set(profile.shapes)
+            for tensor, triple in profile.shapes.items():
+                for shape in triple:
+                    assert [d if d == -1 else s for d, s in zip(dims[tensor], shape, strict=True)] \
+                        == dims[tensor]
     assert onnx_beside_plans(repository) == []
     assert list(repository.rglob("*.onnx")) == []
     assert [p.name for p in tmp_path.iterdir()] == ["repository"]  # scratch folder removed
