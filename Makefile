@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # checkov pins bc-python-hcl2, which clashes with python-hcl2: it gets its own venv.
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: demo serve test test-fast lint repository benchmark clean images upload-models
+.PHONY: demo serve test test-fast lint repository benchmark clean images upload-models engines
 
 $(INSTALLED): pyproject.toml model_repository/requirements.txt $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,22 @@ benchmark: repository
 ## AWS: export the GPU repository and sync it to the model bucket (terraform output).
 upload-models: $(INSTALLED)
 	$(PY) -m export all --out build/model_repository --target gpu
+	$(PY) -m export.tensorrt check-upload build/model_repository
 	aws s3 sync --delete build/model_repository "s3://$$(terraform -chdir=terraform output -raw model_bucket)/model_repository"
+
+## GPU + Docker: a CSM checkpoint's TensorRT engines, built in the Triton release that
+## serves them (docker/engines.Dockerfile), into build/model_repository (docs/csm.md).
+NAME ?= csm
+PRECISION ?= fp16
+engines:
+	@test -n "$(CHECKPOINT)" || (echo "usage: make engines CHECKPOINT=/path/to/csm-1b [NAME=csm] [PRECISION=fp32|fp16|bf16]" && exit 1)
+	docker build -f docker/engines.Dockerfile -t converse-engines \
+		--build-arg TRITON_RELEASE=$(shell python3 -m export.tensorrt release) .
+	mkdir -p build
+	docker run --rm --gpus all --shm-size 2g --user "$$(id -u):$$(id -g)" -e HOME=/tmp \
+		-v "$(CURDIR)/build:/opt/converse/build" -v "$(abspath $(CHECKPOINT)):/checkpoint:ro" \
+		converse-engines python -m export csm --checkpoint /checkpoint --name "$(NAME)" \
+		--precision "$(PRECISION)" --target gpu --tensorrt --out build/model_repository
 
 ## AWS: build and push the API (Lambda) and Triton images; TAG=... required.
 images:

@@ -8,7 +8,8 @@ template folder ``model_repository/csm_template/`` for model id ``NAME``:
   ``NAME_mimi_decoder``: the ONNX graphs of :mod:`export.csm_graphs`, all
   from ``csm_template/network`` (the python-backend onnxruntime model on
   ``--target cpu``, the ``onnxruntime_onnx`` platform on ``gpu``,
-  ``tensorrt_plan`` engines with ``--tensorrt``);
+  ``tensorrt_plan`` engines with ``--tensorrt``: only ``model.plan`` in the
+  version folder, the ONNX graph it was built from stays in a scratch folder);
 * ``NAME_prompt`` (python: segments -> frames, ``csm_template/prompt``) and
   ``NAME_generator`` (python BLS: the frame loop, ``csm_template/generator``);
 * ``NAME``: the ensemble decoder chaining prompt -> generator -> Mimi decoder
@@ -21,11 +22,12 @@ handler are the same for every precision.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from export.csm_graphs import (
     backbone_module,
@@ -46,10 +48,21 @@ from export.repository import (
     write_atomic,
     write_model,
 )
+from export.tensorrt import PLAN_NAME, TENSORRT_VERSION, Profile
+
+if TYPE_CHECKING:
+    from handler.engines.base import ParamRule
+
+# Builds one engine: (onnx_path, plan_path, profiles); export.tensorrt.build_engine by default.
+EngineBuilder = Callable[[Path, Path, Sequence[Profile]], None]
 
 TEMPLATE = SOURCE_REPOSITORY / "csm_template"
 PRECISIONS = ("fp32", "fp16", "bf16")
 _EXPORTER_FILES = ("csm.py", "csm_graphs.py", "onnx_export.py")
+# Positions of a prompt that hold no audio of a history clip, at the least
+# (docs/csm.md, "Prompt"): the clip's EOS frame, and the BOS and EOS frames of
+# the clip's own turn and of the open turn.
+_PROMPT_FRAMES_BESIDE_A_CLIP = 1 + 2 + 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,14 +117,25 @@ def _io_block(inputs: list[tuple[str, str, str]], outputs: list[tuple[str, str, 
     return f"input [\n{rows(inputs)}\n]\noutput [\n{rows(outputs)}\n]"
 
 
-def _warmup_block(graph: _Graph) -> str:
-    """A Triton ``model_warmup`` running the graph once on zeros at its example shapes."""
-    rows = "\n".join(
-        f'  inputs {{ key: "{name}" value {{ data_type: {dtype} '
-        f'dims: [ {", ".join(str(d) for d in example.shape)} ] zero_data: true }} }}'
-        for (name, dtype, _), example in zip(graph.inputs, graph.example, strict=True)
-    )
-    return f'model_warmup [{{\n  name: "zeros"\n  batch_size: 1\n{rows}\n}}]'
+def _warmup_block(graph: _Graph, profiles: Sequence[Profile] = ()) -> str:
+    """A Triton ``model_warmup`` running the graph on zeros once per profile, else once.
+
+    Each sample uses a profile's opt shapes (so every TensorRT execution
+    context runs before the model is ready); inputs a profile does not name,
+    and the single sample of a graph without profiles, use the example shapes.
+    """
+    examples = {name: tuple(example.shape) for (name, _, _), example in
+                zip(graph.inputs, graph.example, strict=True)}
+    samples = [(f"zeros_{p.name}", examples | p.opt_shapes()) for p in profiles]
+    entries = []
+    for label, shapes in samples or [("zeros", examples)]:
+        rows = "\n".join(
+            f'  inputs {{ key: "{name}" value {{ data_type: {dtype} '
+            f'dims: [ {", ".join(str(d) for d in shapes[name])} ] zero_data: true }} }}'
+            for name, dtype, _ in graph.inputs
+        )
+        entries.append(f'{{\n  name: "{label}"\n  batch_size: 1\n{rows}\n}}')
+    return f"model_warmup [{', '.join(entries)}]"
 
 
 def _boundary_cast(module: Any, dtype: Any) -> Any:
@@ -238,6 +262,107 @@ def _frame_samples(model: Any) -> int:
     return round(codec.sampling_rate / codec.frame_rate)
 
 
+def _new_frames_rule(model: Any) -> ParamRule:
+    """The API's ``max_new_tokens`` rule for this checkpoint (a ``ParamRule``, in frames).
+
+    Read from :meth:`handler.engines.csm.CsmEngine.param_rules`, the rule the
+    handler applies to requests, so the engines' shapes follow the API's limits.
+    """
+    from handler.engines.csm import CsmEngine
+
+    config = model.config
+    engine = CsmEngine(
+        model_id="csm",
+        sample_rate=config.codec_config.sampling_rate,
+        num_codebooks=config.num_codebooks,
+        speakers=[],
+        max_seq_len=config.max_position_embeddings,
+    )
+    return next(rule for rule in engine.param_rules() if rule.name == "max_new_frames")
+
+
+def tensorrt_profiles(model: Any) -> dict[str, list[Profile]]:
+    """Optimization profiles per graph role, around the shapes requests really use.
+
+    With S = ``max_position_embeddings`` and the handler's ``max_new_tokens``
+    rule (frames: ``low`` 16, ``high`` 2,048, ``default`` 512; see
+    :func:`_new_frames_rule`):
+
+    * ``backbone``, two profiles (Triton picks the one that fits each call):
+      ``prefill``: the whole prompt with an empty KV cache, T frames from 1
+      to S - low (the prompt builder's budget with the smallest
+      ``max_new_tokens``), opt S - default (the longest prompt of a request
+      with the default, what a conversation with history fills), P = 0;
+      ``decode``: one frame, KV cache length P from 1 to S - 1, opt
+      S - default / 2 (halfway through a default reply after such a prompt).
+    * ``mimi_decoder`` (called once per reply with all its frames): 1 to
+      min(high, S - 1) frames, opt the default reply.
+    * ``mimi_encoder`` (one history clip per call): from one frame of samples
+      (the prompt builder pads shorter clips) to the longest clip a prompt can
+      hold, S - low - 5 frames (the 5 positions of
+      ``_PROMPT_FRAMES_BESIDE_A_CLIP``); the API's 25 MiB per turn allows
+      longer clips, which the prompt builder leaves out. Opt: a clip as long
+      as a default reply (spoken history is mostly earlier replies).
+    * ``depth``: static shapes, no profile.
+
+    Every opt is clamped into its [min, max] for checkpoints with a short S.
+
+    Returns:
+        ``{role: [Profile, ...]}`` for the four graph roles.
+    """
+    config = model.config
+    layers, kv_heads, head_dim = (
+        config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    )
+    columns, codebooks = config.num_codebooks + 1, config.num_codebooks
+    max_seq, frame_samples = config.max_position_embeddings, _frame_samples(model)
+    rule = _new_frames_rule(model)
+    if not isinstance(rule.default, int):  # the opt shapes need the API's default length
+        raise RuntimeError("the handler's max_new_tokens rule has no default frame count")
+    fewest_new, most_new, default_new = int(rule.low), int(rule.high), rule.default
+    longest_prompt = max_seq - fewest_new
+    longest_reply = min(most_new, max_seq - 1)
+    longest_clip = longest_prompt - _PROMPT_FRAMES_BESIDE_A_CLIP
+
+    def clamp(value: int, high: int) -> int:
+        return max(1, min(value, high))
+
+    def frames(t: int) -> tuple[int, ...]:
+        return (1, t, columns)
+
+    def cache(p: int) -> tuple[int, ...]:
+        return (layers, 1, kv_heads, p, head_dim)
+
+    def rows(low: int, opt: int, high: int, shape: Callable[[int], tuple[int, ...]]) -> Any:
+        return shape(low), shape(opt), shape(high)
+
+    prompt = rows(1, clamp(max_seq - default_new, longest_prompt), longest_prompt, frames)
+    empty = rows(0, 0, 0, cache)
+    one = rows(1, 1, 1, frames)
+    history = rows(1, clamp(max_seq - default_new // 2, max_seq - 1), max_seq - 1, cache)
+    return {
+        "mimi_encoder": [
+            Profile("history_clip", {"audio": rows(
+                1, clamp(default_new, longest_clip), longest_clip,
+                lambda n: (1, 1, n * frame_samples),
+            )})
+        ],
+        "backbone": [
+            Profile("prefill", {"frames": prompt, "frame_mask": prompt,
+                                "past_keys": empty, "past_values": empty}),
+            Profile("decode", {"frames": one, "frame_mask": one,
+                               "past_keys": history, "past_values": history}),
+        ],
+        "depth": [],
+        "mimi_decoder": [
+            Profile("reply", {"audio_codes": rows(
+                1, clamp(default_new, longest_reply), longest_reply,
+                lambda n: (1, codebooks, n),
+            )})
+        ],
+    }
+
+
 def _export_graph(graph: _Graph, dtype: Any, directory: Path) -> list[Path]:
     """Export one graph, cast at its boundary to ``dtype``, into ``directory/1/``."""
     module = _boundary_cast(graph.module, dtype)
@@ -281,37 +406,41 @@ def _source_fingerprint(checkpoint: str) -> dict[str, Any]:
     }
 
 
-def export_csm(
-    options: CsmExportOptions,
-    build_engine: Callable[[Path, Path, dict[str, dict[int, Any]], Any], None] | None = None,
-) -> bool:
+def export_csm(options: CsmExportOptions, build_engine: EngineBuilder | None = None) -> bool:
     """Export a CSM checkpoint into ``options.out`` under the model id ``options.name``.
 
-    ``build_engine(onnx_path, plan_path, dynamic, graph_example)`` turns one ONNX
-    file into a TensorRT plan (:func:`export.tensorrt.build_engine` unless given).
+    With ``options.tensorrt``, ``build_engine(onnx_path, plan_path, profiles)``
+    turns each ONNX graph, exported into a scratch folder beside the repository,
+    into a TensorRT plan (:func:`export.tensorrt.build_engine` unless given, after
+    :func:`export.tensorrt.require_tensorrt`); the profiles are
+    :func:`tensorrt_profiles`.
 
     Returns:
         True when files were written, False when the manifest says they are current.
 
     Raises:
-        RuntimeError: ``--tensorrt`` without TensorRT or a CUDA GPU.
+        RuntimeError: ``--tensorrt`` without TensorRT :data:`TENSORRT_VERSION` or a
+            CUDA GPU (raised before anything is written).
     """
+    exporter_files: tuple[str, ...] = _EXPORTER_FILES
     if not options.tensorrt:
         build_engine = None
     elif build_engine is None:
         from export.tensorrt import build_engine as default_build
-        from export.tensorrt import require_gpu
+        from export.tensorrt import require_tensorrt
 
-        require_gpu()
+        require_tensorrt()
         build_engine = default_build
+    if options.tensorrt:
+        exporter_files += ("tensorrt.py",)
     inputs = {
         "source": _source_fingerprint(options.checkpoint),
         "target": options.target,
         "precision": options.precision,
-        "tensorrt": options.tensorrt,
+        "tensorrt": TENSORRT_VERSION if options.tensorrt else False,
         "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
         "sources": source_digests(TEMPLATE, COMMON),
-        "exporter": [sha256_of_file(Path(__file__).with_name(n)) for n in _EXPORTER_FILES],
+        "exporter": [sha256_of_file(Path(__file__).with_name(n)) for n in exporter_files],
     }
     shapes: dict[str, Any] = {}
     return export_entry(
@@ -324,10 +453,46 @@ def export_csm(
     )
 
 
+def _write_engines(
+    model: Any, dtype: Any, options: CsmExportOptions, build_engine: EngineBuilder
+) -> list[Path]:
+    """Build the four graphs' TensorRT plans and configs; the ONNX files are not kept.
+
+    Each graph is exported to ONNX in a scratch folder next to the repository
+    (removed afterwards), so the model folders hold only ``model.plan`` and
+    nothing but the engine is uploaded.
+
+    Returns:
+        The written plans and configs.
+    """
+    profiles = tensorrt_profiles(model)
+    outputs: list[Path] = []
+    root = options.out
+    with tempfile.TemporaryDirectory(prefix=f".{root.name}-onnx-", dir=root.parent) as scratch:
+        for graph in _graphs(model):
+            directory = root / f"{options.name}_{graph.role}"
+            progress(f"{options.name}: exporting {graph.role} to ONNX")
+            onnx = _export_graph(graph, dtype, Path(scratch) / graph.role)[0]
+            progress(f"{options.name}: building the TensorRT engine for {graph.role}")
+            plan = directory / "1" / PLAN_NAME
+            build_engine(onnx, plan, profiles[graph.role])
+            numbers = ", ".join(f'"{index}"' for index in range(len(profiles[graph.role])))
+            outputs.append(plan)
+            outputs += write_model(
+                TEMPLATE / "network",
+                directory,
+                "tensorrt",
+                model_name=directory.name,
+                role=graph.role.replace("_", " "),
+                io=_io_block(graph.inputs, graph.outputs),
+                warmup=_warmup_block(graph, profiles[graph.role]),
+                profiles=f" profile: [ {numbers} ]" if numbers else "",
+            )
+    return outputs
+
+
 def _write(
-    options: CsmExportOptions,
-    build_engine: Callable[[Path, Path, dict[str, dict[int, Any]], Any], None] | None,
-    shapes: dict[str, Any],
+    options: CsmExportOptions, build_engine: EngineBuilder | None, shapes: dict[str, Any]
 ) -> list[Path]:
     """Write every model of the checkpoint; fill ``shapes`` (recorded in the manifest)."""
     progress(f"{options.name}: loading {options.checkpoint} with transformers")
@@ -335,29 +500,24 @@ def _write(
     config = model.config
     name, root = options.name, options.out
     outputs: list[Path] = []
-    variant = "tensorrt" if build_engine is not None else options.target
-    for graph in _graphs(model):
-        directory = root / f"{name}_{graph.role}"
-        progress(f"{name}: exporting {graph.role} to ONNX")
-        written = _export_graph(graph, dtype, directory)
-        if build_engine is not None:
-            progress(f"{name}: building the TensorRT engine for {graph.role}")
-            plan = directory / "1" / "model.plan"
-            build_engine(written[0], plan, graph.dynamic, graph.example)
-            outputs.append(plan)
-        else:
-            outputs += written
-        outputs += write_model(
-            TEMPLATE / "network",
-            directory,
-            variant,
-            model_name=directory.name,
-            role=graph.role.replace("_", " "),
-            io=_io_block(graph.inputs, graph.outputs),
-            warmup=_warmup_block(graph),
-        )
-        if variant == "cpu":
-            outputs += place_onnxruntime_model(directory)
+    if build_engine is not None:
+        outputs += _write_engines(model, dtype, options, build_engine)
+    else:
+        for graph in _graphs(model):
+            directory = root / f"{name}_{graph.role}"
+            progress(f"{name}: exporting {graph.role} to ONNX")
+            outputs += _export_graph(graph, dtype, directory)
+            outputs += write_model(
+                TEMPLATE / "network",
+                directory,
+                options.target,
+                model_name=directory.name,
+                role=graph.role.replace("_", " "),
+                io=_io_block(graph.inputs, graph.outputs),
+                warmup=_warmup_block(graph),
+            )
+            if options.target == "cpu":
+                outputs += place_onnxruntime_model(directory)
 
     progress(f"{name}: writing the prompt builder, generator and ensemble")
     prompt_dir, generator_dir = root / f"{name}_prompt", root / f"{name}_generator"

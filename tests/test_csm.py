@@ -383,46 +383,6 @@ def test_stitched_dialogue_refuses_a_model_without_voices(csm_client: Any) -> No
     assert "no named voices" in response.json()["detail"]
 
 
-def test_tensorrt_export_writes_plans_and_profiles(
-    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The --tensorrt wiring on CPU: engine builder stubbed, ONNX export skipped."""
-    import export.csm
-    from export.tensorrt import _profile_shapes
-
-    def fake_onnx(graph: Any, dtype: Any, directory: Path) -> list[Path]:
-        path = directory / "1" / "model.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"onnx")
-        return [path]
-
-    built: dict[str, tuple[Any, ...]] = {}
-
-    def fake_engine(onnx: Path, plan: Path, dynamic: Any, example: Any) -> None:
-        built[onnx.parent.parent.name] = (dynamic, example)
-        plan.write_bytes(b"plan")
-
-    monkeypatch.setattr(export.csm, "_export_graph", fake_onnx)
-    checkpoint, _, _ = tiny
-    options = CsmExportOptions(
-        checkpoint=str(checkpoint), out=tmp_path, name="trt", target="gpu", tensorrt=True
-    )
-    assert export_csm(options, build_engine=fake_engine) is True
-    roles = ("mimi_encoder", "backbone", "depth", "mimi_decoder")
-    assert sorted(built) == sorted(f"trt_{role}" for role in roles)
-    for role in roles:
-        config = (tmp_path / f"trt_{role}" / "config.pbtxt").read_text()
-        assert 'platform: "tensorrt_plan"' in config
-        assert (tmp_path / f"trt_{role}" / "1" / "model.plan").read_bytes() == b"plan"
-    dynamic, example = built["trt_backbone"]
-    assert _profile_shapes(example[0], dynamic["frames"]) == ((1, 1, 33), (1, 4, 33), (1, 1024, 33))
-    assert _profile_shapes(example[2], dynamic["past_keys"]) == (
-        (2, 1, 2, 0, 16), (2, 1, 2, 2, 16), (2, 1, 2, 1024, 16)
-    )
-    ensemble = (tmp_path / "trt" / "config.pbtxt").read_text()
-    assert 'model_name: "trt_mimi_decoder"' in ensemble
-
-
 def test_fp16_export_keeps_fp32_tensors_and_close_outputs(tiny: Any, tmp_path: Path) -> None:
     import json
 
