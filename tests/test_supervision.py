@@ -9,6 +9,7 @@ stubs are reparented to PID 1 when their server dies, so they leave the tree).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -86,7 +87,9 @@ def served(tiny_repository: TinyRepository) -> Iterator[Served]:
                "--repository", str(tiny_repository.repository), "--port", str(port)]
     if not Path(command[0]).exists():
         command[0] = sys.executable
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    # PYTHONPATH: this checkout's packages, whichever checkout the venv was installed from.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
     try:
         assert process.stdout is not None
@@ -121,7 +124,7 @@ def _stop_and_count(served: Served, signum: signal.Signals) -> None:
 
 def _speak(served: Served) -> httpx.Response:
     body = {"model": TINY_CSM, "conversation": [{"speaker": "0", "text": "Back again."}],
-            "params": {"max_new_tokens": 4, "seed": 1}}
+            "params": {"max_new_tokens": 16, "seed": 1}}
     headers = {"Authorization": f"Bearer {served.key}"}
     return httpx.post(f"{served.url}/v1/converse", json=body, headers=headers, timeout=120)
 
