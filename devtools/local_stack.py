@@ -75,13 +75,15 @@ class Supervisor:
                 self._restart()
 
     def _restart(self) -> None:
+        print(f"tritonserver (pid {self.triton.pid}) died; restarting", file=sys.stderr,
+              flush=True)
         backoff = self.first_backoff_s
         while not self._stopping.is_set():
-            print(f"tritonserver (pid {self.triton.pid}) died; restarting", file=sys.stderr,
-                  flush=True)
             try:
                 self.triton.restart()
             except TritonStartError as error:
+                if self._stopping.is_set():
+                    return
                 print(f"tritonserver restart failed, next try in {backoff:.0f} s: {error}",
                       file=sys.stderr, flush=True)
                 if self._stopping.wait(backoff):
