@@ -232,9 +232,10 @@ class LocalTriton(Service):
         """
         found: dict[int, psutil.Process] = {}
         group = self.pid
-        if group is not None:
+        # Only a server not yet reaped still owns its pid (a reaped one's may be reused).
+        if self._process is not None and self._process.poll() is None:
             with contextlib.suppress(psutil.Error):
-                server = psutil.Process(group)
+                server = psutil.Process(self._process.pid)
                 found.update((p.pid, p) for p in [server, *server.children(recursive=True)])
         backends = str(self._backends) + os.sep if self._backends is not None else None
         for process in psutil.process_iter(["exe"]):
