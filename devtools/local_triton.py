@@ -31,10 +31,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 from devtools import REPOSITORY
 from devtools.service import Service
@@ -80,6 +83,8 @@ class LocalTriton(Service):
         self.metrics_port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._backends: Path | None = None
+        self._abort = threading.Event()
 
     @property
     def http_url(self) -> str:
@@ -108,17 +113,59 @@ class LocalTriton(Service):
         return env
 
     def start(self) -> LocalTriton:
-        """Start the server and block until it reports ready."""
+        """Start the server and block until it reports ready.
+
+        Raises:
+            TritonStartError: it exited or was not ready within ``ready_timeout_s``
+                (the process tree and the private directory are gone by then).
+        """
+        self._abort.clear()
         self._workdir = tempfile.TemporaryDirectory(prefix="converse-triton-")
         workdir = Path(self._workdir.name)
-        backends = self._prepare_backends(workdir)
+        self._backends = self._prepare_backends(workdir)
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        log_path = self.log_path or workdir / "tritonserver.log"
-        self.log_path = log_path
+        self.log_path = self.log_path or workdir / "tritonserver.log"
+        try:
+            self._launch()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def restart(self) -> None:
+        """Kill what is left of the server's process tree, start a new one on the same ports.
+
+        Blocks until the new server is ready. The ports stay the same so that
+        clients (the API's ``triton_url``) need no new address.
+
+        Raises:
+            TritonStartError: the new server exited or was not ready in time
+                (its process tree is gone by then; ``restart`` may be called again).
+        """
+        if self._workdir is None:
+            raise RuntimeError("restart() before start()")
+        self._kill_tree()
+        self._launch()
+
+    def abort_start(self) -> None:
+        """Make a ``start``/``restart`` waiting in another thread give up (TritonStartError)."""
+        self._abort.set()
+
+    def is_alive(self) -> bool:
+        """True while the tritonserver process started last has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the tritonserver started last (None when stopped)."""
+        return None if self._process is None else self._process.pid
+
+    def _launch(self) -> None:
+        assert self._backends is not None and self.log_path is not None
         command = [
             str(_pytriton_dir() / "tritonserver" / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
-            f"--backend-directory={backends}",
+            f"--backend-directory={self._backends}",
             "--http-address=127.0.0.1",
             f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1",
@@ -128,19 +175,18 @@ class LocalTriton(Service):
             "--exit-on-error=true",
             "--log-verbose=0",
         ]
-        with log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:
             # start_new_session: the server and its python stubs form one
-            # process group that stop() can signal as a whole.
+            # process group (and session) that _kill_tree signals as a whole.
             self._process = subprocess.Popen(
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._environment(),
-                cwd=workdir,
+                cwd=self._backends.parent,
                 start_new_session=True,
             )
         self._wait_ready()
-        return self
 
     def _log_tail(self, lines: int = 40) -> str:
         try:
@@ -164,32 +210,70 @@ class LocalTriton(Service):
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 tail = self._log_tail()
-                self.stop()
+                self._kill_tree()
                 raise TritonStartError(f"tritonserver exited during startup:\n{tail}")
             if self.is_ready():
                 return
-            time.sleep(0.25)
+            if self._abort.wait(0.25):
+                self._kill_tree()
+                raise TritonStartError("tritonserver start aborted")
         tail = self._log_tail()
-        self.stop()
+        self._kill_tree()
         raise TritonStartError(f"tritonserver not ready after {self.ready_timeout_s} s:\n{tail}")
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it after ``grace_s``; idempotent."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        if process is not None:
-            # Stubs that outlived the server (they normally exit with it).
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of this server's tree: the server, its stubs, their children.
+
+        Found three ways, because a killed server's python-backend stubs are
+        reparented to PID 1 and no longer show up as its children: the server's
+        descendants, members of its process group, and any process whose
+        executable lies in this server's private backend directory (the stub
+        copy of ``_prepare_backends``).
+        """
+        found: dict[int, psutil.Process] = {}
+        group = self.pid
+        # Only a server not yet reaped still owns its pid (a reaped one's may be reused).
+        if self._process is not None and self._process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                server = psutil.Process(self._process.pid)
+                found.update((p.pid, p) for p in [server, *server.children(recursive=True)])
+        backends = str(self._backends) + os.sep if self._backends is not None else None
+        for process in psutil.process_iter(["exe"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                in_group = group is not None and os.getpgid(process.pid) == group
+                exe = process.info["exe"] or ""
+                if in_group or (backends is not None and exe.startswith(backends)):
+                    found[process.pid] = process
+        return [p for p in found.values() if p.is_running()]
+
+    def _kill_tree(self, grace_s: float = 0.0) -> None:
+        """SIGTERM the server's tree (when ``grace_s`` > 0), SIGKILL what is left, reap it."""
+        process = self._process
+        if process is not None and grace_s > 0 and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace_s)
+        left = self.processes()
+        for leftover in left:
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+        psutil.wait_procs(left, timeout=10)
+        if process is not None:
+            process.wait()
+        self._process = None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the server's process group, SIGKILL its whole tree after ``grace_s``; idempotent.
+
+        Afterwards no process of the tree is left (stubs included) and the
+        private directory is removed.
+        """
+        self._kill_tree(grace_s)
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+            self._backends = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,24 @@ case a fresh client is made). Transport and server failures map onto the API's
 error classes: unreachable -> :class:`ServiceUnavailable` (503), an error
 answer -> :class:`InferenceError` (502). Their client-facing messages name no
 host or port; Triton's address and its own words go in ``detail`` (logged), its
-status in ``upstream``. Cancelling the awaiting task (deadline passed, client
-gone) cancels the HTTP call.
+status in ``upstream``.
+
+Stopping work inside Triton: cancelling the awaiting task (deadline passed,
+client gone) closes the HTTP call, but Triton's HTTP endpoint does not cancel
+a request whose connection closed (only its gRPC endpoint does; Triton docs,
+"Request Cancellation"; measured with tritonserver 2.51 in
+``tests/test_cancellation.py``). So every call also carries the request's
+remaining time as Triton's ``timeout`` request parameter (microseconds): a
+model with a dynamic-batching queue policy drops it from its queue once the
+time is spent, and the BLS generation loops (``author``, CSM generators) stop
+at it with a CANCELLED error. The deadline is the one :func:`bind_deadline`
+put in the calling task's context (``handler.services.deadline`` does that).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import aiohttp
@@ -23,6 +34,10 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from handler.errors import InferenceError, ServiceUnavailable, Upstream
 
 PROVIDER = "triton"
+# The current request's deadline, event-loop monotonic seconds (None: no deadline).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "converse_request_deadline", default=None
+)
 # Triton's error codes by the HTTP status its HTTP endpoint answers them with.
 _TRITON_CODES = {
     400: "INVALID_ARG",
@@ -32,6 +47,28 @@ _TRITON_CODES = {
     501: "UNSUPPORTED",
     503: "UNAVAILABLE",
 }
+
+
+def bind_deadline(deadline: float | None) -> contextvars.Token[float | None]:
+    """Make ``deadline`` (``loop.time()`` seconds) the Triton deadline of this context.
+
+    Tasks created afterwards copy it; pass the returned token to
+    :func:`unbind_deadline` to restore the previous value.
+    """
+    return _DEADLINE.set(deadline)
+
+
+def unbind_deadline(token: contextvars.Token[float | None]) -> None:
+    """Restore the deadline that was in place before :func:`bind_deadline`."""
+    _DEADLINE.reset(token)
+
+
+def _timeout_us() -> int | None:
+    """Microseconds left until the bound deadline (at least 1), or None without one."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return None
+    return max(1, int((deadline - asyncio.get_running_loop().time()) * 1e6))
 
 
 def _inference_error(model: str, error: InferenceServerException) -> InferenceError:
@@ -111,6 +148,9 @@ class TritonClient:
             inputs: tensor name -> array (object arrays of bytes for BYTES tensors).
             outputs: names of the output tensors to return.
 
+        The request carries the time left until the bound deadline as Triton's
+        ``timeout`` parameter (see the module docstring).
+
         Raises:
             ServiceUnavailable: Triton unreachable (connection refused or reset).
             InferenceError: Triton answered with an error.
@@ -125,7 +165,9 @@ class TritonClient:
         requested = [triton_http.InferRequestedOutput(name) for name in outputs]
         async with slots:
             try:
-                result = await client.infer(model, request_inputs, outputs=requested)
+                result = await client.infer(
+                    model, request_inputs, outputs=requested, timeout=_timeout_us()
+                )
             except (aiohttp.ClientConnectionError, OSError) as error:
                 raise self._unavailable(error) from error
             except InferenceServerException as error:

@@ -19,7 +19,7 @@ from devtools.local_triton import LocalTriton
 from devtools.tiny_models import make_tiny_csm, make_tiny_gemma
 from export.__main__ import main as export_main
 from handler.app import create_app
-from tests.helpers import TINY_CSM, TinyTriton, make_settings
+from tests.helpers import TINY_CSM, TinyRepository, TinyTriton, make_settings
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Refuse a test that starts the real server without the ``triton`` mark."""
     unmarked = [
         item.nodeid for item in items
-        if {"triton", "tiny_triton"} & set(getattr(item, "fixturenames", ()))
+        if {"triton", "tiny_triton", "tiny_repository"} & set(getattr(item, "fixturenames", ()))
         and item.get_closest_marker("triton") is None
     ]
     if unmarked:
@@ -50,11 +50,11 @@ def triton() -> Iterator[LocalTriton]:
 
 
 @pytest.fixture(scope="session")
-def tiny_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyTriton]:
-    """One tritonserver for the parity tests: tiny Gemma as ``author``, tiny CSM, whisper_asr.
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> TinyRepository:
+    """Tiny Gemma as ``author``, tiny CSM and whisper_asr exported into one repository.
 
     The CSM tests need Whisper (audio-only turns get transcripts); the author
-    tests call ``author`` directly, so the two tiny families share one server.
+    tests call ``author`` directly, so the two tiny families share one repository.
     """
     gemma = make_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
     csm = make_tiny_csm(tmp_path_factory.mktemp("tiny-csm"))
@@ -63,8 +63,15 @@ def tiny_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyTriton
     argv = ["csm", "--checkpoint", str(csm), "--out", str(repository), "--name", TINY_CSM]
     assert export_main(argv) == 0
     assert export_main(["asr", "--out", str(repository)]) == 0
-    with LocalTriton(repository) as server:
-        yield TinyTriton(gemma, csm, repository, server)
+    return TinyRepository(gemma, csm, repository)
+
+
+@pytest.fixture(scope="session")
+def tiny_triton(tiny_repository: TinyRepository) -> Iterator[TinyTriton]:
+    """One tritonserver on the tiny repository, for the parity tests."""
+    tiny = tiny_repository
+    with LocalTriton(tiny.repository) as server:
+        yield TinyTriton(tiny.gemma, tiny.csm, tiny.repository, server)
 
 
 @pytest.fixture(scope="session")

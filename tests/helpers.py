@@ -23,6 +23,15 @@ STATE_DIR = Path(tempfile.mkdtemp(prefix="converse-tests-"))
 
 
 @dataclass(frozen=True)
+class TinyRepository:
+    """The tiny random checkpoints and the repository exported from them."""
+
+    gemma: Path
+    csm: Path
+    repository: Path
+
+
+@dataclass(frozen=True)
 class TinyTriton:
     """The tiny random checkpoints, their exported repository and the server on it."""
 

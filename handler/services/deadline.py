@@ -4,7 +4,8 @@ A request's deadline is ``triton_timeout_s`` seconds after it arrived, on the
 event loop's monotonic clock. Its work (catalog lookup, transcription,
 authoring, synthesis, alignment) runs as one task under that deadline; when the
 deadline passes or the client goes away the task is cancelled, and with it the
-Triton calls it was awaiting.
+Triton calls it was awaiting; each of those calls also tells Triton the time
+left (``handler.triton.bind_deadline``), so the work inside Triton stops too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from handler.errors import ClientClosedRequest, DeadlineExceeded
+from handler.triton import bind_deadline, unbind_deadline
 
 T = TypeVar("T")
 
@@ -38,7 +40,11 @@ async def within_deadline(
         ClientClosedRequest: the client went away first (499, for the log);
             ``work`` was cancelled.
     """
-    task = asyncio.ensure_future(work)
+    token = bind_deadline(deadline)
+    try:
+        task = asyncio.ensure_future(work)  # the task copies the context, deadline included
+    finally:
+        unbind_deadline(token)
     watcher = asyncio.ensure_future(client_gone()) if client_gone is not None else None
     try:
         async with asyncio.timeout_at(deadline):

@@ -13,6 +13,7 @@ variable is unset in the NGC container, where this is a no-op.
 import json
 import os
 import sys
+import time
 
 sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
 
@@ -34,6 +35,43 @@ def version_file(args, name):
 def error_response(error):
     """An ``InferenceResponse`` carrying ``error``'s message (the request fails, not the model)."""
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+
+
+class Cancelled(Exception):
+    """The request was cancelled by its client or ran past its timeout; stop working on it."""
+
+
+class Budget:
+    """When a generation loop must stop: client cancellation or the request's own timeout.
+
+    Triton marks a request cancelled when its gRPC client cancels the call
+    (Triton docs, "Request Cancellation", r23.10+); its HTTP endpoint does not
+    (a closed connection leaves the request running). The HTTP client's
+    ``timeout`` request parameter (microseconds, 0 = none) is therefore also
+    honoured here as the whole request's budget, counted from ``execute``.
+
+    Args:
+        request: the ``pb_utils.InferenceRequest`` being generated for.
+    """
+
+    def __init__(self, request):
+        self.request = request
+        timeout_us = int(request.timeout() or 0)
+        self.ends = time.monotonic() + timeout_us / 1e6 if timeout_us > 0 else None
+
+    def check(self):
+        """Raise :class:`Cancelled` if the request was cancelled or its timeout has passed."""
+        if self.request.is_cancelled():
+            raise Cancelled("the request was cancelled")
+        if self.ends is not None and time.monotonic() > self.ends:
+            raise Cancelled("the request ran past its timeout")
+
+
+def cancelled_response(error):
+    """An ``InferenceResponse`` failing the request with Triton's CANCELLED code."""
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(str(error), pb_utils.TritonError.CANCELLED)
+    )
 
 
 def infer(model_name, inputs, output_names):

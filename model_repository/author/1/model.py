@@ -12,7 +12,9 @@ decode call per token, each an ``InferenceRequest`` to ``author_lm`` carrying
 the KV cache. Generation stops at any ``stop_token_ids`` entry (EOS and every
 token containing a line break), at ``MAX_NEW_TOKENS``, or at ``max_context``.
 A prompt longer than ``max_context - MAX_NEW_TOKENS`` keeps its first token
-(BOS) and its most recent tokens.
+(BOS) and its most recent tokens. Before each call the loop checks the
+request's budget (``converse_backend.Budget``: client cancellation, request
+timeout) and fails the request with CANCELLED once it is spent.
 """
 
 import converse_backend as backend
@@ -50,16 +52,17 @@ class TritonPythonModel:
         )
         return logits[0], keys, values
 
-    def _generate(self, prompt, temperature, top_k, max_new_tokens, seed):
+    def _generate(self, budget, prompt, temperature, top_k, max_new_tokens, seed):
         ids = self.tokenizer.encode(prompt).ids
-        budget = self.max_context - max_new_tokens
-        if budget < 2:
+        room = self.max_context - max_new_tokens
+        if room < 2:
             raise ValueError(f"max_new_tokens must be below {self.max_context - 1}")
-        if len(ids) > budget:
-            ids = ids[:1] + ids[len(ids) - budget + 1:]
+        if len(ids) > room:
+            ids = ids[:1] + ids[len(ids) - room + 1:]
         rng = np.random.default_rng(seed)
         keys = np.zeros(self.cache_shape, np.float32)
         values = np.zeros(self.cache_shape, np.float32)
+        budget.check()
         logits, keys, values = self._step(ids, keys, values)
         generated = []
         while len(generated) < max_new_tokens:
@@ -69,6 +72,7 @@ class TritonPythonModel:
             generated.append(token)
             if len(ids) + len(generated) >= self.max_context:
                 break
+            budget.check()
             logits, keys, values = self._step([token], keys, values)
         return self.tokenizer.decode(generated), generated
 
@@ -82,12 +86,16 @@ class TritonPythonModel:
 
             try:
                 text, tokens = self._generate(
+                    backend.Budget(request),
                     scalar("PROMPT").decode("utf-8"),
                     float(scalar("TEMPERATURE")),
                     int(scalar("TOP_K")),
                     int(scalar("MAX_NEW_TOKENS")),
                     int(scalar("SEED")),
                 )
+            except backend.Cancelled as error:
+                responses.append(backend.cancelled_response(error))
+                continue
             except (RuntimeError, ValueError, UnicodeDecodeError) as error:
                 responses.append(backend.error_response(error))
                 continue

@@ -16,7 +16,10 @@ output) -> stop when all Q codebooks are 0, at MAX_NEW_FRAMES, or at
 ``max_seq_len``. Codebook-0 logits go through, in this order, a repetition
 penalty over the codebook-0 values of the last PENALTY_WINDOW frames (CTRL,
 Keskar et al. 2019: positive logits divided by the penalty, negative ones
-multiplied), temperature, top-k, then softmax sampling.
+multiplied), temperature, top-k, then softmax sampling. Before each frame the
+loop checks the request's budget (``converse_backend.Budget``: client
+cancellation, request timeout) and fails the request with CANCELLED once it is
+spent.
 """
 
 import converse_backend as backend
@@ -55,8 +58,8 @@ class TritonPythonModel:
             int(parameter["head_dim"]),
         )
 
-    def _generate(self, frames, mask, max_new, temperature, depth_temperature, top_k, penalty,
-                  window, seed):
+    def _generate(self, budget, frames, mask, max_new, temperature, depth_temperature, top_k,
+                  penalty, window, seed):
         rng = np.random.default_rng(seed)
         keys = np.zeros(self.cache_shape, np.float32)
         values = np.zeros(self.cache_shape, np.float32)
@@ -66,6 +69,7 @@ class TritonPythonModel:
         generated = []
         position = frames.shape[1]
         while len(generated) < max_new and position < self.max_seq_len:
+            budget.check()
             logits, hidden, keys, values = backend.infer(
                 self.backbone,
                 {"frames": frames, "frame_mask": mask, "past_keys": keys, "past_values": values},
@@ -109,6 +113,7 @@ class TritonPythonModel:
 
             try:
                 codes = self._generate(
+                    backend.Budget(request),
                     tensor("FRAMES"),
                     tensor("FRAME_MASK"),
                     int(tensor("MAX_NEW_FRAMES").reshape(-1)[0]),
@@ -119,6 +124,9 @@ class TritonPythonModel:
                     int(tensor("PENALTY_WINDOW").reshape(-1)[0]),
                     int(tensor("SEED").reshape(-1)[0]),
                 )
+            except backend.Cancelled as error:
+                responses.append(backend.cancelled_response(error))
+                continue
             except (RuntimeError, ValueError) as error:
                 responses.append(backend.error_response(error))
                 continue

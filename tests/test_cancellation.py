@@ -1,0 +1,185 @@
+"""Work inside Triton stops when a request's deadline passes or its gRPC client cancels.
+
+Evidence is Triton's own statistics: ``author_lm``'s execution count is the
+number of prefill/decode steps the ``author`` BLS loop ran (for CSM,
+``<name>_backbone``'s count is the generator's frames). The tiny author
+(greedy, this prompt) generates all ``LONG`` tokens when nothing stops it, so
+a loop that stopped early ran fewer than ``FULL_RUN`` steps, and a stopped
+loop's count no longer grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_grpc
+import tritonclient.http.aio as triton_http
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from devtools.local_triton import LocalTriton
+from handler.errors import InferenceError
+from handler.triton import TritonClient, bind_deadline, unbind_deadline
+from tests.helpers import TINY_CSM, TinyTriton
+
+pytestmark = pytest.mark.triton
+
+LONG = 480  # tokens; the tiny author's max_context is 512
+FULL_RUN = LONG + 1  # steps: one prefill, then one decode per generated token
+INPUTS = {
+    "PROMPT": np.array([b"Hello there"], dtype=np.object_),
+    "TEMPERATURE": np.array([0.0], np.float32),
+    "TOP_K": np.array([0], np.int32),
+    "MAX_NEW_TOKENS": np.array([LONG], np.int32),
+    "SEED": np.array([1], np.int64),
+}
+
+
+def lm_steps(server: LocalTriton, model: str = "author_lm") -> int:
+    """``model``'s executions so far (Triton's ``/v2/models/<model>/stats``)."""
+    stats = httpx.get(f"http://{server.http_url}/v2/models/{model}/stats").json()
+    return int(stats["model_stats"][0]["execution_count"])
+
+
+def settled_steps(server: LocalTriton, model: str = "author_lm", quiet_s: float = 1.0) -> int:
+    """``lm_steps`` once it has not changed for ``quiet_s`` seconds (no loop running)."""
+    last = lm_steps(server, model)
+    while True:
+        time.sleep(quiet_s)
+        now = lm_steps(server, model)
+        if now == last:
+            return now
+        last = now
+
+
+async def running(server: LocalTriton, before: int) -> None:
+    """Return once the loop has run at least one step past ``before``."""
+    while lm_steps(server) == before:
+        await asyncio.sleep(0.01)
+
+
+def tensors(module: Any) -> list[Any]:
+    """``INPUTS`` as ``module.InferInput``s (tritonclient http or grpc)."""
+    result = []
+    for name, array in INPUTS.items():
+        dtype = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        result.append(tensor)
+    return result
+
+
+@pytest.fixture(scope="module")
+def server(tiny_triton: TinyTriton) -> LocalTriton:
+    return tiny_triton.server
+
+
+def test_an_unstopped_generation_runs_every_step(server: LocalTriton) -> None:
+    async def call() -> dict[str, np.ndarray]:
+        client = TritonClient(server.http_url)
+        try:
+            return await client.infer("author", INPUTS, ["TOKENS"])
+        finally:
+            await client.close()
+
+    before = settled_steps(server)
+    outputs = asyncio.run(call())
+    assert outputs["TOKENS"].size == LONG
+    assert settled_steps(server) - before == FULL_RUN
+
+
+def test_the_api_deadline_stops_the_loop_inside_triton(server: LocalTriton) -> None:
+    async def call() -> None:
+        client = TritonClient(server.http_url)
+        token = bind_deadline(asyncio.get_running_loop().time() + 0.3)
+        try:
+            await client.infer("author", INPUTS, ["TOKENS"])
+        finally:
+            unbind_deadline(token)
+            await client.close()
+
+    before = settled_steps(server)
+    with pytest.raises(InferenceError) as failed:
+        asyncio.run(call())
+    # Stopped in the loop, or (machine busy) rejected by the queue policy before it ran.
+    assert re.search(r"ran past its timeout|Request timeout expired", failed.value.detail)
+    assert settled_steps(server) - before < FULL_RUN
+
+
+def test_the_api_deadline_reaches_the_csm_frame_loop_inside_the_ensemble(
+    server: LocalTriton,
+) -> None:
+    frames = 900  # the tiny CSM's max_seq_len is 1024; no seed ends it this early
+    inputs = {
+        "SEGMENT_TEXT": np.array([b"Hello there, how are you?"], np.object_),
+        "SEGMENT_SPEAKER": np.array([b"0"], np.object_),
+        "SEGMENT_AUDIO": np.zeros(0, np.float32),
+        "SEGMENT_AUDIO_SAMPLES": np.array([0], np.int64),
+        "MAX_NEW_FRAMES": np.array([frames], np.int32),
+        "TEMPERATURE": np.array([0.9], np.float32),
+        "DEPTH_TEMPERATURE": np.array([0.9], np.float32),
+        "TOP_K": np.array([50], np.int32),
+        "REPETITION_PENALTY": np.array([1.0], np.float32),
+        "PENALTY_WINDOW": np.array([0], np.int32),
+        "SEED": np.array([1], np.int64),
+        "NUM_QUANTIZERS": np.array([32], np.int64),
+    }
+
+    async def call() -> None:
+        client = TritonClient(server.http_url)
+        token = bind_deadline(asyncio.get_running_loop().time() + 0.5)
+        try:
+            await client.infer(TINY_CSM, inputs, ["AUDIO", "AUDIO_CODES", "DROPPED_SEGMENTS"])
+        finally:
+            unbind_deadline(token)
+            await client.close()
+
+    backbone = f"{TINY_CSM}_backbone"
+    before = settled_steps(server, backbone)
+    with pytest.raises(InferenceError) as failed:
+        asyncio.run(call())
+    assert re.search(r"ran past its timeout|Request timeout expired", failed.value.detail)
+    assert settled_steps(server, backbone) - before < frames
+
+
+def test_a_grpc_cancel_stops_the_loop_inside_triton(server: LocalTriton) -> None:
+    async def call() -> None:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        try:
+            before = lm_steps(server)
+            task = asyncio.create_task(client.infer("author", tensors(triton_grpc)))
+            await running(server, before)
+            task.cancel()
+            with pytest.raises((asyncio.CancelledError, InferenceServerException)):
+                await task
+        finally:
+            await client.close()
+
+    before = settled_steps(server)
+    asyncio.run(call())
+    assert 0 < settled_steps(server) - before < FULL_RUN
+
+
+def test_closing_the_http_connection_does_not_stop_the_loop(server: LocalTriton) -> None:
+    """Why the API sends its deadline: Triton 2.51 ignores a closed HTTP connection."""
+
+    async def call() -> None:
+        client = triton_http.InferenceServerClient(server.http_url)
+        try:
+            before = lm_steps(server)
+            task = asyncio.create_task(client.infer("author", tensors(triton_http)))
+            await running(server, before)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await client.close()
+
+    before = settled_steps(server)
+    asyncio.run(call())
+    assert settled_steps(server) - before == FULL_RUN
