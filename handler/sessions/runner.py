@@ -1,0 +1,436 @@
+"""The live conversation of one session: listen, transcribe, reply while writing, yield to the user.
+
+Pipeline (docs/sessions.md): inbound audio → 16 kHz → Silero VAD in Triton
+(recurrent state carried here) → :class:`SpeechSegmenter` → at end of speech
+the turn's audio → Whisper in Triton → user turn stored → chat LM streams the
+reply → :class:`ClauseSplitter` → each clause voiced as soon as it is complete
+(while the LM goes on writing) → resampled to the session rate → emitted.
+
+User speech during a reply is a barge-in: the reply task is cancelled (LM and
+voice calls with it, so Triton stops that work), ``response.done`` says
+``interrupted`` with ``played_ms``, and the stored assistant turn keeps only the
+words heard (:func:`heard_text`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soxr
+
+from handler.engines.chat import ChatMessage, ChatModel, ToolCall
+from handler.engines.vad import SileroVad
+from handler.errors import ApiError
+from handler.sessions import protocol as events
+from handler.sessions.base import Emit
+from handler.sessions.clauses import ClauseSplitter
+from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
+from handler.sessions.tools import ToolCallError, checked_arguments
+from handler.sessions.turn_taking import (
+    VAD_SAMPLE_RATE,
+    VAD_WINDOW,
+    SpeechSegmenter,
+    SpeechStarted,
+    SpeechStopped,
+)
+from handler.transcription import TimedWord
+
+logger = logging.getLogger(__name__)
+
+# How long the model waits for the client's tool result before the turn fails.
+TOOL_RESULT_TIMEOUT_S = 10.0
+# Tool rounds within one reply (call → result → continue) before the turn fails.
+MAX_TOOL_ROUNDS = 4
+# The longest user turn kept for transcription, seconds (Whisper's window is 30 s).
+MAX_USER_TURN_S = 30.0
+# Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
+REPLY_MAX_NEW_TOKENS = 96
+REPLY_TEMPERATURE = 0.7
+
+
+@dataclass(frozen=True)
+class ConversationModels:
+    """What a conversation calls, bound to one Triton client and one voice.
+
+    Attributes:
+        vad: the Silero VAD adapter.
+        chat: the chat LM (bundled in Triton, or an OpenAI-compatible endpoint).
+        transcribe: 16 kHz float32 audio, ISO 639-1 language -> transcript.
+        speak: text -> float32 [n] mono at ``voice_rate`` Hz in the session's voice.
+        voice_rate: the voice's sample rate, Hz.
+        align: 16 kHz float32 audio and its text -> word intervals (seconds).
+    """
+
+    vad: SileroVad
+    chat: ChatModel
+    transcribe: Callable[[np.ndarray, str], Awaitable[str]]
+    speak: Callable[[str], Awaitable[np.ndarray]]
+    voice_rate: int
+    align: Callable[[np.ndarray, str], Awaitable[list[TimedWord]]]
+
+
+@dataclass
+class _Reply:
+    """The assistant turn being generated and played."""
+
+    turn_id: str
+    task: asyncio.Task[None] | None = None
+    playback: PlaybackClock = field(default_factory=PlaybackClock)
+    clauses: list[VoicedClause] = field(default_factory=list)
+    text: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+
+
+class _ReplyFailed(Exception):
+    """The turn ends with ``response.done`` ``failed`` (an error event was sent)."""
+
+
+class LiveConversation:
+    """One session's conversation (implements ``handler.sessions.base.Conversation``).
+
+    Args:
+        session: the stored session (config: system prompt, tools, context window, max turns, language).
+        sample_rate: the stream's sample rate, Hz (input and output).
+        vad_threshold: speech probability that starts a user turn, 0.0-1.0.
+        models: the models it calls.
+        emit: sends a server event, or float32 reply audio at ``sample_rate``.
+        store: where turns are persisted and read back.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        sample_rate: int,
+        vad_threshold: float,
+        models: ConversationModels,
+        emit: Emit,
+        store: Any,
+    ) -> None:
+        self.session = session
+        self.sample_rate = sample_rate
+        self.models = models
+        self._emit = emit
+        self._store = store
+        self._segmenter = SpeechSegmenter(vad_threshold)
+        self._to_vad = (
+            None
+            if sample_rate == VAD_SAMPLE_RATE
+            else soxr.ResampleStream(sample_rate, VAD_SAMPLE_RATE, 1, dtype="float32")
+        )
+        self._vad_state = models.vad.initial_state()
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._heard = np.zeros(0, dtype=np.float32)
+        self._heard_offset = 0
+        self._turn_numbers = itertools.count(session.next_turn_number)
+        self._user_turn_id: str | None = None
+        self._reply: _Reply | None = None
+        self._respond_tasks: set[asyncio.Task[None]] = set()
+        self._asr_lock = asyncio.Lock()
+        self._tool_results: dict[str, asyncio.Future[str]] = {}
+        self._sending: asyncio.Future[None] | None = None
+        self._history: list[ChatMessage] = list(session.history)
+        self._exchanges = session.exchanges
+
+    # ---- inbound ---------------------------------------------------------------
+
+    async def on_audio(self, samples: np.ndarray) -> None:
+        """Take user audio (float32 [n] mono at the session rate) and act on speech start/stop."""
+        at_16k = samples if self._to_vad is None else self._to_vad.resample_chunk(samples)
+        self._heard = np.concatenate([self._heard, at_16k])
+        self._pending = np.concatenate([self._pending, at_16k])
+        whole = len(self._pending) // VAD_WINDOW * VAD_WINDOW
+        if whole == 0:
+            return
+        windows = self._pending[:whole].reshape(-1, VAD_WINDOW)
+        self._pending = self._pending[whole:]
+        probabilities, self._vad_state = await self.models.vad.speech_probabilities(
+            windows, self._vad_state, VAD_SAMPLE_RATE
+        )
+        for probability in probabilities:
+            decision = self._segmenter.push(float(probability))
+            if isinstance(decision, SpeechStarted):
+                await self._speech_started()
+            elif isinstance(decision, SpeechStopped):
+                await self._speech_stopped(decision)
+        self._trim_heard()
+
+    async def on_event(self, event: Any) -> None:
+        """Act on a client event: tool result, response cancel, playback position."""
+        if isinstance(event, events.ToolResult):
+            waiter = self._tool_results.pop(event.call_id, None)
+            if waiter is None or waiter.done():
+                await self._emit(
+                    events.Error(
+                        turn_id=self._current_turn_id(),
+                        code="unknown_tool_call",
+                        message=f"no tool call {event.call_id!r} is waiting for a result",
+                        fatal=False,
+                    )
+                )
+                return
+            waiter.set_result(event.output)
+        elif isinstance(event, events.ResponseCancel):
+            await self._interrupt()
+        elif isinstance(event, events.PlaybackPosition):
+            if self._reply is not None and self._reply.turn_id == event.turn_id:
+                self._reply.playback.report(event.played_ms)
+
+    async def close(self) -> None:
+        """Stop everything this conversation started (socket gone or session ended)."""
+        await self._interrupt()
+        for task in list(self._respond_tasks):
+            task.cancel()
+        await asyncio.gather(*self._respond_tasks, return_exceptions=True)
+
+    # ---- turn-taking -----------------------------------------------------------
+
+    def _next_turn_id(self) -> str:
+        return f"turn_{next(self._turn_numbers)}"
+
+    def _current_turn_id(self) -> str:
+        if self._reply is not None:
+            return self._reply.turn_id
+        return self._user_turn_id or "turn_0"
+
+    async def _speech_started(self) -> None:
+        await self._interrupt()
+        self._user_turn_id = self._next_turn_id()
+        await self._emit(events.SpeechStarted(turn_id=self._user_turn_id))
+
+    async def _speech_stopped(self, stopped: SpeechStopped) -> None:
+        turn_id = self._user_turn_id or self._next_turn_id()
+        await self._emit(events.SpeechStopped(turn_id=turn_id))
+        if not stopped.is_turn:
+            return
+        start = max(stopped.start, stopped.end - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
+        audio = self._heard[start - self._heard_offset : stopped.end - self._heard_offset].copy()
+        task = asyncio.create_task(self._respond(turn_id, audio))
+        self._respond_tasks.add(task)
+        task.add_done_callback(self._respond_tasks.discard)
+
+    def _trim_heard(self) -> None:
+        """Keep only the audio a turn in progress (or the next one) can still need."""
+        keep_from = self._heard_offset + len(self._heard) - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE)
+        if self._segmenter.in_speech:
+            return
+        drop = max(keep_from - self._heard_offset, 0)
+        if drop:
+            self._heard = self._heard[drop:]
+            self._heard_offset += drop
+
+    # ---- replies ---------------------------------------------------------------
+
+    async def _respond(self, user_turn_id: str, audio_16k: np.ndarray) -> None:
+        """Transcribe one user turn, store it, and reply unless the user has gone on speaking."""
+        async with self._asr_lock:
+            try:
+                transcript = await self.models.transcribe(audio_16k, self.session.language)
+            except ApiError as error:
+                await self._emit(
+                    events.Error(turn_id=user_turn_id, code=error.code, message=error.message, fatal=False)
+                )
+                return
+            await self._emit(events.Transcript(turn_id=user_turn_id, text=transcript))
+            await self._store.add_turn(
+                self.session.session_id,
+                turn_id=user_turn_id,
+                role="user",
+                text=transcript,
+                audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000),
+            )
+            if transcript.strip():
+                self._history.append(ChatMessage(role="user", content=transcript))
+        if self._segmenter.in_speech or not transcript.strip() or self._reply is not None:
+            return
+        reply = _Reply(turn_id=self._next_turn_id())
+        self._reply = reply
+        reply.task = asyncio.create_task(self._generate(reply))
+        try:
+            await asyncio.shield(reply.task)
+        except _ReplyFailed:
+            status = "failed"
+        except Exception:
+            logger.exception("reply %s failed", reply.turn_id)
+            await self._emit(
+                events.Error(
+                    turn_id=reply.turn_id, code="internal_error", message="the reply failed", fatal=False
+                )
+            )
+            status = "failed"
+        else:
+            status = "completed"
+        if not reply.interrupted:
+            await self._finish(reply, status)
+
+    async def _generate(self, reply: _Reply) -> None:
+        """Write the reply with the chat LM and voice it clause by clause while it is written."""
+        await self._emit(events.ResponseStarted(turn_id=reply.turn_id))
+        clauses: asyncio.Queue[str | None] = asyncio.Queue()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._write(reply, clauses))
+                group.create_task(self._voice(reply, clauses))
+        except* _ReplyFailed:
+            raise _ReplyFailed from None
+        except* ApiError as failed:
+            error = failed.exceptions[0]
+            assert isinstance(error, ApiError)
+            await self._emit(
+                events.Error(turn_id=reply.turn_id, code=error.code, message=error.message, fatal=False)
+            )
+            raise _ReplyFailed from None
+        while (remaining := reply.playback.remaining_s()) > 0:
+            await asyncio.sleep(min(remaining, 0.05))
+
+    async def _write(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
+        splitter = ClauseSplitter()
+        messages = self._prompt()
+        try:
+            for _ in range(MAX_TOOL_ROUNDS + 1):
+                call = None
+                async for delta in self.models.chat.stream(
+                    messages,
+                    self.session.tools,
+                    max_new_tokens=REPLY_MAX_NEW_TOKENS,
+                    temperature=REPLY_TEMPERATURE,
+                    seed=None,
+                ):
+                    if delta.text:
+                        reply.text += delta.text
+                        await self._emit(events.TextDelta(turn_id=reply.turn_id, delta=delta.text))
+                        for clause in splitter.push(delta.text):
+                            clauses.put_nowait(clause)
+                    if delta.tool_call is not None:
+                        call = delta.tool_call
+                        break
+                if call is None:
+                    break
+                messages = [*messages, *await self._run_tool(reply, call)]
+            else:
+                await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls in one reply")
+        finally:
+            for clause in splitter.flush():
+                clauses.put_nowait(clause)
+            clauses.put_nowait(None)
+
+    async def _run_tool(self, reply: _Reply, call: ToolCall) -> list[ChatMessage]:
+        """Send the model's tool call to the client and wait for its result.
+
+        Returns:
+            the assistant message with the call and the tool message with the result.
+
+        Raises:
+            _ReplyFailed: arguments rejected by the tool's schema, or no result within
+                :data:`TOOL_RESULT_TIMEOUT_S`.
+        """
+        try:
+            arguments = checked_arguments(call.name, call.arguments, self.session.tools)
+        except ToolCallError as error:
+            await self._fail(reply, "invalid_tool_call", str(error))
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._tool_results[call.id] = waiter
+        await self._emit(
+            events.ToolCall(turn_id=reply.turn_id, call_id=call.id, name=call.name, arguments=arguments)
+        )
+        try:
+            output = await asyncio.wait_for(waiter, TOOL_RESULT_TIMEOUT_S)
+        except TimeoutError:
+            await self._fail(
+                reply, "tool_timeout", f"no result for tool call {call.id!r} within {TOOL_RESULT_TIMEOUT_S:g} s"
+            )
+        finally:
+            self._tool_results.pop(call.id, None)
+        reply.tool_calls.append({"call_id": call.id, "name": call.name, "arguments": arguments, "output": output})
+        await self._store.add_turn(
+            self.session.session_id, turn_id=self._next_turn_id(), role="tool", text=output,
+            tool_call_id=call.id,
+        )
+        return [
+            ChatMessage(role="assistant", content=reply.text, tool_calls=(call,)),
+            ChatMessage(role="tool", content=output, tool_call_id=call.id),
+        ]
+
+    async def _fail(self, reply: _Reply, code: str, message: str) -> None:
+        await self._emit(events.Error(turn_id=reply.turn_id, code=code, message=message, fatal=False))
+        raise _ReplyFailed(code)
+
+    async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
+        resample = (
+            None
+            if self.models.voice_rate == self.sample_rate
+            else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
+        )
+        while (clause := await clauses.get()) is not None:
+            audio = await self.models.speak(clause)
+            start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
+            reply.clauses.append(VoicedClause(clause, start_s, audio, self.models.voice_rate))
+            out = audio if resample is None else resample.resample_chunk(audio, last=clauses.empty())
+            await self._send_audio(reply, out.astype(np.float32))
+
+    async def _send_audio(self, reply: _Reply, audio: np.ndarray) -> None:
+        """Emit reply audio; a cancelled reply still finishes the message in flight, never half of one."""
+        if len(audio) == 0:
+            return
+        sending = asyncio.ensure_future(self._emit(events.AssistantAudio(turn_id=reply.turn_id, audio=audio)))
+        self._sending = sending
+        reply.playback.sent(len(audio) / self.sample_rate * 1000.0)
+        await asyncio.shield(sending)
+
+    def _prompt(self) -> list[ChatMessage]:
+        window = self.session.context_window
+        recent = self._history[-window:] if window > 0 else []
+        return [ChatMessage(role="system", content=self.session.system_prompt), *recent]
+
+    # ---- ending a reply ----------------------------------------------------------
+
+    async def _interrupt(self) -> None:
+        """Barge-in or client cancel: stop the reply now; store what was heard."""
+        reply = self._reply
+        if reply is None or reply.task is None or reply.interrupted:
+            return
+        reply.interrupted = True
+        reply.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reply.task
+        if self._sending is not None:
+            with contextlib.suppress(Exception):
+                await self._sending
+        await self._finish(reply, status="interrupted")
+
+    async def _finish(self, reply: _Reply, status: str) -> None:
+        """Send ``response.done``, store the assistant turn, count the exchange."""
+        self._reply = None
+        played_ms = round(reply.playback.played_ms())
+        await self._emit(events.ResponseDone(turn_id=reply.turn_id, status=status, played_ms=played_ms))
+        text = reply.text
+        if status == "interrupted":
+            text = await heard_text(reply.clauses, played_ms / 1000.0, self._align)
+        await self._store.add_turn(
+            self.session.session_id,
+            turn_id=reply.turn_id,
+            role="assistant",
+            text=text,
+            audio_ms=round(reply.playback.sent_ms),
+            interrupted=status == "interrupted",
+            played_ms=played_ms,
+            tool_calls=reply.tool_calls,
+        )
+        if text:
+            self._history.append(ChatMessage(role="assistant", content=text))
+        self._exchanges += 1
+        limit = self.session.max_turns
+        if limit is not None and self._exchanges >= limit:
+            await self._store.end_session(self.session.session_id, reason="max_turns")
+
+    async def _align(self, clause: VoicedClause) -> list[TimedWord]:
+        audio = soxr.resample(clause.audio, clause.sample_rate, VAD_SAMPLE_RATE)
+        return await self.models.align(audio.astype(np.float32), clause.text)
+
