@@ -45,7 +45,9 @@ class ClauseSplitter:
 
     def _next_cut(self) -> int | None:
         cuts = [m.end() for m in _SENTENCE_END.finditer(self._pending)][:1]
-        cuts += [m.end() for m in _CLAUSE_END.finditer(self._pending) if m.end() >= MIN_CLAUSE_CHARS][:1]
+        cuts += [
+            m.end() for m in _CLAUSE_END.finditer(self._pending) if m.end() >= MIN_CLAUSE_CHARS
+        ][:1]
         if cuts:
             return min(cuts)
         if len(self._pending) > MAX_CLAUSE_CHARS:

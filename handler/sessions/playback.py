@@ -72,7 +72,10 @@ class PlaybackClock:
         return self._sent_ms
 
     def played_ms(self) -> float:
-        """Heard so far: the client's report, else real time since the first send; never above what was sent."""
+        """Heard so far: the client's report, else real time since the first send.
+
+        Never more than was sent.
+        """
         if self._reported_ms is not None:
             return min(self._reported_ms, self._sent_ms)
         if self._first_sent is None:

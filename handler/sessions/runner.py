@@ -18,18 +18,18 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import soxr
-
 from handler.engines.chat import ChatMessage, ChatModel, ToolCall
 from handler.engines.vad import SileroVad
+from handler.sessions.base import Emit
+
 from handler.errors import ApiError
 from handler.sessions import protocol as events
-from handler.sessions.base import Emit
 from handler.sessions.clauses import ClauseSplitter
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
@@ -97,7 +97,8 @@ class LiveConversation:
     """One session's conversation (implements ``handler.sessions.base.Conversation``).
 
     Args:
-        session: the stored session (config: system prompt, tools, context window, max turns, language).
+        session: the stored session (system prompt, tools, context window, max turns,
+            language).
         sample_rate: the stream's sample rate, Hz (input and output).
         vad_threshold: speech probability that starts a user turn, 0.0-1.0.
         models: the models it calls.
@@ -179,9 +180,12 @@ class LiveConversation:
             waiter.set_result(event.output)
         elif isinstance(event, events.ResponseCancel):
             await self._interrupt()
-        elif isinstance(event, events.PlaybackPosition):
-            if self._reply is not None and self._reply.turn_id == event.turn_id:
-                self._reply.playback.report(event.played_ms)
+        elif (
+            isinstance(event, events.PlaybackPosition)
+            and self._reply is not None
+            and self._reply.turn_id == event.turn_id
+        ):
+            self._reply.playback.report(event.played_ms)
 
     async def close(self) -> None:
         """Stop everything this conversation started (socket gone or session ended)."""
@@ -235,7 +239,9 @@ class LiveConversation:
                 transcript = await self.models.transcribe(audio_16k, self.session.language)
             except ApiError as error:
                 await self._emit(
-                    events.Error(turn_id=user_turn_id, code=error.code, message=error.message, fatal=False)
+                    events.Error(
+                        turn_id=user_turn_id, code=error.code, message=error.message, fatal=False
+                    )
                 )
                 return
             await self._emit(events.Transcript(turn_id=user_turn_id, text=transcript))
@@ -261,7 +267,10 @@ class LiveConversation:
             logger.exception("reply %s failed", reply.turn_id)
             await self._emit(
                 events.Error(
-                    turn_id=reply.turn_id, code="internal_error", message="the reply failed", fatal=False
+                    turn_id=reply.turn_id,
+                    code="internal_error",
+                    message="the reply failed",
+                    fatal=False,
                 )
             )
             status = "failed"
@@ -284,7 +293,9 @@ class LiveConversation:
             error = failed.exceptions[0]
             assert isinstance(error, ApiError)
             await self._emit(
-                events.Error(turn_id=reply.turn_id, code=error.code, message=error.message, fatal=False)
+                events.Error(
+                    turn_id=reply.turn_id, code=error.code, message=error.message, fatal=False
+                )
             )
             raise _ReplyFailed from None
         while (remaining := reply.playback.remaining_s()) > 0:
@@ -315,7 +326,9 @@ class LiveConversation:
                     break
                 messages = [*messages, *await self._run_tool(reply, call)]
             else:
-                await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls in one reply")
+                await self._fail(
+                    reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls in one reply"
+                )
         finally:
             for clause in splitter.flush():
                 clauses.put_nowait(clause)
@@ -338,19 +351,28 @@ class LiveConversation:
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._tool_results[call.id] = waiter
         await self._emit(
-            events.ToolCall(turn_id=reply.turn_id, call_id=call.id, name=call.name, arguments=arguments)
+            events.ToolCall(
+                turn_id=reply.turn_id, call_id=call.id, name=call.name, arguments=arguments
+            )
         )
         try:
             output = await asyncio.wait_for(waiter, TOOL_RESULT_TIMEOUT_S)
         except TimeoutError:
             await self._fail(
-                reply, "tool_timeout", f"no result for tool call {call.id!r} within {TOOL_RESULT_TIMEOUT_S:g} s"
+                reply,
+                "tool_timeout",
+                f"no result for tool call {call.id!r} within {TOOL_RESULT_TIMEOUT_S:g} s",
             )
         finally:
             self._tool_results.pop(call.id, None)
-        reply.tool_calls.append({"call_id": call.id, "name": call.name, "arguments": arguments, "output": output})
+        reply.tool_calls.append(
+            {"call_id": call.id, "name": call.name, "arguments": arguments, "output": output}
+        )
         await self._store.add_turn(
-            self.session.session_id, turn_id=self._next_turn_id(), role="tool", text=output,
+            self.session.session_id,
+            turn_id=self._next_turn_id(),
+            role="tool",
+            text=output,
             tool_call_id=call.id,
         )
         return [
@@ -359,7 +381,9 @@ class LiveConversation:
         ]
 
     async def _fail(self, reply: _Reply, code: str, message: str) -> None:
-        await self._emit(events.Error(turn_id=reply.turn_id, code=code, message=message, fatal=False))
+        await self._emit(
+            events.Error(turn_id=reply.turn_id, code=code, message=message, fatal=False)
+        )
         raise _ReplyFailed(code)
 
     async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
@@ -372,14 +396,18 @@ class LiveConversation:
             audio = await self.models.speak(clause)
             start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
             reply.clauses.append(VoicedClause(clause, start_s, audio, self.models.voice_rate))
-            out = audio if resample is None else resample.resample_chunk(audio, last=clauses.empty())
+            out = (
+                audio if resample is None else resample.resample_chunk(audio, last=clauses.empty())
+            )
             await self._send_audio(reply, out.astype(np.float32))
 
     async def _send_audio(self, reply: _Reply, audio: np.ndarray) -> None:
-        """Emit reply audio; a cancelled reply still finishes the message in flight, never half of one."""
+        """Emit reply audio; a cancelled reply finishes the message in flight, never half of one."""
         if len(audio) == 0:
             return
-        sending = asyncio.ensure_future(self._emit(events.AssistantAudio(turn_id=reply.turn_id, audio=audio)))
+        sending = asyncio.ensure_future(
+            self._emit(events.AssistantAudio(turn_id=reply.turn_id, audio=audio))
+        )
         self._sending = sending
         reply.playback.sent(len(audio) / self.sample_rate * 1000.0)
         await asyncio.shield(sending)
@@ -409,7 +437,9 @@ class LiveConversation:
         """Send ``response.done``, store the assistant turn, count the exchange."""
         self._reply = None
         played_ms = round(reply.playback.played_ms())
-        await self._emit(events.ResponseDone(turn_id=reply.turn_id, status=status, played_ms=played_ms))
+        await self._emit(
+            events.ResponseDone(turn_id=reply.turn_id, status=status, played_ms=played_ms)
+        )
         text = reply.text
         if status == "interrupted":
             text = await heard_text(reply.clauses, played_ms / 1000.0, self._align)
@@ -433,4 +463,3 @@ class LiveConversation:
     async def _align(self, clause: VoicedClause) -> list[TimedWord]:
         audio = soxr.resample(clause.audio, clause.sample_rate, VAD_SAMPLE_RATE)
         return await self.models.align(audio.astype(np.float32), clause.text)
-

@@ -18,7 +18,9 @@ class ToolCallError(ValueError):
     """The model called an unknown tool or wrote arguments its schema rejects."""
 
 
-def checked_arguments(name: str, arguments: str, tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def checked_arguments(
+    name: str, arguments: str, tools: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
     """The parsed arguments of a call to tool ``name``.
 
     Args:
@@ -42,7 +44,9 @@ def checked_arguments(name: str, arguments: str, tools: Sequence[Mapping[str, An
     if not isinstance(parsed, dict):
         raise ToolCallError(f"arguments of {name!r} must be a JSON object")
     schema = function.get("parameters") or {"type": "object"}
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(parsed))
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(parsed)
+    )
     if error is not None:
         path = "/".join(str(p) for p in error.absolute_path) or "(root)"
         raise ToolCallError(f"arguments of {name!r} at {path}: {error.message}")
