@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from handler.engines.catalog import ModelCatalog
 from handler.errors import ApiError, MethodNotAllowed, NotFound, render
 from handler.moderation import load_policy
-from handler.routes import converse, dialogue, files, health, usage, voices
+from handler.routes import converse, dialogue, files, health, playground, usage, voices
 from handler.routes.openapi import API_DESCRIPTION, build_openapi
 from handler.services.admission import Admission
 from handler.services.telemetry import Metrics, RequestRecord, request_logger
@@ -191,5 +191,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(files.uploads)
     app.include_router(files.files)
+    app.include_router(playground.router)
     app.openapi = partial(build_openapi, app)  # type: ignore[method-assign]
     return app
