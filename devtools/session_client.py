@@ -132,7 +132,7 @@ class LiveClient:
     async def silence_until(
         self, done: Callable[[list[ReceivedEvent]], bool], timeout_s: float
     ) -> None:
-        """Keep the microphone open (silence, real time) until ``done(events)`` or the socket closes.
+        """Keep the microphone open (silence, real time) until ``done(events)`` or a close.
 
         Raises:
             TimeoutError: not done within ``timeout_s`` seconds.

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,12 @@ class _Reply:
     text: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    since: float = field(default_factory=time.monotonic)
+
+    def mark(self, name: str) -> None:
+        """Record ``name`` (once): milliseconds from the user's end of speech to now."""
+        self.latency_ms.setdefault(name, round((time.monotonic() - self.since) * 1000.0, 1))
 
 
 class _ReplyFailed(Exception):
@@ -234,6 +241,7 @@ class LiveConversation:
 
     async def _respond(self, user_turn_id: str, audio_16k: np.ndarray) -> None:
         """Transcribe one user turn, store it, and reply unless the user has gone on speaking."""
+        speech_ended = time.monotonic()
         async with self._asr_lock:
             try:
                 transcript = await self.models.transcribe(audio_16k, self.session.language)
@@ -256,7 +264,8 @@ class LiveConversation:
                 self._history.append(ChatMessage(role="user", content=transcript))
         if self._segmenter.in_speech or not transcript.strip() or self._reply is not None:
             return
-        reply = _Reply(turn_id=self._next_turn_id())
+        reply = _Reply(turn_id=self._next_turn_id(), since=speech_ended)
+        reply.mark("asr")
         self._reply = reply
         reply.task = asyncio.create_task(self._generate(reply))
         try:
@@ -315,6 +324,7 @@ class LiveConversation:
                     seed=None,
                 ):
                     if delta.text:
+                        reply.mark("first_token")
                         reply.text += delta.text
                         await self._emit(events.TextDelta(turn_id=reply.turn_id, delta=delta.text))
                         for clause in splitter.push(delta.text):
@@ -393,12 +403,17 @@ class LiveConversation:
             else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
         )
         while (clause := await clauses.get()) is not None:
+            voicing = time.monotonic()
             audio = await self.models.speak(clause)
+            reply.latency_ms.setdefault(
+                "first_clause_voice", round((time.monotonic() - voicing) * 1000.0, 1)
+            )
             start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
             reply.clauses.append(VoicedClause(clause, start_s, audio, self.models.voice_rate))
             out = (
                 audio if resample is None else resample.resample_chunk(audio, last=clauses.empty())
             )
+            reply.mark("first_audio")
             await self._send_audio(reply, out.astype(np.float32))
 
     async def _send_audio(self, reply: _Reply, audio: np.ndarray) -> None:
@@ -452,6 +467,7 @@ class LiveConversation:
             interrupted=status == "interrupted",
             played_ms=played_ms,
             tool_calls=reply.tool_calls,
+            latency_ms=reply.latency_ms,
         )
         if text:
             self._history.append(ChatMessage(role="assistant", content=text))
