@@ -22,10 +22,13 @@ def two_tones(sample_rate: int) -> np.ndarray:
     return np.concatenate([signal, np.zeros(sample_rate // 5, np.float32)])
 
 
-def round_trip(encoding: str, sample_rate: int, signal: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+def round_trip(
+    encoding: str, sample_rate: int, signal: np.ndarray
+) -> tuple[list[bytes], np.ndarray]:
     encoder, decoder = Encoder(encoding, sample_rate), Decoder(encoding, sample_rate)
     step = sample_rate // 7  # chunks that do not line up with 20 ms frames
-    messages = [m for i in range(0, signal.size, step) for m in encoder.encode(signal[i : i + step])]
+    chunks = [signal[i : i + step] for i in range(0, signal.size, step)]
+    messages = [message for chunk in chunks for message in encoder.encode(chunk)]
     messages += encoder.flush()
     return messages, np.concatenate([decoder.decode(m) for m in messages])
 

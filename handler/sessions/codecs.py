@@ -15,6 +15,8 @@ Opus codec state, soxr's resampling filter), so use one of each per socket.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import av
 import numpy as np
 import soxr
@@ -43,9 +45,10 @@ def to_int16(samples: np.ndarray) -> np.ndarray:
     return np.clip(np.round(samples * _INT16_SCALE), -32768, 32767).astype(np.int16)
 
 
-def _codec(name: str, mode: str, sample_rate: int) -> av.AudioCodecContext:
+def _codec(
+    name: Literal["pcm_mulaw", "libopus"], mode: Literal["r", "w"], sample_rate: int
+) -> av.AudioCodecContext:
     context = av.CodecContext.create(name, mode)
-    assert isinstance(context, av.AudioCodecContext)
     context.sample_rate = sample_rate
     context.layout = "mono"
     if mode == "w":

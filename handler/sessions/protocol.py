@@ -62,9 +62,8 @@ END_REASON_CODES: dict[str, CloseCode] = {
     "idle_timeout": CloseCode.IDLE_TIMEOUT,
     "max_duration": CloseCode.MAX_DURATION,
     "max_turns": CloseCode.MAX_TURNS,
-    "internal_error": CloseCode.INTERNAL_ERROR,
 }
-EndReason = Literal["deleted", "idle_timeout", "max_duration", "max_turns", "internal_error"]
+EndReason = Literal["deleted", "idle_timeout", "max_duration", "max_turns"]
 
 
 class _ServerEvent(BaseModel):
@@ -235,7 +234,8 @@ def events_schema() -> dict[str, Any]:
     definitions["ServerEvent"] = server
     definitions["ClientEvent"] = client
     definitions["CloseCode"] = {
-        "description": "WebSocket close codes: " + ", ".join(f"{c.value} {c.name}" for c in CloseCode),
+        "description": "WebSocket close codes: "
+        + ", ".join(f"{code.value} {code.name}" for code in CloseCode),
         "enum": [code.value for code in CloseCode],
     }
     return {

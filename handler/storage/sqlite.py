@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from handler.storage.base import (
-    RateDecision,
     SESSION_RETENTION_S,
+    RateDecision,
     SavedVoice,
     SessionRecord,
     Storage,
