@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from handler.app import create_app
 from handler.storage.base import TurnRecord
 from handler.storage.sqlite import SQLiteStorage
 from tests.helpers import API_KEY, AUTH, make_settings
+from tests.test_lambda import FakeContext, http_api_v2_event, load_lambda
 
 OTHER_KEY = "other-key-456"
 KEY_ID = hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
@@ -173,3 +175,27 @@ def test_stream_path_over_plain_http_is_426(api: TestClient) -> None:
     assert response.status_code == 426 and response.headers["upgrade"] == "websocket"
     assert response.json()["error"]["type"] == "invalid_request"
 
+
+
+def test_lambda_answers_the_stream_path_without_crashing(triton_url: str) -> None:
+    for module in load_lambda(triton_url):
+        answer = module.handler(
+            http_api_v2_event("GET", "/v1/conversations/conv_x/stream"), FakeContext()
+        )
+        created = module.handler(http_api_v2_event("POST", "/v1/conversations/create", PERSONA),
+                                 FakeContext())
+    assert answer["statusCode"] == 426
+    assert json.loads(answer["body"])["error"]["type"] == "invalid_request"
+    assert created["statusCode"] == 201
+    assert json.loads(created["body"])["stream_url"].startswith("wss://api.example.com/")
+
+
+def test_openapi_documents_the_session_routes(api: TestClient) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    create_op = paths["/v1/conversations/create"]["post"]
+    assert {"201", "400", "401", "429"} <= set(create_op["responses"])
+    example = create_op["requestBody"]["content"]["application/json"]["examples"]["assistant"]
+    assert create(api, **example["value"]).status_code == 201
+    assert {"200", "401", "404"} <= set(paths["/v1/conversations/{session_id}"]["delete"]
+                                       ["responses"])
+    assert "/v1/conversations/{session_id}/stream" not in paths
