@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from handler.app import create_app
-from handler.sessions.base import AssistantAudio, Emit, SessionParams
+from handler.sessions.base import AssistantAudio, ConversationFactory, Emit, SessionParams
 from handler.sessions.codecs import Decoder, Encoder
 from handler.sessions.protocol import (
     ClientEvent,
@@ -86,7 +86,8 @@ def factory() -> Factory:
     return Factory()
 
 
-def app_client(triton_url: str, factory: Factory | None, **settings: Any) -> TestClient:
+def app_client(triton_url: str, factory: ConversationFactory | None,
+               **settings: Any) -> TestClient:
     return TestClient(create_app(make_settings(triton_url=triton_url, **settings), factory))
 
 
@@ -234,18 +235,32 @@ def test_reconnect_resumes_and_replaces_the_older_socket(api: TestClient) -> Non
     assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["status"] == "active"
 
 
-def test_delete_closes_the_live_socket(api: TestClient) -> None:
-    session_id = new_session(api)
-    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
-        ws.receive_json()
-        assert api.delete(f"/v1/conversations/{session_id}", headers=AUTH).status_code == 200
-        ended = ws.receive_json()
-        with pytest.raises(WebSocketDisconnect) as closed:
+def test_delete_closes_the_live_socket(triton_url: str, factory: Factory) -> None:
+    # No periodic recheck during the test: only the DELETE itself can close the socket.
+    with app_client(triton_url, factory, session_check_s=3600.0) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
             ws.receive_json()
+            assert api.delete(f"/v1/conversations/{session_id}", headers=AUTH).status_code == 200
+            ended = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
     assert (ended["type"], ended["reason"]) == ("session.ended", "deleted")
     assert closed.value.code == CloseCode.DELETED
-    assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["ended_reason"] == (
-        "deleted")
+    assert (body["status"], body["ended_reason"]) == ("ended", "deleted")
+
+
+def test_a_socket_claimed_elsewhere_closes_as_replaced(api: TestClient) -> None:
+    """Another process took the session: the older socket sees it on its next check."""
+    session_id = new_session(api)
+    storage = api.app.state.storage  # type: ignore[attr-defined]
+    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+        ws.receive_json()
+        assert storage.claim_session(KEY_ID, session_id, "socket-in-another-process")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == CloseCode.REPLACED
 
 
 def test_session_ended_elsewhere_closes_the_socket(api: TestClient) -> None:
@@ -288,8 +303,10 @@ def test_oversized_message_closes(triton_url: str, factory: Factory) -> None:
         with api.websocket_connect(path(session_id), headers=AUTH) as ws:
             ws.receive_json()
             ws.send_bytes(bytes(2048))
+            error = ws.receive_json()
             with pytest.raises(WebSocketDisconnect) as closed:
                 ws.receive_json()
+        assert (error["code"], error["fatal"]) == ("message_too_big", True)
         assert closed.value.code == CloseCode.MESSAGE_TOO_BIG
         body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
         assert body["status"] == "active"
@@ -330,6 +347,31 @@ def test_the_conversation_can_end_the_session(api: TestClient) -> None:
     assert ended["reason"] == "max_turns" and closed.value.code == CloseCode.MAX_TURNS
     assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["ended_reason"] == (
         "max_turns")
+
+
+class BrokenConversation(EchoConversation):
+    async def on_audio(self, samples: np.ndarray) -> None:
+        raise RuntimeError("the runner failed")
+
+
+async def broken_factory(record: SessionRecord, params: SessionParams,
+                         emit: Emit) -> BrokenConversation:
+    return BrokenConversation(record, params, emit)
+
+
+def test_a_failing_conversation_closes_with_a_fatal_error(triton_url: str) -> None:
+    with app_client(triton_url, broken_factory) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ws.send_bytes(bytes(640))
+            error = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        assert (error["type"], error["code"], error["fatal"]) == ("error", "internal_error", True)
+        assert closed.value.code == CloseCode.INTERNAL_ERROR
+        assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["status"] == (
+            "active")
 
 
 def test_without_a_runner_sockets_close_with_internal_error(triton_url: str) -> None:

@@ -46,6 +46,11 @@ from handler.storage.base import SessionRecord, SessionStore
 
 logger = logging.getLogger("converse.sessions")
 SEQ_BLOCK = 64  # sequence numbers reserved per storage write
+# Closes that a fatal ``error`` event announces (the others have a session.ended or no reader).
+_FATAL_ERRORS = {
+    CloseCode.INTERNAL_ERROR: "internal_error",
+    CloseCode.MESSAGE_TOO_BIG: "message_too_big",
+}
 
 
 class SequenceNumbers:
@@ -211,7 +216,7 @@ class LiveSocket:
             asyncio.create_task(self._watch_duration()),
         ]
         try:
-            done, _ = await asyncio.wait([receiver, *watchers], return_when="FIRST_COMPLETED")
+            done, _ = await asyncio.wait([receiver, *watchers], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (receiver, *watchers):
                 task.cancel()
@@ -282,6 +287,14 @@ class LiveSocket:
 
     async def _finish(self) -> None:
         code, message, end_reason = self._close
+        if code in _FATAL_ERRORS:
+            with contextlib.suppress(Exception):
+                await self._send(
+                    ErrorEvent(
+                        turn_id=self.last_turn_id, code=_FATAL_ERRORS[code], message=message,
+                        fatal=True,
+                    )
+                )
         if end_reason is not None:
             ended = await run_in_threadpool(
                 self.storage.end_session, self.record.key_id, self.record.id, end_reason
