@@ -8,6 +8,7 @@ limits and how DELETE, idle time and a conversation's own end close the socket.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -378,3 +379,22 @@ def test_without_a_runner_sockets_close_with_internal_error(triton_url: str) -> 
     with app_client(triton_url, None) as api:
         code = closed_with(api, path(new_session(api)), headers=AUTH)
     assert code == CloseCode.INTERNAL_ERROR
+
+
+class SlowConversation(EchoConversation):
+    async def on_audio(self, samples: np.ndarray) -> None:
+        await asyncio.sleep(0.2)
+
+
+async def slow_factory(record: SessionRecord, params: SessionParams,
+                       emit: Emit) -> SlowConversation:
+    return SlowConversation(record, params, emit)
+
+
+def test_leaving_while_the_conversation_is_busy_closes_cleanly(triton_url: str) -> None:
+    """The test client cancels the app as soon as it leaves: cleanup must absorb that."""
+    with app_client(triton_url, slow_factory) as api:
+        for _ in range(3):
+            with api.websocket_connect(path(new_session(api)), headers=AUTH) as ws:
+                ws.receive_json()
+                ws.send_bytes(bytes(640))

@@ -22,6 +22,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+import anyio
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -46,6 +47,7 @@ from handler.storage.base import SessionRecord, SessionStore
 
 logger = logging.getLogger("converse.sessions")
 SEQ_BLOCK = 64  # sequence numbers reserved per storage write
+CLEANUP_S = 10.0  # longest a closing socket waits for the conversation to stop, seconds
 # Closes that a fatal ``error`` event announces (the others have a session.ended or no reader).
 _FATAL_ERRORS = {
     CloseCode.INTERNAL_ERROR: "internal_error",
@@ -178,10 +180,13 @@ class LiveSocket:
         finally:
             hub.detach(self)
             self._emitting = False
-            if conversation is not None:
-                with contextlib.suppress(Exception):
-                    await conversation.close()
-            await self._finish()
+            # Shielded: the conversation must stop its work (Triton calls) and the
+            # session's end be stored even when the socket's task is being cancelled.
+            with anyio.move_on_after(CLEANUP_S, shield=True):
+                if conversation is not None:
+                    with contextlib.suppress(Exception):
+                        await conversation.close()
+                await self._finish()
 
     async def emit(self, item: ServerEvent | AssistantAudio) -> None:
         """What the conversation sends: events get their ``seq``, audio is encoded.
@@ -220,7 +225,9 @@ class LiveSocket:
         finally:
             for task in (receiver, *watchers):
                 task.cancel()
-            await asyncio.gather(receiver, *watchers, return_exceptions=True)
+            # asyncio.wait, not gather: gather would re-raise a child's CancelledError
+            # in place of the one cancelling this task (anyio only absorbs its own).
+            await asyncio.wait([receiver, *watchers])
         if receiver in done and receiver.exception() is not None:
             raise receiver.exception()  # type: ignore[misc]
 
