@@ -104,6 +104,27 @@ class Settings(BaseSettings):
     dynamodb_rate_table: str = Field(
         "converse-rate-limits", description="DynamoDB rate-limit bucket table."
     )
+    dynamodb_sessions_table: str = Field(
+        "converse-sessions", description="DynamoDB sessions table (TTL on expires_at)."
+    )
+    public_stream_url: str = Field(
+        "",
+        description="Base wss:// URL of the sessions service; empty: the request's own host.",
+    )
+    session_idle_timeout_s: float = Field(
+        120.0, gt=0, description="A live socket with no client message for this long closes, s."
+    )
+    session_max_duration_s: float = Field(
+        3600.0, gt=0, description="A session ends this long after it was created, seconds."
+    )
+    session_max_message_bytes: int = Field(
+        262_144, ge=1024, description="Largest WebSocket message a client may send, bytes."
+    )
+    session_check_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a live socket rereads its session (ended or taken elsewhere), s.",
+    )
     blob_backend: Literal["local", "s3"] = Field(
         "local", description="Where large responses and uploads live: a directory or S3."
     )
