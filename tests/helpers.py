@@ -30,6 +30,7 @@ class TinyTriton:
 
     gemma: Path
     csm: Path
+    llama: Path
     repository: Path
     server: LocalTriton
 
