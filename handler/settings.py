@@ -26,6 +26,19 @@ class Settings(BaseSettings):
     triton_url: str = Field(
         "127.0.0.1:8000", description="Triton HTTP endpoint as host:port (no scheme)."
     )
+    triton_grpc_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton gRPC endpoint as host:port: the chat LM's token stream.",
+    )
+    chat_base_url: str = Field(
+        "",
+        description="OpenAI-compatible API base (e.g. https://api.openai.com/v1) for session "
+        "replies; empty: the bundled chat LM in Triton.",
+    )
+    chat_api_key: str = Field(
+        "", description="Bearer key sent to chat_base_url (never logged)."
+    )
+    chat_model: str = Field("", description="Model name sent to chat_base_url.")
     api_keys: str = Field(
         "",
         description="Comma-separated API keys; hashed with SHA-256 at startup, plaintext dropped.",
