@@ -33,6 +33,7 @@ from handler.routes.openapi import API_DESCRIPTION, build_openapi
 from handler.services.admission import Admission
 from handler.services.telemetry import Metrics, RequestRecord, request_logger
 from handler.sessions.base import ConversationFactory
+from handler.sessions.live import live_conversations
 from handler.sessions.transport import SessionHub
 from handler.settings import Settings
 from handler.storage import make_blob_store, make_storage
@@ -141,8 +142,8 @@ def create_app(
     Args:
         settings: configuration; read from ``CONVERSE_*`` env vars when None.
         conversation_factory: builds the conversation behind each session socket
-            (``state.conversation_factory``); without one, sockets close with
-            ``INTERNAL_ERROR``.
+            (``state.conversation_factory``); None: the live conversation
+            (:func:`handler.sessions.live.live_conversations`).
 
     Returns:
         A FastAPI app whose ``state`` holds ``settings``, ``triton`` (the one
@@ -181,7 +182,7 @@ def create_app(
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.session_hub = SessionHub()
-    app.state.conversation_factory = conversation_factory
+    app.state.conversation_factory = conversation_factory or live_conversations(app.state)
     app.add_middleware(RequestMiddleware, settings=settings, admission=admission, metrics=metrics)
 
     @app.exception_handler(ApiError)

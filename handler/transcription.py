@@ -38,6 +38,8 @@ async def transcribe(
     """Transcript and word timestamps of 16 kHz mono float32 audio.
 
     Args:
+        triton: the API's Triton client.
+        audio_16k: float32 [n] mono at 16 kHz in [-1, 1].
         language: ISO 639-1 code of the speech (Whisper's language token).
 
     Raises:

@@ -87,7 +87,7 @@ def factory() -> Factory:
     return Factory()
 
 
-def app_client(triton_url: str, factory: ConversationFactory | None,
+def app_client(triton_url: str, factory: ConversationFactory,
                **settings: Any) -> TestClient:
     return TestClient(create_app(make_settings(triton_url=triton_url, **settings), factory))
 
@@ -373,12 +373,6 @@ def test_a_failing_conversation_closes_with_a_fatal_error(triton_url: str) -> No
         assert closed.value.code == CloseCode.INTERNAL_ERROR
         assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["status"] == (
             "active")
-
-
-def test_without_a_runner_sockets_close_with_internal_error(triton_url: str) -> None:
-    with app_client(triton_url, None) as api:
-        code = closed_with(api, path(new_session(api)), headers=AUTH)
-    assert code == CloseCode.INTERNAL_ERROR
 
 
 class SlowConversation(EchoConversation):

@@ -119,10 +119,7 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
     if record.status != "active":
         await websocket.close(CloseCode.SESSION_ENDED, f"session ended: {record.ended_reason}")
         return
-    factory: ConversationFactory | None = state.conversation_factory
-    if factory is None:
-        await websocket.close(CloseCode.INTERNAL_ERROR, "no conversation runner is configured")
-        return
+    factory: ConversationFactory = state.conversation_factory
     socket = LiveSocket(websocket, record, params, storage, settings)
     await socket.run(factory, state.session_hub)
 

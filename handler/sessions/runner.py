@@ -9,7 +9,9 @@ reply → :class:`ClauseSplitter` → each clause voiced as soon as it is comple
 User speech during a reply is a barge-in: the reply task is cancelled (LM and
 voice calls with it, so Triton stops that work), ``response.done`` says
 ``interrupted`` with ``played_ms``, and the stored assistant turn keeps only the
-words heard (:func:`heard_text`).
+words heard (:func:`heard_text`). A reply counts as playing until the audio
+sent has been played (client reports, else real time), so speech over its
+last clause still interrupts it.
 """
 
 from __future__ import annotations
@@ -19,18 +21,19 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import soxr
+from starlette.concurrency import run_in_threadpool
+
 from handler.engines.chat import ChatMessage, ChatModel, ToolCall
 from handler.engines.vad import SileroVad
-from handler.sessions.base import Emit
-
 from handler.errors import ApiError
 from handler.sessions import protocol as events
+from handler.sessions.base import AssistantAudio, Emit, SessionParams
 from handler.sessions.clauses import ClauseSplitter
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
@@ -41,6 +44,7 @@ from handler.sessions.turn_taking import (
     SpeechStarted,
     SpeechStopped,
 )
+from handler.storage.base import SessionRecord, SessionStore, TurnRecord
 from handler.transcription import TimedWord
 
 logger = logging.getLogger(__name__)
@@ -52,7 +56,8 @@ MAX_TOOL_ROUNDS = 4
 # The longest user turn kept for transcription, seconds (Whisper's window is 30 s).
 MAX_USER_TURN_S = 30.0
 # Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
-REPLY_MAX_NEW_TOKENS = 96
+REPLY_MAX_NEW_TOKENS = 64
+# Sampling of replies; the bundled model's repetition penalty is set in Triton.
 REPLY_TEMPERATURE = 0.7
 
 
@@ -63,7 +68,7 @@ class ConversationModels:
     Attributes:
         vad: the Silero VAD adapter.
         chat: the chat LM (bundled in Triton, or an OpenAI-compatible endpoint).
-        transcribe: 16 kHz float32 audio, ISO 639-1 language -> transcript.
+        transcribe: 16 kHz float32 audio and an ISO 639-1 language -> transcript.
         speak: text -> float32 [n] mono at ``voice_rate`` Hz in the session's voice.
         voice_rate: the voice's sample rate, Hz.
         align: 16 kHz float32 audio and its text -> word intervals (seconds).
@@ -77,11 +82,32 @@ class ConversationModels:
     align: Callable[[np.ndarray, str], Awaitable[list[TimedWord]]]
 
 
+def chat_history(turns: Sequence[TurnRecord]) -> list[ChatMessage]:
+    """Stored turns as chat messages, oldest first (empty user transcripts left out)."""
+    messages = []
+    for turn in turns:
+        calls = tuple(
+            ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in turn.tool_calls
+        )
+        if turn.role == "tool":
+            messages.append(ChatMessage("tool", turn.text, tool_call_id=turn.tool_call_id))
+        elif turn.text.strip() or calls:
+            messages.append(ChatMessage(turn.role, turn.text, tool_calls=calls))
+    return messages
+
+
 @dataclass
 class _Reply:
-    """The assistant turn being generated and played."""
+    """The assistant turn being generated and played.
+
+    ``since`` is ``time.monotonic()`` at the user's end of speech; ``latency_ms``
+    holds the named figures of docs/sessions.md measured from it.
+    """
 
     turn_id: str
+    reply_to: str
+    since: float
+    started_at: float
     task: asyncio.Task[None] | None = None
     playback: PlaybackClock = field(default_factory=PlaybackClock)
     clauses: list[VoicedClause] = field(default_factory=list)
@@ -89,7 +115,6 @@ class _Reply:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     latency_ms: dict[str, float] = field(default_factory=dict)
-    since: float = field(default_factory=time.monotonic)
 
     def mark(self, name: str) -> None:
         """Record ``name`` (once): milliseconds from the user's end of speech to now."""
@@ -101,59 +126,66 @@ class _ReplyFailed(Exception):
 
 
 class LiveConversation:
-    """One session's conversation (implements ``handler.sessions.base.Conversation``).
+    """One socket's conversation (implements :class:`handler.sessions.base.Conversation`).
 
     Args:
-        session: the stored session (system prompt, tools, context window, max turns,
-            language).
-        sample_rate: the stream's sample rate, Hz (input and output).
-        vad_threshold: speech probability that starts a user turn, 0.0-1.0.
-        models: the models it calls.
-        emit: sends a server event, or float32 reply audio at ``sample_rate``.
-        store: where turns are persisted and read back.
+        record: the session (its ``config``: system prompt, tools, context window,
+            max turns, language).
+        params: the socket's sample rate (Hz, input and output) and VAD threshold.
+        models: what it calls.
+        emit: the transport's emitter (events; reply audio as float32 at the session rate).
+        storage: where turns are stored.
+        turns: the session's stored turns so far (a resumed session goes on from them).
     """
 
     def __init__(
         self,
-        session: Any,
-        sample_rate: int,
-        vad_threshold: float,
+        record: SessionRecord,
+        params: SessionParams,
         models: ConversationModels,
         emit: Emit,
-        store: Any,
+        storage: SessionStore,
+        turns: Sequence[TurnRecord],
     ) -> None:
-        self.session = session
-        self.sample_rate = sample_rate
+        self.record = record
+        self.config = record.config
+        self.sample_rate = params.sample_rate
         self.models = models
         self._emit = emit
-        self._store = store
-        self._segmenter = SpeechSegmenter(vad_threshold)
+        self._storage = storage
+        self._segmenter = SpeechSegmenter(params.vad_threshold)
         self._to_vad = (
             None
-            if sample_rate == VAD_SAMPLE_RATE
-            else soxr.ResampleStream(sample_rate, VAD_SAMPLE_RATE, 1, dtype="float32")
+            if self.sample_rate == VAD_SAMPLE_RATE
+            else soxr.ResampleStream(self.sample_rate, VAD_SAMPLE_RATE, 1, dtype="float32")
         )
-        self._vad_state = models.vad.initial_state()
+        self._vad_state = models.vad.initial_state(VAD_SAMPLE_RATE)
         self._pending = np.zeros(0, dtype=np.float32)
         self._heard = np.zeros(0, dtype=np.float32)
         self._heard_offset = 0
-        self._turn_numbers = itertools.count(session.next_turn_number)
+        self._turn_numbers = itertools.count(max((t.index for t in turns), default=0) + 1)
         self._user_turn_id: str | None = None
+        self._user_turn_started = 0.0
         self._reply: _Reply | None = None
         self._respond_tasks: set[asyncio.Task[None]] = set()
         self._asr_lock = asyncio.Lock()
         self._tool_results: dict[str, asyncio.Future[str]] = {}
         self._sending: asyncio.Future[None] | None = None
-        self._history: list[ChatMessage] = list(session.history)
-        self._exchanges = session.exchanges
+        self._history = chat_history(turns)
+        self._exchanges = sum(1 for t in turns if t.role == "assistant")
 
     # ---- inbound ---------------------------------------------------------------
 
     async def on_audio(self, samples: np.ndarray) -> None:
-        """Take user audio (float32 [n] mono at the session rate) and act on speech start/stop."""
+        """Take user audio (float32 [n] mono at the session rate); act on speech start/stop.
+
+        Raises:
+            ServiceUnavailable, InferenceError: the VAD call failed (the transport
+                closes the socket with an internal error).
+        """
         at_16k = samples if self._to_vad is None else self._to_vad.resample_chunk(samples)
-        self._heard = np.concatenate([self._heard, at_16k])
-        self._pending = np.concatenate([self._pending, at_16k])
+        self._heard = np.concatenate([self._heard, at_16k.astype(np.float32)])
+        self._pending = np.concatenate([self._pending, at_16k.astype(np.float32)])
         whole = len(self._pending) // VAD_WINDOW * VAD_WINDOW
         if whole == 0:
             return
@@ -165,28 +197,26 @@ class LiveConversation:
         for probability in probabilities:
             decision = self._segmenter.push(float(probability))
             if isinstance(decision, SpeechStarted):
-                await self._speech_started()
+                await self._speech_started(decision)
             elif isinstance(decision, SpeechStopped):
                 await self._speech_stopped(decision)
         self._trim_heard()
 
-    async def on_event(self, event: Any) -> None:
+    async def on_event(self, event: events.ClientEvent) -> None:
         """Act on a client event: tool result, response cancel, playback position."""
         if isinstance(event, events.ToolResult):
             waiter = self._tool_results.pop(event.call_id, None)
             if waiter is None or waiter.done():
-                await self._emit(
-                    events.Error(
-                        turn_id=self._current_turn_id(),
-                        code="unknown_tool_call",
-                        message=f"no tool call {event.call_id!r} is waiting for a result",
-                        fatal=False,
-                    )
+                await self._error(
+                    self._current_turn_id(),
+                    "unknown_tool_call",
+                    f"no tool call {event.call_id!r} is waiting for a result",
                 )
                 return
             waiter.set_result(event.output)
         elif isinstance(event, events.ResponseCancel):
-            await self._interrupt()
+            if event.turn_id in (None, self._reply and self._reply.turn_id):
+                await self._interrupt()
         elif (
             isinstance(event, events.PlaybackPosition)
             and self._reply is not None
@@ -206,91 +236,93 @@ class LiveConversation:
     def _next_turn_id(self) -> str:
         return f"turn_{next(self._turn_numbers)}"
 
-    def _current_turn_id(self) -> str:
-        if self._reply is not None:
-            return self._reply.turn_id
-        return self._user_turn_id or "turn_0"
+    def _current_turn_id(self) -> str | None:
+        return self._reply.turn_id if self._reply is not None else self._user_turn_id
 
-    async def _speech_started(self) -> None:
+    async def _speech_started(self, started: SpeechStarted) -> None:
         await self._interrupt()
         self._user_turn_id = self._next_turn_id()
-        await self._emit(events.SpeechStarted(turn_id=self._user_turn_id))
+        self._user_turn_started = self._storage.clock()
+        await self._emit(
+            events.SpeechStarted(
+                turn_id=self._user_turn_id, audio_start_ms=started.sample * 1000 / VAD_SAMPLE_RATE
+            )
+        )
 
     async def _speech_stopped(self, stopped: SpeechStopped) -> None:
         turn_id = self._user_turn_id or self._next_turn_id()
-        await self._emit(events.SpeechStopped(turn_id=turn_id))
+        await self._emit(
+            events.SpeechStopped(turn_id=turn_id, audio_end_ms=stopped.end * 1000 / VAD_SAMPLE_RATE)
+        )
         if not stopped.is_turn:
             return
         start = max(stopped.start, stopped.end - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
         audio = self._heard[start - self._heard_offset : stopped.end - self._heard_offset].copy()
-        task = asyncio.create_task(self._respond(turn_id, audio))
+        task = asyncio.create_task(self._respond(turn_id, self._user_turn_started, audio))
         self._respond_tasks.add(task)
         task.add_done_callback(self._respond_tasks.discard)
 
     def _trim_heard(self) -> None:
         """Keep only the audio a turn in progress (or the next one) can still need."""
-        keep_from = self._heard_offset + len(self._heard) - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE)
         if self._segmenter.in_speech:
             return
-        drop = max(keep_from - self._heard_offset, 0)
-        if drop:
+        drop = len(self._heard) - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE)
+        if drop > 0:
             self._heard = self._heard[drop:]
             self._heard_offset += drop
 
     # ---- replies ---------------------------------------------------------------
 
-    async def _respond(self, user_turn_id: str, audio_16k: np.ndarray) -> None:
+    async def _respond(self, user_turn_id: str, started_at: float, audio_16k: np.ndarray) -> None:
         """Transcribe one user turn, store it, and reply unless the user has gone on speaking."""
         speech_ended = time.monotonic()
         async with self._asr_lock:
             try:
-                transcript = await self.models.transcribe(audio_16k, self.session.language)
+                transcript = await self.models.transcribe(audio_16k, self.config["language"])
             except ApiError as error:
-                await self._emit(
-                    events.Error(
-                        turn_id=user_turn_id, code=error.code, message=error.message, fatal=False
-                    )
-                )
+                await self._error(user_turn_id, error.code, error.message)
                 return
-            await self._emit(events.Transcript(turn_id=user_turn_id, text=transcript))
-            await self._store.add_turn(
-                self.session.session_id,
-                turn_id=user_turn_id,
-                role="user",
-                text=transcript,
-                audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000),
+            asr_ms = round((time.monotonic() - speech_ended) * 1000.0, 1)
+            await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
+            await self._put_turn(
+                TurnRecord(
+                    turn_id=user_turn_id,
+                    role="user",
+                    text=transcript,
+                    started_at=started_at,
+                    ended_at=self._storage.clock(),
+                    audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
+                    latency_ms={"asr": asr_ms},
+                )
             )
             if transcript.strip():
                 self._history.append(ChatMessage(role="user", content=transcript))
         if self._segmenter.in_speech or not transcript.strip() or self._reply is not None:
             return
-        reply = _Reply(turn_id=self._next_turn_id(), since=speech_ended)
+        reply = _Reply(
+            turn_id=self._next_turn_id(),
+            reply_to=user_turn_id,
+            since=speech_ended,
+            started_at=self._storage.clock(),
+        )
         reply.mark("asr")
         self._reply = reply
         reply.task = asyncio.create_task(self._generate(reply))
+        status = "completed"
         try:
             await asyncio.shield(reply.task)
         except _ReplyFailed:
             status = "failed"
         except Exception:
-            logger.exception("reply %s failed", reply.turn_id)
-            await self._emit(
-                events.Error(
-                    turn_id=reply.turn_id,
-                    code="internal_error",
-                    message="the reply failed",
-                    fatal=False,
-                )
-            )
+            logger.exception("session %s: reply %s failed", self.record.id, reply.turn_id)
+            await self._error(reply.turn_id, "internal_error", "the reply failed")
             status = "failed"
-        else:
-            status = "completed"
         if not reply.interrupted:
             await self._finish(reply, status)
 
     async def _generate(self, reply: _Reply) -> None:
         """Write the reply with the chat LM and voice it clause by clause while it is written."""
-        await self._emit(events.ResponseStarted(turn_id=reply.turn_id))
+        await self._emit(events.ResponseStarted(turn_id=reply.turn_id, reply_to=reply.reply_to))
         clauses: asyncio.Queue[str | None] = asyncio.Queue()
         try:
             async with asyncio.TaskGroup() as group:
@@ -301,16 +333,13 @@ class LiveConversation:
         except* ApiError as failed:
             error = failed.exceptions[0]
             assert isinstance(error, ApiError)
-            await self._emit(
-                events.Error(
-                    turn_id=reply.turn_id, code=error.code, message=error.message, fatal=False
-                )
-            )
+            await self._error(reply.turn_id, error.code, error.message)
             raise _ReplyFailed from None
         while (remaining := reply.playback.remaining_s()) > 0:
             await asyncio.sleep(min(remaining, 0.05))
 
     async def _write(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
+        """Stream the LM's reply into clauses; run the tool calls it makes."""
         splitter = ClauseSplitter()
         messages = self._prompt()
         try:
@@ -318,7 +347,7 @@ class LiveConversation:
                 call = None
                 async for delta in self.models.chat.stream(
                     messages,
-                    self.session.tools,
+                    self.config["tools"],
                     max_new_tokens=REPLY_MAX_NEW_TOKENS,
                     temperature=REPLY_TEMPERATURE,
                     seed=None,
@@ -326,19 +355,18 @@ class LiveConversation:
                     if delta.text:
                         reply.mark("first_token")
                         reply.text += delta.text
-                        await self._emit(events.TextDelta(turn_id=reply.turn_id, delta=delta.text))
+                        await self._emit(
+                            events.ResponseTextDelta(turn_id=reply.turn_id, delta=delta.text)
+                        )
                         for clause in splitter.push(delta.text):
                             clauses.put_nowait(clause)
                     if delta.tool_call is not None:
                         call = delta.tool_call
                         break
                 if call is None:
-                    break
+                    return
                 messages = [*messages, *await self._run_tool(reply, call)]
-            else:
-                await self._fail(
-                    reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls in one reply"
-                )
+            await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls")
         finally:
             for clause in splitter.flush():
                 clauses.put_nowait(clause)
@@ -355,7 +383,7 @@ class LiveConversation:
                 :data:`TOOL_RESULT_TIMEOUT_S`.
         """
         try:
-            arguments = checked_arguments(call.name, call.arguments, self.session.tools)
+            arguments = checked_arguments(call.name, call.arguments, self.config["tools"])
         except ToolCallError as error:
             await self._fail(reply, "invalid_tool_call", str(error))
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -375,15 +403,17 @@ class LiveConversation:
             )
         finally:
             self._tool_results.pop(call.id, None)
-        reply.tool_calls.append(
-            {"call_id": call.id, "name": call.name, "arguments": arguments, "output": output}
-        )
-        await self._store.add_turn(
-            self.session.session_id,
-            turn_id=self._next_turn_id(),
-            role="tool",
-            text=output,
-            tool_call_id=call.id,
+        reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments})
+        now = self._storage.clock()
+        await self._put_turn(
+            TurnRecord(
+                turn_id=self._next_turn_id(),
+                role="tool",
+                text=output,
+                started_at=now,
+                ended_at=now,
+                tool_call_id=call.id,
+            )
         )
         return [
             ChatMessage(role="assistant", content=reply.text, tool_calls=(call,)),
@@ -391,12 +421,14 @@ class LiveConversation:
         ]
 
     async def _fail(self, reply: _Reply, code: str, message: str) -> None:
-        await self._emit(
-            events.Error(turn_id=reply.turn_id, code=code, message=message, fatal=False)
-        )
+        await self._error(reply.turn_id, code, message)
         raise _ReplyFailed(code)
 
+    async def _error(self, turn_id: str | None, code: str, message: str) -> None:
+        await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
+
     async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
+        """Voice each clause as it comes and send it, resampled to the session rate."""
         resample = (
             None
             if self.models.voice_rate == self.sample_rate
@@ -410,27 +442,28 @@ class LiveConversation:
             )
             start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
             reply.clauses.append(VoicedClause(clause, start_s, audio, self.models.voice_rate))
-            out = (
-                audio if resample is None else resample.resample_chunk(audio, last=clauses.empty())
-            )
+            out = audio if resample is None else resample.resample_chunk(audio)
             reply.mark("first_audio")
             await self._send_audio(reply, out.astype(np.float32))
+        if resample is not None:
+            await self._send_audio(reply, resample.resample_chunk(np.zeros(0, np.float32), True))
 
     async def _send_audio(self, reply: _Reply, audio: np.ndarray) -> None:
         """Emit reply audio; a cancelled reply finishes the message in flight, never half of one."""
         if len(audio) == 0:
             return
-        sending = asyncio.ensure_future(
-            self._emit(events.AssistantAudio(turn_id=reply.turn_id, audio=audio))
-        )
+        sending = asyncio.ensure_future(self._emit(AssistantAudio(reply.turn_id, audio)))
         self._sending = sending
         reply.playback.sent(len(audio) / self.sample_rate * 1000.0)
         await asyncio.shield(sending)
 
     def _prompt(self) -> list[ChatMessage]:
-        window = self.session.context_window
-        recent = self._history[-window:] if window > 0 else []
-        return [ChatMessage(role="system", content=self.session.system_prompt), *recent]
+        """System prompt (the persona) and the last ``context_window`` turns."""
+        window = int(self.config["context_window"])
+        recent = self._history[-window:]
+        while recent and recent[0].role == "tool":
+            recent = recent[1:]  # a tool result without its call would confuse the model
+        return [ChatMessage(role="system", content=self.config["system_prompt"]), *recent]
 
     # ---- ending a reply ----------------------------------------------------------
 
@@ -446,35 +479,42 @@ class LiveConversation:
         if self._sending is not None:
             with contextlib.suppress(Exception):
                 await self._sending
-        await self._finish(reply, status="interrupted")
+        await self._finish(reply, "interrupted")
 
     async def _finish(self, reply: _Reply, status: str) -> None:
-        """Send ``response.done``, store the assistant turn, count the exchange."""
+        """Send ``response.done``, store the assistant turn, end the session at ``max_turns``."""
         self._reply = None
-        played_ms = round(reply.playback.played_ms())
-        await self._emit(
-            events.ResponseDone(turn_id=reply.turn_id, status=status, played_ms=played_ms)
-        )
-        text = reply.text
+        played_ms = round(reply.playback.played_ms(), 1)
+        text = reply.text.strip()
         if status == "interrupted":
             text = await heard_text(reply.clauses, played_ms / 1000.0, self._align)
-        await self._store.add_turn(
-            self.session.session_id,
-            turn_id=reply.turn_id,
-            role="assistant",
-            text=text,
-            audio_ms=round(reply.playback.sent_ms),
-            interrupted=status == "interrupted",
-            played_ms=played_ms,
-            tool_calls=reply.tool_calls,
-            latency_ms=reply.latency_ms,
+        done = events.ResponseDone(
+            turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
+        )
+        await self._emit(done)
+        await self._put_turn(
+            TurnRecord(
+                turn_id=reply.turn_id,
+                role="assistant",
+                text=text,
+                started_at=reply.started_at,
+                ended_at=self._storage.clock(),
+                audio_ms=round(reply.playback.sent_ms, 1),
+                interrupted=status == "interrupted",
+                played_ms=played_ms,
+                tool_calls=reply.tool_calls,
+                latency_ms=reply.latency_ms,
+            )
         )
         if text:
             self._history.append(ChatMessage(role="assistant", content=text))
         self._exchanges += 1
-        limit = self.session.max_turns
+        limit = self.config.get("max_turns")
         if limit is not None and self._exchanges >= limit:
-            await self._store.end_session(self.session.session_id, reason="max_turns")
+            await self._emit(events.SessionEnded(turn_id=reply.turn_id, reason="max_turns"))
+
+    async def _put_turn(self, turn: TurnRecord) -> None:
+        await run_in_threadpool(self._storage.put_turn, self.record.key_id, self.record.id, turn)
 
     async def _align(self, clause: VoicedClause) -> list[TimedWord]:
         audio = soxr.resample(clause.audio, clause.sample_rate, VAD_SAMPLE_RATE)

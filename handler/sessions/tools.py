@@ -44,10 +44,10 @@ def checked_arguments(
     if not isinstance(parsed, dict):
         raise ToolCallError(f"arguments of {name!r} must be a JSON object")
     schema = function.get("parameters") or {"type": "object"}
-    error = jsonschema.exceptions.best_match(
+    rejected = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(parsed)
     )
-    if error is not None:
-        path = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise ToolCallError(f"arguments of {name!r} at {path}: {error.message}")
+    if rejected is not None:
+        path = "/".join(str(p) for p in rejected.absolute_path) or "(root)"
+        raise ToolCallError(f"arguments of {name!r} at {path}: {rejected.message}")
     return parsed
