@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,7 +200,9 @@ def test_bad_parameters_close_with_their_codes(api: TestClient, query: dict[str,
     assert closed_with(api, path(new_session(api), **query), headers=AUTH) == code
 
 
-def test_auth_by_header_or_subprotocol(api: TestClient) -> None:
+def test_auth_by_header_or_subprotocol(api: TestClient, caplog: pytest.LogCaptureFixture,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.DEBUG)
     session_id = new_session(api)
     assert closed_with(api, path(session_id)) == CloseCode.UNAUTHORIZED
     assert closed_with(api, path(session_id), headers={"Authorization": "Bearer nope"}) == (
@@ -208,6 +211,8 @@ def test_auth_by_header_or_subprotocol(api: TestClient) -> None:
                                subprotocols=["converse.v1", f"key.{API_KEY}"]) as ws:
         assert ws.accepted_subprotocol == "converse.v1"
         assert ws.receive_json()["type"] == "session.started"
+    logged = caplog.text + "".join(capsys.readouterr())
+    assert API_KEY not in logged
 
 
 def test_unknown_and_ended_sessions(api: TestClient) -> None:
