@@ -46,6 +46,9 @@ class ReceivedEvent:
 class LiveClient:
     """One socket to ``WS /v1/conversations/{id}/stream``.
 
+    ``late_audio`` lists the turn of every audio message that arrived after
+    that turn's ``response.done`` (a protocol violation; tests check it is empty).
+
     Args:
         stream_url: the session's ``stream_url`` (ws:// or wss://).
         api_key: sent in the ``Authorization`` header.
@@ -63,6 +66,7 @@ class LiveClient:
     reply_audio: dict[str, list[np.ndarray]] = field(default_factory=dict)
     close_code: int | None = None
     sent_ms: float = 0.0
+    late_audio: list[str] = field(default_factory=list)
 
     async def __aenter__(self) -> LiveClient:
         query = urlencode(
@@ -96,9 +100,12 @@ class LiveClient:
 
     async def _read(self) -> None:
         audio_turn: str | None = None
+        done_turns: set[str] = set()
         try:
             async for message in self._socket:
                 if isinstance(message, bytes):
+                    if audio_turn in done_turns:
+                        self.late_audio.append(audio_turn)
                     if audio_turn is not None:
                         samples = self._decoder.decode(message)
                         self.reply_audio.setdefault(audio_turn, []).append(samples)
@@ -106,6 +113,8 @@ class LiveClient:
                     event = json.loads(message)
                     if event.get("type") == "response.audio":
                         audio_turn = event["turn_id"]
+                    elif event.get("type") == "response.done":
+                        done_turns.add(event["turn_id"])
                     self.events.append(ReceivedEvent(event, self.sent_ms, time.monotonic()))
                 self._changed.set()
         except websockets.ConnectionClosed:

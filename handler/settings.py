@@ -138,6 +138,9 @@ class Settings(BaseSettings):
         gt=0,
         description="How often a live socket rereads its session (ended or taken elsewhere), s.",
     )
+    session_tool_timeout_s: float = Field(
+        10.0, gt=0, description="How long a reply waits for the client's tool result, seconds."
+    )
     blob_backend: Literal["local", "s3"] = Field(
         "local", description="Where large responses and uploads live: a directory or S3."
     )

@@ -51,6 +51,7 @@ def live_conversations(state: State) -> ConversationFactory:
             speak=speak,
             voice_rate=engine.sample_rate,
             align=partial(align, triton),
+            tool_timeout_s=state.settings.session_tool_timeout_s,
         )
         return LiveConversation(record, params, models, emit, state.storage, turns)
 

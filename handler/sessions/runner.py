@@ -49,8 +49,6 @@ from handler.transcription import TimedWord
 
 logger = logging.getLogger(__name__)
 
-# How long the model waits for the client's tool result before the turn fails.
-TOOL_RESULT_TIMEOUT_S = 10.0
 # Tool rounds within one reply (call → result → continue) before the turn fails.
 MAX_TOOL_ROUNDS = 4
 # The longest user turn kept for transcription, seconds (Whisper's window is 30 s).
@@ -72,6 +70,7 @@ class ConversationModels:
         speak: text -> float32 [n] mono at ``voice_rate`` Hz in the session's voice.
         voice_rate: the voice's sample rate, Hz.
         align: 16 kHz float32 audio and its text -> word intervals (seconds).
+        tool_timeout_s: how long a reply waits for the client's tool result, seconds.
     """
 
     vad: SileroVad
@@ -80,6 +79,7 @@ class ConversationModels:
     speak: Callable[[str], Awaitable[np.ndarray]]
     voice_rate: int
     align: Callable[[np.ndarray, str], Awaitable[list[TimedWord]]]
+    tool_timeout_s: float
 
 
 def chat_history(turns: Sequence[TurnRecord]) -> list[ChatMessage]:
@@ -380,7 +380,7 @@ class LiveConversation:
 
         Raises:
             _ReplyFailed: arguments rejected by the tool's schema, or no result within
-                :data:`TOOL_RESULT_TIMEOUT_S`.
+                ``models.tool_timeout_s``.
         """
         try:
             arguments = checked_arguments(call.name, call.arguments, self.config["tools"])
@@ -394,12 +394,12 @@ class LiveConversation:
             )
         )
         try:
-            output = await asyncio.wait_for(waiter, TOOL_RESULT_TIMEOUT_S)
+            output = await asyncio.wait_for(waiter, self.models.tool_timeout_s)
         except TimeoutError:
             await self._fail(
                 reply,
                 "tool_timeout",
-                f"no result for tool call {call.id!r} within {TOOL_RESULT_TIMEOUT_S:g} s",
+                f"no result for tool call {call.id!r} within {self.models.tool_timeout_s:g} s",
             )
         finally:
             self._tool_results.pop(call.id, None)
