@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from devtools.local_triton import LocalTriton
 from export.vad import silero_onnx
+from handler.audio import resample
 from handler.engines.vad import SileroVad
 from handler.triton import TritonClient
 from tests.helpers import speak
@@ -29,31 +30,33 @@ def windows(real_client: TestClient) -> tuple[np.ndarray, slice]:
     return audio.reshape(-1, WINDOW), slice(LEAD_WINDOWS, LEAD_WINDOWS + len(speech) // WINDOW)
 
 
-def reference(windows: np.ndarray) -> np.ndarray:
-    """silero-vad's own recipe (utils_vad.OnnxWrapper): 64 samples of context, state carried."""
+def reference(windows: np.ndarray, rate: int = RATE) -> np.ndarray:
+    """silero-vad's own recipe (utils_vad.OnnxWrapper): 64 (32 at 8 kHz) samples of context,
+    state carried."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(silero_onnx()), providers=["CPUExecutionProvider"])
+    size = SileroVad.CONTEXT[rate]
     state = np.zeros((2, 1, 128), np.float32)
-    context = np.zeros(64, np.float32)
+    context = np.zeros(size, np.float32)
     probabilities = []
     for window in windows:
         feeds = {"input": np.concatenate([context, window])[None], "state": state,
-                 "sr": np.array(RATE, np.int64)}
+                 "sr": np.array(rate, np.int64)}
         output, state = session.run(None, feeds)
         probabilities.append(float(output[0, 0]))
-        context = window[-64:]
+        context = window[-size:]
     return np.array(probabilities, np.float32)
 
 
-def in_triton(server: LocalTriton, calls: list[np.ndarray]) -> np.ndarray:
+def in_triton(server: LocalTriton, calls: list[np.ndarray], rate: int = RATE) -> np.ndarray:
     async def run() -> np.ndarray:
         client = TritonClient(server.http_url)
         vad = SileroVad(client)
-        state, results = vad.initial_state(), []
+        state, results = vad.initial_state(rate), []
         try:
             for windows in calls:
-                probabilities, state = await vad.speech_probabilities(windows, state, RATE)
+                probabilities, state = await vad.speech_probabilities(windows, state, rate)
                 results.append(probabilities)
         finally:
             await client.close()
@@ -68,6 +71,18 @@ def test_triton_matches_onnxruntime_window_by_window(
 ) -> None:
     audio, _ = windows
     np.testing.assert_allclose(in_triton(triton, [audio]), reference(audio), atol=1e-5)
+
+
+@pytest.mark.triton
+def test_8_khz_windows_match_onnxruntime(
+    triton: LocalTriton, windows: tuple[np.ndarray, slice]
+) -> None:
+    audio, speech = windows
+    narrow = resample(audio.reshape(-1), RATE, 8_000)
+    narrow = narrow[: len(narrow) // 256 * 256].reshape(-1, 256)
+    probabilities = in_triton(triton, [narrow[:9], narrow[9:]], 8_000)
+    np.testing.assert_allclose(probabilities, reference(narrow, 8_000), atol=1e-5)
+    assert probabilities[speech.start * 2: speech.stop * 2].max() > 0.9
 
 
 @pytest.mark.triton
