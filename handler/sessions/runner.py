@@ -115,10 +115,17 @@ class _Reply:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     latency_ms: dict[str, float] = field(default_factory=dict)
+    alignments: dict[int, asyncio.Task[list[TimedWord]]] = field(default_factory=dict)
 
     def mark(self, name: str) -> None:
         """Record ``name`` (once): milliseconds from the user's end of speech to now."""
         self.latency_ms.setdefault(name, round((time.monotonic() - self.since) * 1000.0, 1))
+
+
+def _retrieve(task: asyncio.Task[list[TimedWord]]) -> None:
+    """Mark a background alignment's failure as seen (it is only needed on a barge-in)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _ReplyFailed(Exception):
@@ -441,7 +448,12 @@ class LiveConversation:
                 "first_clause_voice", round((time.monotonic() - voicing) * 1000.0, 1)
             )
             start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
-            reply.clauses.append(VoicedClause(clause, start_s, audio, self.models.voice_rate))
+            voiced = VoicedClause(clause, start_s, audio, self.models.voice_rate)
+            reply.clauses.append(voiced)
+            # Aligned now, while it plays, so a barge-in finds its word timings ready.
+            aligning = asyncio.create_task(self._align(voiced))
+            aligning.add_done_callback(_retrieve)
+            reply.alignments[id(voiced)] = aligning
             out = audio if resample is None else resample.resample_chunk(audio)
             reply.mark("first_audio")
             await self._send_audio(reply, out.astype(np.float32))
@@ -485,9 +497,15 @@ class LiveConversation:
         """Send ``response.done``, store the assistant turn, end the session at ``max_turns``."""
         self._reply = None
         played_ms = round(reply.playback.played_ms(), 1)
+
+        async def reply_alignment(clause: VoicedClause) -> list[TimedWord]:
+            return await reply.alignments[id(clause)]
+
         text = reply.text.strip()
         if status == "interrupted":
-            text = await heard_text(reply.clauses, played_ms / 1000.0, self._align)
+            text = await heard_text(reply.clauses, played_ms / 1000.0, reply_alignment)
+        for task in reply.alignments.values():
+            task.cancel()
         done = events.ResponseDone(
             turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
         )
