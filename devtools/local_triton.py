@@ -91,6 +91,11 @@ class LocalTriton(Service):
         """``host:port`` of the HTTP endpoint (tritonclient's ``url`` form)."""
         return f"127.0.0.1:{self.http_port}"
 
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint (streaming, decoupled models)."""
+        return f"127.0.0.1:{self.grpc_port}"
+
     def _prepare_backends(self, workdir: Path) -> Path:
         server_dir = _pytriton_dir() / "tritonserver"
         backends = workdir / "backends"

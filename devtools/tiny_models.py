@@ -1,4 +1,4 @@
-"""Tiny random checkpoints for tests and benchmarks: Gemma 3 (author LM) and CSM.
+"""Tiny random checkpoints for tests and benchmarks: Gemma 3 (author LM), Llama (chat LM), CSM.
 
 Both use one character-level tokenizer, so token ids are easy to reason about
 (``<eos>`` is id 2, a newline id 75). Nothing is downloaded: weights are random
@@ -16,6 +16,14 @@ import numpy as np
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'—-:0123456789\n[]")
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 AUDIO_TOKEN, AUDIO_EOS_TOKEN = "<|AUDIO|>", "<|audio_eos|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML as SmolLM2-135M-Instruct's GGUF carries it (its default system prompt shortened).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 CODEBOOK_VOCAB = 64
 # Samples of one Mimi frame: 80 ms at 24 kHz.
 FRAME_SAMPLES = 1920
@@ -56,6 +64,32 @@ def make_tiny_gemma(directory: Path, seed: int = 0) -> Path:
         bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"],
     )
     model = Gemma3ForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    wrapped.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """Save a 2-layer random Llama chat LM (ChatML, ``<|im_end|>`` as EOS) into ``directory``.
+
+    The architecture of SmolLM2 (grouped-query attention, tied embeddings) at
+    toy size; the tokenizer is :func:`char_tokenizer` with the two ChatML tokens.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wrapped, vocab = char_tokenizer((IM_START, IM_END))
+    wrapped.eos_token = IM_END
+    wrapped.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=vocab["<bos>"], eos_token_id=vocab[IM_END],
+        pad_token_id=vocab["<pad>"],
+    )
+    model = LlamaForCausalLM(config)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     wrapped.save_pretrained(directory)

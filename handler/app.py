@@ -19,10 +19,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from handler.engines.catalog import ModelCatalog
 from handler.errors import ApiError, MethodNotAllowed, NotFound, render
 from handler.moderation import load_policy
-from handler.routes import converse, dialogue, files, health, usage, voices
+from handler.routes import (
+    conversations,
+    converse,
+    dialogue,
+    files,
+    health,
+    playground,
+    usage,
+    voices,
+)
 from handler.routes.openapi import API_DESCRIPTION, build_openapi
 from handler.services.admission import Admission
 from handler.services.telemetry import Metrics, RequestRecord, request_logger
+from handler.sessions.base import ConversationFactory
+from handler.sessions.live import live_conversations
+from handler.sessions.transport import SessionHub
 from handler.settings import Settings
 from handler.storage import make_blob_store, make_storage
 from handler.triton import TritonClient
@@ -122,16 +134,22 @@ def _error_response(request: Request, error: ApiError) -> Response:
     return response
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, conversation_factory: ConversationFactory | None = None
+) -> FastAPI:
     """Build the API app.
 
     Args:
         settings: configuration; read from ``CONVERSE_*`` env vars when None.
+        conversation_factory: builds the conversation behind each session socket
+            (``state.conversation_factory``); None: the live conversation
+            (:func:`handler.sessions.live.live_conversations`).
 
     Returns:
         A FastAPI app whose ``state`` holds ``settings``, ``triton`` (the one
         Triton client), ``catalog`` (the model catalogue), ``admission`` (the
-        inference slots) and ``metrics`` (None unless ``metrics_enabled``).
+        inference slots), ``metrics`` (None unless ``metrics_enabled``),
+        ``session_hub`` (live session sockets) and ``conversation_factory``.
     """
     settings = settings or Settings()
     triton = TritonClient(settings.triton_url, settings.triton_max_inflight, settings.retry_after_s)
@@ -163,6 +181,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.moderation = load_policy(settings)
     app.state.admission = admission
     app.state.metrics = metrics
+    app.state.session_hub = SessionHub()
+    app.state.conversation_factory = conversation_factory or live_conversations(app.state)
     app.add_middleware(RequestMiddleware, settings=settings, admission=admission, metrics=metrics)
 
     @app.exception_handler(ApiError)
@@ -191,5 +211,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(files.uploads)
     app.include_router(files.files)
+    app.include_router(conversations.router)
+    app.include_router(conversations.stream_router)
+    app.include_router(playground.router)
     app.openapi = partial(build_openapi, app)  # type: ignore[method-assign]
     return app

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 
 from handler.engines.catalog import ModelCatalog
 from handler.errors import (
@@ -90,16 +91,31 @@ KeyIdDep = Annotated[str, Depends(get_key_id)]
 DeadlineDep = Annotated[float, Depends(get_deadline)]
 
 
-def presented_key(request: Request) -> str | None:
-    """The API key from ``Authorization: Bearer <key>`` or ``X-API-Key``, if any."""
+WEBSOCKET_KEY_PREFIX = "key."
+
+
+def presented_key(request: HTTPConnection) -> str | None:
+    """The API key from ``Authorization: Bearer <key>``, ``X-API-Key`` or a subprotocol.
+
+    On a WebSocket handshake (browsers cannot set headers there) the key may come
+    as a ``key.<key>`` entry of ``Sec-WebSocket-Protocol``.
+    """
     authorization = request.headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.headers.get("x-api-key") or None
+    if request.headers.get("x-api-key"):
+        return request.headers["x-api-key"]
+    if request.scope["type"] == "websocket":
+        for protocol in request.scope.get("subprotocols", []):
+            if protocol.startswith(WEBSOCKET_KEY_PREFIX) and len(protocol) > 4:
+                return str(protocol[len(WEBSOCKET_KEY_PREFIX) :])
+    return None
 
 
-async def require_api_key(request: Request, settings: SettingsDep, storage: StorageDep) -> None:
+async def require_api_key(
+    request: HTTPConnection, settings: SettingsDep, storage: StorageDep
+) -> None:
     """Authenticate the key, then take one token from its rate-limit bucket.
 
     The key's SHA-256 is compared in constant time with every configured

@@ -116,6 +116,15 @@ class MethodNotAllowed(ApiError):
     title = "Method not allowed"
 
 
+class UpgradeRequired(ApiError):
+    """426: a WebSocket path requested over plain HTTP (``Upgrade: websocket`` set)."""
+
+    status, type, code, title = 426, "invalid_request", "upgrade_required", "Upgrade required"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
 class RateLimited(ApiError):
     """429: too many requests for this key."""
 

@@ -26,6 +26,19 @@ class Settings(BaseSettings):
     triton_url: str = Field(
         "127.0.0.1:8000", description="Triton HTTP endpoint as host:port (no scheme)."
     )
+    triton_grpc_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton gRPC endpoint as host:port: the chat LM's token stream.",
+    )
+    chat_base_url: str = Field(
+        "",
+        description="OpenAI-compatible API base (e.g. https://api.openai.com/v1) for session "
+        "replies; empty: the bundled chat LM in Triton.",
+    )
+    chat_api_key: str = Field(
+        "", description="Bearer key sent to chat_base_url (never logged)."
+    )
+    chat_model: str = Field("", description="Model name sent to chat_base_url.")
     api_keys: str = Field(
         "",
         description="Comma-separated API keys; hashed with SHA-256 at startup, plaintext dropped.",
@@ -103,6 +116,30 @@ class Settings(BaseSettings):
     dynamodb_usage_table: str = Field("converse-usage", description="DynamoDB usage table.")
     dynamodb_rate_table: str = Field(
         "converse-rate-limits", description="DynamoDB rate-limit bucket table."
+    )
+    dynamodb_sessions_table: str = Field(
+        "converse-sessions", description="DynamoDB sessions table (TTL on expires_at)."
+    )
+    public_stream_url: str = Field(
+        "",
+        description="Base wss:// URL of the sessions service; empty: the request's own host.",
+    )
+    session_idle_timeout_s: float = Field(
+        120.0, gt=0, description="A live socket with no client message for this long closes, s."
+    )
+    session_max_duration_s: float = Field(
+        3600.0, gt=0, description="A session ends this long after it was created, seconds."
+    )
+    session_max_message_bytes: int = Field(
+        262_144, ge=1024, description="Largest WebSocket message a client may send, bytes."
+    )
+    session_check_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a live socket rereads its session (ended or taken elsewhere), s.",
+    )
+    session_tool_timeout_s: float = Field(
+        10.0, gt=0, description="How long a reply waits for the client's tool result, seconds."
     )
     blob_backend: Literal["local", "s3"] = Field(
         "local", description="Where large responses and uploads live: a directory or S3."

@@ -32,14 +32,26 @@ def _words(payload: np.ndarray) -> list[TimedWord]:
     return [TimedWord(str(i["word"]), float(i["start"]), float(i["end"])) for i in items]
 
 
-async def transcribe(triton: TritonClient, audio_16k: np.ndarray) -> tuple[str, list[TimedWord]]:
+async def transcribe(
+    triton: TritonClient, audio_16k: np.ndarray, language: str = "en"
+) -> tuple[str, list[TimedWord]]:
     """Transcript and word timestamps of 16 kHz mono float32 audio.
+
+    Args:
+        triton: the API's Triton client.
+        audio_16k: float32 [n] mono at 16 kHz in [-1, 1].
+        language: ISO 639-1 code of the speech (Whisper's language token).
 
     Raises:
         ServiceUnavailable, InferenceError: from the Triton client.
     """
     outputs = await triton.infer(
-        ASR_MODEL, {"AUDIO": audio_16k.astype(np.float32)}, ["TEXT", "WORDS"]
+        ASR_MODEL,
+        {
+            "AUDIO": audio_16k.astype(np.float32),
+            "LANGUAGE": np.array([language.encode("utf-8")], dtype=np.object_),
+        },
+        ["TEXT", "WORDS"],
     )
     text = bytes(outputs["TEXT"].reshape(-1)[0]).decode("utf-8")
     return text, _words(outputs["WORDS"])

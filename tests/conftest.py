@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from devtools import REPOSITORY
 from devtools.fake_triton import FakeTriton
 from devtools.local_triton import LocalTriton
-from devtools.tiny_models import make_tiny_csm, make_tiny_gemma
+from devtools.tiny_models import make_tiny_csm, make_tiny_gemma, make_tiny_llama
 from export.__main__ import main as export_main
 from handler.app import create_app
 from tests.helpers import TINY_CSM, TinyRepository, TinyTriton, make_settings
@@ -51,19 +51,22 @@ def triton() -> Iterator[LocalTriton]:
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> TinyRepository:
-    """Tiny Gemma as ``author``, tiny CSM and whisper_asr exported into one repository.
+    """Tiny Gemma as ``author``, tiny Llama as ``chat``, tiny CSM and whisper_asr, exported
+    into one repository.
 
     The CSM tests need Whisper (audio-only turns get transcripts); the author
-    tests call ``author`` directly, so the two tiny families share one repository.
+    and chat tests call their models directly, so the tiny families share one repository.
     """
     gemma = make_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
+    llama = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
     csm = make_tiny_csm(tmp_path_factory.mktemp("tiny-csm"))
     repository = tmp_path_factory.mktemp("tiny-repository")
     assert export_main(["author", "--checkpoint", str(gemma), "--out", str(repository)]) == 0
+    assert export_main(["chat", "--checkpoint", str(llama), "--out", str(repository)]) == 0
     argv = ["csm", "--checkpoint", str(csm), "--out", str(repository), "--name", TINY_CSM]
     assert export_main(argv) == 0
     assert export_main(["asr", "--out", str(repository)]) == 0
-    return TinyRepository(gemma, csm, repository)
+    return TinyRepository(gemma, csm, llama, repository)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +74,7 @@ def tiny_triton(tiny_repository: TinyRepository) -> Iterator[TinyTriton]:
     """One tritonserver on the tiny repository, for the parity tests."""
     tiny = tiny_repository
     with LocalTriton(tiny.repository) as server:
-        yield TinyTriton(tiny.gemma, tiny.csm, tiny.repository, server)
+        yield TinyTriton(tiny.gemma, tiny.csm, tiny.llama, tiny.repository, server)
 
 
 @pytest.fixture(scope="session")

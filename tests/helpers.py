@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+from fastapi.testclient import TestClient
 
 from devtools.local_triton import LocalTriton
+from handler.audio import resample
 from handler.settings import Settings
 
 API_KEY = "test-key-123"
@@ -28,6 +30,7 @@ class TinyRepository:
 
     gemma: Path
     csm: Path
+    llama: Path
     repository: Path
 
 
@@ -37,6 +40,7 @@ class TinyTriton:
 
     gemma: Path
     csm: Path
+    llama: Path
     repository: Path
     server: LocalTriton
 
@@ -74,3 +78,17 @@ def tone(seconds: float, sample_rate: int = 24_000, hz: float = 440.0,
     """A float32 sine tone."""
     t = np.arange(round(seconds * sample_rate)) / sample_rate
     return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def speak(client: TestClient, speaker: str, text: str, sample_rate: int = 16_000) -> np.ndarray:
+    """``text`` voiced by ``speaker``'s bundled voice through the API.
+
+    Returns:
+        float32 mono samples [n] at ``sample_rate`` Hz.
+    """
+    response = client.post("/v1/converse", headers=AUTH,
+                           json={"conversation": [{"speaker": speaker, "text": text}]})
+    assert response.status_code == 200, response.text
+    wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return resample(samples, rate, sample_rate)

@@ -56,7 +56,7 @@ def test_step_graph_matches_pytorch(tiny: Any) -> None:
     import onnxruntime as ort
     import torch
 
-    from export.author import step_module
+    from export.causal_lm import step_module
 
     checkpoint, repository, _ = tiny
     _, model = hf_model(checkpoint)

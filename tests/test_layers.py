@@ -14,6 +14,7 @@ LAYERS: list[set[str]] = [
     {"engines", "author_lm", "transcription"},
     {"schemas"},
     {"services"},
+    {"sessions"},
     {"deps", "routes"},
     {"app", "lambda_function"},
 ]

@@ -17,6 +17,7 @@ ROOT = SOURCE_REPOSITORY.parent
 REQUIREMENTS = SOURCE_REPOSITORY / "requirements.txt"
 MODELS = (
     "kokoro", "kokoro_frontend", "kokoro_network", "author", "author_lm", "whisper_asr", "aligner",
+    "chat", "chat_lm", "silero_vad",
 )
 CSM_MODELS = ("ensemble", "prompt", "generator", "network")
 
@@ -69,7 +70,7 @@ def test_every_model_has_a_source_folder_with_its_config_template() -> None:
         templates = list((SOURCE_REPOSITORY / folder).glob("config*.pbtxt.template"))
         assert templates, folder
     python_models = sorted(SOURCE_REPOSITORY.rglob("1/model.py"))
-    assert len(python_models) == 6
+    assert len(python_models) == 8
     for path in [*python_models, SOURCE_REPOSITORY / "common" / "onnxruntime_model.py"]:
         imports = re.findall(r"^(?:import|from) (\S+)", path.read_text(), re.M)
         assert "converse_backend" in imports, path

@@ -9,17 +9,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from openapi_spec_validator import validate
 
-from devtools.local_triton import free_port
+from devtools.api_server import ApiServer
 from handler.app import create_app
 from handler.schemas.converse import ConverseRequest
 from handler.schemas.dialogue import DialogueRequest, TimestampsRequest
@@ -98,19 +95,9 @@ def test_request_examples_come_from_the_specs_and_validate(document: dict[str, A
 @pytest.fixture(scope="module")
 def live_url(triton_url: str) -> Iterator[str]:
     """The API under uvicorn on a loopback port, over the session's Triton (real or double)."""
-    live = make_settings(triton_url=triton_url, log_requests=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(live), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=15)
+    app = create_app(make_settings(triton_url=triton_url, log_requests=False))
+    with ApiServer(app) as server:
+        yield server.base_url
 
 
 def test_generated_client_calls_every_endpoint(live_url: str, tmp_path: Path,

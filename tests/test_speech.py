@@ -16,21 +16,11 @@ from fastapi.testclient import TestClient
 
 from devtools.local_triton import LocalTriton
 from devtools.wer import SPEC_SENTENCES, normalise, word_error_rate
-from handler.audio import resample
 from handler.errors import InferenceError
 from handler.services import timestamps as timestamps_service
-from handler.transcription import SPEECH_SAMPLE_RATE, align, transcribe
+from handler.transcription import align, transcribe
 from handler.triton import TritonClient
-from tests.helpers import AUTH
-
-
-def speak(client: TestClient, speaker: str, text: str) -> np.ndarray:
-    response = client.post("/v1/converse", headers=AUTH,
-                           json={"conversation": [{"speaker": speaker, "text": text}]})
-    assert response.status_code == 200, response.text
-    wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
-    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return resample(samples, rate, SPEECH_SAMPLE_RATE)
+from tests.helpers import AUTH, speak
 
 
 def word_error_rates(client: TestClient, triton: LocalTriton) -> dict[str, float]:

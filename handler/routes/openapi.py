@@ -25,6 +25,7 @@ from handler.schemas.dialogue import (
     TimestampsRequest,
 )
 from handler.schemas.errors import KalpaError, ModerationError, Problem
+from handler.schemas.sessions import ConversationCreate
 from handler.schemas.storage import VoiceCreate
 
 API_DESCRIPTION = """Self-hostable conversational speech API served from Triton.
@@ -33,6 +34,11 @@ API_DESCRIPTION = """Self-hostable conversational speech API served from Triton.
   envelope `{"error": {"type", "message", "request_id"}}`.
 * `POST /v1/audio/conversation` (+ `/with-timestamps`): speechbase; errors as
   RFC 7807 `application/problem+json`.
+* `POST /v1/conversations/create`, `GET`/`DELETE /v1/conversations/{session_id}`:
+  live sessions (conversational-ai-sessions), Kalpa envelope. Their audio
+  stream, `WS /v1/conversations/{session_id}/stream`, is a WebSocket (not
+  described by OpenAPI): events, close codes and audio in docs/sessions.md and
+  docs/session-events.schema.json.
 * Auth: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
 * Load balancers: `GET /health` is liveness (200 while the process runs),
   `GET /ready` is readiness (200 when Triton and the model list are ready,
@@ -47,6 +53,7 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (
     DialogueRequest,
     TimestampsRequest,
     VoiceCreate,
+    ConversationCreate,
     SplitResponse,
     LinkedDialogue,
     KalpaError,
@@ -54,7 +61,7 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (
     ModerationError,
 )
 AUTHENTICATED = ("/v1/converse", "/v1/models", "/v1/audio/", "/v1/voices", "/v1/usage",
-                 "/v1/uploads")
+                 "/v1/uploads", "/v1/conversations")
 INFERENCE = {400, 413, 422, 502, 503, 504}
 OPERATION_ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/ready"): {503},
@@ -68,6 +75,9 @@ OPERATION_ERRORS: dict[tuple[str, str], set[int]] = {
     ("delete", "/v1/voices/{voice_id}"): {404},
     ("get", "/v1/files/{key}"): {401, 404},
     ("put", "/v1/files/{key}"): {400, 401, 404},
+    ("post", "/v1/conversations/create"): {400, 413, 502, 503, 504},
+    ("get", "/v1/conversations/{session_id}"): {404},
+    ("delete", "/v1/conversations/{session_id}"): {404},
 }
 DESCRIPTIONS = {
     400: "Invalid request: a rule or cap is broken; nothing was synthesised.",
@@ -161,11 +171,42 @@ VOICE_EXAMPLES = {
         "value": {"name": "host", "voice": "jf_alpha*0.7+jm_kumo*0.3"},
     }
 }
+CONVERSATION_EXAMPLES = {
+    "assistant": {
+        "summary": "A concierge persona with one tool",
+        "value": {
+            "voice_id": "jf_alpha",
+            "system_prompt": "You are a friendly hotel concierge. Keep answers under two "
+            "sentences and confirm before booking anything.",
+            "language": "en",
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "book_table",
+                        "description": "Book a restaurant table for the guest.",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "time": {"type": "string", "description": "HH:MM, 24 h"},
+                                "guests": {"type": "integer", "minimum": 1},
+                            },
+                            "required": ["time", "guests"],
+                        },
+                    },
+                }
+            ],
+            "context_window": 20,
+            "max_turns": 40,
+        },
+    }
+}
 BODY_EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/converse"): CONVERSE_EXAMPLES,
     ("post", "/v1/audio/conversation"): DIALOGUE_EXAMPLES,
     ("post", "/v1/audio/conversation/with-timestamps"): TIMESTAMPS_EXAMPLES,
     ("post", "/v1/voices"): VOICE_EXAMPLES,
+    ("post", "/v1/conversations/create"): CONVERSATION_EXAMPLES,
 }
 
 

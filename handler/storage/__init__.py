@@ -1,4 +1,4 @@
-"""Persistence behind one small interface: saved voices, usage, rate-limit buckets.
+"""Persistence behind one small interface: saved voices, usage, rate-limit buckets, sessions.
 
 Backends: SQLite file (default, local) and DynamoDB (AWS). Audio objects
 (large responses, uploads) live in a blob store: a local directory or S3.
@@ -23,6 +23,7 @@ def make_storage(settings: Settings) -> Storage:
             settings.dynamodb_voices_table,
             settings.dynamodb_usage_table,
             settings.dynamodb_rate_table,
+            settings.dynamodb_sessions_table,
         )
     from handler.storage.sqlite import SQLiteStorage
 

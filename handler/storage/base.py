@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import abc
 import base64
+import json
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,166 @@ def decode_cursor(cursor: str) -> str:
     return sort_key
 
 
-class Storage(abc.ABC):
-    """Saved voices, usage totals and rate-limit buckets, keyed by API key id."""
+@dataclass(frozen=True)
+class SessionRecord:
+    """A live conversation session (``POST /v1/conversations/create``).
+
+    Attributes:
+        id: ``conv_<32 hex>``.
+        key_id: owner (first 16 hex digits of the key's SHA-256).
+        config: the stored create request (``voice_id``, ``system_prompt``,
+            ``language``, ``tools``, ``context_window``, ``max_turns``), JSON-able.
+        model: API model id that voices the replies.
+        voice: canonical voice spec of ``model`` (a bundled voice or blend).
+        created_at: Unix seconds.
+        status: ``active`` or ``ended``.
+        ended_reason: why it ended (``deleted``, ``max_turns``, ...), None while active.
+        ended_at: Unix seconds, None while active.
+        expires_at: Unix seconds after which the session and its turns are gone:
+            ``ended_at`` + retention once ended; while active, the latest end
+            the session can have + retention (an abandoned session still goes).
+        seq: last event sequence number reserved (see :meth:`Storage.reserve_seq`).
+        connection_id: id of the socket that holds the session, '' when none did.
+    """
+
+    id: str
+    key_id: str
+    config: dict[str, Any]
+    model: str
+    voice: str
+    created_at: float
+    status: str = "active"
+    ended_reason: str | None = None
+    ended_at: float | None = None
+    expires_at: float | None = None
+    seq: int = 0
+    connection_id: str = ""
+
+
+SESSION_RETENTION_S = 30 * 86400.0  # kalpa spec: history stays 30 days after deletion
+_TURN_ID = re.compile(r"^turn_([0-9]{1,9})$")
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """One stored turn of a session.
+
+    Attributes:
+        turn_id: ``turn_<n>``, n monotonic per session (turns are listed by n).
+        role: ``user``, ``assistant`` or ``tool``.
+        text: user transcript, assistant text (only the words heard when
+            interrupted) or the tool result's content.
+        started_at, ended_at: Unix seconds (``ended_at`` None while in progress).
+        audio_ms: milliseconds of audio in the turn (user speech or reply audio).
+        interrupted: True when the reply was cut off by the user.
+        played_ms: milliseconds of the reply the client reported as played.
+        tool_calls: the model's calls, ``[{"id", "name", "arguments"}]``.
+        tool_call_id: for a ``tool`` turn, the call it answers.
+        latency_ms: named latency figures of the turn in milliseconds
+            (e.g. ``asr``, ``first_token``, ``first_audio``).
+    """
+
+    turn_id: str
+    role: str
+    text: str
+    started_at: float
+    ended_at: float | None = None
+    audio_ms: float = 0.0
+    interrupted: bool = False
+    played_ms: float | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_id: str | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        """The turn's ``n``.
+
+        Raises:
+            ValueError: ``turn_id`` is not ``turn_<n>``.
+        """
+        match = _TURN_ID.match(self.turn_id)
+        if match is None:
+            raise ValueError(f"turn id {self.turn_id!r} is not turn_<n>")
+        return int(match.group(1))
+
+    @property
+    def sort_key(self) -> str:
+        """Listing order: ``n`` zero-padded."""
+        return f"{self.index:09d}"
+
+
+def expired(record: SessionRecord, now: float) -> bool:
+    """True when the session's retention has passed at ``now`` (Unix seconds)."""
+    return record.expires_at is not None and record.expires_at <= now
+
+
+class SessionStore(abc.ABC):
+    """Sessions and their turns, keyed by API key id; retention by an injected clock.
+
+    ``clock`` returns Unix seconds; an ended session and its turns disappear
+    ``retention_s`` after it ended (reads return None / [] from then on, and a
+    backend may delete them lazily: SQLite on access, DynamoDB by TTL).
+    """
+
+    clock: Callable[[], float]
+    retention_s: float
+
+    @abc.abstractmethod
+    def put_session(self, record: SessionRecord) -> None:
+        """Store a new session."""
+
+    @abc.abstractmethod
+    def get_session(self, key_id: str, session_id: str) -> SessionRecord | None:
+        """The key's session, or None (unknown, another key's, or past retention)."""
+
+    @abc.abstractmethod
+    def end_session(self, key_id: str, session_id: str, reason: str) -> SessionRecord | None:
+        """End an active session now with ``reason`` and start its retention.
+
+        Returns:
+            The session afterwards (unchanged when it had already ended), or None
+            when there is no such session.
+        """
+
+    @abc.abstractmethod
+    def claim_session(self, key_id: str, session_id: str, connection_id: str) -> bool:
+        """Make ``connection_id`` the session's live socket; False if it is not active."""
+
+    @abc.abstractmethod
+    def reserve_seq(self, key_id: str, session_id: str, count: int) -> int:
+        """Atomically reserve ``count`` event sequence numbers.
+
+        Returns:
+            The first reserved number (the previous last + 1); the session's
+            stored ``seq`` becomes first + count - 1, so a later reservation,
+            from this process or another, continues above it.
+
+        Raises:
+            KeyError: no such session.
+        """
+
+    @abc.abstractmethod
+    def put_turn(self, key_id: str, session_id: str, turn: TurnRecord) -> None:
+        """Insert or replace (same ``turn_id``) one turn of the session."""
+
+    @abc.abstractmethod
+    def list_turns(self, key_id: str, session_id: str) -> list[TurnRecord]:
+        """The session's turns ordered by ``n`` ([] past retention)."""
+
+
+def turn_to_json(turn: TurnRecord) -> str:
+    """A turn as JSON text (how both backends store its fields)."""
+    return json.dumps(asdict(turn), separators=(",", ":"))
+
+
+def turn_from_json(text: str) -> TurnRecord:
+    """The turn stored by :func:`turn_to_json`."""
+    return TurnRecord(**json.loads(text))
+
+
+class Storage(SessionStore):
+    """Saved voices, usage totals, rate-limit buckets and sessions, keyed by API key id."""
 
     @abc.abstractmethod
     def put_voice(self, voice: SavedVoice) -> None:

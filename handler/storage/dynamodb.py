@@ -6,27 +6,43 @@ for tests):
     on ``sort_key`` gives creation order for listings;
   * usage: hash ``key_id``; totals grow with atomic ``ADD`` updates;
   * rate buckets: hash ``key_id``; read-compute-write guarded by a condition on
-    the previous ``updated_at`` (optimistic concurrency, retried).
+    the previous ``updated_at`` (optimistic concurrency, retried);
+  * sessions: hash ``key_id``, range ``id``: a session is the item ``id =
+    <session id>``, its turns are ``id = <session id>#<n, 9 digits>`` (one
+    query lists them in order). Ending a session writes ``expires_at`` (Unix
+    seconds, the table's TTL attribute in terraform) on it and its turns;
+    DynamoDB deletes expired items within days, so reads also compare
+    ``expires_at`` with the clock.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from handler.storage.base import (
+    SESSION_RETENTION_S,
     RateDecision,
     SavedVoice,
+    SessionRecord,
     Storage,
+    TurnRecord,
     UsageTotals,
     VoicePage,
     encode_cursor,
+    expired,
     token_bucket,
+    turn_from_json,
+    turn_to_json,
 )
 
 VOICE_INDEX = "by_sort_key"
+TTL_ATTRIBUTE = "expires_at"  # terraform/modules/data/main.tf: the sessions table's TTL
 _MAX_CAS_ATTEMPTS = 50
 
 
@@ -49,6 +65,51 @@ def _voice_item(voice: SavedVoice) -> dict[str, Any]:
     return item
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _session_item(record: SessionRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "key_id": record.key_id,
+        "id": record.id,
+        "config": json.dumps(record.config),
+        "model": record.model,
+        "voice": record.voice,
+        "created_at": _number(record.created_at),
+        "status": record.status,
+        "seq": record.seq,
+        "connection_id": record.connection_id,
+    }
+    if record.ended_reason is not None:
+        item["ended_reason"] = record.ended_reason
+    for name in ("ended_at", TTL_ATTRIBUTE):
+        if getattr(record, name) is not None:
+            item[name] = _number(getattr(record, name))
+    return item
+
+
+def _session(item: dict[str, Any]) -> SessionRecord:
+    return SessionRecord(
+        id=item["id"],
+        key_id=item["key_id"],
+        config=json.loads(item["config"]),
+        model=item["model"],
+        voice=item["voice"],
+        created_at=float(item["created_at"]),
+        status=item["status"],
+        ended_reason=item.get("ended_reason"),
+        ended_at=_optional_float(item.get("ended_at")),
+        expires_at=_optional_float(item.get(TTL_ATTRIBUTE)),
+        seq=int(item["seq"]),
+        connection_id=item["connection_id"],
+    )
+
+
+def _turn_prefix(session_id: str) -> str:
+    return f"{session_id}#"
+
+
 def _voice(item: dict[str, Any]) -> SavedVoice:
     return SavedVoice(
         id=item["id"],
@@ -63,21 +124,56 @@ def _voice(item: dict[str, Any]) -> SavedVoice:
 
 
 class DynamoDBStorage(Storage):
-    """Storage in three DynamoDB tables.
+    """Storage in four DynamoDB tables.
 
     Args:
         resource: a boto3 DynamoDB service resource.
-        voices_table, usage_table, rate_table: table names.
+        voices_table, usage_table, rate_table, sessions_table: table names.
+        clock: Unix seconds now (session retention); ``time.time`` unless a test injects one.
+        retention_s: how long an ended session stays readable, seconds (30 days).
     """
 
-    def __init__(self, resource: Any, voices_table: str, usage_table: str, rate_table: str) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        voices_table: str,
+        usage_table: str,
+        rate_table: str,
+        sessions_table: str = "converse-sessions",
+        clock: Callable[[], float] = time.time,
+        retention_s: float = SESSION_RETENTION_S,
+    ) -> None:
         self.voices = resource.Table(voices_table)
         self.usage = resource.Table(usage_table)
         self.rates = resource.Table(rate_table)
+        self.sessions = resource.Table(sessions_table)
+        self.clock = clock
+        self.retention_s = retention_s
 
     @staticmethod
-    def create_tables(resource: Any, voices_table: str, usage_table: str, rate_table: str) -> None:
-        """Create the three tables (on-demand billing), as terraform does."""
+    def create_tables(
+        resource: Any,
+        voices_table: str,
+        usage_table: str,
+        rate_table: str,
+        sessions_table: str = "converse-sessions",
+    ) -> None:
+        """Create the four tables (on-demand billing, sessions with TTL), as terraform does."""
+        resource.create_table(
+            TableName=sessions_table,
+            KeySchema=[
+                {"AttributeName": "key_id", "KeyType": "HASH"},
+                {"AttributeName": "id", "KeyType": "RANGE"},
+            ],
+            AttributeDefinitions=[
+                {"AttributeName": name, "AttributeType": "S"} for name in ("key_id", "id")
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        resource.meta.client.update_time_to_live(
+            TableName=sessions_table,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
+        )
         resource.create_table(
             TableName=voices_table,
             KeySchema=[
@@ -212,3 +308,117 @@ class DynamoDBStorage(Storage):
                 raise
             return decision
         raise RuntimeError(f"rate bucket for {key_id} stayed contended")
+
+    def put_session(self, record: SessionRecord) -> None:
+        """Store a new session."""
+        self.sessions.put_item(Item=_session_item(record))
+
+    def get_session(self, key_id: str, session_id: str) -> SessionRecord | None:
+        """The key's session, or None (past ``expires_at``: TTL may not have run yet)."""
+        item = self.sessions.get_item(
+            Key={"key_id": key_id, "id": session_id}, ConsistentRead=True
+        ).get("Item")
+        if item is None or "#" in session_id:
+            return None
+        record = _session(item)
+        return None if expired(record, self.clock()) else record
+
+    def end_session(self, key_id: str, session_id: str, reason: str) -> SessionRecord | None:
+        """End an active session now; ``expires_at`` goes on it and on its turns."""
+        now = self.clock()
+        expires = _number(now + self.retention_s)
+        try:
+            self.sessions.update_item(
+                Key={"key_id": key_id, "id": session_id},
+                UpdateExpression="SET #status = :ended, ended_reason = :reason, "
+                "ended_at = :now, #ttl = :expires",
+                ConditionExpression="#status = :active",
+                ExpressionAttributeNames={"#status": "status", "#ttl": TTL_ATTRIBUTE},
+                ExpressionAttributeValues={
+                    ":ended": "ended",
+                    ":active": "active",
+                    ":reason": reason,
+                    ":now": _number(now),
+                    ":expires": expires,
+                },
+            )
+        except ClientError as error:
+            if error.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            return self.get_session(key_id, session_id)
+        for item in self._turn_items(key_id, session_id):
+            self.sessions.update_item(
+                Key={"key_id": key_id, "id": item["id"]},
+                UpdateExpression="SET #ttl = :expires",
+                ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
+                ExpressionAttributeValues={":expires": expires},
+            )
+        return self.get_session(key_id, session_id)
+
+    def claim_session(self, key_id: str, session_id: str, connection_id: str) -> bool:
+        """Make ``connection_id`` the session's live socket; False if it is not active."""
+        try:
+            self.sessions.update_item(
+                Key={"key_id": key_id, "id": session_id},
+                UpdateExpression="SET connection_id = :connection",
+                ConditionExpression="#status = :active",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues={":connection": connection_id, ":active": "active"},
+            )
+        except ClientError as error:
+            if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def reserve_seq(self, key_id: str, session_id: str, count: int) -> int:
+        """Atomically reserve ``count`` event sequence numbers (one ``ADD``); the first."""
+        try:
+            answer = self.sessions.update_item(
+                Key={"key_id": key_id, "id": session_id},
+                UpdateExpression="ADD seq :count",
+                ConditionExpression="attribute_exists(id)",
+                ExpressionAttributeValues={":count": count},
+                ReturnValues="UPDATED_NEW",
+            )
+        except ClientError as error:
+            if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise KeyError(session_id) from error
+            raise
+        return int(answer["Attributes"]["seq"]) - count + 1
+
+    def put_turn(self, key_id: str, session_id: str, turn: TurnRecord) -> None:
+        """Insert or replace (same ``turn_id``); after the end it takes the session's expiry."""
+        item: dict[str, Any] = {
+            "key_id": key_id,
+            "id": f"{_turn_prefix(session_id)}{turn.sort_key}",
+            "data": turn_to_json(turn),
+        }
+        session = self.sessions.get_item(
+            Key={"key_id": key_id, "id": session_id}, ConsistentRead=True
+        ).get("Item")
+        if session is not None and TTL_ATTRIBUTE in session:
+            item[TTL_ATTRIBUTE] = session[TTL_ATTRIBUTE]
+        self.sessions.put_item(Item=item)
+
+    def list_turns(self, key_id: str, session_id: str) -> list[TurnRecord]:
+        """The session's turns ordered by ``n`` ([] past retention)."""
+        if self.get_session(key_id, session_id) is None:
+            return []
+        return [turn_from_json(item["data"]) for item in self._turn_items(key_id, session_id)]
+
+    def _turn_items(self, key_id: str, session_id: str) -> list[dict[str, Any]]:
+        from boto3.dynamodb.conditions import Key
+
+        query: dict[str, Any] = {
+            "KeyConditionExpression": Key("key_id").eq(key_id)
+            & Key("id").begins_with(_turn_prefix(session_id)),
+            "ConsistentRead": True,
+        }
+        items: list[dict[str, Any]] = []
+        while True:
+            answer = self.sessions.query(**query)
+            items.extend(answer.get("Items", []))
+            if "LastEvaluatedKey" not in answer:
+                return items
+            query["ExclusiveStartKey"] = answer["LastEvaluatedKey"]

@@ -6,20 +6,28 @@ rate-limit bucket or usage row is atomic under concurrent requests.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from handler.storage.base import (
+    SESSION_RETENTION_S,
     RateDecision,
     SavedVoice,
+    SessionRecord,
     Storage,
+    TurnRecord,
     UsageTotals,
     VoicePage,
     encode_cursor,
+    expired,
     token_bucket,
+    turn_from_json,
+    turn_to_json,
 )
 
 _SCHEMA = """
@@ -34,16 +42,48 @@ CREATE TABLE IF NOT EXISTS usage (
     last_request_ts REAL);
 CREATE TABLE IF NOT EXISTS rate_buckets (
     key_id TEXT PRIMARY KEY, tokens REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    key_id TEXT NOT NULL, id TEXT NOT NULL, config TEXT NOT NULL, model TEXT NOT NULL,
+    voice TEXT NOT NULL, created_at REAL NOT NULL, status TEXT NOT NULL, ended_reason TEXT,
+    ended_at REAL, expires_at REAL, seq INTEGER NOT NULL, connection_id TEXT NOT NULL,
+    PRIMARY KEY (key_id, id));
+CREATE TABLE IF NOT EXISTS turns (
+    key_id TEXT NOT NULL, session_id TEXT NOT NULL, turn_id TEXT NOT NULL,
+    sort_key TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (key_id, session_id, turn_id));
+CREATE INDEX IF NOT EXISTS turns_order ON turns (key_id, session_id, sort_key);
 """
 _VOICE_COLUMNS = "id, key_id, name, model, voice, reference_audio_id, transcript, created_at"
+_SESSION_COLUMNS = (
+    "id, key_id, config, model, voice, created_at, status, ended_reason, ended_at, expires_at, "
+    "seq, connection_id"
+)
+
+
+def _session(row: tuple[object, ...]) -> SessionRecord:
+    values = list(row)
+    values[2] = json.loads(str(values[2]))
+    return SessionRecord(*values)  # type: ignore[arg-type]
 
 
 class SQLiteStorage(Storage):
-    """Storage in one SQLite file (``:memory:`` is not supported: use a temp file)."""
+    """Storage in one SQLite file (``:memory:`` is not supported: use a temp file).
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        path: the database file.
+        clock: Unix seconds now (session retention); ``time.time`` unless a test injects one.
+        retention_s: how long an ended session stays readable, seconds (30 days).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.time,
+        retention_s: float = SESSION_RETENTION_S,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.clock = clock
+        self.retention_s = retention_s
         self._local = threading.local()
         # executescript manages its own transaction (it commits first).
         self._connection().executescript(_SCHEMA)
@@ -164,3 +204,100 @@ class SQLiteStorage(Storage):
             left, decision = token_bucket(tokens, updated_at, now, capacity, refill_per_s)
             db.execute("INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?)", (key_id, left, now))
         return decision
+
+    def put_session(self, record: SessionRecord) -> None:
+        """Store a new session."""
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record.id,
+                    record.key_id,
+                    json.dumps(record.config),
+                    record.model,
+                    record.voice,
+                    record.created_at,
+                    record.status,
+                    record.ended_reason,
+                    record.ended_at,
+                    record.expires_at,
+                    record.seq,
+                    record.connection_id,
+                ),
+            )
+
+    def get_session(self, key_id: str, session_id: str) -> SessionRecord | None:
+        """The key's session, or None; one past retention is deleted with its turns."""
+        row = (
+            self._connection()
+            .execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE key_id = ? AND id = ?",
+                (key_id, session_id),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        record = _session(row)
+        if expired(record, self.clock()):
+            with self._transaction() as db:
+                db.execute("DELETE FROM sessions WHERE key_id = ? AND id = ?", (key_id, session_id))
+                db.execute(
+                    "DELETE FROM turns WHERE key_id = ? AND session_id = ?", (key_id, session_id)
+                )
+            return None
+        return record
+
+    def end_session(self, key_id: str, session_id: str, reason: str) -> SessionRecord | None:
+        """End an active session now with ``reason`` and start its retention."""
+        now = self.clock()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE sessions SET status = 'ended', ended_reason = ?, ended_at = ?, "
+                "expires_at = ? WHERE key_id = ? AND id = ? AND status = 'active'",
+                (reason, now, now + self.retention_s, key_id, session_id),
+            )
+        return self.get_session(key_id, session_id)
+
+    def claim_session(self, key_id: str, session_id: str, connection_id: str) -> bool:
+        """Make ``connection_id`` the session's live socket; False if it is not active."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE sessions SET connection_id = ? "
+                "WHERE key_id = ? AND id = ? AND status = 'active'",
+                (connection_id, key_id, session_id),
+            )
+        return cursor.rowcount > 0
+
+    def reserve_seq(self, key_id: str, session_id: str, count: int) -> int:
+        """Atomically reserve ``count`` event sequence numbers; returns the first."""
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE sessions SET seq = seq + ? WHERE key_id = ? AND id = ? RETURNING seq",
+                (count, key_id, session_id),
+            ).fetchone()
+        if row is None:
+            raise KeyError(session_id)
+        return int(row[0]) - count + 1
+
+    def put_turn(self, key_id: str, session_id: str, turn: TurnRecord) -> None:
+        """Insert or replace (same ``turn_id``) one turn of the session."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO turns VALUES (?, ?, ?, ?, ?)",
+                (key_id, session_id, turn.turn_id, turn.sort_key, turn_to_json(turn)),
+            )
+
+    def list_turns(self, key_id: str, session_id: str) -> list[TurnRecord]:
+        """The session's turns ordered by ``n`` ([] past retention)."""
+        if self.get_session(key_id, session_id) is None:
+            return []
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT data FROM turns WHERE key_id = ? AND session_id = ? ORDER BY sort_key",
+                (key_id, session_id),
+            )
+            .fetchall()
+        )
+        return [turn_from_json(row[0]) for row in rows]

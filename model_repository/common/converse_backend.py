@@ -110,3 +110,70 @@ def sample_top_k(logits, temperature, top_k, rng):
     probabilities = np.exp(scaled - np.max(scaled))
     probabilities /= probabilities.sum()
     return int(rng.choice(scaled.size, p=probabilities))
+
+
+def penalise_repetition(logits, seen_ids, penalty):
+    """``logits`` [V] with every id in ``seen_ids`` made less likely by ``penalty`` (>= 1).
+
+    The CTRL rule as transformers' ``RepetitionPenaltyLogitsProcessor`` applies
+    it (Keskar et al. 2019): a positive logit is divided by ``penalty``, a
+    negative one multiplied. ``penalty`` 1 returns ``logits`` unchanged.
+    """
+    if penalty == 1.0 or not seen_ids:
+        return logits
+    logits = np.array(logits, dtype=np.float32)
+    ids = np.unique(np.asarray(seen_ids, dtype=np.int64))
+    scores = logits[ids]
+    logits[ids] = np.where(scores < 0, scores * penalty, scores / penalty)
+    return logits
+
+
+def empty_cache_shape(parameter):
+    """The KV cache shape [L, 1, H_kv, 0, D] of a step graph, from an LM loop's config parameters.
+
+    ``parameter`` is :func:`parameters`' dict with ``num_layers``, ``kv_heads``
+    and ``head_dim`` (written by ``export/causal_lm.py``).
+    """
+    return (int(parameter["num_layers"]), 1, int(parameter["kv_heads"]), 0,
+            int(parameter["head_dim"]))
+
+
+def generate(network, cache_shape, prompt_ids, *, max_context, max_new_tokens, stop_ids,
+             temperature, top_k, seed, repetition_penalty=1.0):
+    """Yield generated token ids one by one: the BLS prefill/decode loop over a step graph.
+
+    ``network`` is a step graph exported by ``export/causal_lm.py`` (``input_ids``
+    INT64 [1, T] and the KV cache ``past_keys`` / ``past_values`` FP32
+    ``cache_shape`` with P = 0 -> ``logits`` [1, V] and the grown cache). One
+    prefill call with ``prompt_ids``, then one decode call per token, each
+    only after the consumer asked for the next id, so a consumer that stops
+    iterating stops the work. Each id is drawn by :func:`sample_top_k` from
+    the logits after :func:`penalise_repetition` over prompt and generated
+    ids, with one ``numpy.random.default_rng(seed)``. Stops before yielding a
+    ``stop_ids`` member, after ``max_new_tokens`` ids, or when the context
+    reaches ``max_context`` tokens.
+
+    Raises:
+        RuntimeError: a step call failed (the network's message).
+    """
+    rng = np.random.default_rng(seed)
+    seen = list(prompt_ids)
+    keys = np.zeros(cache_shape, np.float32)
+    values = np.zeros(cache_shape, np.float32)
+    tokens = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        logits, keys, values = infer(
+            network,
+            {"input_ids": np.asarray([tokens], dtype=np.int64), "past_keys": keys,
+             "past_values": values},
+            ["logits", "present_keys", "present_values"],
+        )
+        logits = penalise_repetition(logits[0], seen, repetition_penalty)
+        token = sample_top_k(logits, temperature, top_k, rng)
+        if token in stop_ids:
+            return
+        yield token
+        seen.append(token)
+        if len(seen) >= max_context:
+            return
+        tokens = [token]

@@ -7,10 +7,11 @@ vocabulary); ``MAX_NEW_TOKENS`` INT32 [1]; ``SEED`` INT64 [1].
 Outputs: ``TEXT`` BYTES [1], the decoded continuation without its stop token;
 ``TOKENS`` INT64 [n], the generated ids (stop token excluded).
 
-Loop: one prefill call with the whole prompt and an empty cache, then one
-decode call per token, each an ``InferenceRequest`` to ``author_lm`` carrying
-the KV cache. Generation stops at any ``stop_token_ids`` entry (EOS and every
-token containing a line break), at ``MAX_NEW_TOKENS``, or at ``max_context``.
+Loop: ``converse_backend.generate`` (one prefill call with the whole prompt
+and an empty cache, then one decode call per token, each an
+``InferenceRequest`` to ``author_lm`` carrying the KV cache). Generation
+stops at any ``stop_token_ids`` entry (EOS and every token containing a line
+break), at ``MAX_NEW_TOKENS``, or at ``max_context``.
 A prompt longer than ``max_context - MAX_NEW_TOKENS`` keeps its first token
 (BOS) and its most recent tokens. Before each call the loop checks the
 request's budget (``converse_backend.Budget``: client cancellation, request
@@ -33,24 +34,9 @@ class TritonPythonModel:
         parameter = backend.parameters(args)
         self.tokenizer = Tokenizer.from_file(backend.version_file(args, "tokenizer.json"))
         self.network = parameter["network"]
-        self.cache_shape = (
-            int(parameter["num_layers"]), 1, int(parameter["kv_heads"]), 0,
-            int(parameter["head_dim"]),
-        )
+        self.cache_shape = backend.empty_cache_shape(parameter)
         self.max_context = int(parameter["max_context"])
         self.stop_ids = {int(i) for i in parameter["stop_token_ids"].split(",") if i}
-
-    def _step(self, tokens, keys, values):
-        logits, keys, values = backend.infer(
-            self.network,
-            {
-                "input_ids": np.asarray([tokens], dtype=np.int64),
-                "past_keys": keys,
-                "past_values": values,
-            },
-            ["logits", "present_keys", "present_values"],
-        )
-        return logits[0], keys, values
 
     def _generate(self, budget, prompt, temperature, top_k, max_new_tokens, seed):
         ids = self.tokenizer.encode(prompt).ids
@@ -59,21 +45,15 @@ class TritonPythonModel:
             raise ValueError(f"max_new_tokens must be below {self.max_context - 1}")
         if len(ids) > room:
             ids = ids[:1] + ids[len(ids) - room + 1:]
-        rng = np.random.default_rng(seed)
-        keys = np.zeros(self.cache_shape, np.float32)
-        values = np.zeros(self.cache_shape, np.float32)
         budget.check()
-        logits, keys, values = self._step(ids, keys, values)
         generated = []
-        while len(generated) < max_new_tokens:
-            token = backend.sample_top_k(logits, temperature, top_k, rng)
-            if token in self.stop_ids:
-                break
+        for token in backend.generate(
+            self.network, self.cache_shape, ids, max_context=self.max_context,
+            max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, temperature=temperature,
+            top_k=top_k, seed=seed,
+        ):
             generated.append(token)
-            if len(ids) + len(generated) >= self.max_context:
-                break
             budget.check()
-            logits, keys, values = self._step([token], keys, values)
         return self.tokenizer.decode(generated), generated
 
     def execute(self, requests):

@@ -1,11 +1,12 @@
-"""Triton python model ``whisper_asr``: speech -> English transcript with word timestamps.
+"""Triton python model ``whisper_asr``: speech -> transcript with word timestamps.
 
-Inputs (``max_batch_size: 0``): ``AUDIO`` FP32 [n_samples], mono, 16 kHz, [-1, 1].
+Inputs (``max_batch_size: 0``): ``AUDIO`` FP32 [n_samples], mono, 16 kHz, [-1, 1];
+optional ``LANGUAGE`` BYTES [1], an ISO 639-1 code Whisper knows (default ``en``).
 Outputs: ``TEXT`` BYTES [1] (UTF-8 transcript) and ``WORDS`` BYTES [1] (UTF-8
 JSON list of ``{"word", "start", "end"}``, seconds from the clip's start).
 Runs faster-whisper (CTranslate2) on the Whisper-base conversion in
 ``whisper-base/``; greedy decoding (beam 1) without faster-whisper's sampled
-temperature fallback, so a transcript is deterministic; language fixed to English.
+temperature fallback, so a transcript is deterministic.
 """
 
 import json
@@ -31,9 +32,9 @@ class TritonPythonModel:
             cpu_threads=int(parameter["cpu_threads"]),
         )
 
-    def _transcribe(self, audio):
+    def _transcribe(self, audio, language):
         segments, _ = self.model.transcribe(
-            audio, language="en", beam_size=1, temperature=0.0, word_timestamps=True,
+            audio, language=language, beam_size=1, temperature=0.0, word_timestamps=True,
             vad_filter=False,
         )
         segments = list(segments)
@@ -51,8 +52,10 @@ class TritonPythonModel:
         for request in requests:
             audio = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy()
             audio = np.ascontiguousarray(audio.reshape(-1), dtype=np.float32)
+            language = pb_utils.get_input_tensor_by_name(request, "LANGUAGE")
+            code = "en" if language is None else language.as_numpy().reshape(-1)[0].decode()
             try:
-                text, words = self._transcribe(audio)
+                text, words = self._transcribe(audio, code)
             except (RuntimeError, ValueError) as error:
                 responses.append(backend.error_response(error))
                 continue

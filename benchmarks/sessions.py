@@ -1,0 +1,181 @@
+"""Live sessions: time to first audio (TTFA) after the user stops speaking, and 10 sessions at once.
+
+A scripted client (devtools/session_client.py) speaks utterances rendered by the
+bundled voice into a session in real time. For each reply:
+- TTFA: from the true end of the utterance (last sample above -40 dBFS) to the
+  arrival of the reply's first audio message;
+- its parts: VAD hangover (true end -> ``input.speech_stopped``, in stream time),
+  ASR, LM time to first token, first clause voicing (the server's ``latency_ms``)
+  and the rest (transport, queueing, resampling, encoding);
+- gaps: the longest stall of a client that plays audio as soon as it arrives.
+
+``python -m benchmarks.sessions [--utterances 20] [--concurrent 10]`` prints the
+section; ``make benchmark`` puts it in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import soundfile as sf
+
+from devtools import REPOSITORY
+from devtools.local_stack import LocalStack
+from devtools.session_client import LiveClient, ReceivedEvent
+from handler.audio import resample
+
+RATE = 16_000
+QUESTIONS = [
+    "What is the best way to learn to cook?",
+    "Can you recommend a good book?",
+    "How do I make a cup of tea?",
+    "What should I do this weekend?",
+    "Why is the sky blue?",
+]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Figures of one reply, milliseconds."""
+
+    ttfa: float
+    hangover: float
+    asr: float
+    first_token: float
+    first_clause_voice: float
+    rest: float
+    longest_gap: float
+
+
+def _true_end_ms(audio: np.ndarray) -> float:
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    return float((loud[-1] + 1) * 1000 / RATE)
+
+
+def _longest_gap_ms(client: LiveClient, turn_id: str) -> float:
+    """Longest stall of a player that starts at the first audio message of ``turn_id``."""
+    pieces = [e for e in client.events
+              if e.event["type"] == "response.audio" and e.event["turn_id"] == turn_id]
+    play_end: float | None = None
+    longest = 0.0
+    for piece in pieces:
+        begin = piece.wall_s if play_end is None else max(piece.wall_s, play_end)
+        if play_end is not None:
+            longest = max(longest, begin - play_end)
+        play_end = begin + piece.event["duration_ms"] / 1000
+    return longest * 1000
+
+
+def _first(client: LiveClient, kind: str) -> ReceivedEvent:
+    return next(e for e in client.events if e.event["type"] == kind)
+
+
+async def _exchange(stack: LocalStack, voice: str, audio: np.ndarray) -> Exchange:
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60,
+                                 headers={"Authorization": f"Bearer {stack.api_key}"}) as http:
+        created = (await http.post("/v1/conversations/create", json={
+            "voice_id": voice, "system_prompt": "Answer in one short sentence."})).json()
+        async with LiveClient(created["stream_url"], stack.api_key, RATE) as client:
+            await client.silence_until(lambda ev: bool(ev), 10)
+            await client.send_audio(np.zeros(RATE // 2, np.float32))
+            true_end = client.sent_ms + _true_end_ms(audio)
+            await client.send_audio(audio)
+            await client.silence_until(
+                lambda ev: any(e.event["type"] == "response.done" for e in ev), 120)
+        turns = (await http.get(f"/v1/conversations/{created['session_id']}")).json()["turns"]
+    stopped = _first(client, "input.speech_stopped")
+    audio_event = _first(client, "response.audio")
+    true_end_wall = stopped.wall_s - (stopped.input_ms - true_end) / 1000
+    latency: dict[str, Any] = next(t for t in turns if t["role"] == "assistant")["latency_ms"]
+    ttfa = (audio_event.wall_s - true_end_wall) * 1000
+    hangover = stopped.input_ms - true_end
+    return Exchange(
+        ttfa=ttfa,
+        hangover=hangover,
+        asr=latency["asr"],
+        first_token=latency["first_token"] - latency["asr"],
+        first_clause_voice=latency["first_clause_voice"],
+        rest=ttfa - hangover - latency["first_audio"],
+        longest_gap=_longest_gap_ms(client, audio_event.event["turn_id"]),
+    )
+
+
+def _render(stack: LocalStack, voice: str, text: str) -> np.ndarray:
+    response = httpx.post(f"{stack.base_url}/v1/converse", timeout=120,
+                          headers={"Authorization": f"Bearer {stack.api_key}"},
+                          json={"conversation": [{"speaker": "0", "text": text}]})
+    response.raise_for_status()
+    wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return resample(samples, rate, RATE).astype(np.float32)
+
+
+def _row(name: str, exchanges: list[Exchange]) -> str:
+    def cell(field: str) -> str:
+        values = [getattr(e, field) for e in exchanges]
+        return f"{np.percentile(values, 50):.0f} / {np.percentile(values, 95):.0f}"
+
+    fields = ("ttfa", "hangover", "asr", "first_token", "first_clause_voice", "rest",
+              "longest_gap")
+    return f"| {name} | {len(exchanges)} | " + " | ".join(cell(f) for f in fields) + " |"
+
+
+def measure_sessions(stack: LocalStack, utterances: int, concurrent: int) -> str:
+    """Sequential exchanges, then ``concurrent`` sessions at once; a PERFORMANCE.md section."""
+    voice = httpx.get(f"{stack.base_url}/v1/models",
+                      headers={"Authorization": f"Bearer {stack.api_key}"}).json()["data"][0][
+        "voices"][0]
+    clips = [_render(stack, voice, text) for text in QUESTIONS]
+    sequential = [asyncio.run(_exchange(stack, voice, clips[i % len(clips)]))
+                  for i in range(utterances)]
+
+    async def together() -> list[Exchange | BaseException]:
+        return await asyncio.gather(
+            *(_exchange(stack, voice, clips[i % len(clips)]) for i in range(concurrent)),
+            return_exceptions=True)
+
+    results = asyncio.run(together())
+    loaded = [r for r in results if isinstance(r, Exchange)]
+    failures = [repr(r) for r in results if not isinstance(r, Exchange)]
+    return "\n".join([
+        "## Live sessions (bundled VAD, Whisper, SmolLM2, Kokoro)",
+        "",
+        "`python -m benchmarks.sessions`: a scripted client speaks a rendered question into a",
+        "session in real time (16 kHz pcm16) and plays the reply as it arrives. Milliseconds,",
+        "p50 / p95. TTFA runs from the true end of the user's speech to the first reply audio;",
+        "it is the sum of the VAD hangover (the 500 ms end-of-speech silence plus a window),",
+        "ASR, the LM's first token, the first clause's voicing and the rest (transport,",
+        "waiting for a whole clause, resampling, encoding). *Gap*: the longest stall of a",
+        "client playing the reply as it arrives.",
+        "",
+        "| load | replies | TTFA | VAD hangover | ASR | LM first token | first clause voice "
+        "| rest | longest gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+        _row("one session", sequential),
+        _row(f"{concurrent} sessions at once", loaded) if loaded else "",
+        "",
+        f"Failures with {concurrent} sessions at once: {len(failures)}"
+        + (f" ({'; '.join(failures)})" if failures else "") + ".",
+        "",
+    ])
+
+
+def main() -> None:
+    """Start the local stack on the exported repository and print the section."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--utterances", type=int, default=20)
+    parser.add_argument("--concurrent", type=int, default=10)
+    args = parser.parse_args()
+    with LocalStack(REPOSITORY) as stack:
+        print(measure_sessions(stack, args.utterances, args.concurrent))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The API app under uvicorn in a background thread on a loopback port (HTTP and WebSockets)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+from devtools.local_triton import free_port
+from devtools.service import Service
+
+START_TIMEOUT_S = 30.0
+
+
+class ApiServer(Service):
+    """uvicorn serving ``app`` on ``127.0.0.1``; ``base_url`` once started.
+
+    Args:
+        app: the FastAPI app (``handler.app.create_app``).
+        port: TCP port; a free one when None.
+    """
+
+    def __init__(self, app: FastAPI, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ApiServer:
+        """Serve in a daemon thread; return once uvicorn is listening.
+
+        Raises:
+            RuntimeError: uvicorn did not start within :data:`START_TIMEOUT_S`.
+        """
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                self.stop()
+                raise RuntimeError("the API server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and join its thread (open sockets are closed by uvicorn)."""
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=15)
+            self._thread = None

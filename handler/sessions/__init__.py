@@ -1,0 +1,1 @@
+"""Live conversation sessions: protocol, codecs, transport and the conversation seam."""

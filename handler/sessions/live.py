@@ -1,0 +1,58 @@
+"""The conversation factory of the running service: a :class:`LiveConversation` per socket.
+
+Binds a session's voice (a Kokoro engine and voice spec from the catalog), the
+VAD, the ASR and aligner in Triton and the configured chat LM (the bundled
+``chat`` model in Triton, or ``CONVERSE_CHAT_BASE_URL``) into
+:class:`ConversationModels`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
+
+from handler.engines.chat import chat_model
+from handler.engines.vad import SileroVad
+from handler.sessions.base import ConversationFactory, Emit, SessionParams
+from handler.sessions.runner import ConversationModels, LiveConversation
+from handler.storage.base import SessionRecord
+from handler.transcription import align, transcribe
+from handler.triton import TritonClient
+
+
+async def _transcript(triton: TritonClient, audio_16k: np.ndarray, language: str) -> str:
+    text, _ = await transcribe(triton, audio_16k, language)
+    return text
+
+
+def live_conversations(state: State) -> ConversationFactory:
+    """The factory for ``create_app``: reads ``settings``, ``triton``, ``catalog``, ``storage``.
+
+    The factory raises (the transport then closes the socket with an internal
+    error): ``InvalidRequest`` when the session's model no longer has named
+    voices, ``ServiceUnavailable`` when Triton is unreachable.
+    """
+
+    async def build(record: SessionRecord, params: SessionParams, emit: Emit) -> LiveConversation:
+        triton: TritonClient = state.triton
+        _, engine = await state.catalog.resolve_named_voices(record.model, ["voice_id"])
+        turns = await run_in_threadpool(state.storage.list_turns, record.key_id, record.id)
+
+        async def speak(text: str) -> np.ndarray:
+            return await engine.synthesize(triton, text, record.voice, 1.0)
+
+        models = ConversationModels(
+            vad=SileroVad(triton),
+            chat=chat_model(state.settings),
+            transcribe=partial(_transcript, triton),
+            speak=speak,
+            voice_rate=engine.sample_rate,
+            align=partial(align, triton),
+            tool_timeout_s=state.settings.session_tool_timeout_s,
+        )
+        return LiveConversation(record, params, models, emit, state.storage, turns)
+
+    return build

@@ -1,0 +1,116 @@
+"""What the listener has heard of a reply: playback position and the words heard.
+
+The server sends a reply's audio faster than real time; the client buffers and
+plays it. Where the client reports its position (``playback.position`` events)
+that report is used; otherwise playback is assumed to start when the first
+audio message is sent and to run in real time (a client that underruns its
+buffer hears less than this estimate; docs/sessions.md says to report).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from handler.errors import InferenceError
+from handler.transcription import TimedWord
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class VoicedClause:
+    """One voiced piece of a reply.
+
+    Attributes:
+        text: what was voiced.
+        start_s: its offset in the reply's audio, seconds.
+        audio: float32 [n] mono at ``sample_rate`` Hz.
+        sample_rate: Hz.
+    """
+
+    text: str
+    start_s: float
+    audio: np.ndarray
+    sample_rate: int
+
+    @property
+    def end_s(self) -> float:
+        """Offset of its last sample's end in the reply's audio, seconds."""
+        return self.start_s + len(self.audio) / self.sample_rate
+
+
+class PlaybackClock:
+    """Milliseconds of a reply's audio the listener has heard.
+
+    Args:
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._first_sent: float | None = None
+        self._sent_ms = 0.0
+        self._reported_ms: float | None = None
+
+    def sent(self, duration_ms: float) -> None:
+        """Record that ``duration_ms`` more audio went to the client."""
+        if self._first_sent is None:
+            self._first_sent = self._clock()
+        self._sent_ms += duration_ms
+
+    def report(self, played_ms: float) -> None:
+        """The client's own playback position of this reply, milliseconds."""
+        self._reported_ms = max(self._reported_ms or 0.0, played_ms)
+
+    @property
+    def sent_ms(self) -> float:
+        """Milliseconds of audio sent so far."""
+        return self._sent_ms
+
+    def played_ms(self) -> float:
+        """Heard so far: the client's report, else real time since the first send.
+
+        Never more than was sent.
+        """
+        if self._reported_ms is not None:
+            return min(self._reported_ms, self._sent_ms)
+        if self._first_sent is None:
+            return 0.0
+        return min((self._clock() - self._first_sent) * 1000.0, self._sent_ms)
+
+    def remaining_s(self) -> float:
+        """Seconds until everything sent has been played (estimate), at least 0."""
+        return max(self._sent_ms - self.played_ms(), 0.0) / 1000.0
+
+
+Aligner = Callable[[VoicedClause], Awaitable[list[TimedWord]]]
+
+
+async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Aligner) -> str:
+    """The reply's text as far as the listener heard it.
+
+    Clauses that finished playing count whole; in the clause playing at
+    ``played_s`` only the words whose end was reached count. Word intervals come
+    from ``align`` (the forced aligner on that clause's audio); when it fails,
+    the clause's words are taken in proportion to the share of its audio played.
+    Words keep their written form (punctuation included) when the aligner
+    returned one interval per whitespace-separated word.
+    """
+    heard = [c.text for c in clauses if c.end_s <= played_s]
+    current = next((c for c in clauses if c.start_s < played_s < c.end_s), None)
+    if current is not None:
+        written = current.text.split()
+        into_clause = played_s - current.start_s
+        try:
+            words = await align(current)
+        except InferenceError:
+            share = into_clause / (current.end_s - current.start_s)
+            heard += written[: int(len(written) * share)]
+        else:
+            done = [w.text for w in words if w.end <= into_clause]
+            heard += written[: len(done)] if len(words) == len(written) else done
+    return " ".join(heard)

@@ -1,0 +1,539 @@
+"""The live conversation of one session: listen, transcribe, reply while writing, yield to the user.
+
+Pipeline (docs/sessions.md): inbound audio → 16 kHz → Silero VAD in Triton
+(recurrent state carried here) → :class:`SpeechSegmenter` → at end of speech
+the turn's audio → Whisper in Triton → user turn stored → chat LM streams the
+reply → :class:`ClauseSplitter` → each clause voiced as soon as it is complete
+(while the LM goes on writing) → resampled to the session rate → emitted.
+
+User speech during a reply is a barge-in: the reply task is cancelled (LM and
+voice calls with it, so Triton stops that work), ``response.done`` says
+``interrupted`` with ``played_ms``, and the stored assistant turn keeps only the
+words heard (:func:`heard_text`). A reply counts as playing until the audio
+sent has been played (client reports, else real time), so speech over its
+last clause still interrupts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soxr
+from starlette.concurrency import run_in_threadpool
+
+from handler.engines.chat import ChatMessage, ChatModel, ToolCall
+from handler.engines.vad import SileroVad
+from handler.errors import ApiError
+from handler.sessions import protocol as events
+from handler.sessions.base import AssistantAudio, Emit, SessionParams
+from handler.sessions.clauses import ClauseSplitter
+from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
+from handler.sessions.tools import ToolCallError, checked_arguments
+from handler.sessions.turn_taking import (
+    VAD_SAMPLE_RATE,
+    VAD_WINDOW,
+    SpeechSegmenter,
+    SpeechStarted,
+    SpeechStopped,
+)
+from handler.storage.base import SessionRecord, SessionStore, TurnRecord
+from handler.transcription import TimedWord
+
+logger = logging.getLogger(__name__)
+
+# Tool rounds within one reply (call → result → continue) before the turn fails.
+MAX_TOOL_ROUNDS = 4
+# The longest user turn kept for transcription, seconds (Whisper's window is 30 s).
+MAX_USER_TURN_S = 30.0
+# Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
+REPLY_MAX_NEW_TOKENS = 64
+# Sampling of replies; the bundled model's repetition penalty is set in Triton.
+REPLY_TEMPERATURE = 0.7
+
+
+@dataclass(frozen=True)
+class ConversationModels:
+    """What a conversation calls, bound to one Triton client and one voice.
+
+    Attributes:
+        vad: the Silero VAD adapter.
+        chat: the chat LM (bundled in Triton, or an OpenAI-compatible endpoint).
+        transcribe: 16 kHz float32 audio and an ISO 639-1 language -> transcript.
+        speak: text -> float32 [n] mono at ``voice_rate`` Hz in the session's voice.
+        voice_rate: the voice's sample rate, Hz.
+        align: 16 kHz float32 audio and its text -> word intervals (seconds).
+        tool_timeout_s: how long a reply waits for the client's tool result, seconds.
+    """
+
+    vad: SileroVad
+    chat: ChatModel
+    transcribe: Callable[[np.ndarray, str], Awaitable[str]]
+    speak: Callable[[str], Awaitable[np.ndarray]]
+    voice_rate: int
+    align: Callable[[np.ndarray, str], Awaitable[list[TimedWord]]]
+    tool_timeout_s: float
+
+
+def chat_history(turns: Sequence[TurnRecord]) -> list[ChatMessage]:
+    """Stored turns as chat messages, oldest first (empty user transcripts left out)."""
+    messages = []
+    for turn in turns:
+        calls = tuple(
+            ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in turn.tool_calls
+        )
+        if turn.role == "tool":
+            messages.append(ChatMessage("tool", turn.text, tool_call_id=turn.tool_call_id))
+        elif turn.text.strip() or calls:
+            messages.append(ChatMessage(turn.role, turn.text, tool_calls=calls))
+    return messages
+
+
+@dataclass
+class _Reply:
+    """The assistant turn being generated and played.
+
+    ``since`` is ``time.monotonic()`` at the user's end of speech; ``latency_ms``
+    holds the named figures of docs/sessions.md measured from it.
+    """
+
+    turn_id: str
+    reply_to: str
+    since: float
+    started_at: float
+    task: asyncio.Task[None] | None = None
+    playback: PlaybackClock = field(default_factory=PlaybackClock)
+    clauses: list[VoicedClause] = field(default_factory=list)
+    text: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    alignments: dict[int, asyncio.Task[list[TimedWord]]] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        """Record ``name`` (once): milliseconds from the user's end of speech to now."""
+        self.latency_ms.setdefault(name, round((time.monotonic() - self.since) * 1000.0, 1))
+
+
+def _retrieve(task: asyncio.Task[list[TimedWord]]) -> None:
+    """Mark a background alignment's failure as seen (it is only needed on a barge-in)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _ReplyFailed(Exception):
+    """The turn ends with ``response.done`` ``failed`` (an error event was sent)."""
+
+
+class LiveConversation:
+    """One socket's conversation (implements :class:`handler.sessions.base.Conversation`).
+
+    Args:
+        record: the session (its ``config``: system prompt, tools, context window,
+            max turns, language).
+        params: the socket's sample rate (Hz, input and output) and VAD threshold.
+        models: what it calls.
+        emit: the transport's emitter (events; reply audio as float32 at the session rate).
+        storage: where turns are stored.
+        turns: the session's stored turns so far (a resumed session goes on from them).
+    """
+
+    def __init__(
+        self,
+        record: SessionRecord,
+        params: SessionParams,
+        models: ConversationModels,
+        emit: Emit,
+        storage: SessionStore,
+        turns: Sequence[TurnRecord],
+    ) -> None:
+        self.record = record
+        self.config = record.config
+        self.sample_rate = params.sample_rate
+        self.models = models
+        self._emit = emit
+        self._storage = storage
+        self._segmenter = SpeechSegmenter(params.vad_threshold)
+        self._to_vad = (
+            None
+            if self.sample_rate == VAD_SAMPLE_RATE
+            else soxr.ResampleStream(self.sample_rate, VAD_SAMPLE_RATE, 1, dtype="float32")
+        )
+        self._vad_state = models.vad.initial_state(VAD_SAMPLE_RATE)
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._heard = np.zeros(0, dtype=np.float32)
+        self._heard_offset = 0
+        self._turn_numbers = itertools.count(max((t.index for t in turns), default=0) + 1)
+        self._user_turn_id: str | None = None
+        self._user_turn_started = 0.0
+        self._reply: _Reply | None = None
+        self._respond_tasks: set[asyncio.Task[None]] = set()
+        self._asr_lock = asyncio.Lock()
+        self._tool_results: dict[str, asyncio.Future[str]] = {}
+        self._sending: asyncio.Future[None] | None = None
+        self._history = chat_history(turns)
+        self._exchanges = sum(1 for t in turns if t.role == "assistant")
+
+    # ---- inbound ---------------------------------------------------------------
+
+    async def on_audio(self, samples: np.ndarray) -> None:
+        """Take user audio (float32 [n] mono at the session rate); act on speech start/stop.
+
+        Raises:
+            ServiceUnavailable, InferenceError: the VAD call failed (the transport
+                closes the socket with an internal error).
+        """
+        at_16k = samples if self._to_vad is None else self._to_vad.resample_chunk(samples)
+        self._heard = np.concatenate([self._heard, at_16k.astype(np.float32)])
+        self._pending = np.concatenate([self._pending, at_16k.astype(np.float32)])
+        whole = len(self._pending) // VAD_WINDOW * VAD_WINDOW
+        if whole == 0:
+            return
+        windows = self._pending[:whole].reshape(-1, VAD_WINDOW)
+        self._pending = self._pending[whole:]
+        probabilities, self._vad_state = await self.models.vad.speech_probabilities(
+            windows, self._vad_state, VAD_SAMPLE_RATE
+        )
+        for probability in probabilities:
+            decision = self._segmenter.push(float(probability))
+            if isinstance(decision, SpeechStarted):
+                await self._speech_started(decision)
+            elif isinstance(decision, SpeechStopped):
+                await self._speech_stopped(decision)
+        self._trim_heard()
+
+    async def on_event(self, event: events.ClientEvent) -> None:
+        """Act on a client event: tool result, response cancel, playback position."""
+        if isinstance(event, events.ToolResult):
+            waiter = self._tool_results.pop(event.call_id, None)
+            if waiter is None or waiter.done():
+                await self._error(
+                    self._current_turn_id(),
+                    "unknown_tool_call",
+                    f"no tool call {event.call_id!r} is waiting for a result",
+                )
+                return
+            waiter.set_result(event.output)
+        elif isinstance(event, events.ResponseCancel):
+            if event.turn_id in (None, self._reply and self._reply.turn_id):
+                await self._interrupt()
+        elif (
+            isinstance(event, events.PlaybackPosition)
+            and self._reply is not None
+            and self._reply.turn_id == event.turn_id
+        ):
+            self._reply.playback.report(event.played_ms)
+
+    async def close(self) -> None:
+        """Stop everything this conversation started (socket gone or session ended)."""
+        await self._interrupt()
+        for task in list(self._respond_tasks):
+            task.cancel()
+        await asyncio.gather(*self._respond_tasks, return_exceptions=True)
+
+    # ---- turn-taking -----------------------------------------------------------
+
+    def _next_turn_id(self) -> str:
+        return f"turn_{next(self._turn_numbers)}"
+
+    def _current_turn_id(self) -> str | None:
+        return self._reply.turn_id if self._reply is not None else self._user_turn_id
+
+    async def _speech_started(self, started: SpeechStarted) -> None:
+        await self._interrupt()
+        self._user_turn_id = self._next_turn_id()
+        self._user_turn_started = self._storage.clock()
+        await self._emit(
+            events.SpeechStarted(
+                turn_id=self._user_turn_id, audio_start_ms=started.sample * 1000 / VAD_SAMPLE_RATE
+            )
+        )
+
+    async def _speech_stopped(self, stopped: SpeechStopped) -> None:
+        turn_id = self._user_turn_id or self._next_turn_id()
+        await self._emit(
+            events.SpeechStopped(turn_id=turn_id, audio_end_ms=stopped.end * 1000 / VAD_SAMPLE_RATE)
+        )
+        if not stopped.is_turn:
+            return
+        start = max(stopped.start, stopped.end - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
+        audio = self._heard[start - self._heard_offset : stopped.end - self._heard_offset].copy()
+        task = asyncio.create_task(self._respond(turn_id, self._user_turn_started, audio))
+        self._respond_tasks.add(task)
+        task.add_done_callback(self._respond_tasks.discard)
+
+    def _trim_heard(self) -> None:
+        """Keep only the audio a turn in progress (or the next one) can still need."""
+        if self._segmenter.in_speech:
+            return
+        drop = len(self._heard) - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE)
+        if drop > 0:
+            self._heard = self._heard[drop:]
+            self._heard_offset += drop
+
+    # ---- replies ---------------------------------------------------------------
+
+    async def _respond(self, user_turn_id: str, started_at: float, audio_16k: np.ndarray) -> None:
+        """Transcribe one user turn, store it, and reply unless the user has gone on speaking."""
+        speech_ended = time.monotonic()
+        async with self._asr_lock:
+            try:
+                transcript = await self.models.transcribe(audio_16k, self.config["language"])
+            except ApiError as error:
+                await self._error(user_turn_id, error.code, error.message)
+                return
+            asr_ms = round((time.monotonic() - speech_ended) * 1000.0, 1)
+            await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
+            await self._put_turn(
+                TurnRecord(
+                    turn_id=user_turn_id,
+                    role="user",
+                    text=transcript,
+                    started_at=started_at,
+                    ended_at=self._storage.clock(),
+                    audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
+                    latency_ms={"asr": asr_ms},
+                )
+            )
+            if transcript.strip():
+                self._history.append(ChatMessage(role="user", content=transcript))
+        if self._segmenter.in_speech or not transcript.strip() or self._reply is not None:
+            return
+        reply = _Reply(
+            turn_id=self._next_turn_id(),
+            reply_to=user_turn_id,
+            since=speech_ended,
+            started_at=self._storage.clock(),
+        )
+        reply.mark("asr")
+        self._reply = reply
+        reply.task = asyncio.create_task(self._generate(reply))
+        status = "completed"
+        try:
+            await asyncio.shield(reply.task)
+        except _ReplyFailed:
+            status = "failed"
+        except Exception:
+            logger.exception("session %s: reply %s failed", self.record.id, reply.turn_id)
+            await self._error(reply.turn_id, "internal_error", "the reply failed")
+            status = "failed"
+        if not reply.interrupted:
+            await self._finish(reply, status)
+
+    async def _generate(self, reply: _Reply) -> None:
+        """Write the reply with the chat LM and voice it clause by clause while it is written."""
+        await self._emit(events.ResponseStarted(turn_id=reply.turn_id, reply_to=reply.reply_to))
+        clauses: asyncio.Queue[str | None] = asyncio.Queue()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._write(reply, clauses))
+                group.create_task(self._voice(reply, clauses))
+        except* _ReplyFailed:
+            raise _ReplyFailed from None
+        except* ApiError as failed:
+            error = failed.exceptions[0]
+            assert isinstance(error, ApiError)
+            await self._error(reply.turn_id, error.code, error.message)
+            raise _ReplyFailed from None
+        while (remaining := reply.playback.remaining_s()) > 0:
+            await asyncio.sleep(min(remaining, 0.05))
+
+    async def _write(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
+        """Stream the LM's reply into clauses; run the tool calls it makes."""
+        splitter = ClauseSplitter()
+        messages = self._prompt()
+        try:
+            for _ in range(MAX_TOOL_ROUNDS + 1):
+                call = None
+                async for delta in self.models.chat.stream(
+                    messages,
+                    self.config["tools"],
+                    max_new_tokens=REPLY_MAX_NEW_TOKENS,
+                    temperature=REPLY_TEMPERATURE,
+                    seed=None,
+                ):
+                    if delta.text:
+                        reply.mark("first_token")
+                        reply.text += delta.text
+                        await self._emit(
+                            events.ResponseTextDelta(turn_id=reply.turn_id, delta=delta.text)
+                        )
+                        for clause in splitter.push(delta.text):
+                            clauses.put_nowait(clause)
+                    if delta.tool_call is not None:
+                        call = delta.tool_call
+                        break
+                if call is None:
+                    return
+                messages = [*messages, *await self._run_tool(reply, call)]
+            await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls")
+        finally:
+            for clause in splitter.flush():
+                clauses.put_nowait(clause)
+            clauses.put_nowait(None)
+
+    async def _run_tool(self, reply: _Reply, call: ToolCall) -> list[ChatMessage]:
+        """Send the model's tool call to the client and wait for its result.
+
+        Returns:
+            the assistant message with the call and the tool message with the result.
+
+        Raises:
+            _ReplyFailed: arguments rejected by the tool's schema, or no result within
+                ``models.tool_timeout_s``.
+        """
+        try:
+            arguments = checked_arguments(call.name, call.arguments, self.config["tools"])
+        except ToolCallError as error:
+            await self._fail(reply, "invalid_tool_call", str(error))
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._tool_results[call.id] = waiter
+        await self._emit(
+            events.ToolCall(
+                turn_id=reply.turn_id, call_id=call.id, name=call.name, arguments=arguments
+            )
+        )
+        try:
+            output = await asyncio.wait_for(waiter, self.models.tool_timeout_s)
+        except TimeoutError:
+            await self._fail(
+                reply,
+                "tool_timeout",
+                f"no result for tool call {call.id!r} within {self.models.tool_timeout_s:g} s",
+            )
+        finally:
+            self._tool_results.pop(call.id, None)
+        reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments})
+        now = self._storage.clock()
+        await self._put_turn(
+            TurnRecord(
+                turn_id=self._next_turn_id(),
+                role="tool",
+                text=output,
+                started_at=now,
+                ended_at=now,
+                tool_call_id=call.id,
+            )
+        )
+        return [
+            ChatMessage(role="assistant", content=reply.text, tool_calls=(call,)),
+            ChatMessage(role="tool", content=output, tool_call_id=call.id),
+        ]
+
+    async def _fail(self, reply: _Reply, code: str, message: str) -> None:
+        await self._error(reply.turn_id, code, message)
+        raise _ReplyFailed(code)
+
+    async def _error(self, turn_id: str | None, code: str, message: str) -> None:
+        await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
+
+    async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
+        """Voice each clause as it comes and send it, resampled to the session rate."""
+        resample = (
+            None
+            if self.models.voice_rate == self.sample_rate
+            else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
+        )
+        while (clause := await clauses.get()) is not None:
+            voicing = time.monotonic()
+            audio = await self.models.speak(clause)
+            reply.latency_ms.setdefault(
+                "first_clause_voice", round((time.monotonic() - voicing) * 1000.0, 1)
+            )
+            start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
+            voiced = VoicedClause(clause, start_s, audio, self.models.voice_rate)
+            reply.clauses.append(voiced)
+            # Aligned now, while it plays, so a barge-in finds its word timings ready.
+            aligning = asyncio.create_task(self._align(voiced))
+            aligning.add_done_callback(_retrieve)
+            reply.alignments[id(voiced)] = aligning
+            out = audio if resample is None else resample.resample_chunk(audio)
+            reply.mark("first_audio")
+            await self._send_audio(reply, out.astype(np.float32))
+        if resample is not None:
+            await self._send_audio(reply, resample.resample_chunk(np.zeros(0, np.float32), True))
+
+    async def _send_audio(self, reply: _Reply, audio: np.ndarray) -> None:
+        """Emit reply audio; a cancelled reply finishes the message in flight, never half of one."""
+        if len(audio) == 0:
+            return
+        sending = asyncio.ensure_future(self._emit(AssistantAudio(reply.turn_id, audio)))
+        self._sending = sending
+        reply.playback.sent(len(audio) / self.sample_rate * 1000.0)
+        await asyncio.shield(sending)
+
+    def _prompt(self) -> list[ChatMessage]:
+        """System prompt (the persona) and the last ``context_window`` turns."""
+        window = int(self.config["context_window"])
+        recent = self._history[-window:]
+        while recent and recent[0].role == "tool":
+            recent = recent[1:]  # a tool result without its call would confuse the model
+        return [ChatMessage(role="system", content=self.config["system_prompt"]), *recent]
+
+    # ---- ending a reply ----------------------------------------------------------
+
+    async def _interrupt(self) -> None:
+        """Barge-in or client cancel: stop the reply now; store what was heard."""
+        reply = self._reply
+        if reply is None or reply.task is None or reply.interrupted:
+            return
+        reply.interrupted = True
+        reply.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reply.task
+        if self._sending is not None:
+            with contextlib.suppress(Exception):
+                await self._sending
+        await self._finish(reply, "interrupted")
+
+    async def _finish(self, reply: _Reply, status: str) -> None:
+        """Send ``response.done``, store the assistant turn, end the session at ``max_turns``."""
+        self._reply = None
+        played_ms = round(reply.playback.played_ms(), 1)
+
+        async def reply_alignment(clause: VoicedClause) -> list[TimedWord]:
+            return await reply.alignments[id(clause)]
+
+        text = reply.text.strip()
+        if status == "interrupted":
+            text = await heard_text(reply.clauses, played_ms / 1000.0, reply_alignment)
+        for task in reply.alignments.values():
+            task.cancel()
+        done = events.ResponseDone(
+            turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
+        )
+        await self._emit(done)
+        await self._put_turn(
+            TurnRecord(
+                turn_id=reply.turn_id,
+                role="assistant",
+                text=text,
+                started_at=reply.started_at,
+                ended_at=self._storage.clock(),
+                audio_ms=round(reply.playback.sent_ms, 1),
+                interrupted=status == "interrupted",
+                played_ms=played_ms,
+                tool_calls=reply.tool_calls,
+                latency_ms=reply.latency_ms,
+            )
+        )
+        if text:
+            self._history.append(ChatMessage(role="assistant", content=text))
+        self._exchanges += 1
+        limit = self.config.get("max_turns")
+        if limit is not None and self._exchanges >= limit:
+            await self._emit(events.SessionEnded(turn_id=reply.turn_id, reason="max_turns"))
+
+    async def _put_turn(self, turn: TurnRecord) -> None:
+        await run_in_threadpool(self._storage.put_turn, self.record.key_id, self.record.id, turn)
+
+    async def _align(self, clause: VoicedClause) -> list[TimedWord]:
+        audio = soxr.resample(clause.audio, clause.sample_rate, VAD_SAMPLE_RATE)
+        return await self.models.align(audio.astype(np.float32), clause.text)

@@ -1,0 +1,360 @@
+"""The live socket of a session: limits, sequence numbers, codecs and close codes.
+
+One :class:`LiveSocket` per accepted WebSocket. It sends ``session.started``
+(first socket of the session) or ``session.resumed`` (later ones, with the last
+turn's id), builds the session's :class:`~handler.sessions.base.Conversation`,
+feeds it decoded audio and validated client events, and turns what it emits
+into numbered events and encoded audio. It closes with a
+:class:`~handler.sessions.protocol.CloseCode` when the session ends (deleted,
+idle, too long, the conversation's own end such as ``max_turns``), when a
+newer socket takes the session, on an oversized message, or on an internal
+error. A session is held by one socket: the newest one. Within a process the
+:class:`SessionHub` closes the older socket at once; across processes each
+socket rereads its session every ``session_check_s`` and closes when the
+session ended or another socket claimed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import anyio
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from handler.sessions.base import AssistantAudio, Conversation, ConversationFactory, SessionParams
+from handler.sessions.codecs import OPUS_FRAME, OPUS_RATE, CodecError, Decoder, Encoder
+from handler.sessions.protocol import (
+    CLIENT_EVENTS,
+    END_REASON_CODES,
+    CloseCode,
+    ErrorEvent,
+    ResponseAudio,
+    ResponseDone,
+    ServerEvent,
+    SessionEnded,
+    SessionResumed,
+    SessionStarted,
+)
+from handler.sessions.service import current
+from handler.settings import Settings
+from handler.storage.base import SessionRecord, SessionStore
+
+logger = logging.getLogger("converse.sessions")
+SEQ_BLOCK = 64  # sequence numbers reserved per storage write
+CLEANUP_S = 10.0  # longest a closing socket waits for the conversation to stop, seconds
+# Closes that a fatal ``error`` event announces (the others have a session.ended or no reader).
+_FATAL_ERRORS = {
+    CloseCode.INTERNAL_ERROR: "internal_error",
+    CloseCode.MESSAGE_TOO_BIG: "message_too_big",
+}
+
+
+class SequenceNumbers:
+    """A session's event numbers, reserved from storage ``SEQ_BLOCK`` at a time.
+
+    Numbers increase strictly across sockets and processes; a socket that
+    closes leaves the rest of its block unused (a gap, never a repeat).
+    """
+
+    def __init__(self, storage: SessionStore, key_id: str, session_id: str) -> None:
+        self.storage, self.key_id, self.session_id = storage, key_id, session_id
+        self._next, self._last = 1, 0
+
+    async def next(self) -> int:
+        """The next number (one storage write per ``SEQ_BLOCK`` calls)."""
+        if self._next > self._last:
+            first = await run_in_threadpool(
+                self.storage.reserve_seq, self.key_id, self.session_id, SEQ_BLOCK
+            )
+            self._next, self._last = first, first + SEQ_BLOCK - 1
+        number = self._next
+        self._next += 1
+        return number
+
+
+@dataclass
+class SessionHub:
+    """This process's live sockets by session id."""
+
+    live: dict[str, LiveSocket] = field(default_factory=dict)
+
+    def attach(self, socket: LiveSocket) -> None:
+        """Make ``socket`` its session's live socket; an older one closes (``REPLACED``)."""
+        previous = self.live.get(socket.record.id)
+        self.live[socket.record.id] = socket
+        if previous is not None:
+            previous.stop(CloseCode.REPLACED, "replaced by a newer connection")
+
+    def detach(self, socket: LiveSocket) -> None:
+        """Forget ``socket`` (if it is still its session's live socket)."""
+        if self.live.get(socket.record.id) is socket:
+            del self.live[socket.record.id]
+
+    def end(self, session_id: str, reason: str) -> None:
+        """The session ended elsewhere (e.g. DELETE): close its socket here at once."""
+        socket = self.live.get(session_id)
+        if socket is not None:
+            socket.stop(END_REASON_CODES[reason], reason, end_reason=reason)
+
+
+class LiveSocket:
+    """One accepted WebSocket of one active session.
+
+    Args:
+        websocket: the accepted socket.
+        record: the session (active, owned by the socket's key).
+        params: the validated query parameters.
+        storage: where the session, its turns and its sequence numbers live.
+        settings: limits (``session_*``).
+    """
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        record: SessionRecord,
+        params: SessionParams,
+        storage: SessionStore,
+        settings: Settings,
+    ) -> None:
+        self.websocket, self.record, self.params = websocket, record, params
+        self.storage, self.settings = storage, settings
+        self.connection_id = uuid.uuid4().hex
+        self.seq = SequenceNumbers(storage, record.key_id, record.id)
+        self.decoder = Decoder(params.encoding, params.sample_rate)
+        self.encoder = Encoder(params.encoding, params.sample_rate)
+        self.last_turn_id: str | None = None
+        self._audio_ms: dict[str, float] = {}
+        self._send_lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+        self._close: tuple[CloseCode | None, str, str | None] = (None, "", None)
+        self._emitting = True
+
+    def stop(self, code: CloseCode | None, message: str, end_reason: str | None = None) -> None:
+        """Close the socket with ``code`` (None: the client left); the first call wins.
+
+        With ``end_reason`` the session ends for that reason (stored, then
+        ``session.ended`` is sent) before the socket closes.
+        """
+        if not self._stopped.is_set():
+            self._close = (code, message, end_reason)
+            self._stopped.set()
+
+    async def run(self, factory: ConversationFactory, hub: SessionHub) -> None:
+        """Serve the socket until it closes (never raises)."""
+        resumed = bool(self.record.connection_id)
+        if not await run_in_threadpool(
+            self.storage.claim_session, self.record.key_id, self.record.id, self.connection_id
+        ):
+            await self._close_socket(CloseCode.SESSION_ENDED, "session has ended")
+            return
+        hub.attach(self)
+        conversation: Conversation | None = None
+        try:
+            turns = await run_in_threadpool(
+                self.storage.list_turns, self.record.key_id, self.record.id
+            )
+            self.last_turn_id = turns[-1].turn_id if turns else None
+            opening = SessionResumed if resumed else SessionStarted
+            await self._send(
+                opening(
+                    turn_id=self.last_turn_id,
+                    session_id=self.record.id,
+                    sample_rate=self.params.sample_rate,
+                    encoding=self.params.encoding,
+                    vad_threshold=self.params.vad_threshold,
+                )
+            )
+            conversation = await factory(self.record, self.params, self.emit)
+            await self._serve(conversation)
+        except (WebSocketDisconnect, OSError):
+            self.stop(None, "client left")
+        except Exception:
+            logger.exception("session %s: socket failed", self.record.id)
+            self.stop(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            hub.detach(self)
+            self._emitting = False
+            # Shielded: the conversation must stop its work (Triton calls) and the
+            # session's end be stored even when the socket's task is being cancelled.
+            with anyio.move_on_after(CLEANUP_S, shield=True):
+                if conversation is not None:
+                    with contextlib.suppress(Exception):
+                        await conversation.close()
+                await self._finish()
+
+    async def emit(self, item: ServerEvent | AssistantAudio) -> None:
+        """What the conversation sends: events get their ``seq``, audio is encoded.
+
+        ``response.done`` first flushes the codec's held-back audio (completed)
+        or drops it (interrupted, failed); ``session.ended`` ends the session
+        with its reason. Ignored once the socket is closing.
+        """
+        if not self._emitting:
+            return
+        if isinstance(item, SessionEnded):
+            self.stop(END_REASON_CODES[item.reason], f"session ended: {item.reason}", item.reason)
+            return
+        try:
+            if isinstance(item, AssistantAudio):
+                await self._send_audio(item.turn_id, self.encoder.encode(item.samples))
+                return
+            if isinstance(item, ResponseDone) and item.turn_id is not None:
+                if item.status == "completed":
+                    await self._send_audio(item.turn_id, self.encoder.flush())
+                else:
+                    self.encoder.reset()
+            await self._send(item)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.stop(None, "client left")
+
+    async def _serve(self, conversation: Conversation) -> None:
+        receiver = asyncio.create_task(self._receive(conversation))
+        watchers = [
+            asyncio.create_task(self._stopped.wait()),
+            asyncio.create_task(self._watch_session()),
+            asyncio.create_task(self._watch_duration()),
+        ]
+        try:
+            done, _ = await asyncio.wait([receiver, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiver, *watchers):
+                task.cancel()
+            # asyncio.wait, not gather: gather would re-raise a child's CancelledError
+            # in place of the one cancelling this task (anyio only absorbs its own).
+            await asyncio.wait([receiver, *watchers])
+        if receiver in done and receiver.exception() is not None:
+            raise receiver.exception()  # type: ignore[misc]
+
+    async def _receive(self, conversation: Conversation) -> None:
+        limit = self.settings.session_max_message_bytes
+        while True:
+            try:
+                message = await asyncio.wait_for(
+                    self.websocket.receive(), self.settings.session_idle_timeout_s
+                )
+            except TimeoutError:
+                self.stop(CloseCode.IDLE_TIMEOUT, "idle timeout", end_reason="idle_timeout")
+                return
+            if message["type"] == "websocket.disconnect":
+                self.stop(None, "client left")
+                return
+            data: bytes | None = message.get("bytes")
+            text: str | None = message.get("text")
+            size = len(data) if data is not None else len((text or "").encode())
+            if size > limit:
+                self.stop(CloseCode.MESSAGE_TOO_BIG, f"message of {size} bytes exceeds {limit}")
+                return
+            if data is not None:
+                try:
+                    samples = self.decoder.decode(data)
+                except CodecError as error:
+                    await self._error("invalid_audio", str(error))
+                    continue
+                if samples.size:
+                    await conversation.on_audio(samples)
+            elif text is not None:
+                try:
+                    event = CLIENT_EVENTS.validate_json(text)
+                except ValidationError as error:
+                    await self._error("invalid_event", _summary(error))
+                    continue
+                await conversation.on_event(event)
+
+    async def _watch_session(self) -> None:
+        """Reread the session every ``session_check_s``: ended, gone or claimed elsewhere."""
+        while True:
+            await asyncio.sleep(self.settings.session_check_s)
+            record = await current(
+                self.storage, self.record.key_id, self.record.id,
+                self.settings.session_max_duration_s,
+            )
+            if record is None:
+                self.stop(CloseCode.SESSION_NOT_FOUND, "session not found")
+            elif record.status == "ended":
+                reason = record.ended_reason or ""
+                code = END_REASON_CODES.get(reason, CloseCode.SESSION_ENDED)
+                self.stop(code, f"session ended: {reason}", end_reason=reason or None)
+            elif record.connection_id != self.connection_id:
+                self.stop(CloseCode.REPLACED, "replaced by a newer connection")
+            else:
+                continue
+            return
+
+    async def _watch_duration(self) -> None:
+        """End the session ``session_max_duration_s`` after its creation."""
+        end = self.record.created_at + self.settings.session_max_duration_s
+        await asyncio.sleep(max(0.0, end - self.storage.clock()))
+        self.stop(CloseCode.MAX_DURATION, "maximum session length", end_reason="max_duration")
+
+    async def _finish(self) -> None:
+        code, message, end_reason = self._close
+        if code in _FATAL_ERRORS:
+            with contextlib.suppress(Exception):
+                await self._send(
+                    ErrorEvent(
+                        turn_id=self.last_turn_id, code=_FATAL_ERRORS[code], message=message,
+                        fatal=True,
+                    )
+                )
+        if end_reason is not None:
+            ended = await run_in_threadpool(
+                self.storage.end_session, self.record.key_id, self.record.id, end_reason
+            )
+            reason = ended.ended_reason if ended is not None and ended.ended_reason else end_reason
+            with contextlib.suppress(Exception):
+                await self._send(SessionEnded(turn_id=self.last_turn_id, reason=reason))
+        if code is not None:
+            await self._close_socket(code, message)
+
+    async def _close_socket(self, code: CloseCode, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.websocket.close(int(code), message[:120])
+
+    async def _error(self, code: str, message: str) -> None:
+        await self._send(ErrorEvent(turn_id=self.last_turn_id, code=code, message=message))
+
+    async def _send(self, event: ServerEvent) -> None:
+        async with self._send_lock:
+            numbered = event.model_copy(update={"seq": await self.seq.next()})
+            if event.turn_id is not None:
+                self.last_turn_id = event.turn_id
+            await self.websocket.send_text(numbered.model_dump_json())
+
+    async def _send_audio(self, turn_id: str, messages: list[bytes]) -> None:
+        """``response.audio`` then its binary messages, with nothing in between."""
+        if not messages:
+            return
+        rate = self.params.sample_rate
+        if self.params.encoding == "opus":
+            samples = len(messages) * OPUS_FRAME * rate // OPUS_RATE
+        else:
+            width = 2 if self.params.encoding == "pcm16" else 1
+            samples = sum(len(m) for m in messages) // width
+        duration_ms = 1000.0 * samples / rate
+        offset_ms = self._audio_ms.get(turn_id, 0.0)
+        self._audio_ms[turn_id] = offset_ms + duration_ms
+        event = ResponseAudio(
+            turn_id=turn_id,
+            messages=len(messages),
+            samples=samples,
+            offset_ms=offset_ms,
+            duration_ms=duration_ms,
+        )
+        async with self._send_lock:
+            numbered = event.model_copy(update={"seq": await self.seq.next()})
+            self.last_turn_id = turn_id
+            await self.websocket.send_text(numbered.model_dump_json())
+            for message in messages:
+                await self.websocket.send_bytes(message)
+
+
+def _summary(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "event"
+    return f"{where}: {first['msg']}"

@@ -1,0 +1,101 @@
+"""Turn-taking: user speech start/stop from per-window VAD speech probabilities.
+
+The rules follow Silero VAD's own streaming iterator (``VADIterator`` in
+``silero_vad/utils_vad.py``, snakers4/silero-vad): speech starts at the first
+window whose probability reaches ``threshold``; it stops once probabilities stay
+below ``threshold - 0.15`` for ``end_silence_ms``; ``speech_pad_ms`` of audio is
+kept on both sides. That package's iterator needs torch, which the API process
+does not load, so the state machine is re-stated here over plain floats.
+
+Positions are in samples at :data:`VAD_SAMPLE_RATE` counted from the start of
+the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VAD_SAMPLE_RATE = 16_000
+# Samples per VAD window at 16 kHz (Silero VAD's fixed window; DESIGN.md).
+VAD_WINDOW = 512
+# Silero's hysteresis: speech ends below threshold - 0.15 (VADIterator), floored at 0.01.
+NEGATIVE_MARGIN = 0.15
+# Silence that ends a user turn; short enough for a reply to feel prompt, long enough
+# that a breath between clauses does not end the turn (docs/sessions.md).
+END_SILENCE_MS = 500
+# Audio kept before the first and after the last speech window (Silero's default 30 ms).
+SPEECH_PAD_MS = 30
+# Speech shorter than this is not a turn (Silero's get_speech_timestamps default 250 ms).
+MIN_SPEECH_MS = 250
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """User speech began at ``sample`` (padding included)."""
+
+    sample: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """User speech ``[start, end)`` in samples (padding included) has ended.
+
+    ``is_turn`` is False for speech shorter than :data:`MIN_SPEECH_MS` (a cough,
+    a click): it interrupts like any speech but is not transcribed.
+    """
+
+    start: int
+    end: int
+    is_turn: bool
+
+
+SegmentEvent = SpeechStarted | SpeechStopped
+
+
+class SpeechSegmenter:
+    """Speech start/stop decisions from VAD probabilities, one window at a time.
+
+    Args:
+        threshold: speech probability that starts speech, 0.0-1.0 (the stream's
+            ``vad_threshold``); higher needs louder, clearer speech.
+        window: samples per probability (:data:`VAD_WINDOW`).
+        sample_rate: Hz of the positions (:data:`VAD_SAMPLE_RATE`).
+    """
+
+    def __init__(
+        self, threshold: float, window: int = VAD_WINDOW, sample_rate: int = VAD_SAMPLE_RATE
+    ) -> None:
+        self.threshold = threshold
+        self.negative_threshold = max(threshold - NEGATIVE_MARGIN, 0.01)
+        self.window = window
+        self._ms = sample_rate / 1000
+        self._position = 0
+        self._start: int | None = None
+        self._silence_since: int | None = None
+
+    @property
+    def in_speech(self) -> bool:
+        """Whether the user is speaking (speech started and not yet stopped)."""
+        return self._start is not None
+
+    def push(self, probability: float) -> SegmentEvent | None:
+        """Take the next window's speech probability; returns a decision, if any."""
+        window_start = self._position
+        self._position += self.window
+        pad = int(SPEECH_PAD_MS * self._ms)
+        if self._start is None:
+            if probability >= self.threshold:
+                self._start = max(0, window_start - pad)
+                self._silence_since = None
+                return SpeechStarted(self._start)
+            return None
+        if probability >= self.threshold:
+            self._silence_since = None
+        elif probability < self.negative_threshold:
+            if self._silence_since is None:
+                self._silence_since = window_start
+            if self._position - self._silence_since >= END_SILENCE_MS * self._ms:
+                start, end = self._start, self._silence_since + pad
+                self._start = self._silence_since = None
+                return SpeechStopped(start, end, end - start >= MIN_SPEECH_MS * self._ms)
+        return None

@@ -1,0 +1,203 @@
+"""Chat LM: step graph vs transformers, streamed replies through Triton, cancellation, tools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
+
+from devtools.local_triton import LocalTriton
+from devtools.tiny_models import IM_END
+from handler.engines.chat import (
+    ChatDelta,
+    ChatMessage,
+    TritonChatModel,
+    hermes_messages,
+)
+from tests.helpers import TinyTriton
+
+MESSAGES = (
+    ChatMessage("system", "You are a cheerful barista."),
+    ChatMessage("user", "Hi! What should I drink this morning?"),
+)
+PENALTY = 1.3
+
+
+def hf_model(checkpoint: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    return tokenizer, model
+
+
+async def collect(stream: AsyncIterator[ChatDelta]) -> list[ChatDelta]:
+    return [delta async for delta in stream]
+
+
+def chat_lm_steps(server: LocalTriton) -> int:
+    """Executions of ``chat_lm`` so far (Triton's statistics: one per prefill or decode step)."""
+    client = triton_http.InferenceServerClient(server.http_url)
+    try:
+        stats = client.get_inference_statistics("chat_lm")["model_stats"][0]
+    finally:
+        client.close()
+    return int(stats["execution_count"])
+
+
+@pytest.mark.triton
+def test_step_graph_matches_transformers_logits(tiny_triton: TinyTriton) -> None:
+    import onnxruntime as ort
+    import torch
+
+    tokenizer, model = hf_model(tiny_triton.llama)
+    session = ort.InferenceSession(str(tiny_triton.repository / "chat_lm/1/model.onnx"))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keys = values = np.zeros((2, 1, 2, 0, 16), np.float32)
+    prompt = len(ids) - 5
+    steps = [ids[:prompt]] + [[token] for token in ids[prompt:]]
+    seen: list[int] = []
+    for tokens in steps:
+        logits, keys, values = session.run(None, {
+            "input_ids": np.array([tokens], np.int64), "past_keys": keys, "past_values": values,
+        })
+        seen += tokens
+        with torch.no_grad():
+            expected = model(torch.tensor([seen])).logits[0, -1].numpy()
+        np.testing.assert_allclose(logits[0], expected, atol=1e-4, rtol=1e-4)
+    assert keys.shape == (2, 1, 2, len(ids), 16)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("penalty", [1.0, PENALTY])
+def test_streamed_reply_matches_transformers_generate(
+    tiny_triton: TinyTriton, penalty: float
+) -> None:
+    tokenizer, model = hf_model(tiny_triton.llama)
+    chat = [{"role": m.role, "content": m.content} for m in MESSAGES]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    generated = model.generate(
+        **prompt, max_new_tokens=60, do_sample=False, repetition_penalty=penalty,
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END), pad_token_id=tokenizer.pad_token_id,
+    )
+    expected = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:],
+                                skip_special_tokens=True)
+
+    model_in_triton = TritonChatModel(tiny_triton.server.grpc_url, repetition_penalty=penalty)
+    deltas = asyncio.run(collect(model_in_triton.stream(
+        MESSAGES, [], max_new_tokens=60, temperature=0.0, seed=0
+    )))
+    assert all(delta.tool_call is None for delta in deltas)
+    assert len(deltas) > 1
+    assert "".join(delta.text for delta in deltas) == expected
+    assert expected
+
+
+@pytest.mark.triton
+def test_sampling_is_reproducible_with_a_seed(tiny_triton: TinyTriton) -> None:
+    model = TritonChatModel(tiny_triton.server.grpc_url)
+
+    def reply(seed: int) -> str:
+        deltas = asyncio.run(collect(model.stream(MESSAGES, [], max_new_tokens=30,
+                                                  temperature=1.0, seed=seed)))
+        return "".join(d.text for d in deltas)
+
+    assert reply(5) == reply(5)
+    assert len({reply(seed) for seed in range(4)}) > 1
+
+
+@pytest.mark.triton
+def test_cancelling_the_consumer_stops_decoding_in_triton(tiny_triton: TinyTriton) -> None:
+    server = tiny_triton.server
+    model = TritonChatModel(server.grpc_url)
+    long = {"max_new_tokens": 900, "temperature": 0.0, "seed": 0}
+
+    before = chat_lm_steps(server)
+    full = asyncio.run(collect(model.stream(MESSAGES, [], **long)))
+    full_steps = chat_lm_steps(server) - before
+    assert full_steps > 500, "the uncancelled reply must be long for this test to mean anything"
+    assert full
+
+    async def cancel_after_two_pieces() -> None:
+        received: list[ChatDelta] = []
+
+        async def consume() -> None:
+            async for delta in model.stream(MESSAGES, [], **long):
+                received.append(delta)
+
+        task = asyncio.create_task(consume())
+        while len(received) < 2:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    before = chat_lm_steps(server)
+    asyncio.run(cancel_after_two_pieces())
+    settled = chat_lm_steps(server)
+    for _ in range(50):  # wait until Triton has stopped (bounded, no speed asserted)
+        asyncio.run(asyncio.sleep(0.2))
+        now = chat_lm_steps(server)
+        if now == settled:
+            break
+        settled = now
+    assert settled - before < full_steps // 2
+
+
+@pytest.mark.triton
+def test_bad_messages_fail_with_the_models_message(tiny_triton: TinyTriton) -> None:
+    from handler.errors import InferenceError
+
+    model = TritonChatModel(tiny_triton.server.grpc_url)
+    with pytest.raises(InferenceError) as raised:
+        asyncio.run(collect(model.stream(MESSAGES, [], max_new_tokens=5000, temperature=0.0,
+                                         seed=0)))
+    assert "MAX_NEW_TOKENS" in (raised.value.detail or "")
+
+
+@pytest.mark.triton
+def test_bundled_chat_model_answers(triton: LocalTriton) -> None:
+    model = TritonChatModel(triton.grpc_url)
+    deltas = asyncio.run(collect(model.stream(
+        [ChatMessage("system", "You are a friendly assistant. Answer in one short sentence."),
+         ChatMessage("user", "What is the capital of France?")],
+        [], max_new_tokens=24, temperature=0.0, seed=0,
+    )))
+    text = "".join(d.text for d in deltas).strip()
+    assert text
+    assert any(c.isalpha() for c in text)
+
+
+def test_hermes_messages_describe_tools_and_wrap_calls_and_results() -> None:
+    from handler.engines.chat import ToolCall
+
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }}
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    rendered = hermes_messages([
+        ChatMessage("system", "Be brief."),
+        ChatMessage("user", "Weather in Paris?"),
+        ChatMessage("assistant", "", tool_calls=(call,)),
+        ChatMessage("tool", '{"sky": "clear"}', tool_call_id="call_1"),
+    ], [tool])
+    assert rendered[0]["content"].startswith("Be brief.")
+    tools_json = rendered[0]["content"].split("<tools>\n")[1].split("\n</tools>")[0]
+    assert json.loads(tools_json) == tool["function"]
+    assert rendered[2]["content"] == (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    )
+    assert rendered[3] == {"role": "tool", "content": '<tool_response>{"sky": "clear"}'
+                                                      '</tool_response>'}
+    assert hermes_messages([ChatMessage("user", "hi")], [tool])[0]["role"] == "system"
+    assert hermes_messages([ChatMessage("user", "hi")], []) == [{"role": "user", "content": "hi"}]

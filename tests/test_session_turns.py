@@ -1,0 +1,178 @@
+"""Live-session logic without models: turn-taking, clause cutting, what was heard, tool calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from handler.errors import InferenceError
+from handler.sessions.clauses import MAX_CLAUSE_CHARS, ClauseSplitter
+from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
+from handler.sessions.tools import ToolCallError, checked_arguments
+from handler.sessions.turn_taking import (
+    END_SILENCE_MS,
+    SPEECH_PAD_MS,
+    VAD_WINDOW,
+    SpeechSegmenter,
+    SpeechStarted,
+    SpeechStopped,
+)
+from handler.transcription import TimedWord
+
+WINDOW_MS = VAD_WINDOW / 16
+
+
+def decisions(probabilities: list[float], threshold: float = 0.5) -> list[object]:
+    segmenter = SpeechSegmenter(threshold)
+    return [d for p in probabilities if (d := segmenter.push(p)) is not None]
+
+
+def test_speech_starts_at_first_window_over_threshold_with_padding() -> None:
+    found = decisions([0.1] * 10 + [0.9] * 20 + [0.05] * 40)
+    pad = int(SPEECH_PAD_MS * 16)
+    assert found[0] == SpeechStarted(10 * VAD_WINDOW - pad)
+    stopped = found[1]
+    assert isinstance(stopped, SpeechStopped)
+    assert stopped.end == 30 * VAD_WINDOW + pad and stopped.is_turn
+
+
+def test_speech_stops_only_after_the_end_silence() -> None:
+    silence_windows = int(np.ceil(END_SILENCE_MS / WINDOW_MS))
+    short_pause = [0.9] * 20 + [0.05] * (silence_windows - 1) + [0.9] * 20
+    assert [type(d) for d in decisions(short_pause)] == [SpeechStarted]
+    assert [type(d) for d in decisions(short_pause + [0.05] * silence_windows)] == [
+        SpeechStarted,
+        SpeechStopped,
+    ]
+
+
+def test_hysteresis_keeps_speech_between_the_two_thresholds() -> None:
+    # 0.4 is under the 0.5 start threshold but over 0.5 - 0.15: speech goes on.
+    found = decisions([0.9] * 5 + [0.4] * 60)
+    assert [type(d) for d in found] == [SpeechStarted]
+
+
+def test_threshold_decides_whether_quiet_speech_counts() -> None:
+    quiet = [0.6] * 30 + [0.0] * 40
+    assert decisions(quiet, threshold=0.8) == []
+    assert [type(d) for d in decisions(quiet, threshold=0.3)] == [SpeechStarted, SpeechStopped]
+
+
+def test_a_click_interrupts_but_is_not_a_turn() -> None:
+    found = decisions([0.9] * 2 + [0.0] * 40)
+    assert isinstance(found[1], SpeechStopped) and not found[1].is_turn
+
+
+@given(
+    st.lists(
+        st.text(alphabet=st.sampled_from("abc ,.!?;xyz"), min_size=1, max_size=12),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_clauses_keep_every_character_in_order(pieces: list[str]) -> None:
+    splitter = ClauseSplitter()
+    clauses = [c for piece in pieces for c in splitter.push(piece)] + splitter.flush()
+    assert "".join(clauses).replace(" ", "") == "".join(pieces).replace(" ", "")
+    assert all(c == c.strip() and c for c in clauses)
+    assert all(len(c) <= MAX_CLAUSE_CHARS for c in clauses)
+
+
+def test_clauses_cut_at_sentences_and_long_enough_clauses_only() -> None:
+    splitter = ClauseSplitter()
+    text = "Well, I think that is right, as far as I can tell. Pi is 3.14 or so! And then"
+    tokens = text.split(" ")
+    clauses = [c for t in tokens for c in splitter.push(t + " ")] + splitter.flush()
+    assert clauses == [
+        "Well, I think that is right,",
+        "as far as I can tell.",
+        "Pi is 3.14 or so!",
+        "And then",
+    ]
+
+
+def test_a_mark_does_not_cut_before_the_next_character_arrives() -> None:
+    splitter = ClauseSplitter()
+    assert splitter.push("It costs 3.") == []
+    assert splitter.push("5 euros. Next") == ["It costs 3.5 euros."]
+
+
+def test_playback_follows_real_time_then_client_reports() -> None:
+    now = [100.0]
+    clock = PlaybackClock(lambda: now[0])
+    assert clock.played_ms() == 0.0
+    clock.sent(2000.0)
+    now[0] += 0.5
+    assert clock.played_ms() == pytest.approx(500.0)
+    now[0] += 10
+    assert clock.played_ms() == 2000.0  # never more than was sent
+    clock.report(700.0)
+    assert clock.played_ms() == 700.0
+    assert clock.remaining_s() == pytest.approx(1.3)
+
+
+def clause(text: str, start_s: float, seconds: float) -> VoicedClause:
+    return VoicedClause(text, start_s, np.zeros(int(seconds * 1000), np.float32), 1000)
+
+
+def test_heard_text_keeps_whole_clauses_and_words_whose_end_was_played() -> None:
+    clauses = [clause("Hello there.", 0.0, 1.0), clause("I can help, surely.", 1.0, 2.0)]
+
+    words = {
+        "Hello there.": [TimedWord("hello", 0.1, 0.6), TimedWord("there", 0.6, 0.9)],
+        "I can help, surely.": [
+            TimedWord("i", 0.0, 0.3),
+            TimedWord("can", 0.3, 0.6),
+            TimedWord("help", 0.6, 1.0),
+            TimedWord("surely", 1.0, 2.0),
+        ],
+    }
+
+    async def align(c: VoicedClause) -> list[TimedWord]:
+        return words[c.text]
+
+    assert asyncio.run(heard_text(clauses, 1.7, align)) == "Hello there. I can"
+    assert asyncio.run(heard_text(clauses, 0.7, align)) == "Hello"
+    assert asyncio.run(heard_text(clauses, 3.0, align)) == "Hello there. I can help, surely."
+
+
+def test_heard_text_falls_back_to_the_played_share_when_alignment_fails() -> None:
+    async def align(c: VoicedClause) -> list[TimedWord]:
+        raise InferenceError("no alignment")
+
+    clauses = [clause("one two three four", 0.0, 2.0)]
+    assert asyncio.run(heard_text(clauses, 1.0, align)) == "one two"
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "book",
+            "parameters": {
+                "type": "object",
+                "properties": {"day": {"type": "string"}, "people": {"type": "integer"}},
+                "required": ["day"],
+            },
+        },
+    }
+]
+
+
+def test_tool_arguments_are_checked_against_the_schema() -> None:
+    assert checked_arguments("book", '{"day": "monday", "people": 2}', TOOLS) == {
+        "day": "monday",
+        "people": 2,
+    }
+    with pytest.raises(ToolCallError, match="people"):
+        checked_arguments("book", '{"day": "monday", "people": "two"}', TOOLS)
+    with pytest.raises(ToolCallError, match=r"required|day"):
+        checked_arguments("book", "{}", TOOLS)
+    with pytest.raises(ToolCallError, match="unknown tool"):
+        checked_arguments("cancel", "{}", TOOLS)
+    with pytest.raises(ToolCallError, match="not JSON"):
+        checked_arguments("book", "{day", TOOLS)

@@ -1,0 +1,201 @@
+"""``/v1/conversations``: create, read and delete sessions; retention with an injected clock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from handler.app import create_app
+from handler.storage.base import TurnRecord
+from handler.storage.sqlite import SQLiteStorage
+from tests.helpers import API_KEY, AUTH, make_settings
+from tests.test_lambda import FakeContext, http_api_v2_event, load_lambda
+
+OTHER_KEY = "other-key-456"
+KEY_ID = hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
+DAY = 86400.0
+PERSONA = {"voice_id": "jf_alpha", "system_prompt": "You are a terse librarian."}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "Weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]},
+    },
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="module")
+def api(triton_url: str, clock: Clock) -> Iterator[TestClient]:
+    settings = make_settings(triton_url=triton_url, api_keys=f"{API_KEY},{OTHER_KEY}")
+    app = create_app(settings)
+    app.state.storage = SQLiteStorage(settings.sqlite_path, clock=clock)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def create(api: TestClient, **fields: Any) -> Any:
+    return api.post("/v1/conversations/create", json={**PERSONA, **fields}, headers=AUTH)
+
+
+def test_create_answers_201_with_stored_config_and_stream_url(api: TestClient,
+                                                             clock: Clock) -> None:
+    response = create(api, tools=[WEATHER], max_turns=6)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert re.fullmatch(r"conv_[0-9a-f]{32}", body["session_id"])
+    assert body["status"] == "active" and body["ended_reason"] is None
+    assert body["config"] == {**PERSONA, "language": "en", "tools": [WEATHER],
+                              "context_window": 50, "max_turns": 6}
+    assert (body["model"], body["voice"]) == ("kokoro", "jf_alpha*1")
+    assert body["created_at"] == clock.now
+    assert body["stream_url"] == f"ws://testserver/v1/conversations/{body['session_id']}/stream"
+    assert body["turns"] == []
+    again = api.get(f"/v1/conversations/{body['session_id']}", headers=AUTH).json()
+    assert again == body
+
+
+def test_public_stream_url_setting_wins(triton_url: str) -> None:
+    settings = make_settings(triton_url=triton_url, public_stream_url="wss://live.example.com/")
+    with TestClient(create_app(settings)) as client:
+        body = client.post("/v1/conversations/create", json=PERSONA, headers=AUTH).json()
+    assert body["stream_url"] == (
+        f"wss://live.example.com/v1/conversations/{body['session_id']}/stream")
+
+
+def test_saved_voices_and_blends_are_voices(api: TestClient) -> None:
+    saved = api.post("/v1/voices", json={"name": "host", "voice": "jf_alpha*1+jm_kumo*3"},
+                     headers=AUTH).json()
+    assert create(api, voice_id=saved["id"]).json()["voice"] == "jf_alpha*0.25+jm_kumo*0.75"
+    assert create(api, voice_id="jm_kumo*2+jf_alpha*2").json()["voice"] == (
+        "jm_kumo*0.5+jf_alpha*0.5")
+
+
+def error_of(response: Any) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and error["request_id"]
+    return str(error["message"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"voice_id": "alloy"}, "voice_id: not a saved voice id"),
+        ({"language": "fr"}, "supported: en"),
+        ({"language": "english"}, "language: 'english' is not an ISO 639-1 code"),
+        ({"tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object",
+                                        "properties": {"x": {"type": "strng"}}}}}]},
+         "tools.0.function.parameters.properties.x.type: not a valid JSON Schema"),
+        ({"tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "required": "x"}}}]},
+         "tools.0.function.parameters.required: not a valid JSON Schema"),
+        ({"tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "array"}}}]},
+         "tools.0.function.parameters.type: the arguments schema must be 'object'"),
+        ({"tools": [WEATHER, WEATHER]}, "tools.1.function.name: duplicate tool name"),
+        ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+        ({"context_window": 0}, "context_window"),
+        ({"max_turns": 0}, "max_turns"),
+        ({"system_prompt": ""}, "system_prompt"),
+    ],
+)
+def test_bad_sessions_are_400_naming_the_path(api: TestClient, fields: dict[str, Any],
+                                              expected: str) -> None:
+    assert expected in error_of(create(api, **fields))
+
+
+def test_auth_and_ownership(api: TestClient) -> None:
+    assert api.post("/v1/conversations/create", json=PERSONA).status_code == 401
+    session_id = create(api).json()["session_id"]
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    for method in ("get", "delete"):
+        response = api.request(method, f"/v1/conversations/{session_id}", headers=other)
+        assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+    assert api.get("/v1/conversations/conv_missing", headers=AUTH).status_code == 404
+
+
+def test_delete_ends_and_history_stays_30_days(api: TestClient, clock: Clock) -> None:
+    session_id = create(api).json()["session_id"]
+    storage = api.app.state.storage  # type: ignore[attr-defined]
+    storage.put_turn(KEY_ID, session_id, TurnRecord(
+        "turn_1", "user", "What time is it?", clock.now, clock.now + 1.5, 1500.0,
+        latency_ms={"asr": 180.0}))
+    storage.put_turn(KEY_ID, session_id, TurnRecord(
+        "turn_2", "assistant", "It is", clock.now + 2, clock.now + 2.4, 400.0, True, 400.0,
+        latency_ms={"first_audio": 640.0}))
+    clock.now += 10
+    deleted = api.delete(f"/v1/conversations/{session_id}", headers=AUTH)
+    assert deleted.status_code == 200
+    body = deleted.json()
+    assert (body["status"], body["ended_reason"]) == ("ended", "deleted")
+    assert body["ended_at"] == clock.now and body["expires_at"] == clock.now + 30 * DAY
+    assert [t["turn_id"] for t in body["turns"]] == ["turn_1", "turn_2"]
+    assert body["turns"][1]["interrupted"] and body["turns"][1]["played_ms"] == 400.0
+    assert body["turns"][0]["latency_ms"] == {"asr": 180.0}
+    clock.now += 29 * DAY
+    assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json() == body
+    assert api.delete(f"/v1/conversations/{session_id}", headers=AUTH).json() == body
+    clock.now += 1 * DAY
+    assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).status_code == 404
+    assert api.delete(f"/v1/conversations/{session_id}", headers=AUTH).status_code == 404
+
+
+def test_sessions_end_after_their_maximum_length(api: TestClient, clock: Clock) -> None:
+    session_id = create(api).json()["session_id"]
+    clock.now += api.app.state.settings.session_max_duration_s  # type: ignore[attr-defined]
+    body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+    assert (body["status"], body["ended_reason"], body["ended_at"]) == (
+        "ended", "max_duration", clock.now)
+
+
+def test_stream_path_over_plain_http_is_426(api: TestClient) -> None:
+    response = api.get("/v1/conversations/conv_x/stream", headers=AUTH)
+    assert response.status_code == 426 and response.headers["upgrade"] == "websocket"
+    assert response.json()["error"]["type"] == "invalid_request"
+
+
+
+def test_lambda_answers_the_stream_path_without_crashing(triton_url: str) -> None:
+    for module in load_lambda(triton_url):
+        answer = module.handler(
+            http_api_v2_event("GET", "/v1/conversations/conv_x/stream"), FakeContext()
+        )
+        created = module.handler(http_api_v2_event("POST", "/v1/conversations/create", PERSONA),
+                                 FakeContext())
+    assert answer["statusCode"] == 426
+    assert json.loads(answer["body"])["error"]["type"] == "invalid_request"
+    assert created["statusCode"] == 201
+    assert json.loads(created["body"])["stream_url"].startswith("wss://api.example.com/")
+
+
+def test_openapi_documents_the_session_routes(api: TestClient) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    create_op = paths["/v1/conversations/create"]["post"]
+    assert {"201", "400", "401", "429"} <= set(create_op["responses"])
+    example = create_op["requestBody"]["content"]["application/json"]["examples"]["assistant"]
+    assert create(api, **example["value"]).status_code == 201
+    assert {"200", "401", "404"} <= set(paths["/v1/conversations/{session_id}"]["delete"]
+                                       ["responses"])
+    assert "/v1/conversations/{session_id}/stream" not in paths

@@ -1,0 +1,166 @@
+"""Session and turn storage, run against both backends (SQLite, DynamoDB under moto)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from handler.storage.base import SESSION_RETENTION_S, SessionRecord, Storage, TurnRecord
+from handler.storage.dynamodb import TTL_ATTRIBUTE, DynamoDBStorage
+from handler.storage.sqlite import SQLiteStorage
+
+TABLES = ("voices", "usage", "rates", "sessions")
+DAY = 86400.0
+
+
+class Clock:
+    """A settable clock (Unix seconds)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(1_800_000_000.0)
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Storage]:
+    if request.param == "sqlite":
+        yield SQLiteStorage(tmp_path / "state.db", clock=clock)
+        return
+    with mock_aws():
+        resource = boto3.resource("dynamodb", region_name="us-east-1")
+        DynamoDBStorage.create_tables(resource, *TABLES)
+        yield DynamoDBStorage(resource, *TABLES, clock=clock)
+
+
+def session(clock: Clock, session_id: str = "conv_1", key_id: str = "key-a") -> SessionRecord:
+    return SessionRecord(
+        id=session_id,
+        key_id=key_id,
+        config={"voice_id": "jf_alpha", "tools": [], "max_turns": None},
+        model="kokoro",
+        voice="jf_alpha*1",
+        created_at=clock.now,
+    )
+
+
+def turn(n: int, role: str = "user", text: str = "hello") -> TurnRecord:
+    return TurnRecord(turn_id=f"turn_{n}", role=role, text=text, started_at=1.0 + n)
+
+
+def test_session_round_trip_and_owner_isolation(storage: Storage, clock: Clock) -> None:
+    record = session(clock)
+    storage.put_session(record)
+    assert storage.get_session("key-a", "conv_1") == record
+    assert storage.get_session("key-b", "conv_1") is None
+    assert storage.get_session("key-a", "conv_2") is None
+    assert storage.end_session("key-b", "conv_1", "deleted") is None
+
+
+def test_turns_listed_by_number_and_replaced_by_id(storage: Storage, clock: Clock) -> None:
+    storage.put_session(session(clock))
+    for n in (10, 2, 1):
+        storage.put_turn("key-a", "conv_1", turn(n))
+    storage.put_turn(
+        "key-a",
+        "conv_1",
+        TurnRecord(
+            "turn_2", "assistant", "Hi the", 3.0, 4.0, 900.0, True, 450.0,
+            [{"id": "call_1", "name": "lookup", "arguments": "{}"}], None, {"first_audio": 610.0},
+        ),
+    )
+    turns = storage.list_turns("key-a", "conv_1")
+    assert [t.turn_id for t in turns] == ["turn_1", "turn_2", "turn_10"]
+    assert turns[1].interrupted and turns[1].played_ms == 450.0 and turns[1].text == "Hi the"
+    assert turns[1].tool_calls[0]["name"] == "lookup"
+    assert storage.list_turns("key-b", "conv_1") == []
+
+
+def test_end_keeps_history_for_30_days_then_it_is_gone(storage: Storage, clock: Clock) -> None:
+    storage.put_session(session(clock))
+    storage.put_turn("key-a", "conv_1", turn(1))
+    clock.now += 60
+    ended = storage.end_session("key-a", "conv_1", "deleted")
+    assert ended is not None and ended.status == "ended" and ended.ended_reason == "deleted"
+    assert ended.ended_at == clock.now and ended.expires_at == clock.now + SESSION_RETENTION_S
+    again = storage.end_session("key-a", "conv_1", "idle_timeout")
+    assert again is not None and again.ended_reason == "deleted"
+    assert not storage.claim_session("key-a", "conv_1", "socket-2")
+    clock.now += 30 * DAY - 1
+    assert storage.get_session("key-a", "conv_1") is not None
+    assert len(storage.list_turns("key-a", "conv_1")) == 1
+    clock.now += 1
+    assert storage.get_session("key-a", "conv_1") is None
+    assert storage.list_turns("key-a", "conv_1") == []
+
+
+def test_dynamodb_ttl_attribute_is_on_session_and_turns(clock: Clock) -> None:
+    with mock_aws():
+        resource = boto3.resource("dynamodb", region_name="us-east-1")
+        DynamoDBStorage.create_tables(resource, *TABLES)
+        store = DynamoDBStorage(resource, *TABLES, clock=clock)
+        ttl = resource.meta.client.describe_time_to_live(TableName="sessions")
+        assert ttl["TimeToLiveDescription"]["AttributeName"] == TTL_ATTRIBUTE
+        store.put_session(session(clock))
+        store.put_turn("key-a", "conv_1", turn(1))
+        store.end_session("key-a", "conv_1", "deleted")
+        store.put_turn("key-a", "conv_1", turn(2))
+        items = resource.Table("sessions").scan()["Items"]
+        assert len(items) == 3
+        assert {float(item[TTL_ATTRIBUTE]) for item in items} == {clock.now + SESSION_RETENTION_S}
+
+
+def test_terraform_sessions_table_uses_the_same_ttl_attribute() -> None:
+    terraform = Path(__file__).resolve().parent.parent / "terraform/modules/data/main.tf"
+    tables = terraform.read_text()
+    assert re.search(rf'sessions\s*=\s*{{[^}}]*ttl = "{TTL_ATTRIBUTE}"', tables)
+
+
+def test_sequence_reservations_never_overlap(storage: Storage, clock: Clock) -> None:
+    storage.put_session(session(clock))
+    assert storage.reserve_seq("key-a", "conv_1", 5) == 1
+    assert storage.reserve_seq("key-a", "conv_1", 3) == 6
+    record = storage.get_session("key-a", "conv_1")
+    assert record is not None and record.seq == 8
+    firsts: list[int] = []
+    lock = threading.Lock()
+
+    def reserve() -> None:
+        first = storage.reserve_seq("key-a", "conv_1", 10)
+        with lock:
+            firsts.append(first)
+
+    threads = [threading.Thread(target=reserve) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(firsts) == [9 + 10 * i for i in range(8)]
+    with pytest.raises(KeyError):
+        storage.reserve_seq("key-a", "conv_missing", 1)
+
+
+def test_claim_records_the_live_connection(storage: Storage, clock: Clock) -> None:
+    storage.put_session(session(clock))
+    assert storage.claim_session("key-a", "conv_1", "socket-1")
+    assert storage.claim_session("key-a", "conv_1", "socket-2")
+    record = storage.get_session("key-a", "conv_1")
+    assert record is not None and record.connection_id == "socket-2"
+    assert not storage.claim_session("key-b", "conv_1", "socket-3")
+
+
+def test_turn_ids_must_be_numbered() -> None:
+    with pytest.raises(ValueError):
+        _ = TurnRecord("t1", "user", "x", 0.0).sort_key

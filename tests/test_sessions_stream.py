@@ -1,0 +1,399 @@
+"""``WS /v1/conversations/{id}/stream``: the transport, driven by a scripted conversation.
+
+The conversation here is a test double of the runner (it echoes each audio
+message back as a reply turn); what is under test is the transport: auth,
+parameters and close codes, sequence numbers across reconnects, codecs,
+limits and how DELETE, idle time and a conversation's own end close the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from handler.app import create_app
+from handler.sessions.base import AssistantAudio, ConversationFactory, Emit, SessionParams
+from handler.sessions.codecs import Decoder, Encoder
+from handler.sessions.protocol import (
+    ClientEvent,
+    CloseCode,
+    PlaybackPosition,
+    ResponseCancel,
+    ResponseDone,
+    ResponseStarted,
+    SessionEnded,
+    ToolResult,
+)
+from handler.storage.base import SessionRecord, TurnRecord
+from tests.helpers import API_KEY, AUTH, make_settings
+
+KEY_ID = hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
+PERSONA = {"voice_id": "jf_alpha", "system_prompt": "Echo what you hear."}
+
+
+class EchoConversation:
+    """Plays the audio heard so far back as a reply turn when the client asks.
+
+    Client ``tool.result`` events script it: output ``reply`` answers with the
+    audio received since the last reply, ``end`` ends the session (``max_turns``).
+    """
+
+    def __init__(self, record: SessionRecord, params: SessionParams, emit: Emit) -> None:
+        self.record, self.params, self.emit = record, params, emit
+        self.turns = 0
+        self.heard: list[np.ndarray] = []
+        self.events: list[ClientEvent] = []
+        self.closed = False
+
+    async def on_audio(self, samples: np.ndarray) -> None:
+        self.heard.append(samples)
+
+    async def on_event(self, event: ClientEvent) -> None:
+        self.events.append(event)
+        if isinstance(event, ToolResult) and event.output == "reply":
+            self.turns += 2
+            turn_id = f"turn_{self.turns}"
+            await self.emit(ResponseStarted(turn_id=turn_id, reply_to=f"turn_{self.turns - 1}"))
+            await self.emit(AssistantAudio(turn_id, np.concatenate(self.heard)))
+            await self.emit(ResponseDone(turn_id=turn_id, status="completed", text="echo"))
+            self.heard = []
+        if isinstance(event, ToolResult) and event.output == "end":
+            await self.emit(SessionEnded(turn_id=None, reason="max_turns"))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Factory:
+    def __init__(self) -> None:
+        self.made: list[EchoConversation] = []
+
+    async def __call__(self, record: SessionRecord, params: SessionParams,
+                       emit: Emit) -> EchoConversation:
+        conversation = EchoConversation(record, params, emit)
+        self.made.append(conversation)
+        return conversation
+
+
+@pytest.fixture(scope="module")
+def factory() -> Factory:
+    return Factory()
+
+
+def app_client(triton_url: str, factory: ConversationFactory,
+               **settings: Any) -> TestClient:
+    return TestClient(create_app(make_settings(triton_url=triton_url, **settings), factory))
+
+
+@pytest.fixture(scope="module")
+def api(triton_url: str, factory: Factory) -> Iterator[TestClient]:
+    with app_client(triton_url, factory, session_check_s=0.2) as client:
+        yield client
+
+
+def new_session(api: TestClient) -> str:
+    response = api.post("/v1/conversations/create", json=PERSONA, headers=AUTH)
+    assert response.status_code == 201, response.text
+    return str(response.json()["session_id"])
+
+
+def path(session_id: str, **query: Any) -> str:
+    text = "&".join(f"{k}={v}" for k, v in query.items())
+    return f"/v1/conversations/{session_id}/stream" + (f"?{text}" if text else "")
+
+
+def closed_with(api: TestClient, url: str, **kwargs: Any) -> int:
+    with pytest.raises(WebSocketDisconnect) as closed, api.websocket_connect(url, **kwargs) as ws:
+        while True:
+            ws.receive_json()
+    return closed.value.code
+
+
+def speech(sample_rate: int, seconds: float = 0.3) -> np.ndarray:
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * np.hanning(t.size)).astype(np.float32)
+
+
+REPLY = '{"type": "tool.result", "call_id": "c1", "output": "reply"}'
+
+
+def read_reply(ws: Any) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Asks for the echo; its events and binary messages up to and including response.done."""
+    ws.send_text(REPLY)
+    events: list[dict[str, Any]] = []
+    audio: list[bytes] = []
+    while True:
+        event = ws.receive_json()
+        events.append(event)
+        if event["type"] == "response.audio":
+            audio += [ws.receive_bytes() for _ in range(event["messages"])]
+        if event["type"] == "response.done":
+            return events, audio
+
+
+def test_start_echo_and_sequence_numbers(api: TestClient, factory: Factory) -> None:
+    session_id = new_session(api)
+    signal = speech(16000)
+    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+        started = ws.receive_json()
+        assert started == {"type": "session.started", "turn_id": None, "seq": started["seq"],
+                           "session_id": session_id, "sample_rate": 16000,
+                           "encoding": "pcm16", "vad_threshold": 0.5}
+        ws.send_bytes(Encoder("pcm16", 16000).encode(signal)[0])
+        events, audio = read_reply(ws)
+    assert [e["type"] for e in events] == ["response.started", "response.audio", "response.done"]
+    assert all(e["turn_id"] == "turn_2" for e in events)
+    seqs = [started["seq"]] + [e["seq"] for e in events]
+    assert seqs == sorted(set(seqs))
+    assert events[1]["samples"] == signal.size and events[1]["duration_ms"] == 300.0
+    np.testing.assert_allclose(Decoder("pcm16", 16000).decode(audio[0]), signal, atol=1 / 32768)
+    assert factory.made[-1].closed and factory.made[-1].record.id == session_id
+
+
+@pytest.mark.parametrize(("encoding", "sample_rate"),
+                         [("mulaw", 8000), ("opus", 48000), ("opus", 16000), ("pcm16", 24000)])
+def test_reply_audio_comes_back_in_the_sockets_encoding(api: TestClient, encoding: str,
+                                                        sample_rate: int) -> None:
+    session_id = new_session(api)
+    signal = np.concatenate([speech(sample_rate), np.zeros(sample_rate // 10, np.float32)])
+    encoder = Encoder(encoding, sample_rate)
+    messages = encoder.encode(signal) + encoder.flush()
+    url = path(session_id, sample_rate=sample_rate, encoding=encoding, vad_threshold=0.8)
+    with api.websocket_connect(url, headers=AUTH) as ws:
+        assert ws.receive_json()["encoding"] == encoding
+        for message in messages:
+            ws.send_bytes(message)
+        events, reply = read_reply(ws)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.started" and kinds[-1] == "response.done"
+    assert set(kinds[1:-1]) == {"response.audio"}  # Opus: the held-back end comes with done
+    assert sum(e["messages"] for e in events[1:-1]) == len(reply)
+    offsets = [e["offset_ms"] for e in events[1:-1]]
+    assert offsets == sorted(offsets) and offsets[0] == 0.0
+    decoder = Decoder(encoding, sample_rate)
+    heard = np.concatenate([decoder.decode(m) for m in reply])
+    reference = speech(sample_rate)
+    lag = int(np.argmax(np.correlate(heard, reference, "valid")))
+    assert np.corrcoef(reference, heard[lag : lag + reference.size])[0, 1] > 0.95
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ({"sample_rate": 44100}, CloseCode.BAD_SAMPLE_RATE),
+        ({"sample_rate": "abc"}, CloseCode.BAD_SAMPLE_RATE),
+        ({"encoding": "flac"}, CloseCode.BAD_ENCODING),
+        ({"vad_threshold": 1.5}, CloseCode.BAD_VAD_THRESHOLD),
+        ({"vad_threshold": "nan"}, CloseCode.BAD_VAD_THRESHOLD),
+    ],
+)
+def test_bad_parameters_close_with_their_codes(api: TestClient, query: dict[str, Any],
+                                               code: CloseCode) -> None:
+    assert closed_with(api, path(new_session(api), **query), headers=AUTH) == code
+
+
+def test_auth_by_header_or_subprotocol(api: TestClient, caplog: pytest.LogCaptureFixture,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.DEBUG)
+    session_id = new_session(api)
+    assert closed_with(api, path(session_id)) == CloseCode.UNAUTHORIZED
+    assert closed_with(api, path(session_id), headers={"Authorization": "Bearer nope"}) == (
+        CloseCode.UNAUTHORIZED)
+    with api.websocket_connect(path(session_id),
+                               subprotocols=["converse.v1", f"key.{API_KEY}"]) as ws:
+        assert ws.accepted_subprotocol == "converse.v1"
+        assert ws.receive_json()["type"] == "session.started"
+    logged = caplog.text + "".join(capsys.readouterr())
+    assert API_KEY not in logged
+
+
+def test_unknown_and_ended_sessions(api: TestClient) -> None:
+    assert closed_with(api, path("conv_missing"), headers=AUTH) == CloseCode.SESSION_NOT_FOUND
+    session_id = new_session(api)
+    api.delete(f"/v1/conversations/{session_id}", headers=AUTH)
+    assert closed_with(api, path(session_id), headers=AUTH) == CloseCode.SESSION_ENDED
+
+
+def test_reconnect_resumes_and_replaces_the_older_socket(api: TestClient) -> None:
+    session_id = new_session(api)
+    storage = api.app.state.storage  # type: ignore[attr-defined]
+    with api.websocket_connect(path(session_id), headers=AUTH) as first:
+        opened = first.receive_json()
+        first.send_bytes(Encoder("pcm16", 16000).encode(speech(16000))[0])
+        last_seq = read_reply(first)[0][-1]["seq"]
+        storage.put_turn(KEY_ID, session_id, TurnRecord("turn_2", "assistant", "echo", 1.0))
+        with api.websocket_connect(path(session_id), headers=AUTH) as second:
+            resumed = second.receive_json()
+            with pytest.raises(WebSocketDisconnect) as replaced:
+                first.receive_json()
+            assert replaced.value.code == CloseCode.REPLACED
+    assert opened["type"] == "session.started"
+    assert resumed["type"] == "session.resumed" and resumed["turn_id"] == "turn_2"
+    assert resumed["seq"] > last_seq
+    assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["status"] == "active"
+
+
+def test_delete_closes_the_live_socket(triton_url: str, factory: Factory) -> None:
+    # No periodic recheck during the test: only the DELETE itself can close the socket.
+    with app_client(triton_url, factory, session_check_s=3600.0) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            assert api.delete(f"/v1/conversations/{session_id}", headers=AUTH).status_code == 200
+            ended = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+    assert (ended["type"], ended["reason"]) == ("session.ended", "deleted")
+    assert closed.value.code == CloseCode.DELETED
+    assert (body["status"], body["ended_reason"]) == ("ended", "deleted")
+
+
+def test_a_socket_claimed_elsewhere_closes_as_replaced(api: TestClient) -> None:
+    """Another process took the session: the older socket sees it on its next check."""
+    session_id = new_session(api)
+    storage = api.app.state.storage  # type: ignore[attr-defined]
+    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+        ws.receive_json()
+        assert storage.claim_session(KEY_ID, session_id, "socket-in-another-process")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == CloseCode.REPLACED
+
+
+def test_session_ended_elsewhere_closes_the_socket(api: TestClient) -> None:
+    """Another process (the Lambda) ended it: the socket sees it on its next check."""
+    session_id = new_session(api)
+    storage = api.app.state.storage  # type: ignore[attr-defined]
+    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+        ws.receive_json()
+        storage.end_session(KEY_ID, session_id, "deleted")
+        assert ws.receive_json()["reason"] == "deleted"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == CloseCode.DELETED
+
+
+def test_bad_client_messages_get_error_events_and_the_socket_stays(api: TestClient,
+                                                                   factory: Factory) -> None:
+    session_id = new_session(api)
+    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+        ws.receive_json()
+        ws.send_text("not json")
+        ws.send_text('{"type": "tool.result", "call_id": "c1"}')
+        ws.send_bytes(b"\x01\x02\x03")
+        errors = [ws.receive_json() for _ in range(3)]
+        ws.send_text('{"type": "playback.position", "turn_id": "turn_2", "played_ms": 120}')
+        ws.send_text('{"type": "response.cancel"}')
+        ws.send_bytes(Encoder("pcm16", 16000).encode(speech(16000))[0])
+        assert read_reply(ws)[0][-1]["status"] == "completed"
+    assert [(e["type"], e["code"], e["fatal"]) for e in errors] == [
+        ("error", "invalid_event", False), ("error", "invalid_event", False),
+        ("error", "invalid_audio", False)]
+    assert "output" in errors[1]["message"]
+    assert [type(e) for e in factory.made[-1].events] == [
+        PlaybackPosition, ResponseCancel, ToolResult]
+
+
+def test_oversized_message_closes(triton_url: str, factory: Factory) -> None:
+    with app_client(triton_url, factory, session_max_message_bytes=1024) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ws.send_bytes(bytes(2048))
+            error = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        assert (error["code"], error["fatal"]) == ("message_too_big", True)
+        assert closed.value.code == CloseCode.MESSAGE_TOO_BIG
+        body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+        assert body["status"] == "active"
+
+
+def test_idle_socket_ends_the_session(triton_url: str, factory: Factory) -> None:
+    with app_client(triton_url, factory, session_idle_timeout_s=0.3) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ended = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        assert ended["reason"] == "idle_timeout" and closed.value.code == CloseCode.IDLE_TIMEOUT
+        body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+        assert (body["status"], body["ended_reason"]) == ("ended", "idle_timeout")
+
+
+def test_maximum_session_length_ends_the_session(triton_url: str, factory: Factory) -> None:
+    with app_client(triton_url, factory, session_max_duration_s=0.5) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ended = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+    assert ended["reason"] == "max_duration" and closed.value.code == CloseCode.MAX_DURATION
+
+
+def test_the_conversation_can_end_the_session(api: TestClient) -> None:
+    session_id = new_session(api)
+    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+        ws.receive_json()
+        ws.send_text('{"type": "tool.result", "call_id": "c1", "output": "end"}')
+        ended = ws.receive_json()
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert ended["reason"] == "max_turns" and closed.value.code == CloseCode.MAX_TURNS
+    assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["ended_reason"] == (
+        "max_turns")
+
+
+class BrokenConversation(EchoConversation):
+    async def on_audio(self, samples: np.ndarray) -> None:
+        raise RuntimeError("the runner failed")
+
+
+async def broken_factory(record: SessionRecord, params: SessionParams,
+                         emit: Emit) -> BrokenConversation:
+    return BrokenConversation(record, params, emit)
+
+
+def test_a_failing_conversation_closes_with_a_fatal_error(triton_url: str) -> None:
+    with app_client(triton_url, broken_factory) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ws.send_bytes(bytes(640))
+            error = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        assert (error["type"], error["code"], error["fatal"]) == ("error", "internal_error", True)
+        assert closed.value.code == CloseCode.INTERNAL_ERROR
+        assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["status"] == (
+            "active")
+
+
+class SlowConversation(EchoConversation):
+    async def on_audio(self, samples: np.ndarray) -> None:
+        await asyncio.sleep(0.2)
+
+
+async def slow_factory(record: SessionRecord, params: SessionParams,
+                       emit: Emit) -> SlowConversation:
+    return SlowConversation(record, params, emit)
+
+
+def test_leaving_while_the_conversation_is_busy_closes_cleanly(triton_url: str) -> None:
+    """The test client cancels the app as soon as it leaves: cleanup must absorb that."""
+    with app_client(triton_url, slow_factory) as api:
+        for _ in range(3):
+            with api.websocket_connect(path(new_session(api)), headers=AUTH) as ws:
+                ws.receive_json()
+                ws.send_bytes(bytes(640))
