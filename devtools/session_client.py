@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
+import httpx
 import numpy as np
 import websockets
 
@@ -171,3 +172,50 @@ class LiveClient:
         """The decoded reply audio of a turn, float32 [n] at ``sample_rate``."""
         parts = self.reply_audio.get(turn_id, [])
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+@dataclass(frozen=True)
+class SpokenExchange:
+    """One spoken question and its reply through a new session.
+
+    Attributes:
+        client: the socket's recording (events, decoded reply audio).
+        session: the session as ``GET /v1/conversations/{id}`` answered afterwards.
+        true_end_ms: stream time (ms of input sent) at which the question's speech ended
+            (last sample above -40 dBFS).
+    """
+
+    client: LiveClient
+    session: dict[str, Any]
+    true_end_ms: float
+
+
+async def spoken_exchange(
+    base_url: str, api_key: str, audio: np.ndarray, sample_rate: int, voice_id: str,
+    system_prompt: str, timeout_s: float = 120.0,
+) -> SpokenExchange:
+    """Create a session, say ``audio`` (float32 at ``sample_rate``) after 0.5 s of silence,
+    keep the microphone open until the reply ends, and read the stored session.
+
+    Raises:
+        httpx.HTTPStatusError: the session could not be created or read.
+        TimeoutError: no reply within ``timeout_s``.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as http:
+        created = await http.post("/v1/conversations/create",
+                                  json={"voice_id": voice_id, "system_prompt": system_prompt})
+        created.raise_for_status()
+        session_id = created.json()["session_id"]
+        async with LiveClient(created.json()["stream_url"], api_key, sample_rate) as client:
+            await client.silence_until(lambda events: bool(events), 10)
+            await client.send_audio(np.zeros(sample_rate // 2, np.float32))
+            loud = np.flatnonzero(np.abs(audio) > 0.01)
+            true_end_ms = client.sent_ms + (loud[-1] + 1) * 1000 / sample_rate
+            await client.send_audio(audio)
+            await client.silence_until(
+                lambda events: any(e.event["type"] == "response.done" for e in events), timeout_s
+            )
+        stored = await http.get(f"/v1/conversations/{session_id}")
+        stored.raise_for_status()
+    return SpokenExchange(client, stored.json(), true_end_ms)
