@@ -196,6 +196,8 @@ def _alternate(
         order = (0, 1) if index % 2 == 0 else (1, 0)
         for which in order:
             times[which].append((first, second)[which]())
+        print(f"  round {index + 1}/{rounds}: {times[0][-1]:.2f} s / {times[1][-1]:.2f} s",
+              file=sys.stderr, flush=True)
     return times
 
 
