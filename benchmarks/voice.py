@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,14 +73,23 @@ DIALOGUE = {
 
 
 class InProcessKokoro:
-    """The same frontend + ONNX graph as the Triton models, called directly."""
+    """The same frontend + ONNX graph as the Triton models, called directly.
 
-    def __init__(self, repository: Path) -> None:
+    Args:
+        repository: the exported model repository.
+        threads: onnxruntime intra-op threads (0: every core, onnxruntime's default).
+    """
+
+    def __init__(self, repository: Path, threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
         self.vocab = json.loads((repository / "kokoro_frontend/1/vocab.json").read_text())["vocab"]
         with np.load(repository / "kokoro_frontend/1/voices.npz") as pack:
             self.pack = pack["jf_alpha"].reshape(510, 256)
         self.session = ort.InferenceSession(
-            str(repository / "kokoro_network/1/model.onnx"), providers=["CPUExecutionProvider"]
+            str(repository / "kokoro_network/1/model.onnx"),
+            options,
+            providers=["CPUExecutionProvider"],
         )
         self.g2p = NanoG2P()
 
@@ -187,17 +197,15 @@ class BareKokoro:
             self._process.wait()
 
 
-def _alternate(
-    first: Callable[[], float], second: Callable[[], float], rounds: int
-) -> tuple[list[float], list[float]]:
-    """Seconds of each of two paths per round, run back to back, order swapped every round."""
-    times: tuple[list[float], list[float]] = ([], [])
+def _alternate(paths: list[Callable[[], float]], rounds: int) -> list[list[float]]:
+    """Seconds of each path per round, run back to back, the order rotated every round."""
+    times: list[list[float]] = [[] for _ in paths]
     for index in range(rounds):
-        order = (0, 1) if index % 2 == 0 else (1, 0)
-        for which in order:
-            times[which].append((first, second)[which]())
-        print(f"  round {index + 1}/{rounds}: {times[0][-1]:.2f} s / {times[1][-1]:.2f} s",
-              file=sys.stderr, flush=True)
+        for step in range(len(paths)):
+            which = (index + step) % len(paths)
+            times[which].append(paths[which]())
+        laps = " / ".join(f"{seconds[-1]:.2f}" for seconds in times)
+        print(f"  round {index + 1}/{rounds}: {laps} s", file=sys.stderr, flush=True)
     return times
 
 
@@ -245,15 +253,20 @@ async def _handler_own_time(triton_url: str, turns: list[np.ndarray], repeats: i
 
 def measure_voice(stack: LocalStack, repeats: int) -> str:
     """Run (a), (b), (c) on a running stack; returns the markdown section."""
-    local = InProcessKokoro(REPOSITORY)
+    load_before = os.getloadavg()[0]
+    local, one_thread = InProcessKokoro(REPOSITORY), InProcessKokoro(REPOSITORY, threads=1)
     triton = triton_http.InferenceServerClient(stack.triton.http_url, network_timeout=120)
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     with httpx.Client(timeout=120) as client, BareKokoro(REPOSITORY) as bare:
         local(SENTENCES[0])
+        one_thread(SENTENCES[0])
         _triton_say(triton, SENTENCES[0])
-        in_process, through_triton = _alternate(
-            _timed(lambda: [local(text) for text in SENTENCES]),
-            _timed(lambda: [_triton_say(triton, text) for text in SENTENCES]),
+        in_process, in_one_thread, through_triton = _alternate(
+            [
+                _timed(lambda: [local(text) for text in SENTENCES]),
+                _timed(lambda: [one_thread(text) for text in SENTENCES]),
+                _timed(lambda: [_triton_say(triton, text) for text in SENTENCES]),
+            ],
             repeats,
         )
 
@@ -277,7 +290,7 @@ def measure_voice(stack: LocalStack, repeats: int) -> str:
             return seconds
 
         api_dialogue()
-        request_s, bare_s = _alternate(api_dialogue, bare_dialogue, repeats)
+        request_s, bare_s = _alternate([api_dialogue, bare_dialogue], repeats)
 
         split = client.post(
             f"{stack.base_url}/v1/audio/conversation",
@@ -292,16 +305,19 @@ def measure_voice(stack: LocalStack, repeats: int) -> str:
     triton.close()
 
     a_local, a_triton = statistics.median(in_process), statistics.median(through_triton)
+    a_one = statistics.median(in_one_thread)
     b_request, b_bare = statistics.median(request_s), statistics.median(bare_s)
     b_ratio = statistics.median(api / base for api, base in zip(request_s, bare_s, strict=True))
     c_own = statistics.median(own_s)
+    load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     return f"""## Voice (Kokoro)
 
 | measurement | value |
 |---|---|
-| (a) {len(SENTENCES)} sentences one at a time, in-process G2P + onnxruntime | {a_local:.2f} s |
+| (a) {len(SENTENCES)} sentences one at a time, in-process G2P + onnxruntime (every core) | {a_local:.2f} s |
 | (a) same sentences through the Triton `kokoro` ensemble (HTTP, binary tensors) | {a_triton:.2f} s |
-| (a) Triton / in-process ratio | {a_triton / a_local:.2f} |
+| (a) same, in-process with one onnxruntime thread (as one Triton instance) | {a_one:.2f} s |
+| (a) Triton / in-process ratio (every core / one thread) | {a_triton / a_local:.2f} / {a_triton / a_one:.2f} |
 | (b) 6-turn `/v1/audio/conversation`, wall time | {b_request:.2f} s for {audio_s["api"]:.2f} s of audio |
 | (b) kokoro-onnx 0.6 in-process, same turns and model, wall time | {b_bare:.2f} s for {audio_s["bare"]:.2f} s of audio |
 | (b) API / kokoro-onnx wall-time ratio (median of per-round ratios) | {b_ratio:.2f} |
@@ -310,6 +326,18 @@ def measure_voice(stack: LocalStack, repeats: int) -> str:
 | (c) share of the request | {100 * c_own / b_request:.2f} % |
 
 Per-round (b) times, API / kokoro-onnx: {", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(request_s, bare_s, strict=True))} s.
+1-minute load average of the machine: {load}.
+
+Notes: (b) kokoro-onnx renders the turns one after another with its default
+onnxruntime session (intra-op threads on every core); the API voices the
+turns side by side on the local repository's two `kokoro_network` instances
+of one onnxruntime thread each (`python -m export kokoro` defaults). Same
+int8 model and voice packs; kokoro-onnx phonemizes with espeak-ng, the API
+with NanoG2P, so the audio lengths differ a little (shown). (a) is one call
+at a time, so one Triton instance (one thread) races onnxruntime on every
+core; against one thread, the ratio is the serving overhead alone (HTTP,
+ensemble, two python-backend hops). On a machine shared with other work the figures move together from
+round to round; the ratios, taken within each round, are the measurement.
 """
 
 
