@@ -336,8 +336,8 @@ int8 model and voice packs; kokoro-onnx phonemizes with espeak-ng, the API
 with NanoG2P, so the audio lengths differ a little (shown). (a) is one call
 at a time, so one Triton instance (one thread) races onnxruntime on every
 core; against one thread, the ratio is the serving overhead alone (HTTP,
-ensemble, two python-backend hops). On a machine shared with other work the figures move together from
-round to round; the ratios, taken within each round, are the measurement.
+ensemble, two python-backend hops). On a machine shared with other work the
+figures move together from round to round; the ratios, taken within each round, are the measurement.
 """
 
 
