@@ -7,14 +7,25 @@ import tempfile
 from pathlib import Path
 
 
-def isolate(prefix: str) -> Path:
+def isolate(prefix: str, deadline_s: float | None = None) -> Path:
     """Point ``CONVERSE_*`` storage at a fresh temp dir and lift the rate limit; returns the dir.
 
     ``LocalStack`` reads its settings from the environment, so call this before entering it.
+
+    Args:
+        prefix: the temp dir's name prefix.
+        deadline_s: when given, the request deadline (``CONVERSE_TRITON_TIMEOUT_S``),
+            with the Lambda and gateway timeouts 5 and 10 s above it as the settings
+            require: speed benchmarks measure a slow round on a busy machine
+            instead of getting a 504.
     """
     state = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ.update(CONVERSE_RATE_LIMIT_CAPACITY="100000000",
                       CONVERSE_SQLITE_PATH=str(state / "converse.db"),
                       CONVERSE_BLOB_DIR=str(state / "blobs"),
                       CONVERSE_LOG_REQUESTS="false")
+    if deadline_s is not None:
+        os.environ.update(CONVERSE_TRITON_TIMEOUT_S=str(deadline_s),
+                          CONVERSE_LAMBDA_TIMEOUT_S=str(deadline_s + 5),
+                          CONVERSE_GATEWAY_TIMEOUT_S=str(deadline_s + 10))
     return state

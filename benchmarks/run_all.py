@@ -11,7 +11,8 @@ import onnxruntime as ort
 
 from benchmarks.author_speech import measure_author_speech
 from benchmarks.csm import measure_csm
-from benchmarks.voice import measure_voice
+from benchmarks.isolated import isolate
+from benchmarks.voice import BENCHMARK_DEADLINE_S, measure_voice
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
 
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/PERFORMANCE.md")
     parser.add_argument("--wer", default="", help="WER line from tests/test_speech.py")
     args = parser.parse_args()
+    isolate("converse-benchmark-", deadline_s=BENCHMARK_DEADLINE_S)
     with LocalStack(REPOSITORY) as stack:
         sections = [measure_voice(stack, args.repeats), measure_author_speech(stack, args.repeats)]
     sections.append(measure_csm(args.repeats))

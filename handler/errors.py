@@ -202,10 +202,16 @@ def uses_problem_json(path: str) -> bool:
     return path.startswith(PROBLEM_PATH_PREFIX)
 
 
+def kalpa_body(error: ApiError, request_id: str) -> dict[str, Any]:
+    """The Kalpa envelope ``{"error": {"type", "message", "request_id"}}`` as a dict."""
+    return {"error": {"type": error.type, "message": error.message, "request_id": request_id}}
+
+
 def render_kalpa(error: ApiError, request_id: str) -> JSONResponse:
-    """Kalpa envelope: ``{"error": {"type", "message", "request_id"}}``."""
-    body = {"error": {"type": error.type, "message": error.message, "request_id": request_id}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    """Kalpa envelope response: :func:`kalpa_body` with the error's status and headers."""
+    return JSONResponse(
+        kalpa_body(error, request_id), status_code=error.status, headers=error.headers
+    )
 
 
 def render_problem(error: ApiError, request_id: str) -> JSONResponse:

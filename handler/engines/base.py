@@ -13,7 +13,7 @@ mapping happens only here, at the schema boundary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -107,7 +107,7 @@ class TurnInContext:
 
 @dataclass(frozen=True)
 class VoicedTurn:
-    """An engine's answer for the open turn.
+    """An engine's whole answer for the open turn (a :class:`VoiceStream` drained).
 
     Attributes:
         audio: float32 [n] mono samples in -1..1 at the engine's ``sample_rate``.
@@ -118,6 +118,37 @@ class VoicedTurn:
     audio: np.ndarray
     num_codebooks: int | None
     warnings: list[str]
+
+
+@dataclass(frozen=True)
+class VoiceStream:
+    """The open turn being voiced: its audio in order, each chunk as soon as it is ready.
+
+    Nothing runs until ``chunks`` is iterated. Closing it (``aclose()``, or
+    cancelling the task that iterates it) cancels the synthesis still running,
+    and with it the Triton calls.
+
+    Attributes:
+        chunks: float32 [n] mono chunks in -1..1 at the engine's ``sample_rate``;
+            concatenated they are exactly the turn's audio.
+        num_codebooks: codec codebooks the audio is decoded from (None without a codec).
+        warnings: what the caller should know; complete once ``chunks`` is
+            exhausted (an engine may learn one while voicing).
+    """
+
+    chunks: AsyncGenerator[np.ndarray, None]
+    num_codebooks: int | None
+    warnings: list[str]
+
+    async def drain(self) -> VoicedTurn:
+        """Every chunk, concatenated: the whole turn (the non-streaming answer).
+
+        Raises:
+            InvalidRequest, ServiceUnavailable, InferenceError: from the engine.
+        """
+        chunks = [chunk async for chunk in self.chunks]
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        return VoicedTurn(audio, self.num_codebooks, self.warnings)
 
 
 class VoiceEngine(Protocol):
@@ -180,19 +211,17 @@ class VoiceEngine(Protocol):
         """
         ...
 
-    async def voice(
+    def stream(
         self,
         triton: TritonClient,
         history: Sequence[TurnInContext],
         open_turn: TurnInContext,
         params: Any,
-    ) -> VoicedTurn:
-        """Voice ``open_turn.text`` as ``open_turn.speaker`` after ``history``.
+    ) -> VoiceStream:
+        """Voice ``open_turn.text`` as ``open_turn.speaker`` after ``history``, chunk by chunk.
 
-        ``params`` is what :meth:`check_params` returned.
-
-        Raises:
-            InvalidRequest: the turn cannot be voiced as asked (e.g. does not fit).
-            ServiceUnavailable, InferenceError: from Triton.
+        ``params`` is what :meth:`check_params` returned. Iterating the chunks raises
+        InvalidRequest (the turn cannot be voiced as asked, e.g. does not fit),
+        ServiceUnavailable or InferenceError (from Triton).
         """
         ...

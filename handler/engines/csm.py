@@ -9,13 +9,13 @@ Sampling defaults follow the kalpa-converse ``params`` contract.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from handler.audio import resample
-from handler.engines.base import ParamRule, ParamValue, TurnInContext, VoicedTurn
+from handler.engines.base import ParamRule, ParamValue, TurnInContext, VoiceStream
 from handler.errors import InferenceError, InvalidRequest
 from handler.triton import TritonClient
 
@@ -137,41 +137,46 @@ class CsmEngine:
             )
         return params
 
-    async def voice(
+    def stream(
         self,
         triton: TritonClient,
         history: Sequence[TurnInContext],
         open_turn: TurnInContext,
         params: CsmParams,
-    ) -> VoicedTurn:
-        """Voice the open turn with every history turn a prompt segment.
+    ) -> VoiceStream:
+        """Voice the open turn with every history turn a prompt segment; one chunk.
 
-        History audio is resampled to ``sample_rate``; a warning says how many of
-        the oldest turns were left out when the conversation does not fit.
+        The generator runs the whole turn in one Triton call, so the stream has
+        a single chunk. History audio is resampled to ``sample_rate``; a warning
+        says how many of the oldest turns were left out when the conversation
+        does not fit.
 
-        Raises:
-            InvalidRequest: the open turn alone does not fit.
-            ServiceUnavailable, InferenceError: from Triton.
+        Iterating raises InvalidRequest (the open turn alone does not fit),
+        ServiceUnavailable or InferenceError (from Triton).
         """
-        segments = [
-            Segment(
-                turn.speaker,
-                " ".join(turn.text.split()),
-                None
-                if turn.audio is None
-                else resample(turn.audio, turn.sample_rate, self.sample_rate),
-            )
-            for turn in [*history, open_turn]
-        ]
-        result = await self.generate(triton, segments, params)
-        warnings = []
-        if result.dropped_turns:
-            warnings.append(
-                f"the conversation is longer than {self.model_id!r} can attend to "
-                f"({self.max_seq_len} frames with max_new_tokens {params.max_new_frames}): "
-                f"the {result.dropped_turns} oldest turn(s) were left out of the prompt"
-            )
-        return VoicedTurn(result.audio, params.num_codebooks, warnings)
+        warnings: list[str] = []
+
+        async def chunks() -> AsyncGenerator[np.ndarray, None]:
+            segments = [
+                Segment(
+                    turn.speaker,
+                    " ".join(turn.text.split()),
+                    None
+                    if turn.audio is None
+                    else resample(turn.audio, turn.sample_rate, self.sample_rate),
+                )
+                for turn in [*history, open_turn]
+            ]
+            result = await self.generate(triton, segments, params)
+            if result.dropped_turns:
+                warnings.append(
+                    f"the conversation is longer than {self.model_id!r} can attend to "
+                    f"({self.max_seq_len} frames with max_new_tokens {params.max_new_frames}): "
+                    f"the {result.dropped_turns} oldest turn(s) were left out of the prompt"
+                )
+            yield result.audio
+
+        return VoiceStream(chunks(), params.num_codebooks, warnings)
 
     async def generate(
         self, triton: TritonClient, segments: list[Segment], params: CsmParams

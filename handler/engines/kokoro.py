@@ -5,24 +5,33 @@ context: each turn is voiced on its own with the voice bound to its speaker
 label, and history audio (spoken turns, reference clips) is not heard, which
 the answer's ``warnings`` say. Text is split into sentences, and a sentence
 longer than ``MAX_PIECE_CHARS`` characters into pieces, so each ensemble call
-stays inside the model's 510 phoneme-token window; pieces are synthesised
-concurrently. With ``pause_ms`` > 0 every sentence is voiced on its own and
-sentences are joined with that much silence; with 0, consecutive sentences
-share one call while they fit (Kokoro's own sentence prosody, which Whisper
-reads back better: 8.8 % against 12.3 % WER for jf_alpha on the spec sentences).
+stays inside the model's 510 phoneme-token window. Pieces stream out in order,
+each as soon as it is voiced, with ``lookahead`` pieces synthesised at a time
+(the non-streaming answer is the same stream concatenated). With ``pause_ms``
+> 0 every sentence is voiced on its own and sentences are joined with that
+much silence; with 0, consecutive sentences share one call while they fit
+(Kokoro's own sentence prosody, which Whisper reads back better: 8.8 % against
+12.3 % WER for jf_alpha on the spec sentences).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 
 import numpy as np
 
 from handler.audio import ms_to_samples, silence, trim_silence
-from handler.engines.base import ParamRule, ParamValue, TurnInContext, VoicedTurn
+from handler.engines.base import ParamRule, ParamValue, TurnInContext, VoiceStream
 from handler.triton import TritonClient
 
 # English phoneme strings run close to one symbol per letter; 240 characters
@@ -135,7 +144,11 @@ class KokoroEngine:
         sample_rate: output sample rate, Hz (24000).
         speed_range: inclusive (min, max) speaking-rate multiplier.
         speaker_voices: canonical voice spec per speaker label "0", "1", ...
-        pause_ms: silence between the text pieces of one turn, milliseconds.
+        pause_ms: silence between the sentences of one turn, milliseconds.
+        lookahead: pieces synthesised at a time by one stream (the one being
+            delivered included): 2 keeps both ``kokoro_network`` instances of the
+            local repository busy without running ahead of a listener or a
+            cancellation (docs/PERFORMANCE.md).
     """
 
     model_id: str
@@ -144,6 +157,7 @@ class KokoroEngine:
     speed_range: tuple[float, float]
     speaker_voices: tuple[str, ...]
     pause_ms: int
+    lookahead: int = 2
     num_codebooks: None = None
     uses_history: bool = False
     modes: tuple[str, ...] = ("tts", "converse")
@@ -181,23 +195,20 @@ class KokoroEngine:
         """
         return parse_voice_spec(spec, self.voice_names)
 
-    async def voice(
+    def stream(
         self,
         triton: TritonClient,
         history: Sequence[TurnInContext],
         open_turn: TurnInContext,
         params: KokoroParams,
-    ) -> VoicedTurn:
+    ) -> VoiceStream:
         """Voice the open turn on its own with the voice bound to its speaker label.
 
         History does not change the voice (Kokoro has no context); history turns
-        that carry audio get a warning saying their audio was not used.
-
-        Raises:
-            ServiceUnavailable, InferenceError: from the Triton client.
+        that carry audio get a warning saying their audio was not used. Chunks
+        are those of :meth:`stream_texts`.
         """
         voice = self.speaker_voices[int(open_turn.speaker)]
-        audio = await self.synthesize(triton, open_turn.text, voice, params.speed)
         unheard = [str(index) for index, turn in enumerate(history) if turn.audio is not None]
         warnings = []
         if unheard:
@@ -206,39 +217,88 @@ class KokoroEngine:
                 f"turn(s) {', '.join(unheard)} (spoken history or a reference voice) was not "
                 f"used; the reply has speaker {open_turn.speaker!r}'s bundled voice"
             )
-        return VoicedTurn(audio=audio, num_codebooks=None, warnings=warnings)
+        chunks = self.stream_texts(triton, [open_turn.text], voice, params.speed)
+        return VoiceStream(chunks, None, warnings)
 
     async def synthesize(
         self, triton: TritonClient, text: str, voice: str, speed: float
     ) -> np.ndarray:
         """Voice ``text`` with a canonical voice spec; float32 mono at ``sample_rate``.
 
-        Pieces are trimmed of edge silence (threshold 0.01, 30 ms kept); the
-        pieces of one sentence are joined directly, sentences with ``pause_ms``
-        of silence (with ``pause_ms`` 0, sentences are packed into shared calls).
+        The chunks of :meth:`stream_texts` for ``[text]``, concatenated.
 
         Raises:
             ServiceUnavailable, InferenceError: from the Triton client.
         """
+        chunks = [chunk async for chunk in self.stream_texts(triton, [text], voice, speed)]
+        return np.concatenate(chunks) if chunks else silence(0)
+
+    def _units(self, text: str) -> list[list[str]]:
+        """The pieces of ``text`` grouped by sentence (one group when ``pause_ms`` is 0)."""
         sentences = sentence_pieces(text)
-        if not self.pause_ms:
-            sentences = [packed_pieces(sentences)]
-        results = iter(
-            await asyncio.gather(
-                *(
-                    self._synthesize_piece(triton, piece, voice, speed)
-                    for pieces in sentences
-                    for piece in pieces
-                )
-            )
+        return [packed_pieces(sentences)] if sentences and not self.pause_ms else sentences
+
+    async def stream_texts(
+        self,
+        triton: TritonClient,
+        texts: Iterable[str] | AsyncIterable[str],
+        voice: str,
+        speed: float,
+    ) -> AsyncGenerator[np.ndarray, None]:
+        """Voice text pieces as they come (e.g. clauses an LM is writing), in order.
+
+        Each text is split as :func:`sentence_pieces` does (with ``pause_ms`` 0
+        its sentences are packed into shared calls, :func:`packed_pieces`); every
+        piece is one Triton call and one chunk: float32 mono at ``sample_rate``,
+        trimmed of edge silence (threshold 0.01, 30 ms kept), preceded by
+        ``pause_ms`` of silence when it starts a sentence other than the first
+        (each text starts a new sentence). At most :attr:`lookahead` pieces are
+        synthesised or waiting to be taken at a time; a piece is submitted as
+        soon as its text has arrived and a place is free.
+
+        Closing the iterator (``aclose()``, or cancelling the task iterating it)
+        cancels every call still running and stops reading ``texts``.
+
+        Raises:
+            ServiceUnavailable, InferenceError: from the Triton client.
+            Exception: whatever iterating ``texts`` raised.
+        """
+        places = asyncio.Semaphore(self.lookahead)
+        ready: asyncio.Queue[tuple[bool, asyncio.Task[np.ndarray]] | BaseException | None] = (
+            asyncio.Queue()
         )
+        started: list[asyncio.Task[np.ndarray]] = []
+
+        async def submit() -> None:
+            first = True
+            try:
+                async for text in _each(texts):
+                    for sentence in self._units(text):
+                        for position, piece in enumerate(sentence):
+                            await places.acquire()
+                            call = self._synthesize_piece(triton, piece, voice, speed)
+                            started.append(asyncio.ensure_future(call))
+                            ready.put_nowait((position == 0 and not first, started[-1]))
+                            first = False
+            except Exception as error:  # handed to the reader, which raises it
+                ready.put_nowait(error)
+            else:
+                ready.put_nowait(None)
+
+        submitter = asyncio.ensure_future(submit())
         gap = silence(ms_to_samples(self.pause_ms, self.sample_rate))
-        joined: list[np.ndarray] = []
-        for index, pieces in enumerate(sentences):
-            if index:
-                joined.append(gap)
-            joined.extend(trim_silence(next(results), self.sample_rate) for _ in pieces)
-        return np.concatenate(joined) if joined else silence(0)
+        try:
+            while (item := await ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                starts_sentence, call = item
+                audio = trim_silence(await call, self.sample_rate)
+                places.release()
+                yield np.concatenate([gap, audio]) if starts_sentence else audio
+        finally:
+            for task in (submitter, *started):
+                task.cancel()
+            await asyncio.gather(submitter, *started, return_exceptions=True)
 
     async def _synthesize_piece(
         self, triton: TritonClient, text: str, voice: str, speed: float
@@ -253,3 +313,13 @@ class KokoroEngine:
             ["AUDIO"],
         )
         return np.asarray(outputs["AUDIO"], dtype=np.float32).reshape(-1)
+
+
+async def _each(texts: Iterable[str] | AsyncIterable[str]) -> AsyncIterator[str]:
+    """``texts`` as an async iterator, whichever kind it is."""
+    if isinstance(texts, AsyncIterable):
+        async for text in texts:
+            yield text
+    else:
+        for text in texts:
+            yield text

@@ -1,21 +1,41 @@
-"""``GET /v1/models`` and ``POST /v1/converse`` (Kalpa error envelope)."""
+"""``GET /v1/models`` and ``POST /v1/converse`` (Kalpa error envelope).
+
+``POST /v1/converse`` with ``"stream": true`` answers with Server-Sent Events
+(sse-starlette): the request holds its admission slot until the last event;
+failures before the first audio chunk are ordinary error responses, later
+ones an ``error`` event in the Kalpa envelope. A client that disconnects
+cancels the voicing, and with it the Triton calls still running.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from functools import partial
+
+import anyio
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from handler.deps import (
     CatalogDep,
     ContextDep,
     DeadlineDep,
     SettingsDep,
+    client_gone,
     parse_body,
     require_api_key,
     run_admitted,
 )
-from handler.routes.openapi import json_body
+from handler.errors import ApiError, kalpa_body
+from handler.routes.openapi import converse_responses, json_body
 from handler.schemas.converse import ConverseRequest, ConverseResponse, ModelCard, ModelList
-from handler.services.converse import converse
+from handler.services.admission import Admission
+from handler.services.context import RequestContext
+from handler.services.converse import StreamedReply, begin_stream, converse
 from handler.services.deadline import within_deadline
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -31,11 +51,48 @@ async def list_models(catalog: CatalogDep, deadline: DeadlineDep) -> ModelList:
 @router.post(
     "/converse",
     response_model=ConverseResponse,
+    responses=converse_responses(),
     openapi_extra=json_body(ConverseRequest),
 )
 async def post_converse(
     request: Request, settings: SettingsDep, ctx: ContextDep
-) -> ConverseResponse:
-    """Complete the open (last) turn of a conversation."""
+) -> ConverseResponse | Response:
+    """Complete the open (last) turn of a conversation (as events with ``"stream": true``)."""
     body = await parse_body(request, ConverseRequest, settings.max_request_bytes)
+    if body.stream:
+        return await _stream(request, ctx, body)
     return await run_admitted(request, ctx, lambda: converse(body, ctx))
+
+
+async def _stream(request: Request, ctx: RequestContext, body: ConverseRequest) -> Response:
+    """Admit, validate and voice up to the first chunk; then the rest as events."""
+    admission: Admission = request.app.state.admission
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(admission.slot(ctx.key_id, ctx.deadline))
+        streamed = await within_deadline(
+            begin_stream(body, ctx), ctx.deadline, partial(client_gone, request)
+        )
+        stack.push_async_callback(streamed.close)
+        held = stack.pop_all()
+    return EventSourceResponse(_events(streamed, ctx, held), ping=10)
+
+
+async def _events(
+    streamed: StreamedReply, ctx: RequestContext, held: AsyncExitStack
+) -> AsyncIterator[ServerSentEvent]:
+    """The reply's events; an ApiError becomes an ``error`` event; always releases ``held``."""
+    try:
+        async for name, payload in streamed.events(ctx):
+            yield ServerSentEvent(payload.model_dump_json(), event=name)
+    except ApiError as error:
+        ctx.record.error_code = error.code
+        ctx.record.error_detail = error.detail
+        yield ServerSentEvent(json.dumps(kalpa_body(error, ctx.request_id)), event="error")
+    except asyncio.CancelledError:
+        ctx.record.error_code = "client_closed_request"
+        raise
+    finally:
+        # The voicing is cancelled and the slot released even while this task
+        # is being cancelled (client gone): anyio re-cancels every await otherwise.
+        with anyio.CancelScope(shield=True):
+            await held.aclose()

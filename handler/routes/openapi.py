@@ -17,7 +17,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from handler.errors import uses_problem_json
-from handler.schemas.converse import ConverseRequest
+from handler.schemas.converse import (
+    ConverseRequest,
+    ConverseResponse,
+    StreamAudio,
+    StreamDone,
+    StreamMetadata,
+)
 from handler.schemas.dialogue import (
     DialogueRequest,
     LinkedDialogue,
@@ -50,6 +56,9 @@ API_DESCRIPTION = """Self-hostable conversational speech API served from Triton.
 REF = "#/components/schemas/{model}"
 BODY_MODELS: tuple[type[BaseModel], ...] = (
     ConverseRequest,
+    StreamMetadata,
+    StreamAudio,
+    StreamDone,
     DialogueRequest,
     TimestampsRequest,
     VoiceCreate,
@@ -223,6 +232,38 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     """
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": ref(model)}}}
+    }
+
+
+STREAM_DESCRIPTION = """With `"stream": true` (an extension, docs/api.md): Server-Sent Events.
+`event: metadata` (StreamMetadata), then `event: audio` (StreamAudio) per chunk in
+play order, then `event: done` (StreamDone); a failure after the first chunk ends
+the stream with `event: error` (KalpaError). Each `data:` line is one JSON object.
+Errors before the first chunk are ordinary error responses."""
+STREAM_EXAMPLE = (
+    'event: metadata\ndata: {"request_id": "req_0f3c9d2a6b7e4e58a1d2c3b4a5f60718", '
+    '"model": "kokoro", "speaker": "0", "format": "pcm_s16le", "sample_rate": 24000, '
+    '"num_quantizers": null}\n\n'
+    'event: audio\ndata: {"index": 0, "data_b64": "AAABAAIA"}\n\n'
+    'event: done\ndata: {"request_id": "req_0f3c9d2a6b7e4e58a1d2c3b4a5f60718", '
+    '"text": "Glad to be here.", "usage": {"input_chars": 16, "input_audio_seconds": 0.0, '
+    '"output_audio_seconds": 1.2}, "warnings": []}\n\n'
+)
+
+
+def converse_responses() -> dict[int | str, dict[str, Any]]:
+    """``responses`` of ``POST /v1/converse``: the JSON reply, or the event stream."""
+    return {
+        200: {
+            "description": f"The completed turn ({ConverseResponse.__name__}). "
+            + STREAM_DESCRIPTION,
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": STREAM_EXAMPLE,
+                }
+            },
+        }
     }
 
 

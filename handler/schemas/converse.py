@@ -69,6 +69,12 @@ class ConverseRequest(BaseModel):
     model: str | None = Field(None, description="Model id from GET /v1/models; default if absent.")
     conversation: list[Turn] = Field(min_length=1, max_length=MAX_TURNS)
     params: ConverseParams | None = None
+    stream: bool = Field(
+        False,
+        description="Extension (not in kalpa-converse): answer as Server-Sent Events "
+        "(text/event-stream) with events metadata, audio (base64 pcm_s16le chunks as they are "
+        "voiced), done, or error; see docs/api.md.",
+    )
 
 
 class ReplyAudio(BaseModel):
@@ -128,3 +134,30 @@ class ModelList(BaseModel):
     """Answer of ``GET /v1/models``."""
 
     data: list[ModelCard]
+
+
+class StreamMetadata(BaseModel):
+    """``event: metadata``, first event of a streamed reply."""
+
+    request_id: str
+    model: str
+    speaker: str
+    format: str = Field("pcm_s16le", description="Audio chunks: raw 16-bit little-endian mono.")
+    sample_rate: int
+    num_quantizers: int | None
+
+
+class StreamAudio(BaseModel):
+    """``event: audio``: the next chunk of the reply, in order; concatenated, the whole reply."""
+
+    index: int = Field(description="0, 1, 2, ... in the order chunks are to be played.")
+    data_b64: str = Field(description="Base64 pcm_s16le samples at the metadata's sample_rate.")
+
+
+class StreamDone(BaseModel):
+    """``event: done``, last event of a streamed reply that succeeded."""
+
+    request_id: str
+    text: str
+    usage: RequestUsage
+    warnings: list[str] = Field(default_factory=list)

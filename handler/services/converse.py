@@ -21,19 +21,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from handler.audio import DecodedAudio, encode_wav, resample
+import numpy as np
+from pydantic import BaseModel
+
+from handler.audio import DecodedAudio, encode_pcm, encode_wav, resample
 from handler.author_lm import AUTHOR_RULES, AuthorParams, author_turn
-from handler.engines.base import TurnInContext, take_params
+from handler.engines.base import TurnInContext, VoiceStream, take_params
 from handler.engines.catalog import ServedModel
-from handler.errors import InvalidRequest
+from handler.errors import DeadlineExceeded, InvalidRequest
 from handler.schemas.converse import (
     ConverseRequest,
     ConverseResponse,
     Reply,
     ReplyAudio,
     RequestUsage,
+    StreamAudio,
+    StreamDone,
+    StreamMetadata,
 )
 from handler.services.context import RequestContext
 from handler.services.turn_input import decode_turn_audio, load_uploaded_audio, require_speakable
@@ -178,22 +185,76 @@ async def _history(
     return turns
 
 
-async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseResponse:
-    """Author (speaker-only open turn) and voice the open turn, respond, record usage.
+@dataclass(frozen=True)
+class ReplyInProgress:
+    """A validated (and, for a speaker-only open turn, authored) reply, ready to voice.
+
+    Attributes:
+        model: the served model voicing it.
+        speaker: the open turn's speaker label.
+        text: what is voiced (the open turn's text, or the authored text).
+        open_index: the open turn's index in the conversation.
+        voice: the engine's stream of the reply's audio (nothing runs until iterated).
+        input_chars: characters of every turn's text, for metering.
+        input_audio_seconds: seconds of history audio, for metering.
+    """
+
+    model: ServedModel
+    speaker: str
+    text: str
+    open_index: int
+    voice: VoiceStream
+    input_chars: int
+    input_audio_seconds: float
+
+    @property
+    def sample_rate(self) -> int:
+        """Hz of the reply's audio."""
+        return self.model.engine.sample_rate
+
+    def log_voicing(self, ctx: RequestContext, started: float, samples: int) -> None:
+        """Add the voicing to the request's log record as a child event.
+
+        Args:
+            ctx: the request's context.
+            started: ``time.monotonic()`` when voicing began, seconds.
+            samples: the reply's length in samples at :attr:`sample_rate`.
+        """
+        audio_s = round(samples / self.sample_rate, 3)
+        ctx.record.turn(
+            self.open_index, "voice", started, characters=len(self.text), audio_seconds=audio_s
+        )
+
+    async def meter(self, ctx: RequestContext, samples: int) -> RequestUsage:
+        """Record the request's usage (call once it has succeeded); returns it.
+
+        Args:
+            ctx: the request's context.
+            samples: the reply's length in samples at :attr:`sample_rate`.
+        """
+        usage = RequestUsage(
+            input_chars=self.input_chars,
+            input_audio_seconds=self.input_audio_seconds,
+            output_audio_seconds=round(samples / self.sample_rate, 3),
+        )
+        await ctx.record_usage(
+            usage.input_chars, usage.input_audio_seconds, usage.output_audio_seconds
+        )
+        return usage
+
+
+async def start_reply(request: ConverseRequest, ctx: RequestContext) -> ReplyInProgress:
+    """Validate, transcribe and author as needed; the reply with its voicing not yet started.
 
     History is validated and metered. Audio-only history turns are transcribed
     when the author LM or the engine uses them; the author LM writes a
-    speaker-only open turn from the history's text; the engine voices the turn.
-    Audio over ``inline_audio_max_bytes`` comes back as ``audio.url`` +
-    ``expires_in``.
+    speaker-only open turn from the history's text.
 
     Raises:
-        InvalidRequest: a spec rule or cap is broken (before any synthesis), or the
-            open turn does not fit in the engine's context.
-        ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
+        InvalidRequest: a spec rule or cap is broken (before any synthesis).
+        ServiceUnavailable, InferenceError: from Triton.
     """
     plan = await _plan(request, ctx)
-    engine = plan.model.engine
     ctx.record.model = plan.model.id
     open_index = len(request.conversation) - 1
     history = await _history(request, plan, ctx)
@@ -204,34 +265,47 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
         lines = [(turn.speaker, turn.text) for turn in history]
         text = await author_turn(ctx.triton, lines, plan.speaker, plan.author)
         ctx.record.turn(open_index, "author", started, characters=len(text))
-    started = time.monotonic()
-    voiced = await engine.voice(
+    voice = plan.model.engine.stream(
         ctx.triton, history, TurnInContext(plan.speaker, text), plan.engine_params
     )
-    ctx.record.turn(
-        open_index,
-        "voice",
-        started,
-        characters=len(text),
-        audio_seconds=round(len(voiced.audio) / engine.sample_rate, 3),
-    )
-    delivered = await ctx.deliver(
-        "reply.wav", encode_wav(voiced.audio, engine.sample_rate), "audio/wav", force_url=False
-    )
-    usage = RequestUsage(
+    return ReplyInProgress(
+        model=plan.model,
+        speaker=plan.speaker,
+        text=text,
+        open_index=open_index,
+        voice=voice,
         input_chars=sum(len(turn.text or "") for turn in request.conversation),
         input_audio_seconds=round(sum(c.duration_s for c in plan.clips.values()), 3),
-        output_audio_seconds=round(len(voiced.audio) / engine.sample_rate, 3),
     )
-    await ctx.record_usage(usage.input_chars, usage.input_audio_seconds, usage.output_audio_seconds)
+
+
+async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseResponse:
+    """Author (speaker-only open turn) and voice the open turn, respond, record usage.
+
+    The reply's voice stream (:func:`start_reply`) drained into one WAV. Audio
+    over ``inline_audio_max_bytes`` comes back as ``audio.url`` + ``expires_in``.
+
+    Raises:
+        InvalidRequest: a spec rule or cap is broken (before any synthesis), or the
+            open turn does not fit in the engine's context.
+        ServiceUnavailable, InferenceError, DeadlineExceeded: from Triton.
+    """
+    reply = await start_reply(request, ctx)
+    started = time.monotonic()
+    voiced = await reply.voice.drain()
+    reply.log_voicing(ctx, started, len(voiced.audio))
+    delivered = await ctx.deliver(
+        "reply.wav", encode_wav(voiced.audio, reply.sample_rate), "audio/wav", force_url=False
+    )
+    usage = await reply.meter(ctx, len(voiced.audio))
     return ConverseResponse(
         request_id=ctx.request_id,
-        model=plan.model.id,
+        model=reply.model.id,
         reply=Reply(
-            speaker=plan.speaker,
-            text=text,
+            speaker=reply.speaker,
+            text=reply.text,
             audio=ReplyAudio(
-                sample_rate=engine.sample_rate,
+                sample_rate=reply.sample_rate,
                 num_quantizers=voiced.num_codebooks,
                 data_b64=base64.b64encode(delivered.data).decode() if delivered.data else None,
                 url=delivered.url,
@@ -241,3 +315,71 @@ async def converse(request: ConverseRequest, ctx: RequestContext) -> ConverseRes
         usage=usage,
         warnings=voiced.warnings,
     )
+
+
+@dataclass(frozen=True)
+class StreamedReply:
+    """A reply whose first audio chunk is ready (``stream: true``).
+
+    Attributes:
+        reply: the validated reply; its voice stream has yielded ``first``.
+        started: ``time.monotonic()`` when voicing began, seconds.
+        first: the first float32 chunk, or None when the reply has no audio.
+    """
+
+    reply: ReplyInProgress
+    started: float
+    first: np.ndarray | None
+
+    async def events(self, ctx: RequestContext) -> AsyncIterator[tuple[str, BaseModel]]:
+        """``(event name, payload)`` pairs: ``metadata``, ``audio`` per chunk, then ``done``.
+
+        Each chunk is :func:`handler.audio.encode_pcm` of the engine's chunk, so
+        the chunks' bytes concatenated are the data of the non-streaming WAV.
+        Every later chunk is awaited under the request's deadline. Usage is
+        recorded just before ``done``.
+
+        Raises:
+            DeadlineExceeded: the deadline passed before the last chunk.
+            ServiceUnavailable, InferenceError: from Triton, after the first chunk.
+        """
+        reply = self.reply
+        yield "metadata", StreamMetadata(
+            request_id=ctx.request_id,
+            model=reply.model.id,
+            speaker=reply.speaker,
+            sample_rate=reply.sample_rate,
+            num_quantizers=reply.voice.num_codebooks,
+        )
+        samples, index, chunk = 0, 0, self.first
+        while chunk is not None:
+            data = base64.b64encode(encode_pcm(chunk)).decode()
+            yield "audio", StreamAudio(index=index, data_b64=data)
+            samples, index = samples + len(chunk), index + 1
+            try:
+                async with asyncio.timeout_at(ctx.deadline):
+                    chunk = await anext(reply.voice.chunks, None)
+            except TimeoutError as error:
+                raise DeadlineExceeded("the request did not finish before its deadline") from error
+        reply.log_voicing(ctx, self.started, samples)
+        usage = await reply.meter(ctx, samples)
+        yield "done", StreamDone(
+            request_id=ctx.request_id, text=reply.text, usage=usage, warnings=reply.voice.warnings
+        )
+
+    async def close(self) -> None:
+        """Stop the voicing (cancels what still runs in Triton); safe after the end."""
+        await self.reply.voice.chunks.aclose()
+
+
+async def begin_stream(request: ConverseRequest, ctx: RequestContext) -> StreamedReply:
+    """Everything up to the first audio chunk, so failures so far are plain HTTP errors.
+
+    Raises:
+        InvalidRequest: a spec rule or cap is broken, or the open turn does not fit.
+        ServiceUnavailable, InferenceError: from Triton.
+    """
+    reply = await start_reply(request, ctx)
+    started = time.monotonic()
+    first = await anext(reply.voice.chunks, None)
+    return StreamedReply(reply, started, first)

@@ -1,0 +1,212 @@
+"""Streaming voice: the engine's chunk iterator and ``POST /v1/converse`` with ``stream: true``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from handler.app import create_app
+from handler.engines.catalog import ModelCatalog
+from handler.engines.kokoro import KokoroEngine
+from tests.helpers import AUTH, make_settings
+from tests.robust_fakes import FakeTriton, constant_voice, failing, fake_client, never
+
+# Four sentences over MAX_PIECE_CHARS together: voiced in more than one piece.
+LONG_TEXT = (
+    "The harbour was quiet when the ferry finally came in, an hour behind the timetable. "
+    "Nobody on the pier seemed to mind; the evening was warm and the gulls were loud. "
+    "We carried the bags up the hill to the house with the blue shutters. "
+    "Dinner was bread, tomatoes, cheese and a bottle of something local and cold."
+)
+
+
+def events(body: str) -> list[tuple[str, Any]]:
+    """``(event, data)`` of every Server-Sent Event in ``body`` (comments skipped)."""
+    parsed = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":")
+        )
+        if fields:
+            parsed.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return parsed
+
+
+def streamed_pcm(stream: list[tuple[str, Any]]) -> bytes:
+    return b"".join(base64.b64decode(data["data_b64"]) for name, data in stream if name == "audio")
+
+
+def engine(pause_ms: int = 0, lookahead: int = 2) -> KokoroEngine:
+    return KokoroEngine("kokoro", frozenset({"jf_alpha"}), 24_000, (0.5, 2.0),
+                        ("jf_alpha*1",), pause_ms, lookahead)
+
+
+def by_text(script: dict[str, Any]) -> Any:
+    """A Kokoro behaviour that picks another behaviour by the piece's text."""
+    async def voice(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        text = bytes(inputs["TEXT"].reshape(-1)[0]).decode()
+        for needle, behaviour in script.items():
+            if needle in text:
+                return dict(await behaviour(inputs))
+        return await constant_voice(inputs)
+    return voice
+
+
+def test_stream_chunks_concatenate_to_the_json_reply(client: TestClient) -> None:
+    body = {"conversation": [{"speaker": "1", "text": LONG_TEXT}], "params": {"speed": 1.1}}
+    whole = client.post("/v1/converse", json=body, headers=AUTH)
+    assert whole.status_code == 200, whole.text
+    streamed = client.post("/v1/converse", json={**body, "stream": True}, headers=AUTH)
+    assert streamed.status_code == 200, streamed.text
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    stream = events(streamed.text)
+    names = [name for name, _ in stream]
+    assert names[0] == "metadata" and names[-1] == "done"
+    assert set(names[1:-1]) == {"audio"} and len(names) > 3  # more than one chunk
+    assert [data["index"] for name, data in stream if name == "audio"] == list(
+        range(len(names) - 2)
+    )
+    reply = whole.json()
+    metadata, done = stream[0][1], stream[-1][1]
+    assert metadata["format"] == "pcm_s16le"
+    assert metadata["sample_rate"] == reply["reply"]["audio"]["sample_rate"]
+    assert metadata["model"] == reply["model"] and metadata["speaker"] == "1"
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(reply["reply"]["audio"]["data_b64"])),
+                            dtype="int16")
+    assert rate == metadata["sample_rate"]
+    assert streamed_pcm(stream) == samples.astype("<i2").tobytes()
+    assert done["text"] == reply["reply"]["text"] == LONG_TEXT
+    assert done["usage"] == reply["usage"]
+    assert done["warnings"] == reply["warnings"]
+
+
+def test_invalid_stream_request_is_a_plain_error(client: TestClient) -> None:
+    body = {"conversation": [{"speaker": "7", "text": "Hi."}], "stream": True}
+    response = client.post("/v1/converse", json=body, headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request"
+
+
+def test_failure_after_the_first_chunk_is_an_error_event() -> None:
+    fake = FakeTriton()
+    fake.behaviours["kokoro"] = by_text({"Second": failing("exploded")})
+    text = "First sentence here. Second sentence fails. Third one."
+    with fake_client(fake, sentence_pause_ms=50) as client:
+        response = client.post("/v1/converse", headers=AUTH, json={
+            "conversation": [{"speaker": "0", "text": text}], "stream": True})
+        admission = client.app.state.admission  # type: ignore[attr-defined]
+        assert (admission.active, admission.waiting) == (0, 0)
+    stream = events(response.text)
+    assert [name for name, _ in stream] == ["metadata", "audio", "error"]
+    error = stream[-1][1]["error"]
+    assert error["type"] == "inference_error"
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert "exploded" not in error["message"]  # Triton's words go to the log only
+
+
+def test_client_disconnect_cancels_the_voicing() -> None:
+    """Disconnect after the first audio event: the stalled Triton call is cancelled."""
+    fake = FakeTriton()
+    fake.behaviours["kokoro"] = by_text({"Stall": never})
+    settings = make_settings(sentence_pause_ms=50)
+    app = create_app(settings)
+    app.state.triton = fake
+    app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
+    payload = json.dumps({"conversation": [{"speaker": "0", "text": "Hello. Stall here. Bye."}],
+                          "stream": True}).encode()
+    sent: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        saw_audio = asyncio.Event()
+        body_sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            await saw_audio.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if b"event: audio" in message.get("body", b""):
+                saw_audio.set()
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/converse",
+            "raw_path": b"/v1/converse", "query_string": b"", "root_path": "",
+            "headers": [(b"authorization", AUTH["Authorization"].encode()),
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(payload)).encode())],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
+        }
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+
+    asyncio.run(scenario())
+    assert sent[0]["status"] == 200
+    body = b"".join(message.get("body", b"") for message in sent).decode()
+    assert [name for name, _ in events(body)] == ["metadata", "audio"]
+    assert "kokoro" in fake.cancelled
+    assert (app.state.admission.active, app.state.admission.waiting) == (0, 0)
+
+
+def test_engine_streams_text_pieces_as_they_arrive_in_order() -> None:
+    fake = FakeTriton()
+    running, most = 0, 0
+
+    async def voice(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        n = len(bytes(inputs["TEXT"].reshape(-1)[0]))
+        return {"AUDIO": np.full(n * 100, 0.5, np.float32)}
+
+    fake.behaviours["kokoro"] = voice
+    pieces = ["One.", "Two two.", "Three three three.", "Four four four four."]
+
+    async def writer() -> AsyncIterator[str]:
+        for piece in pieces:
+            await asyncio.sleep(0)
+            yield piece
+
+    async def scenario() -> list[np.ndarray]:
+        voiced = engine(lookahead=2).stream_texts(fake, writer(), "jf_alpha*1", 1.0)  # type: ignore[arg-type]
+        return [chunk async for chunk in voiced]
+
+    chunks = asyncio.run(scenario())
+    assert [len(chunk) for chunk in chunks] == [len(p) * 100 for p in pieces]
+    assert most == 2  # pieces overlap, never more than the lookahead
+
+
+def test_closing_the_engine_stream_cancels_running_calls() -> None:
+    fake = FakeTriton()
+    fake.behaviours["kokoro"] = by_text({"Stall": never})
+
+    async def scenario() -> None:
+        voiced = engine(pause_ms=50).stream_texts(
+            fake, ["Fine. Stall now. Stall again."], "jf_alpha*1", 1.0  # type: ignore[arg-type]
+        )
+        first = await anext(voiced)
+        assert len(first) > 0
+        waiting = asyncio.ensure_future(anext(voiced))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await voiced.aclose()
+
+    asyncio.run(scenario())
+    assert fake.cancelled == ["kokoro", "kokoro"]
