@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import numpy as np
-import soundfile as sf
 
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
-from devtools.session_client import LiveClient, ReceivedEvent
-from handler.audio import resample
+from devtools.session_client import (
+    LiveClient,
+    ReceivedEvent,
+    rendered_speech,
+    spoken_exchange,
+)
 
 RATE = 16_000
 QUESTIONS = [
@@ -54,11 +55,6 @@ class Exchange:
     longest_gap: float
 
 
-def _true_end_ms(audio: np.ndarray) -> float:
-    loud = np.flatnonzero(np.abs(audio) > 0.01)
-    return float((loud[-1] + 1) * 1000 / RATE)
-
-
 def _longest_gap_ms(client: LiveClient, turn_id: str) -> float:
     """Longest stall of a player that starts at the first audio message of ``turn_id``."""
     pieces = [e for e in client.events
@@ -78,24 +74,16 @@ def _first(client: LiveClient, kind: str) -> ReceivedEvent:
 
 
 async def _exchange(stack: LocalStack, voice: str, audio: np.ndarray) -> Exchange:
-    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60,
-                                 headers={"Authorization": f"Bearer {stack.api_key}"}) as http:
-        created = (await http.post("/v1/conversations/create", json={
-            "voice_id": voice, "system_prompt": "Answer in one short sentence."})).json()
-        async with LiveClient(created["stream_url"], stack.api_key, RATE) as client:
-            await client.silence_until(lambda ev: bool(ev), 10)
-            await client.send_audio(np.zeros(RATE // 2, np.float32))
-            true_end = client.sent_ms + _true_end_ms(audio)
-            await client.send_audio(audio)
-            await client.silence_until(
-                lambda ev: any(e.event["type"] == "response.done" for e in ev), 120)
-        turns = (await http.get(f"/v1/conversations/{created['session_id']}")).json()["turns"]
+    spoken = await spoken_exchange(stack.base_url, stack.api_key, audio, RATE, voice,
+                                   "Answer in one short sentence.")
+    client = spoken.client
     stopped = _first(client, "input.speech_stopped")
     audio_event = _first(client, "response.audio")
-    true_end_wall = stopped.wall_s - (stopped.input_ms - true_end) / 1000
-    latency: dict[str, Any] = next(t for t in turns if t["role"] == "assistant")["latency_ms"]
+    true_end_wall = stopped.wall_s - (stopped.input_ms - spoken.true_end_ms) / 1000
+    latency: dict[str, Any] = next(
+        t for t in spoken.session["turns"] if t["role"] == "assistant")["latency_ms"]
     ttfa = (audio_event.wall_s - true_end_wall) * 1000
-    hangover = stopped.input_ms - true_end
+    hangover = stopped.input_ms - spoken.true_end_ms
     return Exchange(
         ttfa=ttfa,
         hangover=hangover,
@@ -105,16 +93,6 @@ async def _exchange(stack: LocalStack, voice: str, audio: np.ndarray) -> Exchang
         rest=ttfa - hangover - latency["first_audio"],
         longest_gap=_longest_gap_ms(client, audio_event.event["turn_id"]),
     )
-
-
-def _render(stack: LocalStack, voice: str, text: str) -> np.ndarray:
-    response = httpx.post(f"{stack.base_url}/v1/converse", timeout=120,
-                          headers={"Authorization": f"Bearer {stack.api_key}"},
-                          json={"conversation": [{"speaker": "0", "text": text}]})
-    response.raise_for_status()
-    wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
-    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return resample(samples, rate, RATE).astype(np.float32)
 
 
 def _row(name: str, exchanges: list[Exchange]) -> str:
@@ -132,7 +110,7 @@ def measure_sessions(stack: LocalStack, utterances: int, concurrent: int) -> str
     voice = httpx.get(f"{stack.base_url}/v1/models",
                       headers={"Authorization": f"Bearer {stack.api_key}"}).json()["data"][0][
         "voices"][0]
-    clips = [_render(stack, voice, text) for text in QUESTIONS]
+    clips = [rendered_speech(stack.base_url, stack.api_key, text, RATE) for text in QUESTIONS]
     sequential = [asyncio.run(_exchange(stack, voice, clips[i % len(clips)]))
                   for i in range(utterances)]
 

@@ -10,7 +10,9 @@ be compared with an utterance's true bounds in stream time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import time
 from collections.abc import Callable
@@ -21,8 +23,10 @@ from urllib.parse import urlencode
 
 import httpx
 import numpy as np
+import soundfile as sf
 import websockets
 
+from handler.audio import resample
 from handler.sessions.codecs import Decoder, Encoder
 
 MESSAGE_S = 0.02  # 20 ms per microphone message, as browsers and telephony send
@@ -194,8 +198,11 @@ async def spoken_exchange(
     base_url: str, api_key: str, audio: np.ndarray, sample_rate: int, voice_id: str,
     system_prompt: str, timeout_s: float = 120.0,
 ) -> SpokenExchange:
-    """Create a session, say ``audio`` (float32 at ``sample_rate``) after 0.5 s of silence,
-    keep the microphone open until the reply ends, and read the stored session.
+    """One question spoken into a new session, and the reply.
+
+    Creates the session, says ``audio`` (float32 at ``sample_rate``) after 0.5 s
+    of silence, keeps the microphone open until the reply ends, then reads the
+    stored session.
 
     Raises:
         httpx.HTTPStatusError: the session could not be created or read.
@@ -219,3 +226,21 @@ async def spoken_exchange(
         stored = await http.get(f"/v1/conversations/{session_id}")
         stored.raise_for_status()
     return SpokenExchange(client, stored.json(), true_end_ms)
+
+
+def rendered_speech(base_url: str, api_key: str, text: str, sample_rate: int) -> np.ndarray:
+    """``text`` voiced by the default model's speaker "0" through ``POST /v1/converse``.
+
+    Returns:
+        float32 mono [n] at ``sample_rate`` Hz.
+
+    Raises:
+        httpx.HTTPStatusError: the API refused or failed.
+    """
+    response = httpx.post(f"{base_url}/v1/converse", timeout=120,
+                          headers={"Authorization": f"Bearer {api_key}"},
+                          json={"conversation": [{"speaker": "0", "text": text}]})
+    response.raise_for_status()
+    wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return resample(samples, rate, sample_rate).astype(np.float32)

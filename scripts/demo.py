@@ -4,12 +4,16 @@
    to ``/v1/audio/conversation`` as WAV and as MP3, and to
    ``/with-timestamps`` for its word timestamps;
 2. kalpa-converse.md's "Welcome back to the show" contextual-TTS conversation
-   and its recipe conversation with an open turn to author, to ``/v1/converse``.
+   and its recipe conversation with an open turn to author, to ``/v1/converse``;
+3. one spoken exchange with a live session (conversational-ai-sessions.md): a
+   question rendered by the bundled voice is spoken into the session's socket in
+   real time; the reply's audio goes to ``out/session_reply.wav``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -20,9 +24,14 @@ import soundfile as sf
 
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
+from devtools.session_client import rendered_speech, spoken_exchange
 from handler.routes.openapi import CONVERSE_EXAMPLES
 from handler.routes.openapi import WEEKEND as DIALOGUE_WEEKEND
 
+# The live-session exchange: 16 kHz pcm16, like the playground.
+SESSION_RATE = 16_000
+QUESTION = "What is the best way to learn to cook?"
+PERSONA = "You are a friendly cooking teacher. Answer in one short sentence."
 # The specs' example conversations, as the API document shows them.
 WEEKEND = {**DIALOGUE_WEEKEND, "output": "wav"}
 RECIPE = CONVERSE_EXAMPLES["author"]["value"]
@@ -69,12 +78,26 @@ def main() -> None:
             (args.out / "weekend_timestamps.json").write_text(
                 json.dumps(timed["timestamps"], indent=2)
             )
+        voice = client.get("/v1/models").json()["data"][0]["voices"][0]
+        question = rendered_speech(stack.base_url, stack.api_key, QUESTION, SESSION_RATE)
+        spoken = asyncio.run(spoken_exchange(
+            stack.base_url, stack.api_key, question, SESSION_RATE, voice, PERSONA))
+    [reply_done] = [e.event for e in spoken.client.events if e.event["type"] == "response.done"]
+    reply_audio = spoken.client.audio_of(reply_done["turn_id"])
+    sf.write(args.out / "session_reply.wav", reply_audio, SESSION_RATE, subtype="PCM_16")
+    written.append(("session_reply.wav", len(reply_audio) / SESSION_RATE))
     for name, seconds in written:
         print(f"{args.out / name}: {seconds:.2f} s")
     for name, reply in replies.items():
         print(f'{name}: speaker {reply["speaker"]} says "{reply["text"]}"')
     words = " ".join(f"{w['text']}@{w['start']:.2f}s" for w in timed["timestamps"])
     print(f"word timestamps (out/weekend_timestamps.json): {words}")
+    user, assistant = spoken.session["turns"][:2]
+    print(f'live session {spoken.session["session_id"]}: you said "{user["text"]}"; '
+          f'the assistant said "{assistant["text"]}"')
+    timings = ", ".join(f"{name} {ms:.0f} ms" for name, ms in assistant["latency_ms"].items())
+    print(f"  after your speech ended: {timings} (out/session_reply.wav)")
+    print("  talk to it yourself: `make serve`, then open $CONVERSE_URL/playground")
     print("\nTry more with `make serve`, then for example:")
     print(
         '  curl -s $CONVERSE_URL/v1/audio/conversation -H "Authorization: Bearer $CONVERSE_KEY" '

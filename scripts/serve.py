@@ -40,6 +40,7 @@ def main() -> None:
         print(f"API key:      {stack.api_key}")
         print(f"try:  export CONVERSE_URL={stack.base_url} CONVERSE_KEY={stack.api_key}")
         print('      curl -s "$CONVERSE_URL/v1/models" -H "Authorization: Bearer $CONVERSE_KEY"')
+        print(f"talk to it: {stack.base_url}/playground  (paste the API key)")
         print("Ctrl-C stops both; a tritonserver that dies is restarted.", flush=True)
         while True:
             signal.pause()
