@@ -12,6 +12,7 @@ import onnxruntime as ort
 from benchmarks.author_speech import measure_author_speech
 from benchmarks.csm import measure_csm
 from benchmarks.isolated import isolate
+from benchmarks.sessions import measure_sessions
 from benchmarks.voice import BENCHMARK_DEADLINE_S, measure_voice
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    """Run the voice and author/speech benchmarks on the local stack, then CSM; write the page."""
+    """Run the voice, author/speech and session benchmarks on the local stack, then CSM."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/PERFORMANCE.md")
@@ -28,7 +29,11 @@ def main() -> None:
     args = parser.parse_args()
     isolate("converse-benchmark-", deadline_s=BENCHMARK_DEADLINE_S)
     with LocalStack(REPOSITORY) as stack:
-        sections = [measure_voice(stack, args.repeats), measure_author_speech(stack, args.repeats)]
+        sections = [
+            measure_voice(stack, args.repeats),
+            measure_author_speech(stack, args.repeats),
+            measure_sessions(stack, utterances=20, concurrent=10),
+        ]
     sections.append(measure_csm(args.repeats))
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     text = "\n".join([
