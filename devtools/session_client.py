@@ -53,6 +53,9 @@ class LiveClient:
 
     ``late_audio`` lists the turn of every audio message that arrived after
     that turn's ``response.done`` (a protocol violation; tests check it is empty).
+    With ``instant_playback`` the client reports each reply's audio as played as
+    soon as it arrives (``playback.position``), like a client that writes audio to
+    a file: the server then ends the reply without waiting for real-time playback.
 
     Args:
         stream_url: the session's ``stream_url`` (ws:// or wss://).
@@ -60,6 +63,7 @@ class LiveClient:
         sample_rate: Hz, input and output.
         encoding: ``pcm16``, ``mulaw`` or ``opus``.
         vad_threshold: 0.0-1.0.
+        instant_playback: report reply audio as played on arrival.
     """
 
     stream_url: str
@@ -67,6 +71,7 @@ class LiveClient:
     sample_rate: int = 16_000
     encoding: str = "pcm16"
     vad_threshold: float = 0.5
+    instant_playback: bool = False
     events: list[ReceivedEvent] = field(default_factory=list)
     reply_audio: dict[str, list[np.ndarray]] = field(default_factory=dict)
     close_code: int | None = None
@@ -118,6 +123,10 @@ class LiveClient:
                     event = json.loads(message)
                     if event.get("type") == "response.audio":
                         audio_turn = event["turn_id"]
+                        if self.instant_playback:
+                            played = event["offset_ms"] + event["duration_ms"]
+                            await self.send_event({"type": "playback.position",
+                                                   "turn_id": audio_turn, "played_ms": played})
                     elif event.get("type") == "response.done":
                         done_turns.add(event["turn_id"])
                     self.events.append(ReceivedEvent(event, self.sent_ms, time.monotonic()))

@@ -113,7 +113,7 @@ async def one_exchange(url: str, audio: np.ndarray, rate: int,
     Returns:
         the client and the stream time (ms) at which ``audio`` began.
     """
-    async with LiveClient(url, API_KEY, rate, encoding) as client:
+    async with LiveClient(url, API_KEY, rate, encoding, instant_playback=True) as client:
         await client.silence_until(done(("session.started", "session.resumed")), 10)
         await client.send_audio(np.zeros(int(LEAD_S * rate), np.float32))
         start_ms = client.sent_ms
@@ -234,7 +234,7 @@ def test_max_turns_ends_the_session_and_a_reconnect_resumes_it(
     last_turn = events_of(first, "response.done")[0]["turn_id"]
 
     async def second_socket() -> LiveClient:
-        async with LiveClient(url, API_KEY, rate) as client:
+        async with LiveClient(url, API_KEY, rate, instant_playback=True) as client:
             await client.silence_until(done(("session.resumed",)), 10)
             await client.send_audio(np.concatenate([np.zeros(rate // 2, np.float32), audio]))
             await client.silence_until(done(("session.ended",)), REPLY_TIMEOUT_S)
@@ -269,7 +269,8 @@ def test_a_tool_call_round_trip_and_a_tool_timeout(
         session = create(server.base_url, tools=[TOOL])
 
         async def run() -> LiveClient:
-            async with LiveClient(session["stream_url"], API_KEY, rate) as client:
+            async with LiveClient(session["stream_url"], API_KEY, rate,
+                                  instant_playback=True) as client:
                 await client.silence_until(done(("session.started",)), 10)
                 await client.send_audio(np.concatenate([np.zeros(rate // 2, np.float32), audio]))
                 await client.silence_until(done(("tool.call",)), REPLY_TIMEOUT_S)
