@@ -78,7 +78,7 @@ def main() -> None:
             (args.out / "weekend_timestamps.json").write_text(
                 json.dumps(timed["timestamps"], indent=2)
             )
-        voice = client.get("/v1/models").json()["data"][0]["voices"][0]
+            voice = client.get("/v1/models").json()["data"][0]["voices"][0]
         question = rendered_speech(stack.base_url, stack.api_key, QUESTION, SESSION_RATE)
         spoken = asyncio.run(spoken_exchange(
             stack.base_url, stack.api_key, question, SESSION_RATE, voice, PERSONA))

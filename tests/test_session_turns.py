@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from handler.errors import InferenceError
-from handler.sessions.clauses import MAX_CLAUSE_CHARS, ClauseSplitter
+from handler.sessions.clauses import MAX_CLAUSE_CHARS, MAX_FIRST_CLAUSE_CHARS, ClauseSplitter
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
@@ -93,6 +93,14 @@ def test_clauses_cut_at_sentences_and_long_enough_clauses_only() -> None:
         "Pi is 3.14 or so!",
         "And then",
     ]
+
+
+def test_the_first_clause_of_a_reply_is_cut_sooner() -> None:
+    splitter = ClauseSplitter()
+    words = " ".join(["word"] * 60) + " "
+    clauses = splitter.push(words) + splitter.flush()
+    assert len(clauses[0]) <= MAX_FIRST_CLAUSE_CHARS < len(clauses[1]) <= MAX_CLAUSE_CHARS
+    assert " ".join(clauses) == words.strip()
 
 
 def test_a_mark_does_not_cut_before_the_next_character_arrives() -> None:

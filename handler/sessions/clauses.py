@@ -3,7 +3,8 @@
 A reply is voiced piece by piece while the LM writes it: a piece ends at a
 sentence end (``.``, ``!``, ``?``, ``…``), or at a clause mark (``,``, ``;``,
 ``:``, a dash) once it holds :data:`MIN_CLAUSE_CHARS`, or at the last space
-before :data:`MAX_CLAUSE_CHARS`. A mark counts only when whitespace follows it,
+before :data:`MAX_CLAUSE_CHARS` (:data:`MAX_FIRST_CLAUSE_CHARS` for the first
+piece of a reply). A mark counts only when whitespace follows it,
 so "3.5" or "e.g." inside a word do not cut, and nothing is cut until the
 character after the mark has arrived.
 """
@@ -17,6 +18,9 @@ import re
 MIN_CLAUSE_CHARS = 24
 # The longest piece voiced in one call (a reply without punctuation still streams).
 MAX_CLAUSE_CHARS = 160
+# The first piece of a reply is cut sooner: its voicing time is part of the time to
+# first audio, and voicing takes about as long as the text is (docs/sessions.md).
+MAX_FIRST_CLAUSE_CHARS = 60
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:—–]\s|\s[-—–]\s")
@@ -27,6 +31,7 @@ class ClauseSplitter:
 
     def __init__(self) -> None:
         self._pending = ""
+        self._cut_any = False
 
     def push(self, text: str) -> list[str]:
         """Add generated text; returns the clauses it completed (stripped, non-empty)."""
@@ -36,6 +41,7 @@ class ClauseSplitter:
             clause, self._pending = self._pending[:cut].strip(), self._pending[cut:]
             if clause:
                 clauses.append(clause)
+                self._cut_any = True
         return clauses
 
     def flush(self) -> list[str]:
@@ -50,7 +56,8 @@ class ClauseSplitter:
         ][:1]
         if cuts:
             return min(cuts)
-        if len(self._pending) > MAX_CLAUSE_CHARS:
-            space = self._pending.rfind(" ", 0, MAX_CLAUSE_CHARS)
-            return space + 1 if space > 0 else MAX_CLAUSE_CHARS
+        longest = MAX_CLAUSE_CHARS if self._cut_any else MAX_FIRST_CLAUSE_CHARS
+        if len(self._pending) > longest:
+            space = self._pending.rfind(" ", 0, longest)
+            return space + 1 if space > 0 else longest
         return None

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ MAX_TOOL_ROUNDS = 4
 MAX_USER_TURN_S = 30.0
 # Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
 REPLY_MAX_NEW_TOKENS = 64
+# Clauses voiced at once (the local repository runs two Kokoro network instances).
+VOICE_LOOKAHEAD = 2
 # Sampling of replies; the bundled model's repetition penalty is set in Triton.
 REPLY_TEMPERATURE = 0.7
 
@@ -435,30 +438,59 @@ class LiveConversation:
         await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
 
     async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
-        """Voice each clause as it comes and send it, resampled to the session rate."""
+        """Voice clauses as they come, up to :data:`VOICE_LOOKAHEAD` at once; send them in order."""
         resample = (
             None
             if self.models.voice_rate == self.sample_rate
             else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
         )
-        while (clause := await clauses.get()) is not None:
-            voicing = time.monotonic()
-            audio = await self.models.speak(clause)
-            reply.latency_ms.setdefault(
-                "first_clause_voice", round((time.monotonic() - voicing) * 1000.0, 1)
-            )
-            start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
-            voiced = VoicedClause(clause, start_s, audio, self.models.voice_rate)
-            reply.clauses.append(voiced)
-            # Aligned now, while it plays, so a barge-in finds its word timings ready.
-            aligning = asyncio.create_task(self._align(voiced))
-            aligning.add_done_callback(_retrieve)
-            reply.alignments[id(voiced)] = aligning
-            out = audio if resample is None else resample.resample_chunk(audio)
-            reply.mark("first_audio")
-            await self._send_audio(reply, out.astype(np.float32))
+        voicing: deque[tuple[str, float, asyncio.Task[np.ndarray]]] = deque()
+        next_clause: asyncio.Task[str | None] | None = None
+        written = False
+        try:
+            while not written or voicing:
+                if next_clause is None and not written and len(voicing) < VOICE_LOOKAHEAD:
+                    next_clause = asyncio.ensure_future(clauses.get())
+                waiting: set[asyncio.Future[Any]] = {next_clause} if next_clause else set()
+                if voicing:
+                    waiting.add(voicing[0][2])
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if voicing and voicing[0][2].done():
+                    clause, started, task = voicing.popleft()
+                    reply.latency_ms.setdefault(
+                        "first_clause_voice", round((time.monotonic() - started) * 1000.0, 1)
+                    )
+                    await self._play(reply, clause, task.result(), resample)
+                elif next_clause is not None and next_clause.done():
+                    clause_text = next_clause.result()
+                    next_clause = None
+                    if clause_text is None:
+                        written = True
+                    else:
+                        speaking = asyncio.ensure_future(self.models.speak(clause_text))
+                        voicing.append((clause_text, time.monotonic(), speaking))
+        finally:
+            for _, _, task in voicing:
+                task.cancel()
+            if next_clause is not None:
+                next_clause.cancel()
         if resample is not None:
             await self._send_audio(reply, resample.resample_chunk(np.zeros(0, np.float32), True))
+
+    async def _play(
+        self, reply: _Reply, clause: str, audio: np.ndarray, resample: soxr.ResampleStream | None
+    ) -> None:
+        """Send one voiced clause (resampled to the session rate) and start aligning it."""
+        start_s = reply.clauses[-1].end_s if reply.clauses else 0.0
+        voiced = VoicedClause(clause, start_s, audio, self.models.voice_rate)
+        reply.clauses.append(voiced)
+        # Aligned now, while it plays, so a barge-in finds its word timings ready.
+        aligning = asyncio.create_task(self._align(voiced))
+        aligning.add_done_callback(_retrieve)
+        reply.alignments[id(voiced)] = aligning
+        out = audio if resample is None else resample.resample_chunk(audio)
+        reply.mark("first_audio")
+        await self._send_audio(reply, out.astype(np.float32))
 
     async def _send_audio(self, reply: _Reply, audio: np.ndarray) -> None:
         """Emit reply audio; a cancelled reply finishes the message in flight, never half of one."""
