@@ -121,6 +121,10 @@ def test_playback_follows_real_time_then_client_reports() -> None:
     clock.report(700.0)
     assert clock.played_ms() == 700.0
     assert clock.remaining_s() == pytest.approx(1.3)
+    now[0] += 0.2  # playback goes on between reports
+    assert clock.played_ms() == pytest.approx(900.0)
+    clock.report(650.0)  # an older report changes nothing
+    assert clock.played_ms() == pytest.approx(900.0)
 
 
 def clause(text: str, start_s: float, seconds: float) -> VoicedClause:

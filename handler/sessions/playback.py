@@ -2,9 +2,10 @@
 
 The server sends a reply's audio faster than real time; the client buffers and
 plays it. Where the client reports its position (``playback.position`` events)
-that report is used; otherwise playback is assumed to start when the first
-audio message is sent and to run in real time (a client that underruns its
-buffer hears less than this estimate; docs/sessions.md says to report).
+the last report is used, advanced in real time until the next; otherwise
+playback is assumed to start when the first audio message is sent and to run
+in real time (a client that underruns its buffer hears less than this
+estimate; docs/sessions.md says to report).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class PlaybackClock:
         self._first_sent: float | None = None
         self._sent_ms = 0.0
         self._reported_ms: float | None = None
+        self._reported_at = 0.0
 
     def sent(self, duration_ms: float) -> None:
         """Record that ``duration_ms`` more audio went to the client."""
@@ -64,7 +66,8 @@ class PlaybackClock:
 
     def report(self, played_ms: float) -> None:
         """The client's own playback position of this reply, milliseconds."""
-        self._reported_ms = max(self._reported_ms or 0.0, played_ms)
+        if played_ms >= (self._reported_ms or 0.0):
+            self._reported_ms, self._reported_at = played_ms, self._clock()
 
     @property
     def sent_ms(self) -> float:
@@ -72,12 +75,14 @@ class PlaybackClock:
         return self._sent_ms
 
     def played_ms(self) -> float:
-        """Heard so far: the client's report, else real time since the first send.
+        """Milliseconds heard so far, never more than was sent.
 
-        Never more than was sent.
+        The client's last report plus the real time since it; without reports,
+        the real time since the first send.
         """
         if self._reported_ms is not None:
-            return min(self._reported_ms, self._sent_ms)
+            since_report = (self._clock() - self._reported_at) * 1000.0
+            return min(self._reported_ms + since_report, self._sent_ms)
         if self._first_sent is None:
             return 0.0
         return min((self._clock() - self._first_sent) * 1000.0, self._sent_ms)
