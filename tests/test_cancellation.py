@@ -30,7 +30,7 @@ from tests.helpers import TINY_CSM, TinyTriton
 pytestmark = pytest.mark.triton
 
 LONG = 480  # tokens; the tiny author's max_context is 512
-FULL_RUN = LONG + 1  # steps: one prefill, then one decode per generated token
+FULL_RUN = LONG  # steps: the prefill gives the first token, one decode per token after it
 INPUTS = {
     "PROMPT": np.array([b"Hello there"], dtype=np.object_),
     "TEMPERATURE": np.array([0.0], np.float32),
