@@ -77,6 +77,12 @@ async def _exchange(stack: LocalStack, voice: str, audio: np.ndarray) -> Exchang
     spoken = await spoken_exchange(stack.base_url, stack.api_key, audio, RATE, voice,
                                    "Answer in one short sentence.")
     client = spoken.client
+    if not client.of_type("response.audio"):
+        raise RuntimeError(
+            "no reply audio: "
+            + "; ".join(f"{e.event['type']} {e.event.get('code') or e.event.get('status')}"
+                        for e in client.events
+                        if e.event["type"] in ("error", "response.done")))
     stopped = _first(client, "input.speech_stopped")
     audio_event = _first(client, "response.audio")
     true_end_wall = stopped.wall_s - (stopped.input_ms - spoken.true_end_ms) / 1000

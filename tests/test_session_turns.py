@@ -14,9 +14,12 @@ from handler.sessions.clauses import MAX_CLAUSE_CHARS, MAX_FIRST_CLAUSE_CHARS, C
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
+    EARLY_END_SILENCE_MS,
     END_SILENCE_MS,
     SPEECH_PAD_MS,
     VAD_WINDOW,
+    SpeechPaused,
+    SpeechResumed,
     SpeechSegmenter,
     SpeechStarted,
     SpeechStopped,
@@ -35,7 +38,7 @@ def test_speech_starts_at_first_window_over_threshold_with_padding() -> None:
     found = decisions([0.1] * 10 + [0.9] * 20 + [0.05] * 40)
     pad = int(SPEECH_PAD_MS * 16)
     assert found[0] == SpeechStarted(10 * VAD_WINDOW - pad)
-    stopped = found[1]
+    stopped = found[-1]
     assert isinstance(stopped, SpeechStopped)
     assert stopped.end == 30 * VAD_WINDOW + pad and stopped.is_turn
 
@@ -43,11 +46,33 @@ def test_speech_starts_at_first_window_over_threshold_with_padding() -> None:
 def test_speech_stops_only_after_the_end_silence() -> None:
     silence_windows = int(np.ceil(END_SILENCE_MS / WINDOW_MS))
     short_pause = [0.9] * 20 + [0.05] * (silence_windows - 1) + [0.9] * 20
-    assert [type(d) for d in decisions(short_pause)] == [SpeechStarted]
-    assert [type(d) for d in decisions(short_pause + [0.05] * silence_windows)] == [
-        SpeechStarted,
-        SpeechStopped,
-    ]
+    assert SpeechStopped not in [type(d) for d in decisions(short_pause)]
+    ended = decisions(short_pause + [0.05] * silence_windows)
+    assert [type(d) for d in ended][-1] is SpeechStopped
+
+
+def test_a_pause_names_the_end_the_stop_confirms() -> None:
+    early_windows = int(np.ceil(EARLY_END_SILENCE_MS / WINDOW_MS))
+    silence_windows = int(np.ceil(END_SILENCE_MS / WINDOW_MS))
+    found = decisions([0.9] * 20 + [0.05] * (early_windows - 1))
+    assert [type(d) for d in found] == [SpeechStarted]
+    _, paused, stopped = decisions([0.9] * 20 + [0.05] * silence_windows)
+    assert isinstance(paused, SpeechPaused) and isinstance(stopped, SpeechStopped)
+    assert (paused.start, paused.end) == (stopped.start, stopped.end)
+    assert stopped.is_turn
+
+
+def test_speech_after_a_pause_voids_it_and_the_next_pause_ends_later() -> None:
+    early_windows = int(np.ceil(EARLY_END_SILENCE_MS / WINDOW_MS))
+    silence_windows = int(np.ceil(END_SILENCE_MS / WINDOW_MS))
+    found = decisions([0.9] * 20 + [0.05] * early_windows + [0.9] * 10 + [0.05] * silence_windows)
+    kinds = [type(d) for d in found]
+    assert kinds == [SpeechStarted, SpeechPaused, SpeechResumed, SpeechPaused, SpeechStopped]
+    first_pause, resumed, second_pause, stopped = found[1:]
+    assert isinstance(first_pause, SpeechPaused) and isinstance(second_pause, SpeechPaused)
+    assert isinstance(resumed, SpeechResumed) and isinstance(stopped, SpeechStopped)
+    assert resumed.sample == (20 + early_windows) * VAD_WINDOW
+    assert first_pause.end < second_pause.end == stopped.end
 
 
 def test_hysteresis_keeps_speech_between_the_two_thresholds() -> None:
@@ -59,11 +84,16 @@ def test_hysteresis_keeps_speech_between_the_two_thresholds() -> None:
 def test_threshold_decides_whether_quiet_speech_counts() -> None:
     quiet = [0.6] * 30 + [0.0] * 40
     assert decisions(quiet, threshold=0.8) == []
-    assert [type(d) for d in decisions(quiet, threshold=0.3)] == [SpeechStarted, SpeechStopped]
+    assert [type(d) for d in decisions(quiet, threshold=0.3)] == [
+        SpeechStarted,
+        SpeechPaused,
+        SpeechStopped,
+    ]
 
 
 def test_a_click_interrupts_but_is_not_a_turn() -> None:
     found = decisions([0.9] * 2 + [0.0] * 40)
+    assert [type(d) for d in found] == [SpeechStarted, SpeechStopped]
     assert isinstance(found[1], SpeechStopped) and not found[1].is_turn
 
 

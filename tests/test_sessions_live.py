@@ -160,6 +160,33 @@ def test_a_spoken_question_gets_a_spoken_reply(
     assert {"asr", "first_token", "first_audio"} <= set(turns[1]["latency_ms"])
 
 
+def test_a_pause_shorter_than_the_end_silence_keeps_one_turn(
+    api: ApiServer, utterances: dict[str, np.ndarray],
+) -> None:
+    # 300 ms of silence: past the early end (160 ms), so work on the first half starts,
+    # but short of the end silence (500 ms), so it must be dropped without a trace.
+    rate = 16_000
+    first = resample(utterances[QUESTION], 48_000, rate).astype(np.float32)
+    second = resample(utterances[SECOND], 48_000, rate).astype(np.float32)
+    first = first[: int(true_bounds_ms(first, rate)[1] * rate / 1000)]
+    second = second[int(true_bounds_ms(second, rate)[0] * rate / 1000):]
+    audio = np.concatenate([first, np.zeros(int(0.3 * rate), np.float32), second])
+    session = create(api.base_url)
+    client, _ = asyncio.run(one_exchange(session["stream_url"], audio, rate, "pcm16"))
+
+    kinds = [e.event["type"] for e in client.events]
+    assert kinds.count("input.speech_started") == kinds.count("input.speech_stopped") == 1
+    before_stop = kinds[: kinds.index("input.speech_stopped")]
+    assert not [k for k in before_stop if k.startswith(("response.", "input.transcript"))]
+    [transcript] = events_of(client, "input.transcript")
+    assert word_error_rate([f"{QUESTION} {SECOND}"], [transcript["text"]]) <= 0.15, transcript
+    [reply] = events_of(client, "response.done")
+    assert reply["status"] == "completed"
+    turns = history(api.base_url, session["session_id"])["turns"]
+    assert [(t["turn_id"], t["role"]) for t in turns] == [("turn_1", "user"),
+                                                          ("turn_2", "assistant")]
+
+
 def chat_lm_executions(triton: LocalTriton) -> int:
     stats = httpx.get(f"http://{triton.http_url}/v2/models/chat_lm/stats").json()
     return sum(int(m["execution_count"]) for m in stats["model_stats"])

@@ -20,7 +20,7 @@ MIN_CLAUSE_CHARS = 24
 MAX_CLAUSE_CHARS = 160
 # The first piece of a reply is cut sooner: its voicing time is part of the time to
 # first audio, and voicing takes about as long as the text is (docs/sessions.md).
-MAX_FIRST_CLAUSE_CHARS = 60
+MAX_FIRST_CLAUSE_CHARS = 32
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:—–]\s|\s[-—–]\s")

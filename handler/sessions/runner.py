@@ -6,6 +6,12 @@ the turn's audio → Whisper in Triton → user turn stored → chat LM streams 
 reply → :class:`ClauseSplitter` → each clause voiced as soon as it is complete
 (while the LM goes on writing) → resampled to the session rate → emitted.
 
+Work on a turn starts early, at :class:`SpeechPaused` (160 ms into the 500 ms
+end silence): transcription, the reply's first tokens and its first clause
+run while the segmenter waits, and nothing is sent or stored until
+:class:`SpeechStopped` confirms the end. Speech that resumes first
+(:class:`SpeechResumed`) cancels that work.
+
 User speech during a reply is a barge-in: the reply task is cancelled (LM and
 voice calls with it, so Triton stops that work), ``response.done`` says
 ``interrupted`` with ``played_ms``, and the stored assistant turn keeps only the
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections import deque
@@ -41,6 +46,8 @@ from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
     VAD_SAMPLE_RATE,
     VAD_WINDOW,
+    SpeechPaused,
+    SpeechResumed,
     SpeechSegmenter,
     SpeechStarted,
     SpeechStopped,
@@ -99,30 +106,78 @@ def chat_history(turns: Sequence[TurnRecord]) -> list[ChatMessage]:
     return messages
 
 
+class _EndOfTurn:
+    """The confirmation that a user turn has ended (:class:`SpeechStopped`).
+
+    Work started at :class:`SpeechPaused` waits on it before anything is sent or
+    stored; ``at`` is ``time.monotonic()`` of the confirmation.
+    """
+
+    def __init__(self) -> None:
+        self._confirmed = asyncio.Event()
+        self.at = 0.0
+
+    def confirm(self) -> None:
+        """Mark the turn as ended now."""
+        self.at = time.monotonic()
+        self._confirmed.set()
+
+    async def wait(self) -> float:
+        """Wait for the confirmation; returns its ``time.monotonic()``."""
+        await self._confirmed.wait()
+        return self.at
+
+
+@dataclass(frozen=True)
+class _EarlyTurn:
+    """Work on a user turn started before its end was confirmed."""
+
+    end: int
+    end_of_turn: _EndOfTurn
+    task: asyncio.Task[None]
+
+
 @dataclass
 class _Reply:
     """The assistant turn being generated and played.
 
-    ``since`` is ``time.monotonic()`` at the user's end of speech; ``latency_ms``
-    holds the named figures of docs/sessions.md measured from it.
+    It may be written and voiced before it is visible: everything it sends waits
+    for ``visible`` (set once the user turn's end is confirmed and its transcript
+    sent). ``latency_ms`` holds the named figures of docs/sessions.md, ms from the
+    confirmed end of the user's speech (0 for what was ready by then).
     """
 
     turn_id: str
     reply_to: str
-    since: float
     started_at: float
+    visible: asyncio.Event = field(default_factory=asyncio.Event)
+    since: float = 0.0
     task: asyncio.Task[None] | None = None
     playback: PlaybackClock = field(default_factory=PlaybackClock)
     clauses: list[VoicedClause] = field(default_factory=list)
     text: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    moments: dict[str, float] = field(default_factory=dict)
+    durations_ms: dict[str, float] = field(default_factory=dict)
     alignments: dict[int, asyncio.Task[list[TimedWord]]] = field(default_factory=dict)
 
     def mark(self, name: str) -> None:
-        """Record ``name`` (once): milliseconds from the user's end of speech to now."""
-        self.latency_ms.setdefault(name, round((time.monotonic() - self.since) * 1000.0, 1))
+        """Record the moment of ``name`` (once), ``time.monotonic()``."""
+        self.moments.setdefault(name, time.monotonic())
+
+    def show(self, since: float) -> None:
+        """Make the reply visible; its figures count from ``since`` (``time.monotonic()``)."""
+        self.since = since
+        self.visible.set()
+
+    @property
+    def latency_ms(self) -> dict[str, float]:
+        """Named figures, ms from the confirmed end of the user's speech (never below 0)."""
+        return {
+            name: round(max(0.0, moment - self.since) * 1000.0, 1)
+            for name, moment in self.moments.items()
+        } | self.durations_ms
 
 
 def _retrieve(task: asyncio.Task[list[TimedWord]]) -> None:
@@ -173,11 +228,12 @@ class LiveConversation:
         self._pending = np.zeros(0, dtype=np.float32)
         self._heard = np.zeros(0, dtype=np.float32)
         self._heard_offset = 0
-        self._turn_numbers = itertools.count(max((t.index for t in turns), default=0) + 1)
+        self._last_turn_number = max((t.index for t in turns), default=0)
         self._user_turn_id: str | None = None
         self._user_turn_started = 0.0
         self._reply: _Reply | None = None
         self._respond_tasks: set[asyncio.Task[None]] = set()
+        self._early_turn: _EarlyTurn | None = None
         self._asr_lock = asyncio.Lock()
         self._tool_results: dict[str, asyncio.Future[str]] = {}
         self._sending: asyncio.Future[None] | None = None
@@ -208,6 +264,10 @@ class LiveConversation:
             decision = self._segmenter.push(float(probability))
             if isinstance(decision, SpeechStarted):
                 await self._speech_started(decision)
+            elif isinstance(decision, SpeechPaused):
+                self._speech_paused(decision)
+            elif isinstance(decision, SpeechResumed):
+                await self._drop_early_turn()
             elif isinstance(decision, SpeechStopped):
                 await self._speech_stopped(decision)
         self._trim_heard()
@@ -244,7 +304,13 @@ class LiveConversation:
     # ---- turn-taking -----------------------------------------------------------
 
     def _next_turn_id(self) -> str:
-        return f"turn_{next(self._turn_numbers)}"
+        self._last_turn_number += 1
+        return f"turn_{self._last_turn_number}"
+
+    def _release_turn_id(self, turn_id: str) -> None:
+        """Give back an unused id if it is still the newest, so ids stay consecutive."""
+        if turn_id == f"turn_{self._last_turn_number}":
+            self._last_turn_number -= 1
 
     def _current_turn_id(self) -> str | None:
         return self._reply.turn_id if self._reply is not None else self._user_turn_id
@@ -259,18 +325,48 @@ class LiveConversation:
             )
         )
 
+    def _speech_paused(self, paused: SpeechPaused) -> None:
+        """Start work on the turn as if it ended at ``paused.end``; nothing is sent yet."""
+        if self._user_turn_id is not None:
+            end_of_turn = _EndOfTurn()
+            task = self._start_respond(self._user_turn_id, paused, end_of_turn)
+            self._early_turn = _EarlyTurn(paused.end, end_of_turn, task)
+
+    async def _drop_early_turn(self) -> None:
+        """The user speaks on: cancel the work started early (Triton stops it too)."""
+        early, self._early_turn = self._early_turn, None
+        if early is not None:
+            early.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await early.task
+
     async def _speech_stopped(self, stopped: SpeechStopped) -> None:
         turn_id = self._user_turn_id or self._next_turn_id()
         await self._emit(
             events.SpeechStopped(turn_id=turn_id, audio_end_ms=stopped.end * 1000 / VAD_SAMPLE_RATE)
         )
-        if not stopped.is_turn:
+        early = self._early_turn
+        if early is not None and early.end == stopped.end:
+            self._early_turn = None
+            early.end_of_turn.confirm()
             return
-        start = max(stopped.start, stopped.end - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
-        audio = self._heard[start - self._heard_offset : stopped.end - self._heard_offset].copy()
-        task = asyncio.create_task(self._respond(turn_id, self._user_turn_started, audio))
+        await self._drop_early_turn()
+        if stopped.is_turn:
+            end_of_turn = _EndOfTurn()
+            end_of_turn.confirm()
+            self._start_respond(turn_id, stopped, end_of_turn)
+
+    def _start_respond(
+        self, turn_id: str, bounds: SpeechPaused | SpeechStopped, end_of_turn: _EndOfTurn
+    ) -> asyncio.Task[None]:
+        start = max(bounds.start, bounds.end - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
+        audio = self._heard[start - self._heard_offset : bounds.end - self._heard_offset].copy()
+        task = asyncio.create_task(
+            self._respond(turn_id, self._user_turn_started, audio, end_of_turn)
+        )
         self._respond_tasks.add(task)
         task.add_done_callback(self._respond_tasks.discard)
+        return task
 
     def _trim_heard(self) -> None:
         """Keep only the audio a turn in progress (or the next one) can still need."""
@@ -283,41 +379,60 @@ class LiveConversation:
 
     # ---- replies ---------------------------------------------------------------
 
-    async def _respond(self, user_turn_id: str, started_at: float, audio_16k: np.ndarray) -> None:
-        """Transcribe one user turn, store it, and reply unless the user has gone on speaking."""
-        speech_ended = time.monotonic()
+    async def _respond(
+        self, user_turn_id: str, started_at: float, audio_16k: np.ndarray, end_of_turn: _EndOfTurn
+    ) -> None:
+        """Transcribe one user turn and start the reply; once its end is confirmed, send both.
+
+        Until ``end_of_turn`` is confirmed nothing is sent or stored, and
+        cancelling this task leaves no trace (the reply's work is cancelled too).
+        """
         async with self._asr_lock:
             try:
                 transcript = await self.models.transcribe(audio_16k, self.config["language"])
             except ApiError as error:
+                await end_of_turn.wait()
                 await self._error(user_turn_id, error.code, error.message)
                 return
-            asr_ms = round((time.monotonic() - speech_ended) * 1000.0, 1)
-            await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
-            await self._put_turn(
-                TurnRecord(
-                    turn_id=user_turn_id,
-                    role="user",
-                    text=transcript,
-                    started_at=started_at,
-                    ended_at=self._storage.clock(),
-                    audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
-                    latency_ms={"asr": asr_ms},
-                )
+        transcribed = time.monotonic()
+        reply = None
+        if transcript.strip():
+            reply = _Reply(
+                turn_id=self._next_turn_id(),
+                reply_to=user_turn_id,
+                started_at=self._storage.clock(),
             )
-            if transcript.strip():
-                self._history.append(ChatMessage(role="user", content=transcript))
-        if self._segmenter.in_speech or not transcript.strip() or self._reply is not None:
-            return
-        reply = _Reply(
-            turn_id=self._next_turn_id(),
-            reply_to=user_turn_id,
-            since=speech_ended,
-            started_at=self._storage.clock(),
+            reply.mark("asr")
+            reply.task = asyncio.create_task(
+                self._generate(reply, [*self._prompt(), ChatMessage("user", transcript)])
+            )
+        try:
+            ended = await end_of_turn.wait()
+        except asyncio.CancelledError:
+            if reply is not None:
+                await self._drop(reply)
+            raise
+        await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
+        await self._put_turn(
+            TurnRecord(
+                turn_id=user_turn_id,
+                role="user",
+                text=transcript,
+                started_at=started_at,
+                ended_at=self._storage.clock(),
+                audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
+                latency_ms={"asr": round(max(0.0, transcribed - ended) * 1000.0, 1)},
+            )
         )
-        reply.mark("asr")
+        if reply is None:
+            return
+        self._history.append(ChatMessage(role="user", content=transcript))
+        if self._segmenter.in_speech or self._reply is not None:
+            await self._drop(reply)
+            return
+        assert reply.task is not None
         self._reply = reply
-        reply.task = asyncio.create_task(self._generate(reply))
+        reply.show(ended)
         status = "completed"
         try:
             await asyncio.shield(reply.task)
@@ -330,28 +445,38 @@ class LiveConversation:
         if not reply.interrupted:
             await self._finish(reply, status)
 
-    async def _generate(self, reply: _Reply) -> None:
-        """Write the reply with the chat LM and voice it clause by clause while it is written."""
-        await self._emit(events.ResponseStarted(turn_id=reply.turn_id, reply_to=reply.reply_to))
+    async def _drop(self, reply: _Reply) -> None:
+        """Cancel a reply that was never shown and give its turn id back."""
+        assert reply.task is not None
+        reply.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reply.task
+        self._release_turn_id(reply.turn_id)
+
+    async def _generate(self, reply: _Reply, messages: list[ChatMessage]) -> None:
+        """Write the reply to ``messages`` with the chat LM; voice it clause by clause meanwhile."""
+        await self._reply_emit(
+            reply, events.ResponseStarted(turn_id=reply.turn_id, reply_to=reply.reply_to)
+        )
         clauses: asyncio.Queue[str | None] = asyncio.Queue()
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._write(reply, clauses))
+                group.create_task(self._write(reply, messages, clauses))
                 group.create_task(self._voice(reply, clauses))
         except* _ReplyFailed:
             raise _ReplyFailed from None
         except* ApiError as failed:
             error = failed.exceptions[0]
             assert isinstance(error, ApiError)
-            await self._error(reply.turn_id, error.code, error.message)
-            raise _ReplyFailed from None
+            await self._fail(reply, error.code, error.message)
         while (remaining := reply.playback.remaining_s()) > 0:
             await asyncio.sleep(min(remaining, 0.05))
 
-    async def _write(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
+    async def _write(
+        self, reply: _Reply, messages: list[ChatMessage], clauses: asyncio.Queue[str | None]
+    ) -> None:
         """Stream the LM's reply into clauses; run the tool calls it makes."""
         splitter = ClauseSplitter()
-        messages = self._prompt()
         try:
             for _ in range(MAX_TOOL_ROUNDS + 1):
                 call = None
@@ -365,8 +490,8 @@ class LiveConversation:
                     if delta.text:
                         reply.mark("first_token")
                         reply.text += delta.text
-                        await self._emit(
-                            events.ResponseTextDelta(turn_id=reply.turn_id, delta=delta.text)
+                        await self._reply_emit(
+                            reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=delta.text)
                         )
                         for clause in splitter.push(delta.text):
                             clauses.put_nowait(clause)
@@ -398,10 +523,11 @@ class LiveConversation:
             await self._fail(reply, "invalid_tool_call", str(error))
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._tool_results[call.id] = waiter
-        await self._emit(
+        await self._reply_emit(
+            reply,
             events.ToolCall(
                 turn_id=reply.turn_id, call_id=call.id, name=call.name, arguments=arguments
-            )
+            ),
         )
         try:
             output = await asyncio.wait_for(waiter, self.models.tool_timeout_s)
@@ -431,8 +557,15 @@ class LiveConversation:
         ]
 
     async def _fail(self, reply: _Reply, code: str, message: str) -> None:
-        await self._error(reply.turn_id, code, message)
+        await self._reply_emit(
+            reply, events.ErrorEvent(turn_id=reply.turn_id, code=code, message=message)
+        )
         raise _ReplyFailed(code)
+
+    async def _reply_emit(self, reply: _Reply, event: events.ServerEvent | AssistantAudio) -> None:
+        """Emit an event of ``reply`` once the reply is visible."""
+        await reply.visible.wait()
+        await self._emit(event)
 
     async def _error(self, turn_id: str | None, code: str, message: str) -> None:
         await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
@@ -457,7 +590,7 @@ class LiveConversation:
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if voicing and voicing[0][2].done():
                     clause, started, task = voicing.popleft()
-                    reply.latency_ms.setdefault(
+                    reply.durations_ms.setdefault(
                         "first_clause_voice", round((time.monotonic() - started) * 1000.0, 1)
                     )
                     await self._play(reply, clause, task.result(), resample)
@@ -489,13 +622,14 @@ class LiveConversation:
         aligning.add_done_callback(_retrieve)
         reply.alignments[id(voiced)] = aligning
         out = audio if resample is None else resample.resample_chunk(audio)
-        reply.mark("first_audio")
         await self._send_audio(reply, out.astype(np.float32))
 
     async def _send_audio(self, reply: _Reply, audio: np.ndarray) -> None:
         """Emit reply audio; a cancelled reply finishes the message in flight, never half of one."""
         if len(audio) == 0:
             return
+        await reply.visible.wait()
+        reply.mark("first_audio")
         sending = asyncio.ensure_future(self._emit(AssistantAudio(reply.turn_id, audio)))
         self._sending = sending
         reply.playback.sent(len(audio) / self.sample_rate * 1000.0)

@@ -7,6 +7,12 @@ below ``threshold - 0.15`` for ``end_silence_ms``; ``speech_pad_ms`` of audio is
 kept on both sides. That package's iterator needs torch, which the API process
 does not load, so the state machine is re-stated here over plain floats.
 
+One addition to Silero's rules: once the silence has lasted
+:data:`EARLY_END_SILENCE_MS`, a :class:`SpeechPaused` names the end the turn
+will have if the silence goes on, so the caller can start transcribing and
+replying while it waits for the rest of the end silence; a
+:class:`SpeechResumed` says that end is void.
+
 Positions are in samples at :data:`VAD_SAMPLE_RATE` counted from the start of
 the stream.
 """
@@ -23,6 +29,9 @@ NEGATIVE_MARGIN = 0.15
 # Silence that ends a user turn; short enough for a reply to feel prompt, long enough
 # that a breath between clauses does not end the turn (docs/sessions.md).
 END_SILENCE_MS = 500
+# Silence after which the end of a turn is likely enough to start work on it early
+# (5 windows); the pause between words is mostly shorter (docs/sessions.md).
+EARLY_END_SILENCE_MS = 160
 # Audio kept before the first and after the last speech window (Silero's default 30 ms).
 SPEECH_PAD_MS = 30
 # Speech shorter than this is not a turn (Silero's get_speech_timestamps default 250 ms).
@@ -49,7 +58,26 @@ class SpeechStopped:
     is_turn: bool
 
 
-SegmentEvent = SpeechStarted | SpeechStopped
+@dataclass(frozen=True)
+class SpeechPaused:
+    """Silence inside a turn has lasted :data:`EARLY_END_SILENCE_MS`.
+
+    Only speech of at least :data:`MIN_SPEECH_MS` pauses. If no speech comes
+    back, the :class:`SpeechStopped` that follows has the same ``start`` and ``end``.
+    """
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech came back after a :class:`SpeechPaused` at window ``sample``; that end is void."""
+
+    sample: int
+
+
+SegmentEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped
 
 
 class SpeechSegmenter:
@@ -72,6 +100,7 @@ class SpeechSegmenter:
         self._position = 0
         self._start: int | None = None
         self._silence_since: int | None = None
+        self._paused = False
 
     @property
     def in_speech(self) -> bool:
@@ -91,11 +120,20 @@ class SpeechSegmenter:
             return None
         if probability >= self.threshold:
             self._silence_since = None
+            if self._paused:
+                self._paused = False
+                return SpeechResumed(window_start)
         elif probability < self.negative_threshold:
             if self._silence_since is None:
                 self._silence_since = window_start
-            if self._position - self._silence_since >= END_SILENCE_MS * self._ms:
-                start, end = self._start, self._silence_since + pad
+            silent = self._position - self._silence_since
+            start, end = self._start, self._silence_since + pad
+            is_turn = end - start >= MIN_SPEECH_MS * self._ms
+            if silent >= END_SILENCE_MS * self._ms:
                 self._start = self._silence_since = None
-                return SpeechStopped(start, end, end - start >= MIN_SPEECH_MS * self._ms)
+                self._paused = False
+                return SpeechStopped(start, end, is_turn)
+            if is_turn and not self._paused and silent >= EARLY_END_SILENCE_MS * self._ms:
+                self._paused = True
+                return SpeechPaused(start, end)
         return None
