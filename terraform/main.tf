@@ -1,8 +1,9 @@
 # converse on AWS: HTTPS (API Gateway HTTP API) -> Lambda (FastAPI + Mangum)
 # for request/response routes, and an internet-facing ALB (behind CloudFront
 # or with an ACM certificate) -> the same API image on ECS for live sessions;
-# both reach Triton on ECS/EC2 GPU hosts through an internal ALB, with S3 and
-# DynamoDB behind VPC endpoints. Modules: network, data, model_store, triton,
+# both reach Triton on ECS/EC2 GPU hosts through an internal ALB (HTTP), and
+# the sessions service also through an internal NLB (gRPC, the chat LM's token
+# stream), with S3 and DynamoDB behind VPC endpoints. Modules: network, data, model_store, triton,
 # api, sessions.
 
 locals {
@@ -63,11 +64,13 @@ module "triton" {
   model_bucket_arn          = module.model_store.bucket_arn
   model_bucket_name         = module.model_store.bucket_name
   client_security_group_ids = [module.api.security_group_id, module.sessions.security_group_id]
-  queue_time_target_us      = var.queue_time_target_us
-  gpu_utilization_high      = var.gpu_utilization_high
-  kms_key                   = module.data.kms_key_arn
-  log_retention_days        = var.log_retention_days
-  logs_bucket               = module.data.logs_bucket
+  # Only the sessions service streams the chat LM over gRPC.
+  grpc_client_security_group_ids = [module.sessions.security_group_id]
+  queue_time_target_us           = var.queue_time_target_us
+  gpu_utilization_high           = var.gpu_utilization_high
+  kms_key                        = module.data.kms_key_arn
+  log_retention_days             = var.log_retention_days
+  logs_bucket                    = module.data.logs_bucket
 }
 
 module "api" {
@@ -102,7 +105,7 @@ module "sessions" {
   public_subnet_ids    = module.network.public_subnet_ids
   private_subnet_ids   = module.network.private_subnet_ids
   image                = var.api_image
-  environment          = local.app_environment
+  environment          = merge(local.app_environment, { CONVERSE_TRITON_GRPC_URL = module.triton.grpc_endpoint })
   sessions_table_name  = module.data.sessions_table_name
   app_policy_arn       = module.api.app_policy_arn
   ecr_repository_arn   = module.api.ecr_repository_arn

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -193,6 +194,7 @@ def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -
                    "module.triton.aws_appautoscaling_policy.from_zero[0]",
                    "module.data.aws_iam_service_linked_role.autoscaling[0]"):
         assert needed in managed, needed
+    _check_triton_grpc(emulator)
 
     # A second plan refreshes every resource without error. (It is not empty:
     # moto drops some attributes, e.g. capacity provider strategies.)
@@ -211,11 +213,57 @@ def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -
           f"destroy in {destroy_s:.0f} s")
 
 
-def _empty_versioned_buckets(endpoint: str) -> None:
+def _client(endpoint: str, service: str) -> Any:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(service, endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _check_triton_grpc(endpoint: str) -> None:
+    """The sessions service streams the chat LM from Triton over gRPC, on the internal NLB."""
+    elbv2 = _client(endpoint, "elbv2")
+    balancers = {b["LoadBalancerName"]: b for b in elbv2.describe_load_balancers()["LoadBalancers"]}
+    nlb = balancers["converse-triton-grpc"]
+    assert (nlb["Type"], nlb["Scheme"]) == ("network", "internal")
+    ec2 = _client(endpoint, "ec2")
+    (nlb_group,) = ec2.describe_security_groups(GroupIds=nlb["SecurityGroups"])["SecurityGroups"]
+    sessions_group = ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": ["converse-sessions-tasks"]}])["SecurityGroups"]
+    assert [(r["FromPort"], [g["GroupId"] for g in r["UserIdGroupPairs"]], r["IpRanges"])
+            for r in nlb_group["IpPermissions"]] == [(8001, [sessions_group[0]["GroupId"]], [])]
+    listeners = elbv2.describe_listeners(LoadBalancerArn=nlb["LoadBalancerArn"])["Listeners"]
+    assert [(x["Port"], x["Protocol"]) for x in listeners] == [(8001, "TCP")]
+
+    ecs = _client(endpoint, "ecs")
+    triton = ecs.describe_services(cluster="converse", services=["converse-triton"])
+    attached = {(b["containerName"], b["containerPort"], b["targetGroupArn"])
+                for b in triton["services"][0]["loadBalancers"]}
+    groups = {g["TargetGroupArn"]: g for g in elbv2.describe_target_groups()["TargetGroups"]}
+    assert {(port, groups[arn]["Protocol"], groups[arn]["Port"])
+            for _, port, arn in attached} == {(8000, "HTTP", 8000), (8001, "TCP", 8001)}
+    assert {name for name, _, _ in attached} == {"triton"}
+    grpc_group = next(arn for _, port, arn in attached if port == 8001)
+    assert groups[grpc_group]["LoadBalancerArns"] == [nlb["LoadBalancerArn"]]
+    assert groups[grpc_group]["HealthCheckPath"] == "/v2/health/ready"
+    triton_task = ecs.describe_task_definition(
+        taskDefinition=triton["services"][0]["taskDefinition"])["taskDefinition"]
+    container = next(c for c in triton_task["containerDefinitions"] if c["name"] == "triton")
+    assert 8001 in {m["containerPort"] for m in container["portMappings"]}
+
+    sessions = ecs.describe_services(cluster="converse-sessions", services=["converse-sessions"])
+    task = ecs.describe_task_definition(
+        taskDefinition=sessions["services"][0]["taskDefinition"])["taskDefinition"]
+    environment = {e["name"]: e["value"] for e in task["containerDefinitions"][0]["environment"]}
+    assert environment["CONVERSE_TRITON_GRPC_URL"] == f"{nlb['DNSName']}:8001"
+    assert environment["CONVERSE_TRITON_URL"] == f"{balancers['converse-triton']['DNSName']}:8000"
+    # The Lambda stays on HTTP.
+    function = _client(endpoint, "lambda").get_function_configuration(FunctionName="converse-api")
+    assert "CONVERSE_TRITON_GRPC_URL" not in function["Environment"]["Variables"]
+
+
+def _empty_versioned_buckets(endpoint: str) -> None:
+    s3 = _client(endpoint, "s3")
     for bucket in s3.list_buckets()["Buckets"]:
         pages = s3.get_paginator("list_object_versions").paginate(Bucket=bucket["Name"])
         for page in pages:

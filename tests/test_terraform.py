@@ -137,15 +137,47 @@ def test_lambda_and_triton_run_in_private_subnets() -> None:
 
 
 def test_triton_is_not_reachable_from_the_internet() -> None:
-    balancer = resources("triton", "aws_lb")["triton"]
-    assert balancer["internal"] is True
+    balancers = resources("triton", "aws_lb")
+    assert set(balancers) == {"triton", "grpc"}
+    assert all(balancer["internal"] is True for balancer in balancers.values())
+    clients = {"alb": "${var.client_security_group_ids}",
+               "nlb": "${var.grpc_client_security_group_ids}"}
     groups = resources("triton", "aws_security_group")
     for name, group in groups.items():
         for rule in group.get("ingress", []):
             assert "cidr_blocks" not in rule, name
-            assert rule["security_groups"] == "${var.client_security_group_ids}"
-    rule = resources("triton", "aws_security_group_rule")["tasks_from_alb"]
-    assert rule["source_security_group_id"] == "${aws_security_group.alb.id}"
+            assert rule["security_groups"] == clients[name]
+    # The tasks admit the two balancers' groups only.
+    rules = resources("triton", "aws_security_group_rule")
+    assert {rule["source_security_group_id"] for rule in rules.values()} == {
+        "${aws_security_group.alb.id}", "${aws_security_group.nlb.id}"}
+
+
+def test_sessions_reach_triton_grpc_through_the_nlb() -> None:
+    # An ALB forwards gRPC only from an HTTPS listener: plain TCP on an NLB.
+    balancer = resources("triton", "aws_lb")["grpc"]
+    assert balancer["load_balancer_type"] == "network"
+    assert balancer["security_groups"] == ["${aws_security_group.nlb.id}"]
+    listener = resources("triton", "aws_lb_listener")["grpc"]
+    assert (listener["port"], listener["protocol"]) == ("${local.grpc_port}", "TCP")
+    group = resources("triton", "aws_lb_target_group")["grpc"]
+    assert (group["protocol"], group["target_type"]) == ("TCP", "ip")
+    assert group["health_check"][0]["path"] == "/v2/health/ready"
+    service = resources("triton", "aws_ecs_service")["triton"]
+    ports = {(b["target_group_arn"], b["container_port"]) for b in service["load_balancer"]}
+    assert ports == {("${aws_lb_target_group.triton.arn}", "${var.port}"),
+                     ("${aws_lb_target_group.grpc.arn}", "${local.grpc_port}")}
+    assert "${aws_lb_listener.grpc}" in service["depends_on"]
+    # Only the sessions service gets the gRPC endpoint and may reach it.
+    root = parse(TERRAFORM / "main.tf")
+    modules = {name: body for block in root["module"] for name, body in block.items()}
+    assert modules["triton"]["grpc_client_security_group_ids"] == [
+        "${module.sessions.security_group_id}"]
+    grpc_url = "CONVERSE_TRITON_GRPC_URL = module.triton.grpc_endpoint"
+    assert grpc_url in modules["sessions"]["environment"]
+    shared = {k: v for block in root["locals"] for k, v in block.items()}["app_environment"]
+    assert "CONVERSE_TRITON_GRPC_URL" not in shared
+    assert "GRPC" not in modules["api"]["environment"]
 
 
 def test_every_log_group_has_retention_and_kms() -> None:

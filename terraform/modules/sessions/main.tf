@@ -17,7 +17,7 @@ variable "public_subnet_ids" { type = list(string) }
 variable "private_subnet_ids" { type = list(string) }
 variable "image" { type = string }
 variable "environment" {
-  description = "CONVERSE_* settings shared with the Lambda (storage, blobs, Triton, keys)."
+  description = "CONVERSE_* settings shared with the Lambda (storage, blobs, Triton, keys), plus Triton's gRPC endpoint."
   type        = map(string)
 }
 variable "sessions_table_name" { type = string }
@@ -144,6 +144,15 @@ resource "aws_security_group" "tasks" {
     description = "Triton HTTP on the internal ALB"
     from_port   = 8000
     to_port     = 8000
+    protocol    = "tcp"
+    cidr_blocks = [data.aws_vpc.this.cidr_block]
+  }
+  # The VPC's CIDR, not the Triton balancers' groups: those admit this group,
+  # so naming them here would make a cycle.
+  egress {
+    description = "Triton gRPC on the internal NLB"
+    from_port   = 8001
+    to_port     = 8001
     protocol    = "tcp"
     cidr_blocks = [data.aws_vpc.this.cidr_block]
   }

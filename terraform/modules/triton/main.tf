@@ -1,5 +1,6 @@
 # Triton on ECS with EC2 GPU hosts (Amazon Linux 2023 ECS GPU AMI) in private
-# subnets, behind an internal ALB that only the API's security groups can
+# subnets, behind an internal ALB (HTTP) that only the API's security groups
+# can reach, and an internal NLB (gRPC) that only the sessions service can
 # reach. The model repository is read from S3 by the task role. A CloudWatch
 # agent sidecar scrapes Triton's Prometheus metrics; the service scales on
 # queue time per request, with GPU utilisation as a second signal, and from
@@ -20,6 +21,10 @@ variable "client_security_group_ids" {
   description = "Security groups of the API (Lambda and the sessions service) allowed to reach Triton."
   type        = list(string)
 }
+variable "grpc_client_security_group_ids" {
+  description = "Security groups allowed to reach Triton's gRPC endpoint (the sessions service; the Lambda uses HTTP only)."
+  type        = list(string)
+}
 variable "shm_size_mb" {
   description = "/dev/shm of the Triton container, MiB (BLS passes KV caches through it; Docker's default is 64)."
   type        = number
@@ -35,6 +40,7 @@ variable "scale_from_zero" {
 }
 
 locals {
+  grpc_port         = 8001 # tritonserver's default --grpc-port
   metrics_port      = 8002
   metrics_namespace = "${var.name}/Triton"
 }
@@ -283,6 +289,7 @@ resource "aws_ecs_task_definition" "triton" {
       linuxParameters = { sharedMemorySize = var.shm_size_mb }
       portMappings = [
         { containerPort = var.port, protocol = "tcp" },
+        { containerPort = local.grpc_port, protocol = "tcp" },
         { containerPort = local.metrics_port, protocol = "tcp" },
       ]
       healthCheck = {
@@ -346,6 +353,8 @@ resource "aws_security_group" "alb" {
   }
 }
 
+# Ingress: the rules below (HTTP from the ALB; gRPC and health checks from the
+# NLB). The description predates the NLB: changing it would replace the group.
 resource "aws_security_group" "tasks" {
   name        = "${var.name}-triton-tasks"
   description = "Triton tasks: HTTP from the internal ALB only"
@@ -367,6 +376,61 @@ resource "aws_security_group_rule" "tasks_from_alb" {
   to_port                  = var.port
   protocol                 = "tcp"
   source_security_group_id = aws_security_group.alb.id
+}
+
+# gRPC (the sessions service's chat LM token stream) goes through an internal
+# NLB, not the ALB: an ALB forwards gRPC only from an HTTPS listener, which
+# needs a certificate this internal, plain-HTTP setup does not have (a private
+# CA). The NLB passes TCP through unchanged, so HTTP/2 cleartext reaches
+# tritonserver as the client sent it. The NLB has its own security group: it
+# admits only the sessions tasks' group, and the Triton tasks admit only the
+# NLB's group (tighter than the private subnets' CIDRs, which would also let
+# the Lambda and the GPU hosts in).
+resource "aws_security_group" "nlb" {
+  name        = "${var.name}-triton-nlb"
+  description = "Internal Triton NLB: gRPC from the sessions service only"
+  vpc_id      = var.vpc_id
+  ingress {
+    description     = "Triton gRPC from the sessions service"
+    from_port       = local.grpc_port
+    to_port         = local.grpc_port
+    protocol        = "tcp"
+    security_groups = var.grpc_client_security_group_ids
+  }
+  egress {
+    description     = "To Triton tasks: gRPC"
+    from_port       = local.grpc_port
+    to_port         = local.grpc_port
+    protocol        = "tcp"
+    security_groups = [aws_security_group.tasks.id]
+  }
+  egress {
+    description     = "To Triton tasks: HTTP health checks (/v2/health/ready)"
+    from_port       = var.port
+    to_port         = var.port
+    protocol        = "tcp"
+    security_groups = [aws_security_group.tasks.id]
+  }
+}
+
+resource "aws_security_group_rule" "tasks_grpc_from_nlb" {
+  description              = "Triton gRPC from the internal NLB"
+  type                     = "ingress"
+  security_group_id        = aws_security_group.tasks.id
+  from_port                = local.grpc_port
+  to_port                  = local.grpc_port
+  protocol                 = "tcp"
+  source_security_group_id = aws_security_group.nlb.id
+}
+
+resource "aws_security_group_rule" "tasks_health_from_nlb" {
+  description              = "Triton HTTP health checks from the internal NLB"
+  type                     = "ingress"
+  security_group_id        = aws_security_group.tasks.id
+  from_port                = var.port
+  to_port                  = var.port
+  protocol                 = "tcp"
+  source_security_group_id = aws_security_group.nlb.id
 }
 
 resource "aws_lb" "triton" {
@@ -416,6 +480,48 @@ resource "aws_lb_listener" "triton" {
   }
 }
 
+resource "aws_lb" "grpc" {
+  #checkov:skip=CKV_AWS_150:deletion protection would block `terraform destroy` in docs/deploy.md's tear-down; the NLB holds no state
+  #checkov:skip=CKV_AWS_91:an NLB writes access logs only for TLS listeners; its only listener is plain TCP
+  name                             = "${var.name}-triton-grpc"
+  internal                         = true
+  load_balancer_type               = "network"
+  subnets                          = var.private_subnet_ids
+  security_groups                  = [aws_security_group.nlb.id]
+  enable_cross_zone_load_balancing = true # few GPU tasks: a client in one AZ must reach a task in the other
+}
+
+resource "aws_lb_target_group" "grpc" {
+  name                 = "${var.name}-triton-grpc"
+  port                 = local.grpc_port
+  protocol             = "TCP"
+  target_type          = "ip"
+  vpc_id               = var.vpc_id
+  deregistration_delay = 60 # token streams are seconds long
+  # Ready means every model loaded (--strict-readiness), as for the ALB; an
+  # open gRPC port alone would not say so.
+  health_check {
+    protocol            = "HTTP"
+    port                = tostring(var.port)
+    path                = "/v2/health/ready"
+    matcher             = "200"
+    interval            = 15
+    timeout             = 5
+    healthy_threshold   = 2
+    unhealthy_threshold = 3
+  }
+}
+
+resource "aws_lb_listener" "grpc" {
+  load_balancer_arn = aws_lb.grpc.arn
+  port              = local.grpc_port
+  protocol          = "TCP"
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.grpc.arn
+  }
+}
+
 resource "aws_ecs_service" "triton" {
   name                              = "${var.name}-triton"
   cluster                           = aws_ecs_cluster.this.id
@@ -436,6 +542,11 @@ resource "aws_ecs_service" "triton" {
     container_name   = "triton"
     container_port   = var.port
   }
+  load_balancer {
+    target_group_arn = aws_lb_target_group.grpc.arn
+    container_name   = "triton"
+    container_port   = local.grpc_port
+  }
   deployment_circuit_breaker {
     enable   = true
     rollback = true
@@ -445,7 +556,7 @@ resource "aws_ecs_service" "triton" {
   }
   # The association must outlive the service: destroy removes the service
   # (and its tasks) before the capacity provider leaves the cluster.
-  depends_on = [aws_lb_listener.triton, aws_ecs_cluster_capacity_providers.this]
+  depends_on = [aws_lb_listener.triton, aws_lb_listener.grpc, aws_ecs_cluster_capacity_providers.this]
 }
 
 resource "aws_appautoscaling_target" "triton" {
@@ -544,7 +655,8 @@ resource "aws_cloudwatch_metric_alarm" "gpu_high" {
 # Scale from zero: with no task there are no Triton metrics, so the queue-time
 # policy reads 0 and never scales out. The internal ALB still counts the
 # requests it answers with 503; while the service wants no task and requests
-# arrive, add one.
+# arrive, add one. The NLB (gRPC) need not be watched: a session calls Triton
+# over HTTP (voices, VAD, transcription) before it streams the chat LM.
 resource "aws_appautoscaling_policy" "from_zero" {
   count              = var.scale_from_zero ? 1 : 0
   name               = "${var.name}-triton-from-zero"
@@ -601,4 +713,8 @@ resource "aws_cloudwatch_metric_alarm" "from_zero" {
 }
 
 output "alb_dns_name" { value = aws_lb.triton.dns_name }
+output "grpc_endpoint" {
+  description = "host:port of Triton's gRPC endpoint on the internal NLB (CONVERSE_TRITON_GRPC_URL)."
+  value       = "${aws_lb.grpc.dns_name}:${local.grpc_port}"
+}
 output "ecr_repository_url" { value = aws_ecr_repository.triton.repository_url }
