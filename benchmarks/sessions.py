@@ -33,6 +33,8 @@ from devtools.session_client import (
 )
 
 RATE = 16_000
+# Ten replies of up to 64 tokens voiced on 2 cores take minutes, not the default 2.
+REPLY_TIMEOUT_S = 600.0
 QUESTIONS = [
     "What is the best way to learn to cook?",
     "Can you recommend a good book?",
@@ -75,7 +77,7 @@ def _first(client: LiveClient, kind: str) -> ReceivedEvent:
 
 async def _exchange(stack: LocalStack, voice: str, audio: np.ndarray) -> Exchange:
     spoken = await spoken_exchange(stack.base_url, stack.api_key, audio, RATE, voice,
-                                   "Answer in one short sentence.")
+                                   "Answer in one short sentence.", timeout_s=REPLY_TIMEOUT_S)
     client = spoken.client
     if not client.of_type("response.audio"):
         raise RuntimeError(

@@ -18,6 +18,7 @@ from handler.sessions.turn_taking import (
     END_SILENCE_MS,
     SPEECH_PAD_MS,
     VAD_WINDOW,
+    RecentAudio,
     SpeechPaused,
     SpeechResumed,
     SpeechSegmenter,
@@ -218,3 +219,21 @@ def test_tool_arguments_are_checked_against_the_schema() -> None:
         checked_arguments("cancel", "{}", TOOLS)
     with pytest.raises(ToolCallError, match="not JSON"):
         checked_arguments("book", "{day", TOOLS)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=30))
+def test_recent_audio_holds_the_last_samples_by_stream_position(chunk_sizes: list[int]) -> None:
+    capacity = 1000
+    recent = RecentAudio(capacity)
+    stream = np.arange(sum(chunk_sizes), dtype=np.float32)
+    position = 0
+    for size in chunk_sizes:
+        recent.append(stream[position : position + size])
+        position += size
+    first_kept = max(0, position - capacity)
+    np.testing.assert_array_equal(recent.between(first_kept, position), stream[first_kept:])
+    with pytest.raises(ValueError):
+        recent.between(first_kept, position + 1)
+    if first_kept > 0:
+        with pytest.raises(ValueError):
+            recent.between(first_kept - 1, position)

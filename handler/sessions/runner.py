@@ -46,6 +46,7 @@ from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
     VAD_SAMPLE_RATE,
     VAD_WINDOW,
+    RecentAudio,
     SpeechPaused,
     SpeechResumed,
     SpeechSegmenter,
@@ -225,9 +226,10 @@ class LiveConversation:
             else soxr.ResampleStream(self.sample_rate, VAD_SAMPLE_RATE, 1, dtype="float32")
         )
         self._vad_state = models.vad.initial_state(VAD_SAMPLE_RATE)
-        self._pending = np.zeros(0, dtype=np.float32)
-        self._heard = np.zeros(0, dtype=np.float32)
-        self._heard_offset = 0
+        self._pending: list[np.ndarray] = []
+        self._audio_arrived = asyncio.Event()
+        self._vad_worker: asyncio.Task[None] | None = None
+        self._heard = RecentAudio(int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
         self._last_turn_number = max((t.index for t in turns), default=0)
         self._user_turn_id: str | None = None
         self._user_turn_started = 0.0
@@ -243,34 +245,50 @@ class LiveConversation:
     # ---- inbound ---------------------------------------------------------------
 
     async def on_audio(self, samples: np.ndarray) -> None:
-        """Take user audio (float32 [n] mono at the session rate); act on speech start/stop.
+        """Take user audio (float32 [n] mono at the session rate); returns at once.
+
+        VAD runs in a task of its own on all the audio pending when it gets to
+        it, so a socket keeps being read (pings answered, audio buffered) while
+        Triton is slow, and a lagging VAD catches up in fewer, larger calls.
 
         Raises:
-            ServiceUnavailable, InferenceError: the VAD call failed (the transport
-                closes the socket with an internal error).
+            ServiceUnavailable, InferenceError: an earlier VAD call failed (the
+                transport closes the socket with an internal error).
         """
+        if self._vad_worker is None:
+            self._vad_worker = asyncio.create_task(self._run_vad())
+        elif self._vad_worker.done():
+            self._vad_worker.result()
         at_16k = samples if self._to_vad is None else self._to_vad.resample_chunk(samples)
-        self._heard = np.concatenate([self._heard, at_16k.astype(np.float32)])
-        self._pending = np.concatenate([self._pending, at_16k.astype(np.float32)])
-        whole = len(self._pending) // VAD_WINDOW * VAD_WINDOW
-        if whole == 0:
-            return
-        windows = self._pending[:whole].reshape(-1, VAD_WINDOW)
-        self._pending = self._pending[whole:]
-        probabilities, self._vad_state = await self.models.vad.speech_probabilities(
-            windows, self._vad_state, VAD_SAMPLE_RATE
-        )
-        for probability in probabilities:
-            decision = self._segmenter.push(float(probability))
-            if isinstance(decision, SpeechStarted):
-                await self._speech_started(decision)
-            elif isinstance(decision, SpeechPaused):
-                self._speech_paused(decision)
-            elif isinstance(decision, SpeechResumed):
-                await self._drop_early_turn()
-            elif isinstance(decision, SpeechStopped):
-                await self._speech_stopped(decision)
-        self._trim_heard()
+        self._heard.append(at_16k.astype(np.float32))
+        self._pending.append(at_16k.astype(np.float32))
+        self._audio_arrived.set()
+
+    async def _run_vad(self) -> None:
+        """Speech probabilities for every whole pending window; act on speech start/stop."""
+        carried = np.zeros(0, dtype=np.float32)
+        while True:
+            await self._audio_arrived.wait()
+            self._audio_arrived.clear()
+            audio = np.concatenate([carried, *self._pending])
+            self._pending.clear()
+            whole = len(audio) // VAD_WINDOW * VAD_WINDOW
+            carried = audio[whole:]
+            if whole == 0:
+                continue
+            probabilities, self._vad_state = await self.models.vad.speech_probabilities(
+                audio[:whole].reshape(-1, VAD_WINDOW), self._vad_state, VAD_SAMPLE_RATE
+            )
+            for probability in probabilities:
+                decision = self._segmenter.push(float(probability))
+                if isinstance(decision, SpeechStarted):
+                    await self._speech_started(decision)
+                elif isinstance(decision, SpeechPaused):
+                    self._speech_paused(decision)
+                elif isinstance(decision, SpeechResumed):
+                    await self._drop_early_turn()
+                elif isinstance(decision, SpeechStopped):
+                    await self._speech_stopped(decision)
 
     async def on_event(self, event: events.ClientEvent) -> None:
         """Act on a client event: tool result, response cancel, playback position."""
@@ -296,6 +314,10 @@ class LiveConversation:
 
     async def close(self) -> None:
         """Stop everything this conversation started (socket gone or session ended)."""
+        if self._vad_worker is not None:
+            self._vad_worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._vad_worker
         await self._interrupt()
         for task in list(self._respond_tasks):
             task.cancel()
@@ -360,22 +382,13 @@ class LiveConversation:
         self, turn_id: str, bounds: SpeechPaused | SpeechStopped, end_of_turn: _EndOfTurn
     ) -> asyncio.Task[None]:
         start = max(bounds.start, bounds.end - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
-        audio = self._heard[start - self._heard_offset : bounds.end - self._heard_offset].copy()
+        audio = self._heard.between(start, bounds.end)
         task = asyncio.create_task(
             self._respond(turn_id, self._user_turn_started, audio, end_of_turn)
         )
         self._respond_tasks.add(task)
         task.add_done_callback(self._respond_tasks.discard)
         return task
-
-    def _trim_heard(self) -> None:
-        """Keep only the audio a turn in progress (or the next one) can still need."""
-        if self._segmenter.in_speech:
-            return
-        drop = len(self._heard) - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE)
-        if drop > 0:
-            self._heard = self._heard[drop:]
-            self._heard_offset += drop
 
     # ---- replies ---------------------------------------------------------------
 
@@ -571,7 +584,10 @@ class LiveConversation:
         await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
 
     async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
-        """Voice clauses as they come, up to :data:`VOICE_LOOKAHEAD` at once; send them in order."""
+        """Voice clauses as they come, up to :data:`VOICE_LOOKAHEAD` at once; send them in order.
+
+        Until the first clause is sent it is voiced alone, so it has a core to itself.
+        """
         resample = (
             None
             if self.models.voice_rate == self.sample_rate
@@ -582,7 +598,9 @@ class LiveConversation:
         written = False
         try:
             while not written or voicing:
-                if next_clause is None and not written and len(voicing) < VOICE_LOOKAHEAD:
+                # The first clause is voiced alone: its voicing time is time to first audio.
+                lookahead = VOICE_LOOKAHEAD if reply.clauses else 1
+                if next_clause is None and not written and len(voicing) < lookahead:
                     next_clause = asyncio.ensure_future(clauses.get())
                 waiting: set[asyncio.Future[Any]] = {next_clause} if next_clause else set()
                 if voicing:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 VAD_SAMPLE_RATE = 16_000
 # Samples per VAD window at 16 kHz (Silero VAD's fixed window; DESIGN.md).
 VAD_WINDOW = 512
@@ -137,3 +139,36 @@ class SpeechSegmenter:
                 self._paused = True
                 return SpeechPaused(start, end)
         return None
+
+
+class RecentAudio:
+    """The last ``capacity`` samples of a stream, addressed by stream position.
+
+    A ring buffer: appending costs the chunk's length, not the history's. (An
+    array grown and re-copied for every 20 ms message made that copy the API
+    process's main CPU cost with several sessions open.)
+
+    Args:
+        capacity: samples kept.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._buffer = np.zeros(capacity, dtype=np.float32)
+        self.end = 0
+
+    def append(self, samples: np.ndarray) -> None:
+        """Add float32 [n] samples at the stream's end."""
+        kept = samples[-len(self._buffer) :]
+        start = self.end + len(samples) - len(kept)
+        self._buffer[np.arange(start, start + len(kept)) % len(self._buffer)] = kept
+        self.end += len(samples)
+
+    def between(self, start: int, end: int) -> np.ndarray:
+        """A copy of stream samples ``[start, end)``, float32.
+
+        Raises:
+            ValueError: part of the range is no longer kept or not yet received.
+        """
+        if start < self.end - len(self._buffer) or end > self.end or start > end:
+            raise ValueError(f"samples [{start}, {end}) are not held (have up to {self.end})")
+        return self._buffer[np.arange(start, end) % len(self._buffer)]
