@@ -138,7 +138,9 @@ def measure_sessions(stack: LocalStack, utterances: int, concurrent: int) -> str
         "p50 / p95. TTFA runs from the true end of the user's speech to the first reply audio;",
         "it is the sum of the VAD hangover (the 500 ms end-of-speech silence plus a window),",
         "ASR, the LM's first token, the first clause's voicing and the rest (transport,",
-        "waiting for a whole clause, resampling, encoding). *Gap*: the longest stall of a",
+        "waiting for a whole clause, resampling, encoding). ASR and the LM's first token",
+        "count from the confirmed end of speech: work on the turn starts 160 ms into the",
+        "silence, so about 340 ms of it is done by then. *Gap*: the longest stall of a",
         "client playing the reply as it arrives.",
         "",
         "| load | replies | TTFA | VAD hangover | ASR | LM first token | first clause voice "

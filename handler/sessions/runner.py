@@ -690,10 +690,7 @@ class LiveConversation:
             text = await heard_text(reply.clauses, played_ms / 1000.0, reply_alignment)
         for task in reply.alignments.values():
             task.cancel()
-        done = events.ResponseDone(
-            turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
-        )
-        await self._emit(done)
+        # Stored first: a client that reads the session on response.done finds the turn.
         await self._put_turn(
             TurnRecord(
                 turn_id=reply.turn_id,
@@ -708,6 +705,10 @@ class LiveConversation:
                 latency_ms=reply.latency_ms,
             )
         )
+        done = events.ResponseDone(
+            turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
+        )
+        await self._emit(done)
         if text:
             self._history.append(ChatMessage(role="assistant", content=text))
         self._exchanges += 1
