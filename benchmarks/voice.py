@@ -316,7 +316,7 @@ def measure_voice(stack: LocalStack, repeats: int) -> str:
 |---|---|
 | (a) {len(SENTENCES)} sentences one at a time, in-process G2P + onnxruntime (every core) | {a_local:.2f} s |
 | (a) same sentences through the Triton `kokoro` ensemble (HTTP, binary tensors) | {a_triton:.2f} s |
-| (a) same, in-process with one onnxruntime thread (as one Triton instance) | {a_one:.2f} s |
+| (a) same, in-process with one onnxruntime thread | {a_one:.2f} s |
 | (a) Triton / in-process ratio (every core / one thread) | {a_triton / a_local:.2f} / {a_triton / a_one:.2f} |
 | (b) 6-turn `/v1/audio/conversation`, wall time | {b_request:.2f} s for {audio_s["api"]:.2f} s of audio |
 | (b) kokoro-onnx 0.6 in-process, same turns and model, wall time | {b_bare:.2f} s for {audio_s["bare"]:.2f} s of audio |
@@ -331,12 +331,13 @@ Per-round (b) times, API / kokoro-onnx: {", ".join(f"{a:.2f}/{b:.2f}" for a, b i
 Notes: (b) kokoro-onnx renders the turns one after another with its default
 onnxruntime session (intra-op threads on every core); the API voices the
 turns side by side on the local repository's two `kokoro_network` instances
-of one onnxruntime thread each (`python -m export kokoro` defaults). Same
-int8 model and voice packs; kokoro-onnx phonemizes with espeak-ng, the API
-with NanoG2P, so the audio lengths differ a little (shown). (a) is one call
-at a time, so one Triton instance (one thread) races onnxruntime on every
-core; against one thread, the ratio is the serving overhead alone (HTTP,
-ensemble, two python-backend hops). On a machine shared with other work the
+of two onnxruntime threads each whose idle threads do not spin
+(`python -m export kokoro` defaults). Same int8 model and voice packs;
+kokoro-onnx phonemizes with espeak-ng, the API with NanoG2P, so the audio
+lengths differ a little (shown). (a) is one call at a time: one Triton
+instance (two threads) against onnxruntime on every core, the serving
+overhead (HTTP, ensemble, two python-backend hops) included; the one-thread
+row shows what a lone call gains from the second thread. On a machine shared with other work the
 figures move together from round to round; the ratios, taken within each round, are the measurement.
 """
 

@@ -69,11 +69,13 @@ class KokoroExportOptions(ExportOptions):
         network_instances: Triton instances of ``kokoro_network``.
         frontend_instances: Triton instances of ``kokoro_frontend``.
         intra_op_threads: onnxruntime intra-op threads per CPU instance (0 = all cores).
+            Two, with pool threads that do not spin: a lone call has both cores,
+            two calls at once share them (docs/PERFORMANCE.md, Kokoro tuning).
     """
 
     network_instances: int = 2
     frontend_instances: int = 1
-    intra_op_threads: int = 1
+    intra_op_threads: int = 2
 
 
 def _data_file(name: str) -> Path:

@@ -5,7 +5,9 @@ GPU repository serves with ``platform: "onnxruntime_onnx"`` is served by this
 file instead (``python -m export`` copies it as ``<network>/1/model.py`` next
 to the ``model.onnx``). Tensor names come from the model's config, so names,
 shapes and dtypes match the GPU variant exactly; each request runs the graph
-once. Config parameter ``intra_op_threads``: onnxruntime threads (0 = all cores).
+once. Config parameters: ``intra_op_threads``, onnxruntime threads (0 = all
+cores); ``intra_op_spinning`` "0" stops idle pool threads from spinning, so
+instances that share the cores do not take them from each other.
 """
 
 import json
@@ -25,7 +27,10 @@ class TritonPythonModel:
         """Open an onnxruntime session; read tensor names from the config."""
         config = json.loads(args["model_config"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(backend.parameters(args)["intra_op_threads"])
+        parameters = backend.parameters(args)
+        options.intra_op_num_threads = int(parameters["intra_op_threads"])
+        if parameters.get("intra_op_spinning") == "0":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             backend.version_file(args, "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
