@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -81,6 +82,28 @@ def _inference_error(model: str, error: InferenceServerException) -> InferenceEr
         upstream=Upstream(PROVIDER, code, status),
     )
 
+
+
+def infer_inputs(make_input: Callable[[str, list[int], str], Any],
+                 arrays: Mapping[str, np.ndarray]) -> list[Any]:
+    """Numpy arrays as tritonclient request inputs, data attached.
+
+    Args:
+        make_input: the ``InferInput`` class of the client in use
+            (``tritonclient.http.aio`` or ``tritonclient.grpc.aio``).
+        arrays: tensor name -> array; object arrays (UTF-8 bytes) become ``BYTES``,
+            other dtypes their Triton equivalent (``np_to_triton_dtype``).
+
+    Returns:
+        one input per array, in ``arrays``' order.
+    """
+    inputs = []
+    for name, array in arrays.items():
+        dtype = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
+        tensor = make_input(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 class TritonClient:
     """Thin async wrapper over ``tritonclient.http.aio.InferenceServerClient``.
@@ -156,12 +179,7 @@ class TritonClient:
             InferenceError: Triton answered with an error.
         """
         client, slots = self._current()
-        request_inputs = []
-        for name, array in inputs.items():
-            dtype = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
-            tensor = triton_http.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            request_inputs.append(tensor)
+        request_inputs = infer_inputs(triton_http.InferInput, inputs)
         requested = [triton_http.InferRequestedOutput(name) for name in outputs]
         async with slots:
             try:

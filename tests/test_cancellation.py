@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_grpc
 import tritonclient.http.aio as triton_http
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from devtools.local_triton import LocalTriton
 from handler.errors import InferenceError
-from handler.triton import TritonClient, bind_deadline, unbind_deadline
+from handler.triton import TritonClient, bind_deadline, infer_inputs, unbind_deadline
 from tests.helpers import TINY_CSM, TinyTriton
 
 pytestmark = pytest.mark.triton
@@ -65,13 +65,7 @@ async def running(server: LocalTriton, before: int) -> None:
 
 def tensors(module: Any) -> list[Any]:
     """``INPUTS`` as ``module.InferInput``s (tritonclient http or grpc)."""
-    result = []
-    for name, array in INPUTS.items():
-        dtype = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
-        tensor = module.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        result.append(tensor)
-    return result
+    return infer_inputs(module.InferInput, INPUTS)
 
 
 @pytest.fixture(scope="module")

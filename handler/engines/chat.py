@@ -30,10 +30,11 @@ import httpx
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 from httpx_sse import SSEError, aconnect_sse
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from handler.errors import InferenceError, ServiceUnavailable, Upstream
 from handler.settings import Settings
+from handler.triton import infer_inputs
 
 CHAT_MODEL = "chat"
 # SmolLM2-135M-Instruct loops on one sentence when decoding greedily; a CTRL
@@ -241,13 +242,7 @@ class TritonChatModel:
             "MAX_NEW_TOKENS": np.array([max_new_tokens], np.int32),
             "SEED": np.array([seed], np.int64),
         }
-        inputs = []
-        for name, array in values.items():
-            dtype = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
-            tensor = triton_grpc.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
+        return infer_inputs(triton_grpc.InferInput, values)
 
     async def stream(
         self,
