@@ -13,6 +13,7 @@ import secrets
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 from devtools.api_server import ApiServer
 from devtools.local_triton import LocalTriton, TritonStartError, free_port
@@ -100,10 +101,14 @@ class LocalStack(Service):
         repository: model repository root.
         port: API port on 127.0.0.1 (a free one if None).
         supervise: restart tritonserver when it dies (:class:`Supervisor`).
+        triton_protocol: the API's ``triton_protocol``: ``grpc`` (inference calls of a
+            client that disconnects stop inside Triton) or ``http``.
     """
 
-    def __init__(self, repository: Path, port: int | None = None, supervise: bool = False) -> None:
+    def __init__(self, repository: Path, port: int | None = None, supervise: bool = False,
+                 triton_protocol: Literal["http", "grpc"] = "grpc") -> None:
         self.triton = LocalTriton(repository)
+        self.triton_protocol = triton_protocol
         self.port = port or free_port()
         self.api_key = f"sk-local-{secrets.token_hex(12)}"
         self.supervisor = Supervisor(self.triton) if supervise else None
@@ -132,6 +137,7 @@ class LocalStack(Service):
         settings = Settings(
             triton_url=self.triton.http_url,
             triton_grpc_url=self.triton.grpc_url,
+            triton_protocol=self.triton_protocol,
             api_keys=self.api_key,
         )
         self._api = ApiServer(create_app(settings), self.port).start()

@@ -152,7 +152,12 @@ def create_app(
         ``session_hub`` (live session sockets) and ``conversation_factory``.
     """
     settings = settings or Settings()
-    triton = TritonClient(settings.triton_url, settings.triton_max_inflight, settings.retry_after_s)
+    triton = TritonClient(
+        settings.triton_url,
+        settings.triton_max_inflight,
+        settings.retry_after_s,
+        settings.triton_grpc_url if settings.triton_protocol == "grpc" else None,
+    )
     admission = Admission(
         settings.admission_max_active,
         settings.admission_max_queued,

@@ -28,7 +28,13 @@ class Settings(BaseSettings):
     )
     triton_grpc_url: str = Field(
         "127.0.0.1:8001",
-        description="Triton gRPC endpoint as host:port: the chat LM's token stream.",
+        description="Triton gRPC endpoint as host:port: the chat LM's token stream, and every "
+        "inference call when triton_protocol is grpc.",
+    )
+    triton_protocol: Literal["http", "grpc"] = Field(
+        "http",
+        description="Protocol of inference calls: grpc stops a request's work inside Triton as "
+        "soon as its client goes away; http stops it at the request's deadline.",
     )
     chat_base_url: str = Field(
         "",

@@ -1,23 +1,27 @@
-"""The one Triton client of the API process (tritonclient's asyncio HTTP client).
+"""The one Triton client of the API process (tritonclient's asyncio clients).
 
-The client is created lazily inside the running event loop (aiohttp sessions
-belong to one loop; under Mangum each invocation may run a new loop, in which
-case a fresh client is made). Transport and server failures map onto the API's
-error classes: unreachable -> :class:`ServiceUnavailable` (503), an error
-answer -> :class:`InferenceError` (502). Their client-facing messages name no
-host or port; Triton's address and its own words go in ``detail`` (logged), its
-status in ``upstream``.
+Health, the model index and model configs go over Triton's HTTP endpoint;
+inference calls go over HTTP or, when the client is given a gRPC address
+(``CONVERSE_TRITON_PROTOCOL=grpc``), over gRPC. The clients are created lazily
+inside the running event loop (aiohttp sessions and gRPC channels belong to
+one loop; under Mangum each invocation may run a new loop, in which case fresh
+clients are made). Transport and server failures map onto the API's error
+classes: unreachable -> :class:`ServiceUnavailable` (503), an error answer ->
+:class:`InferenceError` (502). Their client-facing messages name no host or
+port; Triton's address and its own words go in ``detail`` (logged), its error
+code (and HTTP status) in ``upstream``.
 
 Stopping work inside Triton: cancelling the awaiting task (deadline passed,
-client gone) closes the HTTP call, but Triton's HTTP endpoint does not cancel
-a request whose connection closed (only its gRPC endpoint does; Triton docs,
-"Request Cancellation"; measured with tritonserver 2.51 in
-``tests/test_cancellation.py``). So every call also carries the request's
-remaining time as Triton's ``timeout`` request parameter (microseconds): a
-model with a dynamic-batching queue policy drops it from its queue once the
-time is spent, and the BLS generation loops (``author``, CSM generators) stop
-at it with a CANCELLED error. The deadline is the one :func:`bind_deadline`
-put in the calling task's context (``handler.services.deadline`` does that).
+client gone) cancels a gRPC call, and Triton marks the request cancelled
+(``request.is_cancelled()`` in the BLS loops). Triton's HTTP endpoint does not
+cancel a request whose connection closed (Triton docs, "Request Cancellation";
+measured with tritonserver 2.51 in ``tests/test_cancellation.py``). So every
+call also carries the request's remaining time as Triton's ``timeout`` request
+parameter (microseconds): a model with a dynamic-batching queue policy drops
+it from its queue once the time is spent, and the BLS generation loops
+(``author``, CSM generators) stop at it with a CANCELLED error. The deadline is
+the one :func:`bind_deadline` put in the calling task's context
+(``handler.services.deadline`` does that).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import tritonclient.grpc.aio as triton_grpc
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -47,6 +52,17 @@ _TRITON_CODES = {
     500: "INTERNAL",
     501: "UNSUPPORTED",
     503: "UNAVAILABLE",
+}
+# Triton's error codes by the gRPC status code its gRPC endpoint answers them with
+# (one code for each TRITONSERVER_Error_Code; tests/test_triton_failures.py checks one).
+_TRITON_CODES_BY_GRPC = {
+    "INVALID_ARGUMENT": "INVALID_ARG",
+    "NOT_FOUND": "NOT_FOUND",
+    "ALREADY_EXISTS": "ALREADY_EXISTS",
+    "INTERNAL": "INTERNAL",
+    "UNIMPLEMENTED": "UNSUPPORTED",
+    "UNAVAILABLE": "UNAVAILABLE",
+    "CANCELLED": "CANCELLED",
 }
 
 
@@ -83,6 +99,29 @@ def _inference_error(model: str, error: InferenceServerException) -> InferenceEr
     )
 
 
+def grpc_status(error: InferenceServerException) -> str:
+    """The gRPC status code name of an error from tritonclient's gRPC client.
+
+    tritonclient puts ``str(grpc.StatusCode.X)``, i.e. ``"StatusCode.X"``, in
+    ``status()``; this returns ``"X"`` (``"UNKNOWN"`` when there is none).
+    """
+    return str(error.status() or "UNKNOWN").removeprefix("StatusCode.")
+
+
+def grpc_inference_error(model: str, error: InferenceServerException) -> InferenceError:
+    """A Triton error answered over gRPC as :class:`InferenceError` (502).
+
+    ``upstream.code`` is Triton's own code name (as over HTTP); ``upstream.status``
+    stays None: a gRPC answer has no HTTP status.
+    """
+    code = _TRITON_CODES_BY_GRPC.get(grpc_status(error), "UNKNOWN")
+    return InferenceError(
+        f"model {model!r} failed in the inference server ({code})",
+        detail=f"model {model!r}: {error.message()}",
+        upstream=Upstream(PROVIDER, code),
+    )
+
+
 
 def infer_inputs(make_input: Callable[[str, list[int], str], Any],
                  arrays: Mapping[str, np.ndarray]) -> list[Any]:
@@ -106,19 +145,25 @@ def infer_inputs(make_input: Callable[[str, list[int], str], Any],
     return inputs
 
 class TritonClient:
-    """Thin async wrapper over ``tritonclient.http.aio.InferenceServerClient``.
+    """Thin async wrapper over tritonclient's asyncio HTTP (and gRPC) clients.
 
     Args:
-        url: ``host:port`` of Triton's HTTP endpoint.
+        url: ``host:port`` of Triton's HTTP endpoint (health, model index, configs,
+            and inference when ``grpc_url`` is None).
         max_inflight: most concurrent inference calls (a semaphore).
         retry_after_s: ``Retry-After`` value put on 503 errors.
+        grpc_url: ``host:port`` of Triton's gRPC endpoint; given, inference calls
+            go over gRPC, so a cancelled call stops its work inside Triton.
     """
 
-    def __init__(self, url: str, max_inflight: int = 8, retry_after_s: int = 5) -> None:
+    def __init__(self, url: str, max_inflight: int = 8, retry_after_s: int = 5,
+                 grpc_url: str | None = None) -> None:
         self.url = url
+        self.grpc_url = grpc_url
         self.max_inflight = max_inflight
         self.retry_after_s = retry_after_s
         self._client: triton_http.InferenceServerClient | None = None
+        self._grpc_client: triton_grpc.InferenceServerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
 
@@ -126,15 +171,22 @@ class TritonClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop or self._slots is None:
             self._client = triton_http.InferenceServerClient(self.url)
+            self._grpc_client = None
             self._slots = asyncio.Semaphore(self.max_inflight)
             self._loop = loop
         return self._client, self._slots
 
-    def _unavailable(self, error: BaseException) -> ServiceUnavailable:
+    def _current_grpc(self, grpc_url: str) -> triton_grpc.InferenceServerClient:
+        self._current()
+        if self._grpc_client is None:
+            self._grpc_client = triton_grpc.InferenceServerClient(grpc_url)
+        return self._grpc_client
+
+    def _unavailable(self, error: BaseException, url: str | None = None) -> ServiceUnavailable:
         return ServiceUnavailable(
             "the inference server is unreachable; retry later",
             headers={"Retry-After": str(self.retry_after_s)},
-            detail=f"inference server unreachable at {self.url}: {error!r}",
+            detail=f"inference server unreachable at {url or self.url}: {error!r}",
             upstream=Upstream(PROVIDER, "UNAVAILABLE"),
         )
 
@@ -172,15 +224,21 @@ class TritonClient:
             outputs: names of the output tensors to return.
 
         The request carries the time left until the bound deadline as Triton's
-        ``timeout`` parameter (see the module docstring).
+        ``timeout`` parameter (see the module docstring). Over gRPC, cancelling
+        the awaiting task cancels the request inside Triton.
 
         Raises:
-            ServiceUnavailable: Triton unreachable (connection refused or reset).
+            ServiceUnavailable: Triton unreachable (connection refused or reset;
+                over gRPC, status UNAVAILABLE).
             InferenceError: Triton answered with an error.
         """
-        client, slots = self._current()
-        request_inputs = infer_inputs(triton_http.InferInput, inputs)
-        requested = [triton_http.InferRequestedOutput(name) for name in outputs]
+        http_client, slots = self._current()
+        client: Any = http_client
+        transport: Any = triton_http
+        if self.grpc_url is not None:
+            client, transport = self._current_grpc(self.grpc_url), triton_grpc
+        request_inputs = infer_inputs(transport.InferInput, inputs)
+        requested = [transport.InferRequestedOutput(name) for name in outputs]
         async with slots:
             try:
                 result = await client.infer(
@@ -189,11 +247,40 @@ class TritonClient:
             except (aiohttp.ClientConnectionError, OSError) as error:
                 raise self._unavailable(error) from error
             except InferenceServerException as error:
-                raise _inference_error(model, error) from error
+                answer = self._answer_error(model, error)
+                if isinstance(answer, ServiceUnavailable):
+                    await self._forget_grpc(client)
+                raise answer from error
         return {name: result.as_numpy(name) for name in outputs}
 
+    async def _forget_grpc(self, client: Any) -> None:
+        """Close ``client`` if it is the current gRPC client; the next call opens a new one.
+
+        A gRPC channel that failed to connect waits out a reconnect backoff (grpc's
+        default: 1 s growing to 120 s) and fails fast meanwhile, also after Triton is
+        back (a supervised restart takes about 12 s).
+        """
+        current = self._grpc_client
+        if current is not None and current is client:
+            self._grpc_client = None
+            await current.close()
+
+    def _answer_error(
+        self, model: str, error: InferenceServerException
+    ) -> ServiceUnavailable | InferenceError:
+        """The API error for a failed inference call (gRPC UNAVAILABLE: unreachable)."""
+        if self.grpc_url is None:
+            return _inference_error(model, error)
+        if grpc_status(error) == "UNAVAILABLE":
+            return self._unavailable(error, self.grpc_url)
+        return grpc_inference_error(model, error)
+
     async def close(self) -> None:
-        """Close the HTTP session (safe to call when none was opened)."""
-        if self._client is not None and self._loop is asyncio.get_running_loop():
-            await self._client.close()
+        """Close the HTTP session and gRPC channel (safe to call when none was opened)."""
+        if self._loop is asyncio.get_running_loop():
+            if self._client is not None:
+                await self._client.close()
+            if self._grpc_client is not None:
+                await self._grpc_client.close()
         self._client = None
+        self._grpc_client = None

@@ -2,9 +2,9 @@
 # for request/response routes, and an internet-facing ALB (behind CloudFront
 # or with an ACM certificate) -> the same API image on ECS for live sessions;
 # both reach Triton on ECS/EC2 GPU hosts through an internal ALB (HTTP), and
-# the sessions service also through an internal NLB (gRPC, the chat LM's token
-# stream), with S3 and DynamoDB behind VPC endpoints. Modules: network, data, model_store, triton,
-# api, sessions.
+# the sessions service makes its inference calls (the chat LM's token stream
+# included) through an internal NLB (gRPC), with S3 and DynamoDB behind VPC
+# endpoints. Modules: network, data, model_store, triton, api, sessions.
 
 locals {
   triton_port = 8000
@@ -21,6 +21,12 @@ locals {
     CONVERSE_S3_BUCKET               = module.data.audio_bucket_name
     CONVERSE_API_KEYS_SECRET_ARN     = module.data.api_keys_secret_arn
   }
+  # The sessions service also streams the chat LM and makes every inference call
+  # over gRPC, so a cancelled call (barge-in, a client gone) stops inside Triton.
+  sessions_environment = merge(local.app_environment, {
+    CONVERSE_TRITON_GRPC_URL = module.triton.grpc_endpoint
+    CONVERSE_TRITON_PROTOCOL = "grpc"
+  })
 }
 
 module "network" {
@@ -105,7 +111,7 @@ module "sessions" {
   public_subnet_ids    = module.network.public_subnet_ids
   private_subnet_ids   = module.network.private_subnet_ids
   image                = var.api_image
-  environment          = merge(local.app_environment, { CONVERSE_TRITON_GRPC_URL = module.triton.grpc_endpoint })
+  environment          = local.sessions_environment
   sessions_table_name  = module.data.sessions_table_name
   app_policy_arn       = module.api.app_policy_arn
   ecr_repository_arn   = module.api.ecr_repository_arn

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,46 @@ def make_settings(**overrides: Any) -> Settings:
         **overrides,
     }
     return Settings(**values)
+
+
+async def post_then_disconnect(
+    app: Any, path: str, body: dict[str, Any],
+    gone: Callable[[list[dict[str, Any]]], Awaitable[None]], timeout_s: float = 60.0,
+) -> list[dict[str, Any]]:
+    """POST ``body`` (JSON) to the ASGI ``app``; the client disconnects once ``gone`` returns.
+
+    ``gone`` gets the list of ASGI messages the app has sent so far (it grows
+    while ``gone`` waits). Returns every message the app sent.
+
+    Raises:
+        TimeoutError: the app did not finish within ``timeout_s`` seconds.
+    """
+    payload = json.dumps(body).encode()
+    sent: list[dict[str, Any]] = []
+    body_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await gone(sent)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+        "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"authorization", AUTH["Authorization"].encode()),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode())],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=timeout_s)
+    return sent
 
 
 def wav_b64(samples: np.ndarray, sample_rate: int, data_uri: bool = False) -> str:

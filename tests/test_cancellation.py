@@ -23,9 +23,10 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from devtools.local_triton import LocalTriton
+from handler.app import create_app
 from handler.errors import InferenceError
 from handler.triton import TritonClient, bind_deadline, infer_inputs, unbind_deadline
-from tests.helpers import TINY_CSM, TinyTriton
+from tests.helpers import TINY_CSM, TinyTriton, make_settings, post_then_disconnect
 
 pytestmark = pytest.mark.triton
 
@@ -177,3 +178,42 @@ def test_closing_the_http_connection_does_not_stop_the_loop(server: LocalTriton)
     before = settled_steps(server)
     asyncio.run(call())
     assert settled_steps(server) - before == FULL_RUN
+
+
+def test_a_client_that_goes_away_stops_its_authoring_inside_triton(triton: LocalTriton) -> None:
+    """``CONVERSE_TRITON_PROTOCOL=grpc``: a disconnect cancels the author call and its loop.
+
+    The same greedy request is first run to its end for the step count it takes.
+    """
+    app = create_app(make_settings(triton_url=triton.http_url, triton_grpc_url=triton.grpc_url,
+                                   triton_protocol="grpc"))
+    body = {"conversation": [{"speaker": "0", "text": "So, how was the trip to the coast?"},
+                             {"speaker": "1"}],
+            "params": {"temperature": 0.0, "max_new_tokens": 128}}
+
+    async def never_gone(sent: list[dict[str, Any]]) -> None:
+        await asyncio.Event().wait()
+
+    async def once_authoring(sent: list[dict[str, Any]]) -> None:
+        while lm_steps(triton) < before + 2:
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> tuple[int, int, list[dict[str, Any]]]:
+        nonlocal before
+        try:
+            answered = await post_then_disconnect(app, "/v1/converse", body, never_gone)
+            assert answered[0]["status"] == 200
+            full_run = await asyncio.to_thread(settled_steps, triton)
+            voiced = lm_steps(triton, "kokoro_network")
+            before = full_run
+            sent = await post_then_disconnect(app, "/v1/converse", body, once_authoring)
+            return full_run, voiced, sent
+        finally:
+            await app.state.triton.close()
+
+    before = start = settled_steps(triton)
+    after_full_run, voiced, sent = asyncio.run(scenario())
+    assert 2 <= settled_steps(triton) - after_full_run < after_full_run - start
+    assert lm_steps(triton, "kokoro_network") == voiced  # nothing voiced for the gone client
+    assert not any(message.get("status") == 200 for message in sent)
+    assert (app.state.admission.active, app.state.admission.waiting) == (0, 0)

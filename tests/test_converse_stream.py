@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from handler.app import create_app
 from handler.engines.catalog import ModelCatalog
 from handler.engines.kokoro import KokoroEngine
-from tests.helpers import AUTH, make_settings
+from tests.helpers import AUTH, make_settings, post_then_disconnect
 from tests.robust_fakes import FakeTriton, constant_voice, failing, fake_client, never
 
 # Four sentences over MAX_PIECE_CHARS together: voiced in more than one piece.
@@ -121,42 +121,16 @@ def test_client_disconnect_cancels_the_voicing() -> None:
     app = create_app(settings)
     app.state.triton = fake
     app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
-    payload = json.dumps({"conversation": [{"speaker": "0", "text": "Hello. Stall here. Bye."}],
-                          "stream": True}).encode()
-    sent: list[dict[str, Any]] = []
+    body = {"conversation": [{"speaker": "0", "text": "Hello. Stall here. Bye."}], "stream": True}
 
-    async def scenario() -> None:
-        saw_audio = asyncio.Event()
-        body_sent = False
+    async def after_first_audio(sent: list[dict[str, Any]]) -> None:
+        while not any(b"event: audio" in message.get("body", b"") for message in sent):
+            await asyncio.sleep(0.01)
 
-        async def receive() -> dict[str, Any]:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-            await saw_audio.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-            if b"event: audio" in message.get("body", b""):
-                saw_audio.set()
-
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/converse",
-            "raw_path": b"/v1/converse", "query_string": b"", "root_path": "",
-            "headers": [(b"authorization", AUTH["Authorization"].encode()),
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(payload)).encode())],
-            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
-        }
-        await asyncio.wait_for(app(scope, receive, send), timeout=30)
-
-    asyncio.run(scenario())
+    sent = asyncio.run(post_then_disconnect(app, "/v1/converse", body, after_first_audio, 30))
     assert sent[0]["status"] == 200
-    body = b"".join(message.get("body", b"") for message in sent).decode()
-    assert [name for name, _ in events(body)] == ["metadata", "audio"]
+    streamed = b"".join(message.get("body", b"") for message in sent).decode()
+    assert [name for name, _ in events(streamed)] == ["metadata", "audio"]
     assert "kokoro" in fake.cancelled
     assert (app.state.admission.active, app.state.admission.waiting) == (0, 0)
 

@@ -256,10 +256,12 @@ def _check_triton_grpc(endpoint: str) -> None:
         taskDefinition=sessions["services"][0]["taskDefinition"])["taskDefinition"]
     environment = {e["name"]: e["value"] for e in task["containerDefinitions"][0]["environment"]}
     assert environment["CONVERSE_TRITON_GRPC_URL"] == f"{nlb['DNSName']}:8001"
+    assert environment["CONVERSE_TRITON_PROTOCOL"] == "grpc"
     assert environment["CONVERSE_TRITON_URL"] == f"{balancers['converse-triton']['DNSName']}:8000"
     # The Lambda stays on HTTP.
     function = _client(endpoint, "lambda").get_function_configuration(FunctionName="converse-api")
     assert "CONVERSE_TRITON_GRPC_URL" not in function["Environment"]["Variables"]
+    assert "CONVERSE_TRITON_PROTOCOL" not in function["Environment"]["Variables"]
 
 
 def _empty_versioned_buckets(endpoint: str) -> None:

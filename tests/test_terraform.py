@@ -173,10 +173,11 @@ def test_sessions_reach_triton_grpc_through_the_nlb() -> None:
     modules = {name: body for block in root["module"] for name, body in block.items()}
     assert modules["triton"]["grpc_client_security_group_ids"] == [
         "${module.sessions.security_group_id}"]
-    grpc_url = "CONVERSE_TRITON_GRPC_URL = module.triton.grpc_endpoint"
-    assert grpc_url in modules["sessions"]["environment"]
-    shared = {k: v for block in root["locals"] for k, v in block.items()}["app_environment"]
-    assert "CONVERSE_TRITON_GRPC_URL" not in shared
+    local = {k: v for block in root["locals"] for k, v in block.items()}
+    assert modules["sessions"]["environment"] == "${local.sessions_environment}"
+    assert "CONVERSE_TRITON_GRPC_URL = module.triton.grpc_endpoint" in local["sessions_environment"]
+    assert 'CONVERSE_TRITON_PROTOCOL = "grpc"' in local["sessions_environment"]
+    assert "GRPC" not in str(local["app_environment"])
     assert "GRPC" not in modules["api"]["environment"]
 
 

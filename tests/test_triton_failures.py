@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from devtools.local_triton import free_port
+from devtools.local_triton import LocalTriton, free_port
 from handler.app import create_app
-from handler.errors import InferenceError
+from handler.errors import InferenceError, ServiceUnavailable
 from handler.settings import Settings
 from handler.triton import TritonClient
 from tests.helpers import AUTH, make_settings
@@ -18,8 +18,11 @@ from tests.helpers import AUTH, make_settings
 CONVERSE = {"conversation": [{"speaker": "0", "text": "Hello there, how are you today?"}]}
 
 
-def test_unreachable_triton_is_503_with_retry_after() -> None:
-    settings = make_settings(triton_url=f"127.0.0.1:{free_port()}", retry_after_s=7)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unreachable_triton_is_503_with_retry_after(protocol: str) -> None:
+    settings = make_settings(triton_url=f"127.0.0.1:{free_port()}",
+                             triton_grpc_url=f"127.0.0.1:{free_port()}",
+                             triton_protocol=protocol, retry_after_s=7)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         response = client.post("/v1/converse", json=CONVERSE, headers=AUTH)
         assert response.status_code == 503
@@ -34,25 +37,47 @@ def test_unreachable_triton_is_503_with_retry_after() -> None:
         assert client.get("/ready").status_code == 503
 
 
-def test_triton_error_is_inference_error(triton_url: str) -> None:
-    async def bad_voice() -> None:
-        client = TritonClient(triton_url)
-        try:
-            await client.infer(
-                "kokoro",
-                {
-                    "TEXT": np.array([b"Hello."], dtype=np.object_),
-                    "VOICE": np.array([b"nobody*1"], dtype=np.object_),
-                    "SPEED": np.array([1.0], np.float32),
-                },
-                ["AUDIO"],
-            )
-        finally:
-            await client.close()
+async def voice_nobody(client: TritonClient) -> None:
+    """Ask Kokoro for a voice it does not have (an error answer from the model)."""
+    try:
+        await client.infer(
+            "kokoro",
+            {
+                "TEXT": np.array([b"Hello."], dtype=np.object_),
+                "VOICE": np.array([b"nobody*1"], dtype=np.object_),
+                "SPEED": np.array([1.0], np.float32),
+            },
+            ["AUDIO"],
+        )
+    finally:
+        await client.close()
 
+
+def test_triton_error_is_inference_error(triton_url: str) -> None:
     with pytest.raises(InferenceError) as raised:
-        asyncio.run(bad_voice())
+        asyncio.run(voice_nobody(TritonClient(triton_url)))
     assert "unknown voice" in raised.value.detail
+
+
+@pytest.mark.triton
+def test_grpc_errors_name_the_same_triton_codes_as_http(triton: LocalTriton) -> None:
+    with pytest.raises(InferenceError) as over_http:
+        asyncio.run(voice_nobody(TritonClient(triton.http_url)))
+    with pytest.raises(InferenceError) as over_grpc:
+        asyncio.run(voice_nobody(TritonClient(triton.http_url, grpc_url=triton.grpc_url)))
+    assert "unknown voice" in over_grpc.value.detail
+    assert over_grpc.value.upstream is not None and over_http.value.upstream is not None
+    assert over_grpc.value.upstream.code == over_http.value.upstream.code != "UNKNOWN"
+    assert over_grpc.value.upstream.status is None  # a gRPC answer has no HTTP status
+    assert str(triton.grpc_port) not in str(over_grpc.value)
+
+
+@pytest.mark.triton
+def test_an_unreachable_grpc_endpoint_is_service_unavailable(triton: LocalTriton) -> None:
+    client = TritonClient(triton.http_url, retry_after_s=3, grpc_url=f"127.0.0.1:{free_port()}")
+    with pytest.raises(ServiceUnavailable) as raised:
+        asyncio.run(voice_nobody(client))
+    assert raised.value.headers == {"Retry-After": "3"}
 
 
 def test_deadline_is_504_with_own_body(triton_url: str) -> None:

@@ -30,11 +30,10 @@ import httpx
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 from httpx_sse import SSEError, aconnect_sse
-from tritonclient.utils import InferenceServerException
 
 from handler.errors import InferenceError, ServiceUnavailable, Upstream
 from handler.settings import Settings
-from handler.triton import infer_inputs
+from handler.triton import grpc_inference_error, infer_inputs
 
 CHAT_MODEL = "chat"
 # SmolLM2-135M-Instruct loops on one sentence when decoding greedily; a CTRL
@@ -266,7 +265,7 @@ class TritonChatModel:
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise _inference_error(error)
+                    raise grpc_inference_error(CHAT_MODEL, error)
                 for delta in parser.feed(result.as_numpy("TEXT")[0].decode("utf-8")):
                     yield delta
                 if result.as_numpy("FINISH_REASON") is not None:
@@ -282,14 +281,6 @@ class TritonChatModel:
         finally:
             responses.cancel()
             await client.close()
-
-
-def _inference_error(error: InferenceServerException) -> InferenceError:
-    return InferenceError(
-        f"model {CHAT_MODEL!r} failed in the inference server",
-        detail=f"model {CHAT_MODEL!r}: {error.message()}",
-        upstream=Upstream("triton", "INTERNAL"),
-    )
 
 
 class OpenAIChatModel:
