@@ -1,10 +1,16 @@
-"""``make benchmark`` (``python -m benchmarks.run_all``): every measurement side by side in one run -> docs/PERFORMANCE.md."""
+"""``make benchmark`` (``python -m benchmarks.run_all``): every measurement side by side in one run -> docs/PERFORMANCE.md.
+
+Each measured section replaces the section under the same heading in the
+document; every other section (the overload, restart, disconnect and fuzz
+runs, which have their own scripts, and hand-written ``###`` notes) is kept.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import re
 from pathlib import Path
 
 import onnxruntime as ort
@@ -18,6 +24,31 @@ from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def merge_sections(document: str, preamble: str, sections: list[str]) -> str:
+    """``document`` with its preamble and the measured ``sections`` replaced.
+
+    Args:
+        document: the current markdown (may be empty).
+        preamble: the text before the first section heading.
+        sections: markdown sections, each starting with its ``## `` heading line.
+
+    Returns:
+        The preamble, then the document's sections in their order, each chunk
+        (from a ``## `` or ``### `` heading to the next one) replaced by the
+        measured section with the same heading line; measured sections the
+        document lacks go at the end.
+    """
+    chunks = re.split(r"(?m)^(?=##?# )", document)[1:]
+    by_heading = {chunk.split("\n", 1)[0]: chunk for chunk in chunks}
+    order = list(by_heading)
+    for section in sections:
+        heading = section.split("\n", 1)[0]
+        if heading not in by_heading:
+            order.append(heading)
+        by_heading[heading] = section.rstrip("\n") + "\n\n"
+    return preamble.rstrip("\n") + "\n\n" + "".join(by_heading[h] for h in order).rstrip("\n") + "\n"
 
 
 def main() -> None:
@@ -36,16 +67,16 @@ def main() -> None:
         ]
     sections.append(measure_csm(args.repeats))
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    text = "\n".join([
+    preamble = "\n".join([
         "# Performance",
         "",
         f"Measured by `make benchmark` (`python -m benchmarks.run_all`, median of {args.repeats} runs,",
         "compared paths measured in the same run). Machine: "
         f"{machine}, Python {platform.python_version()}, onnxruntime {ort.__version__},",
         "CPU only, local tritonserver 2.51 (python backend).",
-        "",
-        *sections,
     ])
+    current = args.out.read_text() if args.out.exists() else ""
+    text = merge_sections(current, preamble, sections)
     args.out.write_text(text)
     print(text)
 

@@ -332,7 +332,8 @@ Notes: (b) kokoro-onnx renders the turns one after another with its default
 onnxruntime session (intra-op threads on every core); the API voices the
 turns side by side on the local repository's two `kokoro_network` instances
 of two onnxruntime threads each whose idle threads do not spin
-(`python -m export kokoro` defaults). Same int8 model and voice packs;
+(`python -m export kokoro` defaults), its Triton calls over gRPC as under
+`make serve`. Same int8 model and voice packs;
 kokoro-onnx phonemizes with espeak-ng, the API with NanoG2P, so the audio
 lengths differ a little (shown). (a) is one call at a time: one Triton
 instance (two threads) against onnxruntime on every core, the serving
