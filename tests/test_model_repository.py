@@ -63,6 +63,11 @@ def test_compose_runs_the_triton_image_on_the_built_repository() -> None:
     state = api["environment"]["CONVERSE_SQLITE_PATH"]
     mounts = [v.split(":") for v in api["volumes"]]
     assert any(state.startswith(target) and mode != ["ro"] for _, target, *mode in mounts)
+    # Both of the API's Triton addresses name the Triton service, not the API's own loopback.
+    environment = api["environment"]
+    assert environment["CONVERSE_TRITON_URL"] == "triton:8000"
+    assert environment["CONVERSE_TRITON_GRPC_URL"] == "triton:8001"
+    assert environment["CONVERSE_TRITON_PROTOCOL"] == "grpc"
 
 
 def test_every_model_has_a_source_folder_with_its_config_template() -> None:
