@@ -122,7 +122,6 @@ def grpc_inference_error(model: str, error: InferenceServerException) -> Inferen
     )
 
 
-
 def infer_inputs(make_input: Callable[[str, list[int], str], Any],
                  arrays: Mapping[str, np.ndarray]) -> list[Any]:
     """Numpy arrays as tritonclient request inputs, data attached.
@@ -143,6 +142,7 @@ def infer_inputs(make_input: Callable[[str, list[int], str], Any],
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
 
 class TritonClient:
     """Thin async wrapper over tritonclient's asyncio HTTP (and gRPC) clients.
