@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def isolate(prefix: str, deadline_s: float | None = None) -> Path:
-    """Point ``CONVERSE_*`` storage at a fresh temp dir and lift the rate limit; returns the dir.
+    """Point ``CONVERSE_*`` storage at a fresh temp dir, lift the rate and session limits; returns the dir.
 
     ``LocalStack`` reads its settings from the environment, so call this before entering it.
 
@@ -20,7 +20,10 @@ def isolate(prefix: str, deadline_s: float | None = None) -> Path:
             instead of getting a 504.
     """
     state = Path(tempfile.mkdtemp(prefix=prefix))
+    # The live-session limit is lifted too: benchmarks/sessions.py measures what ten
+    # sessions at once get, past the default limit that would refuse six of them.
     os.environ.update(CONVERSE_RATE_LIMIT_CAPACITY="100000000",
+                      CONVERSE_SESSION_MAX_LIVE="1000",
                       CONVERSE_SQLITE_PATH=str(state / "converse.db"),
                       CONVERSE_BLOB_DIR=str(state / "blobs"),
                       CONVERSE_LOG_REQUESTS="false")

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.isolated import isolate
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
 from devtools.session_client import (
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=20)
     parser.add_argument("--concurrent", type=int, default=10)
     args = parser.parse_args()
+    isolate("converse-sessions-")
     with LocalStack(REPOSITORY) as stack:
         print(measure_sessions(stack, args.utterances, args.concurrent))
 

@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How often a live socket rereads its session (ended or taken elsewhere), s.",
     )
+    session_max_live: int = Field(
+        4,
+        ge=1,
+        description="Live session sockets one API process serves at once; one more is closed "
+        "with 4503 and a retry hint (the session stays active).",
+    )
     session_tool_timeout_s: float = Field(
         10.0, gt=0, description="How long a reply waits for the client's tool result, seconds."
     )

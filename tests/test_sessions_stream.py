@@ -257,6 +257,30 @@ def test_delete_closes_the_live_socket(triton_url: str, factory: Factory) -> Non
     assert (body["status"], body["ended_reason"]) == ("ended", "deleted")
 
 
+def test_sockets_past_the_live_session_limit_are_refused_and_reconnects_are_not(
+    triton_url: str, factory: Factory,
+) -> None:
+    with app_client(triton_url, factory, session_max_live=2, retry_after_s=7) as api:
+        first, second, third = (new_session(api) for _ in range(3))
+        with api.websocket_connect(path(first), headers=AUTH) as one, \
+                api.websocket_connect(path(second), headers=AUTH) as two:
+            assert one.receive_json()["type"] == two.receive_json()["type"] == "session.started"
+            with pytest.raises(WebSocketDisconnect) as refused, \
+                    api.websocket_connect(path(third), headers=AUTH) as three:
+                three.receive_json()
+            # A reconnect to a session served here replaces its socket, limit or not.
+            with api.websocket_connect(path(second), headers=AUTH) as again:
+                assert again.receive_json()["type"] == "session.resumed"
+            hub = api.app.state.session_hub  # type: ignore[attr-defined]
+            assert set(hub.live) == {first} and +hub.reserved == {}
+        # With the older sockets gone, the refused session connects; it stayed active.
+        assert api.get(f"/v1/conversations/{third}", headers=AUTH).json()["status"] == "active"
+        with api.websocket_connect(path(third), headers=AUTH) as three:
+            assert three.receive_json()["type"] == "session.started"
+    assert refused.value.code == CloseCode.SERVICE_BUSY
+    assert "retry in 7 s" in refused.value.reason
+
+
 def test_a_socket_claimed_elsewhere_closes_as_replaced(api: TestClient) -> None:
     """Another process took the session: the older socket sees it on its next check."""
     session_id = new_session(api)

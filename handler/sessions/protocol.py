@@ -54,6 +54,7 @@ class CloseCode(IntEnum):
     MAX_TURNS = 4414
     RATE_LIMITED = 4429
     INTERNAL_ERROR = 4500
+    SERVICE_BUSY = 4503
 
 
 # Why a session ended (``session.ended`` ``reason``, stored ``ended_reason``) -> its close code.

@@ -17,6 +17,7 @@ session ended or another socket claimed it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
@@ -80,9 +81,32 @@ class SequenceNumbers:
 
 @dataclass
 class SessionHub:
-    """This process's live sockets by session id."""
+    """This process's live sockets by session id, and the sessions about to get one.
+
+    ``reserved`` holds the sessions whose socket passed :meth:`reserve` but is
+    not attached yet (its claim on the session is being stored), so sockets that
+    connect at the same moment cannot together pass the live-session limit.
+    """
 
     live: dict[str, LiveSocket] = field(default_factory=dict)
+    reserved: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def reserve(self, session_id: str, limit: int) -> bool:
+        """Hold a place for ``session_id``'s socket; False when ``limit`` sessions have one.
+
+        A session that already has a socket here (a reconnect) always gets one:
+        the newer socket replaces the older. Every True must be followed by
+        :meth:`release`, once the socket is attached or given up.
+        """
+        sessions = set(self.live) | set(+self.reserved)
+        if session_id not in sessions and len(sessions) >= limit:
+            return False
+        self.reserved[session_id] += 1
+        return True
+
+    def release(self, session_id: str) -> None:
+        """Give back one place :meth:`reserve` held for ``session_id``."""
+        self.reserved[session_id] -= 1
 
     def attach(self, socket: LiveSocket) -> None:
         """Make ``socket`` its session's live socket; an older one closes (``REPLACED``)."""
@@ -148,12 +172,24 @@ class LiveSocket:
     async def run(self, factory: ConversationFactory, hub: SessionHub) -> None:
         """Serve the socket until it closes (never raises)."""
         resumed = bool(self.record.connection_id)
-        if not await run_in_threadpool(
-            self.storage.claim_session, self.record.key_id, self.record.id, self.connection_id
-        ):
+        if not hub.reserve(self.record.id, self.settings.session_max_live):
+            retry_s = self.settings.retry_after_s
+            await self._close_socket(
+                CloseCode.SERVICE_BUSY,
+                f"the service is at its live-session limit; retry in {retry_s} s",
+            )
+            return
+        try:
+            claimed = await run_in_threadpool(
+                self.storage.claim_session, self.record.key_id, self.record.id, self.connection_id
+            )
+            if claimed:
+                hub.attach(self)
+        finally:
+            hub.release(self.record.id)
+        if not claimed:
             await self._close_socket(CloseCode.SESSION_ENDED, "session has ended")
             return
-        hub.attach(self)
         conversation: Conversation | None = None
         try:
             turns = await run_in_threadpool(
