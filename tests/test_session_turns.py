@@ -10,7 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from handler.errors import InferenceError
-from handler.sessions.clauses import MAX_CLAUSE_CHARS, MAX_FIRST_CLAUSE_CHARS, ClauseSplitter
+from handler.sessions.clauses import (
+    MAX_CLAUSE_CHARS,
+    MAX_FIRST_CLAUSE_CHARS,
+    ClauseSplitter,
+    max_clause_chars,
+)
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
@@ -110,7 +115,9 @@ def test_clauses_keep_every_character_in_order(pieces: list[str]) -> None:
     clauses = [c for piece in pieces for c in splitter.push(piece)] + splitter.flush()
     assert "".join(clauses).replace(" ", "") == "".join(pieces).replace(" ", "")
     assert all(c == c.strip() and c for c in clauses)
-    assert all(len(c) <= MAX_CLAUSE_CHARS for c in clauses)
+    # A sentence or clause end that comes in the same text that passes the limit wins.
+    longest_piece = max(len(piece) for piece in pieces)
+    assert all(len(c) <= max_clause_chars(i) + longest_piece for i, c in enumerate(clauses))
 
 
 def test_clauses_cut_at_sentences_and_long_enough_clauses_only() -> None:
@@ -126,11 +133,14 @@ def test_clauses_cut_at_sentences_and_long_enough_clauses_only() -> None:
     ]
 
 
-def test_the_first_clause_of_a_reply_is_cut_sooner() -> None:
+def test_the_first_clause_of_a_reply_is_cut_sooner_and_later_ones_grow() -> None:
     splitter = ClauseSplitter()
-    words = " ".join(["word"] * 60) + " "
+    words = " ".join(["word"] * 150) + " "
     clauses = splitter.push(words) + splitter.flush()
-    assert len(clauses[0]) <= MAX_FIRST_CLAUSE_CHARS < len(clauses[1]) <= MAX_CLAUSE_CHARS
+    lengths = [len(c) for c in clauses]
+    assert lengths[0] <= MAX_FIRST_CLAUSE_CHARS
+    assert lengths[0] < lengths[1] <= 2 * MAX_FIRST_CLAUSE_CHARS < lengths[2]
+    assert max(lengths) <= MAX_CLAUSE_CHARS and lengths[3] >= MAX_CLAUSE_CHARS - 5
     assert " ".join(clauses) == words.strip()
 
 

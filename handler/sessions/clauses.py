@@ -3,8 +3,10 @@
 A reply is voiced piece by piece while the LM writes it: a piece ends at a
 sentence end (``.``, ``!``, ``?``, ``…``), or at a clause mark (``,``, ``;``,
 ``:``, a dash) once it holds :data:`MIN_CLAUSE_CHARS`, or at the last space
-before :data:`MAX_CLAUSE_CHARS` (:data:`MAX_FIRST_CLAUSE_CHARS` for the first
-piece of a reply). A mark counts only when whitespace follows it,
+before its length limit: :data:`MAX_FIRST_CLAUSE_CHARS` for the first piece of
+a reply, doubling with each piece after it up to :data:`MAX_CLAUSE_CHARS`
+(32, 64, 128, 160, ...); a sentence or clause end that arrives in the same
+text that passes the limit still wins. A mark counts only when whitespace follows it,
 so "3.5" or "e.g." inside a word do not cut, and nothing is cut until the
 character after the mark has arrived.
 """
@@ -20,10 +22,18 @@ MIN_CLAUSE_CHARS = 24
 MAX_CLAUSE_CHARS = 160
 # The first piece of a reply is cut sooner: its voicing time is part of the time to
 # first audio, and voicing takes about as long as the text is (docs/sessions.md).
+# Each later piece may be twice as long as the limit before it: a piece is voiced
+# while the ones before it play, in well under their playing time (Kokoro's RTF is
+# about 0.4 on 2 cores, docs/PERFORMANCE.md), so the reply plays without a stall.
 MAX_FIRST_CLAUSE_CHARS = 32
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:—–]\s|\s[-—–]\s")
+
+
+def max_clause_chars(index: int) -> int:
+    """Length limit of a reply's piece number ``index`` (0-based), characters."""
+    return min(MAX_CLAUSE_CHARS, MAX_FIRST_CLAUSE_CHARS << min(index, 8))
 
 
 class ClauseSplitter:
@@ -31,7 +41,7 @@ class ClauseSplitter:
 
     def __init__(self) -> None:
         self._pending = ""
-        self._cut_any = False
+        self._cuts = 0
 
     def push(self, text: str) -> list[str]:
         """Add generated text; returns the clauses it completed (stripped, non-empty)."""
@@ -41,7 +51,7 @@ class ClauseSplitter:
             clause, self._pending = self._pending[:cut].strip(), self._pending[cut:]
             if clause:
                 clauses.append(clause)
-                self._cut_any = True
+                self._cuts += 1
         return clauses
 
     def flush(self) -> list[str]:
@@ -56,7 +66,7 @@ class ClauseSplitter:
         ][:1]
         if cuts:
             return min(cuts)
-        longest = MAX_CLAUSE_CHARS if self._cut_any else MAX_FIRST_CLAUSE_CHARS
+        longest = max_clause_chars(self._cuts)
         if len(self._pending) > longest:
             space = self._pending.rfind(" ", 0, longest)
             return space + 1 if space > 0 else longest
