@@ -32,8 +32,13 @@ _CLAUSE_END = re.compile(r"[,;:—–]\s|\s[-—–]\s")
 
 
 def max_clause_chars(index: int) -> int:
-    """Length limit of a reply's piece number ``index`` (0-based), characters."""
-    return min(MAX_CLAUSE_CHARS, MAX_FIRST_CLAUSE_CHARS << min(index, 8))
+    """Length limit, in characters, of a reply's piece number ``index`` (0-based, ≥ 0).
+
+    ``MAX_FIRST_CLAUSE_CHARS · 2**index``, at most :data:`MAX_CLAUSE_CHARS`
+    (the doubling is this project's choice, measured in docs/PERFORMANCE.md,
+    "Growing clause limits").
+    """
+    return min(MAX_CLAUSE_CHARS, MAX_FIRST_CLAUSE_CHARS * 2**index)
 
 
 class ClauseSplitter:
