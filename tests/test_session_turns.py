@@ -193,6 +193,19 @@ def test_heard_text_keeps_whole_clauses_and_words_whose_end_was_played() -> None
     assert asyncio.run(heard_text(clauses, 3.0, align)) == "Hello there. I can help, surely."
 
 
+def test_heard_text_keeps_a_written_word_the_aligner_split_once_all_of_it_played() -> None:
+    clauses = [clause("The age-old adage holds.", 0.0, 2.0)]
+    split = [TimedWord("the", 0.0, 0.2), TimedWord("age", 0.2, 0.5), TimedWord("old", 0.5, 0.8),
+             TimedWord("adage", 0.8, 1.4), TimedWord("holds", 1.4, 2.0)]
+
+    async def align(c: VoicedClause) -> list[TimedWord]:
+        return split
+
+    assert asyncio.run(heard_text(clauses, 0.6, align)) == "The"
+    assert asyncio.run(heard_text(clauses, 0.9, align)) == "The age-old"
+    assert asyncio.run(heard_text(clauses, 1.5, align)) == "The age-old adage"
+
+
 def test_heard_text_falls_back_to_the_played_share_when_alignment_fails() -> None:
     async def align(c: VoicedClause) -> list[TimedWord]:
         raise InferenceError("no alignment")

@@ -102,8 +102,8 @@ async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Al
     ``played_s`` only the words whose end was reached count. Word intervals come
     from ``align`` (the forced aligner on that clause's audio); when it fails,
     the clause's words are taken in proportion to the share of its audio played.
-    Words keep their written form (punctuation included) when the aligner
-    returned one interval per whitespace-separated word.
+    Words keep their written form (punctuation included); a written word the
+    aligner split counts once all its parts were heard.
     """
     heard = [c.text for c in clauses if c.end_s <= played_s]
     current = next((c for c in clauses if c.start_s < played_s < c.end_s), None)
@@ -117,5 +117,25 @@ async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Al
             heard += written[: int(len(written) * share)]
         else:
             done = [w.text for w in words if w.end <= into_clause]
-            heard += written[: len(done)] if len(words) == len(written) else done
+            heard += _written_prefix(written, done)
     return " ".join(heard)
+
+
+def _written_prefix(written: list[str], spoken: list[str]) -> list[str]:
+    """The written words that the aligner's ``spoken`` words cover, whole words only.
+
+    The aligner may split a written word ("age-old" -> "age", "old") or drop its
+    punctuation, so words are matched by their letters and digits: a written
+    word counts once all of its letters are in ``spoken``.
+    """
+    def letters(word: str) -> int:
+        return sum(ch.isalnum() for ch in word)
+
+    budget = sum(letters(word) for word in spoken)
+    prefix = []
+    for word in written:
+        budget -= letters(word)
+        if budget < 0:
+            break
+        prefix.append(word)
+    return prefix
