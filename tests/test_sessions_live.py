@@ -41,6 +41,11 @@ BOUND_MS = 200
 # Speech over a reply must stop it within this much stream time (issue #10).
 BARGE_IN_MS = 300
 REPLY_TIMEOUT_S = 90.0
+# After a barge-in: time for the cancelled call's last step to finish, then the
+# span in which the chat LM must not run (a reply still decoding runs a step every
+# few tens of ms), seconds.
+CANCEL_SETTLE_S = 0.3
+LEFTOVER_WINDOW_S = 0.6
 PERSONA = "You are a friendly cooking teacher. Answer in one short sentence."
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -192,6 +197,12 @@ def chat_lm_executions(triton: LocalTriton) -> int:
     return sum(int(m["execution_count"]) for m in stats["model_stats"])
 
 
+async def received(client: LiveClient, kind: str) -> None:
+    """Return once an event of ``kind`` has arrived (sends nothing)."""
+    while not client.of_type(kind):
+        await asyncio.sleep(0.01)
+
+
 def test_speech_over_a_reply_interrupts_it(
     api: ApiServer, triton: LocalTriton, utterances: dict[str, np.ndarray],
 ) -> None:
@@ -208,11 +219,17 @@ def test_speech_over_a_reply_interrupts_it(
             await client.silence_until(done(("response.audio",)), REPLY_TIMEOUT_S)
             await client.send_audio(np.zeros(rate // 2, np.float32))
             speech_ms = client.sent_ms + true_bounds_ms(second, rate)[0]
-            await client.send_audio(second)
-            await client.silence_until(done(("response.done",)), REPLY_TIMEOUT_S)
+            speaking = asyncio.create_task(client.send_audio(second))
+            # Counted while the user still speaks, so no work on the next turn has begun.
+            await asyncio.wait_for(received(client, "response.done"), BARGE_IN_MS / 1000 + 5)
+            await asyncio.sleep(CANCEL_SETTLE_S)
             executions = chat_lm_executions(triton)
-            await client.send_audio(np.zeros(rate, np.float32))
-            return client, speech_ms, executions, chat_lm_executions(triton)
+            await asyncio.sleep(LEFTOVER_WINDOW_S)
+            still_speaking = not speaking.done()
+            after = chat_lm_executions(triton)
+            await speaking
+            assert still_speaking, "the utterance ended before the leftover window did"
+            return client, speech_ms, executions, after
 
     client, speech_ms, before, after = asyncio.run(run())
     [interrupted] = [e for e in client.of_type("response.done")]

@@ -7,6 +7,16 @@ JSON list of ``{"word", "start", "end"}``, seconds from the clip's start).
 Runs faster-whisper (CTranslate2) on the Whisper-base conversion in
 ``whisper-base/``; greedy decoding (beam 1) without faster-whisper's sampled
 temperature fallback, so a transcript is deterministic.
+
+Encoder window: Whisper pads every clip to 30 s before its encoder, which is
+most of the cost of a short clip (on 2 CPU cores ~0.66 s of the ~0.7 s a 2 s
+question takes). With the config parameter ``min_encoder_window_s`` below 30,
+the encoder sees the clip plus :data:`WINDOW_MARGIN_FRAMES` of the same zero
+padding, at least ``min_encoder_window_s`` long: whisper.cpp's ``audio_ctx``
+(ggml-org/whisper.cpp#137, sized from the clip's length as in #1855). Cut too
+short, Whisper may repeat itself into the padding; those words come out with
+no duration, and such a clip is transcribed again with the full 30 s window.
+docs/PERFORMANCE.md has the speed and WER of both windows.
 """
 
 import json
@@ -18,33 +28,74 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from faster_whisper import WhisperModel
 
+# Whisper's window: 30 s of 10 ms log-mel frames (the encoder's trained input).
+FULL_WINDOW_FRAMES = 3000
+# Log-mel frames per second (hop 160 samples at 16 kHz).
+FRAMES_PER_SECOND = 100
+# Padding kept after the clip: 256 frames = 128 encoder positions (whisper.cpp#1855).
+WINDOW_MARGIN_FRAMES = 256
+# A word shorter than this (seconds) was written into the padding, not heard.
+MIN_WORD_S = 0.02
+
+
+def encoder_window_frames(samples, min_window_s):
+    """Log-mel frames the encoder sees for a clip of ``samples`` 16 kHz samples.
+
+    The clip's frames plus :data:`WINDOW_MARGIN_FRAMES`, at least
+    ``min_window_s`` seconds, at most :data:`FULL_WINDOW_FRAMES`.
+    """
+    frames = samples // 160 + 1 + WINDOW_MARGIN_FRAMES
+    return min(FULL_WINDOW_FRAMES, max(frames, int(min_window_s * FRAMES_PER_SECOND)))
+
+
+class WindowedWhisper(WhisperModel):
+    """faster-whisper whose encoder input stops after ``window_frames`` log-mel frames.
+
+    faster-whisper pads each window's features with zeros to 3000 frames; this
+    drops the padding past ``window_frames`` (no other change to the features).
+    """
+
+    window_frames = FULL_WINDOW_FRAMES
+
+    def encode(self, features):
+        """Encode features [80, 3000] (or [1, 80, 3000]) cut to ``window_frames``."""
+        return super().encode(features[..., : self.window_frames])
+
 
 class TritonPythonModel:
     """faster-whisper wrapper (see module docstring for the tensor contract)."""
 
     def initialize(self, args):
-        """Load the CTranslate2 model with the config's device and compute type."""
+        """Load the CTranslate2 model with the config's device, compute type and window."""
         parameter = backend.parameters(args)
-        self.model = WhisperModel(
+        self.min_window_s = float(parameter["min_encoder_window_s"])
+        self.model = WindowedWhisper(
             backend.version_file(args, "whisper-base"),
             device=parameter["device"],
             compute_type=parameter["compute_type"],
             cpu_threads=int(parameter["cpu_threads"]),
         )
 
-    def _transcribe(self, audio, language):
+    def _decode(self, audio, language, window_frames):
+        self.model.window_frames = window_frames
         segments, _ = self.model.transcribe(
             audio, language=language, beam_size=1, temperature=0.0, word_timestamps=True,
             vad_filter=False,
         )
         segments = list(segments)
+        return segments, [w for segment in segments for w in segment.words or []]
+
+    def _transcribe(self, audio, language):
+        window = encoder_window_frames(len(audio), self.min_window_s)
+        segments, words = self._decode(audio, language, window)
+        if window < FULL_WINDOW_FRAMES and any(w.end - w.start < MIN_WORD_S for w in words):
+            segments, words = self._decode(audio, language, FULL_WINDOW_FRAMES)
         text = "".join(segment.text for segment in segments).strip()
-        words = [
+        timed = [
             {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
-            for segment in segments
-            for w in segment.words or []
+            for w in words
         ]
-        return text, words
+        return text, timed
 
     def execute(self, requests):
         """One transcription per request."""
