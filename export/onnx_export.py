@@ -49,6 +49,10 @@ def export_onnx(
     Returns:
         The written files: ``model.onnx`` first, then ``model.onnx.data`` when
         the parameters exceed 2 GiB.
+
+    Raises:
+        RuntimeError: the exporter left no ``model.onnx`` (another export
+            cleared the scratch folder).
     """
     import torch
 
@@ -67,8 +71,11 @@ def export_onnx(
             external_data=parameter_bytes(module) > PROTOBUF_LIMIT_BYTES,
             optimize=optimize,
         )
+    produced_files = sorted(scratch.iterdir())
+    if not any(p.name == "model.onnx" for p in produced_files):
+        raise RuntimeError(f"torch.onnx.export wrote no model.onnx into {scratch}")
     written = []
-    for produced in sorted(scratch.iterdir()):
+    for produced in produced_files:
         produced.replace(version_dir / produced.name)
         written.append(version_dir / produced.name)
     scratch.rmdir()

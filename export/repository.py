@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 COMMON = SOURCE_REPOSITORY / "common"
 # Copied next to every python model's model.py in the build.
@@ -221,6 +223,17 @@ def write_model(
         copy_atomic(path, target / "1" / path.name)
         placed.append(target / "1" / path.name)
     return placed
+
+
+def exclusive_repository(root: Path) -> FileLock:
+    """A lock that one ``python -m export`` at a time holds on the repository at ``root``.
+
+    Two exports into one repository (``make serve`` and ``make test`` started
+    side by side) would otherwise write the same files and manifest at once;
+    the second waits for the first, then finds its entries up to date.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    return FileLock(root / ".export.lock")
 
 
 def place_onnxruntime_model(target: Path) -> list[Path]:

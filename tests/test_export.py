@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from devtools.local_triton import LocalTriton, TritonStartError
 from export import kokoro
 from export.kokoro import KokoroExportOptions, export_kokoro
-from export.repository import SOURCE_REPOSITORY, Manifest, render_template
+from export.repository import SOURCE_REPOSITORY, Manifest, exclusive_repository, render_template
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,20 @@ def test_broken_repository_fails_with_log_tail(tmp_path: Path) -> None:
     (tmp_path / "broken/config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')
     with pytest.raises(TritonStartError, match="broken"):
         LocalTriton(tmp_path, ready_timeout_s=60).start()
+
+
+def test_an_export_waits_for_one_already_running_on_the_repository(tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    command = [sys.executable, "-m", "export", "aligner", "--out", str(repository)]
+    with exclusive_repository(repository):
+        waiting = subprocess.Popen(command)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                waiting.wait(timeout=5)
+            assert not (repository / "manifest.json").exists()
+        except BaseException:
+            waiting.kill()
+            raise
+    assert waiting.wait(timeout=120) == 0
+    assert Manifest.load(repository).is_current(
+        "aligner", Manifest.load(repository).models["aligner"]["inputs"])

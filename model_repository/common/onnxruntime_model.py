@@ -7,10 +7,13 @@ to the ``model.onnx``). Tensor names come from the model's config, so names,
 shapes and dtypes match the GPU variant exactly; each request runs the graph
 once. Config parameters: ``intra_op_threads``, onnxruntime threads (0 = all
 cores); ``intra_op_spinning`` "0" stops idle pool threads from spinning, so
-instances that share the cores do not take them from each other.
+instances that share the cores do not take them from each other; ``nice``
+(optional, 0-19) lowers the CPU priority of the model's process (its python
+stub), so it runs on the cores other models leave idle.
 """
 
 import json
+import os
 
 import converse_backend as backend
 
@@ -18,6 +21,16 @@ import converse_backend as backend
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+
+def lower_priority(nice):
+    """Set the nice value of every thread of this process to ``nice`` (Linux).
+
+    A Linux nice value belongs to a thread, so each thread in ``/proc/self/task``
+    is set; threads started later (onnxruntime's pool) inherit it from their creator.
+    """
+    for thread in os.listdir("/proc/self/task"):
+        os.setpriority(os.PRIO_PROCESS, int(thread), nice)
 
 
 class TritonPythonModel:
@@ -28,6 +41,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         options = ort.SessionOptions()
         parameters = backend.parameters(args)
+        if "nice" in parameters:
+            lower_priority(int(parameters["nice"]))
         options.intra_op_num_threads = int(parameters["intra_op_threads"])
         if parameters.get("intra_op_spinning") == "0":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
