@@ -237,8 +237,10 @@ async def spoken_exchange(
     return SpokenExchange(client, stored.json(), true_end_ms)
 
 
-def rendered_speech(base_url: str, api_key: str, text: str, sample_rate: int) -> np.ndarray:
-    """``text`` voiced by the default model's speaker "0" through ``POST /v1/converse``.
+def rendered_speech(
+    base_url: str, api_key: str, text: str, sample_rate: int, speaker: str = "0"
+) -> np.ndarray:
+    """``text`` voiced by the default model's ``speaker`` through ``POST /v1/converse``.
 
     Returns:
         float32 mono [n] at ``sample_rate`` Hz.
@@ -248,7 +250,7 @@ def rendered_speech(base_url: str, api_key: str, text: str, sample_rate: int) ->
     """
     response = httpx.post(f"{base_url}/v1/converse", timeout=120,
                           headers={"Authorization": f"Bearer {api_key}"},
-                          json={"conversation": [{"speaker": "0", "text": text}]})
+                          json={"conversation": [{"speaker": speaker, "text": text}]})
     response.raise_for_status()
     wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
     samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
