@@ -54,6 +54,7 @@ from tritonclient.grpc import model_config_pb2
 from devtools.service import Service
 from export.kokoro import MAX_TOKENS, SAMPLE_RATE_HZ, SPEED_RANGE, _voice_names
 from export.repository import SOURCE_REPOSITORY, render_template
+from export.speech import WHISPER_CPU_WINDOW_S
 
 MODELS = ("kokoro", "whisper_asr", "aligner", "author")
 AUTHOR_LINES = (
@@ -89,7 +90,7 @@ def _template_texts() -> dict[str, str]:
         ),
         "whisper_asr": render_template(
             _template("whisper_asr"), kind="KIND_CPU", device="cpu", compute_type="int8",
-            cpu_threads=0,
+            cpu_threads=0, min_encoder_window_s=WHISPER_CPU_WINDOW_S,
         ),
         "aligner": render_template(_template("aligner")),
         "author": render_template(

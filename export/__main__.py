@@ -19,7 +19,7 @@ from export.author import AuthorExportOptions, export_author
 from export.chat import ChatExportOptions, export_chat
 from export.csm import PRECISIONS, CsmExportOptions, export_csm
 from export.kokoro import KokoroExportOptions, export_kokoro
-from export.repository import DEFAULT_OUT, TARGETS, ExportOptions, exclusive_repository
+from export.repository import DEFAULT_OUT, TARGETS, ExportOptions
 from export.speech import export_aligner, export_asr
 from export.vad import export_vad
 
@@ -109,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the export CLI; returns the process exit status (2: refused or failed export)."""
     args = build_parser().parse_args(argv)
     try:
-        with exclusive_repository(args.out):
-            for family in BUNDLED if args.family == "all" else (args.family,):
-                exporter, kind = FAMILIES[family]
-                exporter(_options(kind, args))
+        for family in BUNDLED if args.family == "all" else (args.family,):
+            exporter, kind = FAMILIES[family]
+            exporter(_options(kind, args))
     except (RuntimeError, ValueError) as error:
         print(f"python -m export {args.family}: {error}", file=sys.stderr)
         return 2

@@ -226,11 +226,12 @@ def write_model(
 
 
 def exclusive_repository(root: Path) -> FileLock:
-    """A lock that one ``python -m export`` at a time holds on the repository at ``root``.
+    """The lock an export holds on the repository at ``root`` while it builds an entry.
 
     Two exports into one repository (``make serve`` and ``make test`` started
     side by side) would otherwise write the same files and manifest at once;
-    the second waits for the first, then finds its entries up to date.
+    with it the second waits for the first, then finds the entry up to date.
+    Creates ``root``; the lock file is ``root/.export.lock``.
     """
     root.mkdir(parents=True, exist_ok=True)
     return FileLock(root / ".export.lock")
@@ -281,7 +282,8 @@ def export_entry(
 ) -> bool:
     """Build one manifest entry of the repository at ``root`` unless it is up to date.
 
-    The skeleton every exporter shares: when the manifest records ``entry`` as
+    The skeleton every exporter shares, under :func:`exclusive_repository`:
+    when the manifest records ``entry`` as
     built from ``inputs`` with untouched outputs, nothing happens; otherwise
     ``write()`` writes the files and returns their paths, which are checksummed
     and recorded with ``inputs`` (and ``details``, read after ``write()``
@@ -301,18 +303,18 @@ def export_entry(
         True when files were written, False when everything was up to date.
     """
     label = label or entry
-    root.mkdir(parents=True, exist_ok=True)
-    if Manifest.load(root).is_current(entry, inputs):
-        progress(f"{label}: up to date, nothing to do")
-        return False
-    outputs = list(write())
-    progress(f"{label}: checksumming outputs")
-    manifest = Manifest.load(root)
-    kept = {path.relative_to(root).as_posix() for path in outputs}
-    for stale in set(manifest.models.get(entry, {}).get("outputs", {})) - kept:
-        (root / stale).unlink(missing_ok=True)
-    manifest.record(entry, inputs, outputs)
-    manifest.models[entry].update(details or {})
-    manifest.save()
+    with exclusive_repository(root):
+        if Manifest.load(root).is_current(entry, inputs):
+            progress(f"{label}: up to date, nothing to do")
+            return False
+        outputs = list(write())
+        progress(f"{label}: checksumming outputs")
+        manifest = Manifest.load(root)
+        kept = {path.relative_to(root).as_posix() for path in outputs}
+        for stale in set(manifest.models.get(entry, {}).get("outputs", {})) - kept:
+            (root / stale).unlink(missing_ok=True)
+        manifest.record(entry, inputs, outputs)
+        manifest.models[entry].update(details or {})
+        manifest.save()
     progress(f"{label}: done ({root})")
     return True
