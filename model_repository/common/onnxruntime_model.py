@@ -28,9 +28,19 @@ def lower_priority(nice):
 
     A Linux nice value belongs to a thread, so each thread in ``/proc/self/task``
     is set; threads started later (onnxruntime's pool) inherit it from their creator.
+    A thread that ends between the listing and its turn is skipped.
+
+    Args:
+        nice: the nice value, 0-19 (higher runs later; raising it needs no privilege).
+
+    Raises:
+        PermissionError: ``nice`` is below the current value and the process may not lower it.
     """
     for thread in os.listdir("/proc/self/task"):
-        os.setpriority(os.PRIO_PROCESS, int(thread), nice)
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(thread), nice)
+        except ProcessLookupError:
+            continue
 
 
 class TritonPythonModel:
