@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,8 @@ MAX_TOOL_ROUNDS = 4
 MAX_USER_TURN_S = 30.0
 # Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
 REPLY_MAX_NEW_TOKENS = 64
+# Clauses voiced at once (the local repository runs two Kokoro network instances).
+VOICE_LOOKAHEAD = 2
 # Sampling of replies; the bundled model's repetition penalty is set in Triton.
 REPLY_TEMPERATURE = 0.7
 
@@ -581,25 +584,47 @@ class LiveConversation:
         await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
 
     async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
-        """Voice clauses one at a time as they come; send each as soon as it is voiced.
+        """Voice clauses as they come, up to :data:`VOICE_LOOKAHEAD` at once; send them in order.
 
-        One at a time, so each clause has all the cores: two at once (one per
-        Kokoro network instance) made the clause due next share them with the
-        one after it, and stalls inside replies grew (docs/PERFORMANCE.md,
-        "Voice lookahead"). Cancelling this task cancels the voice call in flight.
+        Until the first clause is sent it is voiced alone, so it has a core to itself.
         """
         resample = (
             None
             if self.models.voice_rate == self.sample_rate
             else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
         )
-        while (clause := await clauses.get()) is not None:
-            started = time.monotonic()
-            audio = await self.models.speak(clause)
-            reply.durations_ms.setdefault(
-                "first_clause_voice", round((time.monotonic() - started) * 1000.0, 1)
-            )
-            await self._play(reply, clause, audio, resample)
+        voicing: deque[tuple[str, float, asyncio.Task[np.ndarray]]] = deque()
+        next_clause: asyncio.Task[str | None] | None = None
+        written = False
+        try:
+            while not written or voicing:
+                # The first clause is voiced alone: its voicing time is time to first audio.
+                lookahead = VOICE_LOOKAHEAD if reply.clauses else 1
+                if next_clause is None and not written and len(voicing) < lookahead:
+                    next_clause = asyncio.ensure_future(clauses.get())
+                waiting: set[asyncio.Future[Any]] = {next_clause} if next_clause else set()
+                if voicing:
+                    waiting.add(voicing[0][2])
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if voicing and voicing[0][2].done():
+                    clause, started, task = voicing.popleft()
+                    reply.durations_ms.setdefault(
+                        "first_clause_voice", round((time.monotonic() - started) * 1000.0, 1)
+                    )
+                    await self._play(reply, clause, task.result(), resample)
+                elif next_clause is not None and next_clause.done():
+                    clause_text = next_clause.result()
+                    next_clause = None
+                    if clause_text is None:
+                        written = True
+                    else:
+                        speaking = asyncio.ensure_future(self.models.speak(clause_text))
+                        voicing.append((clause_text, time.monotonic(), speaking))
+        finally:
+            for _, _, task in voicing:
+                task.cancel()
+            if next_clause is not None:
+                next_clause.cancel()
         if resample is not None:
             await self._send_audio(reply, resample.resample_chunk(np.zeros(0, np.float32), True))
 
