@@ -16,13 +16,21 @@ from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
 from handler.services.context import RequestContext
 
 
+def is_speakable(text: str) -> bool:
+    """Whether ``text`` has something to say: a letter or digit in any script.
+
+    Kokoro fails on some texts without one ("**", "-", an emoji).
+    """
+    return any(character.isalnum() for character in text)
+
+
 def require_speakable(text: str, path: list[str], turn_index: int) -> None:
     """Refuse text with nothing to say: no letter or digit in any script.
 
     Raises:
         UnprocessableRequest: 422 ``unprocessable``, naming ``path`` and the turn.
     """
-    if not any(character.isalnum() for character in text):
+    if not is_speakable(text):
         message = f"turn {turn_index}: the text has no letter or digit to speak"
         raise UnprocessableRequest(
             message, turn_index=turn_index, validation=[ValidationItem(path, message)]

@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from handler.engines.chat import ChatMessage, ChatModel, ToolCall
 from handler.engines.vad import SileroVad
 from handler.errors import ApiError
+from handler.services.turn_input import is_speakable
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, Emit, SessionParams
 from handler.sessions.clauses import ClauseSplitter
@@ -617,7 +618,7 @@ class LiveConversation:
                     next_clause = None
                     if clause_text is None:
                         written = True
-                    else:
+                    elif is_speakable(clause_text):  # "**" or an emoji alone is not voiced
                         speaking = asyncio.ensure_future(self.models.speak(clause_text))
                         voicing.append((clause_text, time.monotonic(), speaking))
         finally:
