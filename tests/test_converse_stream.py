@@ -165,6 +165,27 @@ def test_engine_streams_text_pieces_as_they_arrive_in_order() -> None:
     assert most == 2  # pieces overlap, never more than the lookahead
 
 
+def test_engine_leaves_out_pieces_with_nothing_to_say() -> None:
+    """Kokoro fails on "**", "-" or an emoji alone: such pieces get no call and no chunk."""
+    fake = FakeTriton()
+    voiced_texts: list[str] = []
+
+    async def voice(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        voiced_texts.append(bytes(inputs["TEXT"].reshape(-1)[0]).decode())
+        return await constant_voice(inputs)
+
+    fake.behaviours["kokoro"] = voice
+    pieces = ["Sure! **", "-", "Here it is. \N{SLIGHTLY SMILING FACE}", "**"]
+
+    async def scenario() -> list[np.ndarray]:
+        voiced = engine(pause_ms=50).stream_texts(fake, pieces, "jf_alpha*1", 1.0)  # type: ignore[arg-type]
+        return [chunk async for chunk in voiced]
+
+    chunks = asyncio.run(scenario())
+    assert voiced_texts == ["Sure!", "Here it is."]
+    assert len(chunks) == 2 and all(len(chunk) > 0 for chunk in chunks)
+
+
 def test_closing_the_engine_stream_cancels_running_calls() -> None:
     fake = FakeTriton()
     fake.behaviours["kokoro"] = by_text({"Stall": never})

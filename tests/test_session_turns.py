@@ -122,10 +122,11 @@ def test_clauses_keep_every_character_in_order(pieces: list[str]) -> None:
 
 def test_clauses_cut_at_sentences_and_long_enough_clauses_only() -> None:
     splitter = ClauseSplitter()
-    text = "Well, I think that is right, as far as I can tell. Pi is 3.14 or so! And then"
+    text = "Yes. Well, I think that is right, as far as I can tell. Pi is 3.14 or so! And then"
     tokens = text.split(" ")
     clauses = [c for t in tokens for c in splitter.push(t + " ")] + splitter.flush()
     assert clauses == [
+        "Yes.",
         "Well, I think that is right,",
         "as far as I can tell.",
         "Pi is 3.14 or so!",

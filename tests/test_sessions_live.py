@@ -154,7 +154,7 @@ def test_a_spoken_question_gets_a_spoken_reply(
     assert word_error_rate([QUESTION], [transcript]) <= 0.15, transcript
 
     [reply] = events_of(client, "response.done")
-    assert reply["status"] == "completed"
+    assert reply["status"] == "completed", events_of(client, "error")
     written = "".join(e["delta"] for e in events_of(client, "response.text.delta")).strip()
     assert written and reply["text"] == written
     heard = client.audio_of(reply["turn_id"])
@@ -315,6 +315,25 @@ def test_max_turns_ends_the_session_and_a_reconnect_resumes_it(
     stored = history(api.base_url, session["session_id"])
     assert (stored["status"], stored["ended_reason"]) == ("ended", "max_turns")
     assert [t["role"] for t in stored["turns"]] == ["user", "assistant"] * 2
+
+
+def test_a_reply_with_pieces_that_say_nothing_completes(
+    triton: LocalTriton, utterances: dict[str, np.ndarray],
+) -> None:
+    """Markdown marks or emoji cut as clauses of their own are left unvoiced, not failed."""
+    rate = 16_000
+    audio = resample(utterances[QUESTION], 48_000, rate).astype(np.float32)
+    written = ["Sure! ** ", "The sky is clear. ", "- ", "Enjoy it! ", "**"]  # ends with "**" alone
+    with ScriptedChatEndpoint([[chunk({"content": text}) for text in written]]) as chat, \
+            serve(triton, chat_base_url=chat.base_url) as server:
+        session = create(server.base_url)
+        client, _ = asyncio.run(one_exchange(session["stream_url"], audio, rate, "pcm16"))
+    [reply] = events_of(client, "response.done")
+    assert reply["status"] == "completed", events_of(client, "error")
+    assert reply["text"] == "".join(written).strip()
+    heard = client.audio_of(reply["turn_id"])
+    assert word_error_rate(["Sure! The sky is clear. Enjoy it!"],
+                           [read_back(triton, heard, rate)]) <= 0.4
 
 
 def test_a_tool_call_round_trip_and_a_tool_timeout(

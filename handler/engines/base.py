@@ -25,6 +25,15 @@ from handler.triton import TritonClient
 ParamValue = float | int | None
 
 
+def is_speakable(text: str) -> bool:
+    """Whether ``text`` has something to say: a letter or digit in any script.
+
+    Kokoro fails on some texts without one ("**", "-", an emoji): Triton
+    answers INTERNAL.
+    """
+    return any(character.isalnum() for character in text)
+
+
 @dataclass(frozen=True)
 class ParamRule:
     """How one generation parameter is checked and defaulted by one engine.

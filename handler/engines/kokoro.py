@@ -31,7 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from handler.audio import ms_to_samples, silence, trim_silence
-from handler.engines.base import ParamRule, ParamValue, TurnInContext, VoiceStream
+from handler.engines.base import (
+    ParamRule,
+    ParamValue,
+    TurnInContext,
+    VoiceStream,
+    is_speakable,
+)
 from handler.triton import TritonClient
 
 # English phoneme strings run close to one symbol per letter; 240 characters
@@ -234,8 +240,15 @@ class KokoroEngine:
         return np.concatenate(chunks) if chunks else silence(0)
 
     def _units(self, text: str) -> list[list[str]]:
-        """The pieces of ``text`` grouped by sentence (one group when ``pause_ms`` is 0)."""
-        sentences = sentence_pieces(text)
+        """The pieces of ``text`` grouped by sentence (one group when ``pause_ms`` is 0).
+
+        Pieces with nothing to say (:func:`is_speakable`: "**", "-", an emoji
+        alone), which the model fails on, are left out.
+        """
+        split = (
+            [piece for piece in pieces if is_speakable(piece)] for pieces in sentence_pieces(text)
+        )
+        sentences = [pieces for pieces in split if pieces]
         return [packed_pieces(sentences)] if sentences and not self.pause_ms else sentences
 
     async def stream_texts(
@@ -248,8 +261,9 @@ class KokoroEngine:
         """Voice text pieces as they come (e.g. clauses an LM is writing), in order.
 
         Each text is split as :func:`sentence_pieces` does (with ``pause_ms`` 0
-        its sentences are packed into shared calls, :func:`packed_pieces`); every
-        piece is one Triton call and one chunk: float32 mono at ``sample_rate``,
+        its sentences are packed into shared calls, :func:`packed_pieces`), and
+        pieces with nothing to say are left out, so such a text yields no chunk;
+        every piece is one Triton call and one chunk: float32 mono at ``sample_rate``,
         trimmed of edge silence (threshold 0.01, 30 ms kept), preceded by
         ``pause_ms`` of silence when it starts a sentence other than the first
         (each text starts a new sentence). At most :attr:`lookahead` pieces are

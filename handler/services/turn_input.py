@@ -11,17 +11,10 @@ import binascii
 from starlette.concurrency import run_in_threadpool
 
 from handler.audio import AudioDecodeError, DecodedAudio, decode_wav
+from handler.engines.base import is_speakable
 from handler.errors import InvalidRequest, UnprocessableRequest, ValidationItem
 from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
 from handler.services.context import RequestContext
-
-
-def is_speakable(text: str) -> bool:
-    """Whether ``text`` has something to say: a letter or digit in any script.
-
-    Kokoro fails on some texts without one ("**", "-", an emoji).
-    """
-    return any(character.isalnum() for character in text)
 
 
 def require_speakable(text: str, path: list[str], turn_index: int) -> None:

@@ -5,7 +5,7 @@ sentence end (``.``, ``!``, ``?``, ``…``), or at a clause mark (``,``, ``;``,
 ``:``, a dash) once it holds :data:`MIN_CLAUSE_CHARS`, or at the last space
 before its length limit: :data:`MAX_FIRST_CLAUSE_CHARS` for the first piece of
 a reply, doubling with each piece after it up to :data:`MAX_CLAUSE_CHARS`
-(32, 64, 128, 160, ...); a sentence or clause end that arrives in the same
+(20, 40, 80, 160, ...); a sentence or clause end that arrives in the same
 text that passes the limit still wins. A mark counts only when whitespace follows it,
 so "3.5" or "e.g." inside a word do not cut, and nothing is cut until the
 character after the mark has arrived.
@@ -25,7 +25,7 @@ MAX_CLAUSE_CHARS = 160
 # Each later piece may be twice as long as the limit before it: a piece is voiced
 # while the ones before it play, in well under their playing time (Kokoro's RTF is
 # about 0.4 on 2 cores, docs/PERFORMANCE.md), so the reply plays without a stall.
-MAX_FIRST_CLAUSE_CHARS = 32
+MAX_FIRST_CLAUSE_CHARS = 20
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:—–]\s|\s[-—–]\s")

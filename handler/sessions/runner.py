@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,6 @@ from starlette.concurrency import run_in_threadpool
 from handler.engines.chat import ChatMessage, ChatModel, ToolCall
 from handler.engines.vad import SileroVad
 from handler.errors import ApiError
-from handler.services.turn_input import is_speakable
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, Emit, SessionParams
 from handler.sessions.clauses import ClauseSplitter
@@ -65,8 +63,6 @@ MAX_TOOL_ROUNDS = 4
 MAX_USER_TURN_S = 30.0
 # Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
 REPLY_MAX_NEW_TOKENS = 64
-# Clauses voiced at once (the local repository runs two Kokoro network instances).
-VOICE_LOOKAHEAD = 2
 # Sampling of replies; the bundled model's repetition penalty is set in Triton.
 REPLY_TEMPERATURE = 0.7
 
@@ -79,7 +75,8 @@ class ConversationModels:
         vad: the Silero VAD adapter.
         chat: the chat LM (bundled in Triton, or an OpenAI-compatible endpoint).
         transcribe: 16 kHz float32 audio and an ISO 639-1 language -> transcript.
-        speak: text -> float32 [n] mono at ``voice_rate`` Hz in the session's voice.
+        speak: text -> float32 [n] mono at ``voice_rate`` Hz in the session's voice
+            (n is 0 for text with nothing to say, e.g. "**" or an emoji alone).
         voice_rate: the voice's sample rate, Hz.
         align: 16 kHz float32 audio and its text -> word intervals (seconds).
         tool_timeout_s: how long a reply waits for the client's tool result, seconds.
@@ -585,47 +582,29 @@ class LiveConversation:
         await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
 
     async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
-        """Voice clauses as they come, up to :data:`VOICE_LOOKAHEAD` at once; send them in order.
+        """Voice clauses one at a time as they come; send each as soon as it is voiced.
 
-        Until the first clause is sent it is voiced alone, so it has a core to itself.
+        One at a time, so each clause has all the cores: two at once (one per
+        Kokoro network instance) made the clause due next share them with the
+        one after it, and stalls inside replies grew (docs/PERFORMANCE.md,
+        "Voice lookahead"). A clause the voice gives no audio for (nothing to
+        say in it) is skipped. Cancelling this task cancels the voice call in
+        flight.
         """
         resample = (
             None
             if self.models.voice_rate == self.sample_rate
             else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
         )
-        voicing: deque[tuple[str, float, asyncio.Task[np.ndarray]]] = deque()
-        next_clause: asyncio.Task[str | None] | None = None
-        written = False
-        try:
-            while not written or voicing:
-                # The first clause is voiced alone: its voicing time is time to first audio.
-                lookahead = VOICE_LOOKAHEAD if reply.clauses else 1
-                if next_clause is None and not written and len(voicing) < lookahead:
-                    next_clause = asyncio.ensure_future(clauses.get())
-                waiting: set[asyncio.Future[Any]] = {next_clause} if next_clause else set()
-                if voicing:
-                    waiting.add(voicing[0][2])
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if voicing and voicing[0][2].done():
-                    clause, started, task = voicing.popleft()
-                    reply.durations_ms.setdefault(
-                        "first_clause_voice", round((time.monotonic() - started) * 1000.0, 1)
-                    )
-                    await self._play(reply, clause, task.result(), resample)
-                elif next_clause is not None and next_clause.done():
-                    clause_text = next_clause.result()
-                    next_clause = None
-                    if clause_text is None:
-                        written = True
-                    elif is_speakable(clause_text):  # "**" or an emoji alone is not voiced
-                        speaking = asyncio.ensure_future(self.models.speak(clause_text))
-                        voicing.append((clause_text, time.monotonic(), speaking))
-        finally:
-            for _, _, task in voicing:
-                task.cancel()
-            if next_clause is not None:
-                next_clause.cancel()
+        while (clause := await clauses.get()) is not None:
+            started = time.monotonic()
+            audio = await self.models.speak(clause)
+            if len(audio) == 0:  # nothing to say in it ("**", an emoji): nothing to play
+                continue
+            reply.durations_ms.setdefault(
+                "first_clause_voice", round((time.monotonic() - started) * 1000.0, 1)
+            )
+            await self._play(reply, clause, audio, resample)
         if resample is not None:
             await self._send_audio(reply, resample.resample_chunk(np.zeros(0, np.float32), True))
 
