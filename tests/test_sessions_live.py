@@ -320,7 +320,10 @@ def test_max_turns_ends_the_session_and_a_reconnect_resumes_it(
 def test_a_reply_with_pieces_that_say_nothing_completes(
     triton: LocalTriton, utterances: dict[str, np.ndarray],
 ) -> None:
-    """Markdown marks or emoji cut as clauses of their own are left unvoiced, not failed."""
+    """A reply whose last clause is a lone "**" (the splitter cuts it at the end) completes.
+
+    The marks before "The sky" and "Enjoy" join those clauses, which Kokoro voices.
+    """
     rate = 16_000
     audio = resample(utterances[QUESTION], 48_000, rate).astype(np.float32)
     written = ["Sure! ** ", "The sky is clear. ", "- ", "Enjoy it! ", "**"]  # ends with "**" alone

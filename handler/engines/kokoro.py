@@ -231,7 +231,8 @@ class KokoroEngine:
     ) -> np.ndarray:
         """Voice ``text`` with a canonical voice spec; float32 mono at ``sample_rate``.
 
-        The chunks of :meth:`stream_texts` for ``[text]``, concatenated.
+        The chunks of :meth:`stream_texts` for ``[text]``, concatenated: 0
+        samples when the text has nothing to say (no letter or digit).
 
         Raises:
             ServiceUnavailable, InferenceError: from the Triton client.
