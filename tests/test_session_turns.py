@@ -21,6 +21,7 @@ from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
     EARLY_END_SILENCE_MS,
     END_SILENCE_MS,
+    MAX_SPEECH_MS,
     SPEECH_PAD_MS,
     VAD_WINDOW,
     RecentAudio,
@@ -101,6 +102,19 @@ def test_a_click_interrupts_but_is_not_a_turn() -> None:
     found = decisions([0.9] * 2 + [0.0] * 40)
     assert [type(d) for d in found] == [SpeechStarted, SpeechStopped]
     assert isinstance(found[1], SpeechStopped) and not found[1].is_turn
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.0])
+def test_speech_that_never_falls_silent_ends_a_turn_every_max_speech(threshold: float) -> None:
+    # 70 s of steady speech (or, at threshold 0.0, of anything at all).
+    max_windows = int(MAX_SPEECH_MS // WINDOW_MS)
+    found = decisions([0.9 if threshold else 0.0] * (70_000 * 16 // VAD_WINDOW), threshold)
+    stops = [d for d in found if isinstance(d, SpeechStopped)]
+    starts = [d for d in found if isinstance(d, SpeechStarted)]
+    assert len(stops) == 2 and len(starts) == 3
+    assert all(s.is_turn and s.end - s.start <= MAX_SPEECH_MS * 16 for s in stops)
+    assert stops[0].end == max_windows * VAD_WINDOW
+    assert starts[1].sample <= stops[0].end + VAD_WINDOW
 
 
 @given(
@@ -245,6 +259,19 @@ def test_tool_arguments_are_checked_against_the_schema() -> None:
         checked_arguments("book", "{day", TOOLS)
 
 
+def test_arguments_are_checked_with_the_draft_the_schema_names() -> None:
+    # Draft 4's boolean exclusiveMaximum (a number there from draft 6 on).
+    draft4 = {
+        "$schema": "http://json-schema.org/draft-04/schema#",
+        "type": "object",
+        "properties": {"x": {"type": "number", "maximum": 5, "exclusiveMaximum": True}},
+    }
+    tools = [{"type": "function", "function": {"name": "f", "parameters": draft4}}]
+    assert checked_arguments("f", '{"x": 3}', tools) == {"x": 3}
+    with pytest.raises(ToolCallError, match="x"):
+        checked_arguments("f", '{"x": 5}', tools)
+
+
 @given(st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=30))
 def test_recent_audio_holds_the_last_samples_by_stream_position(chunk_sizes: list[int]) -> None:
     capacity = 1000
@@ -258,6 +285,6 @@ def test_recent_audio_holds_the_last_samples_by_stream_position(chunk_sizes: lis
     np.testing.assert_array_equal(recent.between(first_kept, position), stream[first_kept:])
     with pytest.raises(ValueError):
         recent.between(first_kept, position + 1)
-    if first_kept > 0:
-        with pytest.raises(ValueError):
-            recent.between(first_kept - 1, position)
+    # A range reaching back past what is held gives the part still held.
+    np.testing.assert_array_equal(recent.between(0, position), stream[first_kept:])
+    assert len(recent.between(0, first_kept)) == 0

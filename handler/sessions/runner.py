@@ -43,6 +43,7 @@ from handler.sessions.clauses import ClauseSplitter
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
+    MAX_SPEECH_MS,
     VAD_SAMPLE_RATE,
     VAD_WINDOW,
     RecentAudio,
@@ -59,8 +60,9 @@ logger = logging.getLogger(__name__)
 
 # Tool rounds within one reply (call → result → continue) before the turn fails.
 MAX_TOOL_ROUNDS = 4
-# The longest user turn kept for transcription, seconds (Whisper's window is 30 s).
-MAX_USER_TURN_S = 30.0
+# User audio kept, seconds: the longest turn (MAX_SPEECH_MS) and as much again for
+# the VAD to lag behind the socket while Triton is slow.
+HEARD_S = 2 * MAX_SPEECH_MS / 1000
 # Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
 REPLY_MAX_NEW_TOKENS = 64
 # Sampling of replies; the bundled model's repetition penalty is set in Triton.
@@ -227,7 +229,7 @@ class LiveConversation:
         self._pending: list[np.ndarray] = []
         self._audio_arrived = asyncio.Event()
         self._vad_worker: asyncio.Task[None] | None = None
-        self._heard = RecentAudio(int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
+        self._heard = RecentAudio(int(HEARD_S * VAD_SAMPLE_RATE))
         self._last_turn_number = max((t.index for t in turns), default=0)
         self._user_turn_id: str | None = None
         self._user_turn_started = 0.0
@@ -379,8 +381,7 @@ class LiveConversation:
     def _start_respond(
         self, turn_id: str, bounds: SpeechPaused | SpeechStopped, end_of_turn: _EndOfTurn
     ) -> asyncio.Task[None]:
-        start = max(bounds.start, bounds.end - int(MAX_USER_TURN_S * VAD_SAMPLE_RATE))
-        audio = self._heard.between(start, bounds.end)
+        audio = self._heard.between(bounds.start, bounds.end)
         task = asyncio.create_task(
             self._respond(turn_id, self._user_turn_started, audio, end_of_turn)
         )
@@ -400,7 +401,12 @@ class LiveConversation:
         """
         async with self._asr_lock:
             try:
-                transcript = await self.models.transcribe(audio_16k, self.config["language"])
+                # No audio is left of a turn the VAD reached more than HEARD_S late.
+                transcript = (
+                    await self.models.transcribe(audio_16k, self.config["language"])
+                    if len(audio_16k)
+                    else ""
+                )
             except ApiError as error:
                 await end_of_turn.wait()
                 await self._error(user_turn_id, error.code, error.message)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jsonschema
+from jsonschema.validators import validator_for
 
 
 class ToolCallError(ValueError):
@@ -44,9 +45,9 @@ def checked_arguments(
     if not isinstance(parsed, dict):
         raise ToolCallError(f"arguments of {name!r} must be a JSON object")
     schema = function.get("parameters") or {"type": "object"}
-    rejected = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(schema).iter_errors(parsed)
-    )
+    # The draft the schema names ($schema), as when the session was created; else 2020-12.
+    validator = validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    rejected = jsonschema.exceptions.best_match(validator.iter_errors(parsed))
     if rejected is not None:
         path = "/".join(str(p) for p in rejected.absolute_path) or "(root)"
         raise ToolCallError(f"arguments of {name!r} at {path}: {rejected.message}")

@@ -7,7 +7,12 @@ below ``threshold - 0.15`` for ``end_silence_ms``; ``speech_pad_ms`` of audio is
 kept on both sides. That package's iterator needs torch, which the API process
 does not load, so the state machine is re-stated here over plain floats.
 
-One addition to Silero's rules: once the silence has lasted
+Two additions to Silero's rules. Speech that has lasted :data:`MAX_SPEECH_MS`
+stops there (a :class:`SpeechStopped` at that window; speech going on starts a
+new turn), as Silero's ``get_speech_timestamps`` splits speech longer than its
+``max_speech_duration_s``: a turn is at most Whisper's 30 s window, and speech,
+noise or a threshold of 0.0 that never falls silent still ends turns. And once
+the silence has lasted
 :data:`EARLY_END_SILENCE_MS`, a :class:`SpeechPaused` names the end the turn
 will have if the silence goes on, so the caller can start transcribing and
 replying while it waits for the rest of the end silence; a
@@ -38,6 +43,8 @@ EARLY_END_SILENCE_MS = 160
 SPEECH_PAD_MS = 30
 # Speech shorter than this is not a turn (Silero's get_speech_timestamps default 250 ms).
 MIN_SPEECH_MS = 250
+# The longest turn: Whisper transcribes at most 30 s in one window (its encoder's input).
+MAX_SPEECH_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,8 @@ class SpeechStopped:
     """User speech ``[start, end)`` in samples (padding included) has ended.
 
     ``is_turn`` is False for speech shorter than :data:`MIN_SPEECH_MS` (a cough,
-    a click): it interrupts like any speech but is not transcribed.
+    a click): it interrupts like any speech but is not transcribed. Speech that
+    one more window would take past :data:`MAX_SPEECH_MS` stops, silence or not.
     """
 
     start: int
@@ -120,6 +128,12 @@ class SpeechSegmenter:
                 self._silence_since = None
                 return SpeechStarted(self._start)
             return None
+        if self._position + self.window - self._start > MAX_SPEECH_MS * self._ms:
+            start = self._start
+            end = self._position if self._silence_since is None else self._silence_since + pad
+            self._start = self._silence_since = None
+            self._paused = False
+            return SpeechStopped(start, min(end, self._position), is_turn=True)
         if probability >= self.threshold:
             self._silence_since = None
             if self._paused:
@@ -164,11 +178,15 @@ class RecentAudio:
         self.end += len(samples)
 
     def between(self, start: int, end: int) -> np.ndarray:
-        """A copy of stream samples ``[start, end)``, float32.
+        """A copy of the stream samples of ``[start, end)`` still held, float32 [k].
+
+        Samples older than the last ``capacity`` are gone: k is ``end - start``
+        less those (0 when the whole range is gone).
 
         Raises:
-            ValueError: part of the range is no longer kept or not yet received.
+            ValueError: ``end`` is past the samples received, or ``start > end``.
         """
-        if start < self.end - len(self._buffer) or end > self.end or start > end:
+        if end > self.end or start > end:
             raise ValueError(f"samples [{start}, {end}) are not held (have up to {self.end})")
-        return self._buffer[np.arange(start, end) % len(self._buffer)]
+        held_from = min(max(start, self.end - len(self._buffer)), end)
+        return self._buffer[np.arange(held_from, end) % len(self._buffer)]
