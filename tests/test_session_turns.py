@@ -13,8 +13,8 @@ from handler.errors import InferenceError
 from handler.sessions.clauses import (
     MAX_CLAUSE_CHARS,
     MAX_FIRST_CLAUSE_CHARS,
-    ClauseSplitter,
-    max_clause_chars,
+    ReplyText,
+    next_clause_chars,
 )
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
@@ -117,29 +117,52 @@ def test_speech_that_never_falls_silent_ends_a_turn_every_max_speech(threshold: 
     assert starts[1].sample <= stops[0].end + VAD_WINDOW
 
 
+def take_all(text: ReplyText, limit: int) -> list[str]:
+    """Every clause ``text`` can hand out now at ``limit`` (a voice that is always free)."""
+    clauses = []
+    while (clause := text.cut(limit)) is not None:
+        clauses.append(clause)
+    return clauses
+
+
 @given(
     st.lists(
-        st.text(alphabet=st.sampled_from("abc ,.!?;xyz"), min_size=1, max_size=12),
+        st.tuples(
+            st.text(alphabet=st.sampled_from("abc ,.!?;xyz"), min_size=1, max_size=12),
+            st.integers(min_value=1, max_value=MAX_CLAUSE_CHARS),
+            st.booleans(),
+        ),
         min_size=1,
         max_size=40,
     )
 )
-def test_clauses_keep_every_character_in_order(pieces: list[str]) -> None:
-    splitter = ClauseSplitter()
-    clauses = [c for piece in pieces for c in splitter.push(piece)] + splitter.flush()
-    assert "".join(clauses).replace(" ", "") == "".join(pieces).replace(" ", "")
-    assert all(c == c.strip() and c for c in clauses)
-    # A sentence or clause end that comes in the same text that passes the limit wins.
-    longest_piece = max(len(piece) for piece in pieces)
-    assert all(len(c) <= max_clause_chars(i) + longest_piece for i, c in enumerate(clauses))
+def test_clauses_keep_every_character_in_order_and_their_limit(
+    writes: list[tuple[str, int, bool]],
+) -> None:
+    text = ReplyText()
+    clauses: list[tuple[str, int]] = []
+    for piece, limit, voice_free in writes:
+        text.write(piece)
+        if voice_free:
+            clauses += [(c, limit) for c in take_all(text, limit)]
+    text.end()
+    last_limit = writes[-1][1]
+    clauses += [(c, last_limit) for c in take_all(text, last_limit)]
+    written = "".join(piece for piece, _, _ in writes)
+    assert "".join(c for c, _ in clauses).replace(" ", "") == written.replace(" ", "")
+    assert all(c == c.strip() and c for c, _ in clauses)
+    assert all(len(c) <= limit for c, limit in clauses)
 
 
 def test_clauses_cut_at_sentences_and_long_enough_clauses_only() -> None:
-    splitter = ClauseSplitter()
-    text = "Yes. Well, I think that is right, as far as I can tell. Pi is 3.14 or so! And then"
-    tokens = text.split(" ")
-    clauses = [c for t in tokens for c in splitter.push(t + " ")] + splitter.flush()
-    assert clauses == [
+    text = ReplyText()
+    words = "Yes. Well, I think that is right, as far as I can tell. Pi is 3.14 or so! And then"
+    clauses = []
+    for word in words.split(" "):
+        text.write(word + " ")
+        clauses += take_all(text, MAX_CLAUSE_CHARS)
+    text.end()
+    assert clauses + take_all(text, MAX_CLAUSE_CHARS) == [
         "Yes.",
         "Well, I think that is right,",
         "as far as I can tell.",
@@ -148,21 +171,66 @@ def test_clauses_cut_at_sentences_and_long_enough_clauses_only() -> None:
     ]
 
 
-def test_the_first_clause_of_a_reply_is_cut_sooner_and_later_ones_grow() -> None:
-    splitter = ClauseSplitter()
-    words = " ".join(["word"] * 150) + " "
-    clauses = splitter.push(words) + splitter.flush()
-    lengths = [len(c) for c in clauses]
-    assert lengths[0] <= MAX_FIRST_CLAUSE_CHARS
-    assert lengths[0] < lengths[1] <= 2 * MAX_FIRST_CLAUSE_CHARS < lengths[2]
-    assert max(lengths) <= MAX_CLAUSE_CHARS and lengths[3] >= MAX_CLAUSE_CHARS - 5
-    assert " ".join(clauses) == words.strip()
+def test_text_written_while_the_voice_is_busy_is_cut_at_the_last_mark_within_the_limit() -> None:
+    text = ReplyText()
+    text.write("Sure! The sky is blue. It scatters light, mostly blue light, all day long")
+    assert text.cut(40) == "Sure! The sky is blue."
+    assert text.cut(40) == "It scatters light, mostly blue light,"
+    assert text.cut(20) is None  # 12 characters and no mark: wait for more
+    text.end()
+    assert take_all(text, 20) == ["all day long"]
+
+
+def test_without_marks_a_clause_ends_at_the_last_space_before_its_limit() -> None:
+    text = ReplyText()
+    text.write(" ".join(["word"] * 30) + " ")
+    assert [len(c or "") for c in (text.cut(20), text.cut(42), text.cut(7))] == [19, 39, 4]
+    one_word = ReplyText()
+    one_word.write("Supercalifragilisticexpialidocious")
+    assert one_word.cut(10) == "Supercalif"
 
 
 def test_a_mark_does_not_cut_before_the_next_character_arrives() -> None:
-    splitter = ClauseSplitter()
-    assert splitter.push("It costs 3.") == []
-    assert splitter.push("5 euros. Next") == ["It costs 3.5 euros."]
+    text = ReplyText()
+    text.write("It costs 3.")
+    assert text.cut(MAX_CLAUSE_CHARS) is None
+    text.write("5 euros. Next")
+    assert text.cut(MAX_CLAUSE_CHARS) == "It costs 3.5 euros."
+
+
+def test_next_clause_waits_for_a_complete_clause_then_for_the_end() -> None:
+    async def scenario() -> list[str | None]:
+        text = ReplyText()
+        taken: list[str | None] = []
+
+        async def voice() -> None:
+            while True:
+                taken.append(await text.next_clause(MAX_FIRST_CLAUSE_CHARS))
+                if taken[-1] is None:
+                    return
+
+        reader = asyncio.create_task(voice())
+        for piece in ["Hello", " there", ". How", " are you"]:
+            text.write(piece)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert taken == ["Hello there."]
+        text.end()
+        await asyncio.wait_for(reader, 1.0)
+        return taken
+
+    assert asyncio.run(scenario()) == ["Hello there.", "How are you", None]
+
+
+def test_the_clause_limit_follows_the_audio_queued_ahead_of_playback() -> None:
+    # 2 s queued, the voice at 25 ms per character: 80 characters fit.
+    assert next_clause_chars(2.0, 0.025) == 80
+    # Little or nothing queued (a short "Sure!" playing, a stall): the first clause's limit.
+    assert next_clause_chars(0.3, 0.08) == MAX_FIRST_CLAUSE_CHARS
+    assert next_clause_chars(0.0, 0.025) == MAX_FIRST_CLAUSE_CHARS
+    # A fast voice (a GPU) or a long queue: the longest piece.
+    assert next_clause_chars(30.0, 0.025) == MAX_CLAUSE_CHARS
+    assert next_clause_chars(1.0, 0.0) == MAX_CLAUSE_CHARS
 
 
 def test_playback_follows_real_time_then_client_reports() -> None:

@@ -3,8 +3,9 @@
 Pipeline (docs/sessions.md): inbound audio → 16 kHz → Silero VAD in Triton
 (recurrent state carried here) → :class:`SpeechSegmenter` → at end of speech
 the turn's audio → Whisper in Triton → user turn stored → chat LM streams the
-reply → :class:`ClauseSplitter` → each clause voiced as soon as it is complete
-(while the LM goes on writing) → resampled to the session rate → emitted.
+reply → :class:`ReplyText` → the next clause voiced as soon as the voice is free
+and the clause complete (while the LM goes on writing) → resampled to the
+session rate → emitted.
 
 Work on a turn starts early, at :class:`SpeechPaused` (160 ms into the 500 ms
 end silence): transcription, the reply's first tokens and its first clause
@@ -39,7 +40,7 @@ from handler.engines.vad import SileroVad
 from handler.errors import ApiError
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, Emit, SessionParams
-from handler.sessions.clauses import ClauseSplitter
+from handler.sessions.clauses import MAX_FIRST_CLAUSE_CHARS, ReplyText, next_clause_chars
 from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
@@ -475,11 +476,11 @@ class LiveConversation:
         await self._reply_emit(
             reply, events.ResponseStarted(turn_id=reply.turn_id, reply_to=reply.reply_to)
         )
-        clauses: asyncio.Queue[str | None] = asyncio.Queue()
+        text = ReplyText()
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._write(reply, messages, clauses))
-                group.create_task(self._voice(reply, clauses))
+                group.create_task(self._write(reply, messages, text))
+                group.create_task(self._voice(reply, text))
         except* _ReplyFailed:
             raise _ReplyFailed from None
         except* ApiError as failed:
@@ -490,10 +491,9 @@ class LiveConversation:
             await asyncio.sleep(min(remaining, 0.05))
 
     async def _write(
-        self, reply: _Reply, messages: list[ChatMessage], clauses: asyncio.Queue[str | None]
+        self, reply: _Reply, messages: list[ChatMessage], text: ReplyText
     ) -> None:
-        """Stream the LM's reply into clauses; run the tool calls it makes."""
-        splitter = ClauseSplitter()
+        """Stream the LM's reply into ``text``; run the tool calls it makes."""
         try:
             for _ in range(MAX_TOOL_ROUNDS + 1):
                 call = None
@@ -510,8 +510,7 @@ class LiveConversation:
                         await self._reply_emit(
                             reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=delta.text)
                         )
-                        for clause in splitter.push(delta.text):
-                            clauses.put_nowait(clause)
+                        text.write(delta.text)
                     if delta.tool_call is not None:
                         call = delta.tool_call
                         break
@@ -520,9 +519,7 @@ class LiveConversation:
                 messages = [*messages, *await self._run_tool(reply, call)]
             await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls")
         finally:
-            for clause in splitter.flush():
-                clauses.put_nowait(clause)
-            clauses.put_nowait(None)
+            text.end()
 
     async def _run_tool(self, reply: _Reply, call: ToolCall) -> list[ChatMessage]:
         """Send the model's tool call to the client and wait for its result.
@@ -587,30 +584,33 @@ class LiveConversation:
     async def _error(self, turn_id: str | None, code: str, message: str) -> None:
         await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
 
-    async def _voice(self, reply: _Reply, clauses: asyncio.Queue[str | None]) -> None:
-        """Voice clauses one at a time as they come; send each as soon as it is voiced.
+    async def _voice(self, reply: _Reply, text: ReplyText) -> None:
+        """Voice the reply's clauses one at a time; send each as soon as it is voiced.
 
         One at a time, so each clause has all the cores: two at once (one per
         Kokoro network instance) made the clause due next share them with the
         one after it, and stalls inside replies grew (docs/PERFORMANCE.md,
-        "Voice lookahead"). A clause the voice gives no audio for (nothing to
-        say in it) is skipped. Cancelling this task cancels the voice call in
-        flight.
+        "Voice lookahead"). Each clause is cut when the voice is free for it,
+        as long as the voice can voice while the audio already sent plays
+        (:func:`next_clause_chars`, from how long the clause before took). A
+        clause the voice gives no audio for (nothing to say in it) is skipped.
+        Cancelling this task cancels the voice call in flight.
         """
         resample = (
             None
             if self.models.voice_rate == self.sample_rate
             else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
         )
-        while (clause := await clauses.get()) is not None:
+        limit = MAX_FIRST_CLAUSE_CHARS
+        while (clause := await text.next_clause(limit)) is not None:
             started = time.monotonic()
             audio = await self.models.speak(clause)
+            voiced_s = time.monotonic() - started
             if len(audio) == 0:  # nothing to say in it ("**", an emoji): nothing to play
                 continue
-            reply.durations_ms.setdefault(
-                "first_clause_voice", round((time.monotonic() - started) * 1000.0, 1)
-            )
+            reply.durations_ms.setdefault("first_clause_voice", round(voiced_s * 1000.0, 1))
             await self._play(reply, clause, audio, resample)
+            limit = next_clause_chars(reply.playback.remaining_s(), voiced_s / len(clause))
         if resample is not None:
             await self._send_audio(reply, resample.resample_chunk(np.zeros(0, np.float32), True))
 
