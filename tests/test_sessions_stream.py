@@ -43,7 +43,8 @@ class EchoConversation:
     """Plays the audio heard so far back as a reply turn when the client asks.
 
     Client ``tool.result`` events script it: output ``reply`` answers with the
-    audio received since the last reply, ``end`` ends the session (``max_turns``).
+    audio received since the last reply, ``end`` ends the session (``max_turns``),
+    ``end_on_close`` ends it as the socket closes (a last reply that finishes then).
     """
 
     def __init__(self, record: SessionRecord, params: SessionParams, emit: Emit) -> None:
@@ -52,6 +53,7 @@ class EchoConversation:
         self.heard: list[np.ndarray] = []
         self.events: list[ClientEvent] = []
         self.closed = False
+        self.end_on_close = False
 
     async def on_audio(self, samples: np.ndarray) -> None:
         self.heard.append(samples)
@@ -67,9 +69,13 @@ class EchoConversation:
             self.heard = []
         if isinstance(event, ToolResult) and event.output == "end":
             await self.emit(SessionEnded(turn_id=None, reason="max_turns"))
+        if isinstance(event, ToolResult) and event.output == "end_on_close":
+            self.end_on_close = True
 
     async def close(self) -> None:
         self.closed = True
+        if self.end_on_close:
+            await self.emit(SessionEnded(turn_id=None, reason="max_turns"))
 
 
 class Factory:
@@ -377,6 +383,20 @@ def test_the_conversation_can_end_the_session(api: TestClient) -> None:
     assert ended["reason"] == "max_turns" and closed.value.code == CloseCode.MAX_TURNS
     assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["ended_reason"] == (
         "max_turns")
+
+
+def test_a_session_ended_while_its_socket_closes_stays_ended(api: TestClient,
+                                                           factory: Factory) -> None:
+    session_id = new_session(api)
+    with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+        ws.receive_json()
+        ws.send_text('{"type": "tool.result", "call_id": "c1", "output": "end_on_close"}')
+        ws.send_bytes(bytes(640))
+        read_reply(ws)  # the messages before it have been taken in
+    assert factory.made[-1].closed
+    stored = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+    assert (stored["status"], stored["ended_reason"]) == ("ended", "max_turns")
+    assert closed_with(api, path(session_id), headers=AUTH) == CloseCode.SESSION_ENDED
 
 
 class BrokenConversation(EchoConversation):

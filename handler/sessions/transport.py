@@ -229,12 +229,17 @@ class LiveSocket:
 
         ``response.done`` first flushes the codec's held-back audio (completed)
         or drops it (interrupted, failed); ``session.ended`` ends the session
-        with its reason. Ignored once the socket is closing.
+        with its reason, even while the socket is closing (the conversation's
+        last reply can finish then). Anything else is ignored once it is closing.
         """
-        if not self._emitting:
-            return
         if isinstance(item, SessionEnded):
-            self.stop(END_REASON_CODES[item.reason], f"session ended: {item.reason}", item.reason)
+            if self._emitting:
+                self.stop(END_REASON_CODES[item.reason], f"session ended: {item.reason}",
+                          item.reason)
+            elif self._close[2] is None:  # closing already: the session still ends
+                self._close = (*self._close[:2], item.reason)
+            return
+        if not self._emitting:
             return
         try:
             if isinstance(item, AssistantAudio):
