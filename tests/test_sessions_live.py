@@ -380,6 +380,11 @@ def test_a_tool_call_round_trip_and_a_tool_timeout(
     tool_message = chat.requests[1]["messages"][-1]
     assert tool_message == {"role": "tool", "content": json.dumps({"sky": "sunny"}),
                             "tool_call_id": "call_1"}
+    # The second question's prompt holds the first one's tool call and result.
+    earlier = chat.requests[2]["messages"][-4:]
+    assert [m["role"] for m in earlier] == ["user", "assistant", "tool", "user"]
+    assert [c["id"] for c in earlier[1]["tool_calls"]] == ["call_1"]
+    assert earlier[2] == tool_message
     assert [t["role"] for t in stored["turns"]][:4] == ["user", "assistant", "tool", "user"]
     tool_turn = stored["turns"][2]
     assert tool_turn["tool_call_id"] == "call_1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +151,42 @@ def test_sequence_reservations_never_overlap(storage: Storage, clock: Clock) -> 
     assert sorted(firsts) == [9 + 10 * i for i in range(8)]
     with pytest.raises(KeyError):
         storage.reserve_seq("key-a", "conv_missing", 1)
+
+
+def test_the_last_turn_sent_only_rises(storage: Storage, clock: Clock) -> None:
+    storage.put_session(session(clock))
+    storage.note_turn("key-a", "conv_1", 3)
+    storage.note_turn("key-a", "conv_1", 2)  # an older number changes nothing
+    record = storage.get_session("key-a", "conv_1")
+    assert record is not None and record.last_turn == 3
+    storage.note_turn("key-a", "conv_1", 7)
+    record = storage.get_session("key-a", "conv_1")
+    assert record is not None and record.last_turn == 7
+    storage.note_turn("key-a", "conv_missing", 1)  # nothing to raise, no error
+    assert storage.get_session("key-a", "conv_missing") is None
+
+
+def test_a_sqlite_file_from_before_last_turn_is_brought_up_to_date(
+    tmp_path: Path, clock: Clock
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE sessions (key_id TEXT NOT NULL, id TEXT NOT NULL, config TEXT NOT NULL,"
+            " model TEXT NOT NULL, voice TEXT NOT NULL, created_at REAL NOT NULL,"
+            " status TEXT NOT NULL, ended_reason TEXT, ended_at REAL, expires_at REAL,"
+            " seq INTEGER NOT NULL, connection_id TEXT NOT NULL, PRIMARY KEY (key_id, id))"
+        )
+        db.execute(
+            "INSERT INTO sessions VALUES ('key-a', 'conv_old', '{}', 'kokoro', 'jf_alpha*1',"
+            " 1.0, 'active', NULL, NULL, NULL, 64, '')"
+        )
+    storage = SQLiteStorage(path, clock=clock)
+    record = storage.get_session("key-a", "conv_old")
+    assert record is not None and (record.seq, record.last_turn) == (64, 0)
+    storage.note_turn("key-a", "conv_old", 5)
+    again = storage.get_session("key-a", "conv_old")
+    assert again is not None and again.last_turn == 5
 
 
 def test_claim_records_the_live_connection(storage: Storage, clock: Clock) -> None:

@@ -54,7 +54,7 @@ from handler.sessions.turn_taking import (
     SpeechStarted,
     SpeechStopped,
 )
-from handler.storage.base import SessionRecord, SessionStore, TurnRecord
+from handler.storage.base import SessionRecord, SessionStore, TurnRecord, turn_number
 from handler.transcription import TimedWord
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ class _Reply:
     clauses: list[VoicedClause] = field(default_factory=list)
     text: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_turns: list[TurnRecord] = field(default_factory=list)
     interrupted: bool = False
     moments: dict[str, float] = field(default_factory=dict)
     durations_ms: dict[str, float] = field(default_factory=dict)
@@ -218,7 +219,7 @@ class LiveConversation:
         self.config = record.config
         self.sample_rate = params.sample_rate
         self.models = models
-        self._emit = emit
+        self._send = emit
         self._storage = storage
         self._segmenter = SpeechSegmenter(params.vad_threshold)
         self._to_vad = (
@@ -231,7 +232,9 @@ class LiveConversation:
         self._audio_arrived = asyncio.Event()
         self._vad_worker: asyncio.Task[None] | None = None
         self._heard = RecentAudio(int(HEARD_S * VAD_SAMPLE_RATE))
-        self._last_turn_number = max((t.index for t in turns), default=0)
+        # Above every turn stored or sent before: an id sent to a client is never reused.
+        self._last_turn_number = max([record.last_turn, *(t.index for t in turns)])
+        self._noted_turn = self._last_turn_number
         self._user_turn_id: str | None = None
         self._user_turn_started = 0.0
         self._reply: _Reply | None = None
@@ -325,6 +328,21 @@ class LiveConversation:
         await asyncio.gather(*self._respond_tasks, return_exceptions=True)
 
     # ---- turn-taking -----------------------------------------------------------
+
+    async def _emit(self, event: events.ServerEvent | AssistantAudio) -> None:
+        """Send ``event``; a turn number sent for the first time is noted in storage first.
+
+        So a later socket of the session numbers its turns above every id a
+        client has seen, stored or not (speech too short to be a turn, a failed
+        transcription, a turn cut off by a disconnect).
+        """
+        number = turn_number(event.turn_id) if event.turn_id is not None else 0
+        if number > self._noted_turn:
+            self._noted_turn = number
+            await run_in_threadpool(
+                self._storage.note_turn, self.record.key_id, self.record.id, number
+            )
+        await self._send(event)
 
     def _next_turn_id(self) -> str:
         self._last_turn_number += 1
@@ -555,16 +573,16 @@ class LiveConversation:
             self._tool_results.pop(call.id, None)
         reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments})
         now = self._storage.clock()
-        await self._put_turn(
-            TurnRecord(
-                turn_id=self._next_turn_id(),
-                role="tool",
-                text=output,
-                started_at=now,
-                ended_at=now,
-                tool_call_id=call.id,
-            )
+        tool_turn = TurnRecord(
+            turn_id=self._next_turn_id(),
+            role="tool",
+            text=output,
+            started_at=now,
+            ended_at=now,
+            tool_call_id=call.id,
         )
+        await self._put_turn(tool_turn)
+        reply.tool_turns.append(tool_turn)
         return [
             ChatMessage(role="assistant", content=reply.text, tool_calls=(call,)),
             ChatMessage(role="tool", content=output, tool_call_id=call.id),
@@ -676,27 +694,26 @@ class LiveConversation:
             text = await heard_text(reply.clauses, played_ms / 1000.0, reply_alignment)
         for task in reply.alignments.values():
             task.cancel()
-        # Stored first: a client that reads the session on response.done finds the turn.
-        await self._put_turn(
-            TurnRecord(
-                turn_id=reply.turn_id,
-                role="assistant",
-                text=text,
-                started_at=reply.started_at,
-                ended_at=self._storage.clock(),
-                audio_ms=round(reply.playback.sent_ms, 1),
-                interrupted=status == "interrupted",
-                played_ms=played_ms,
-                tool_calls=reply.tool_calls,
-                latency_ms=reply.latency_ms,
-            )
+        assistant_turn = TurnRecord(
+            turn_id=reply.turn_id,
+            role="assistant",
+            text=text,
+            started_at=reply.started_at,
+            ended_at=self._storage.clock(),
+            audio_ms=round(reply.playback.sent_ms, 1),
+            interrupted=status == "interrupted",
+            played_ms=played_ms,
+            tool_calls=reply.tool_calls,
+            latency_ms=reply.latency_ms,
         )
+        # Stored first: a client that reads the session on response.done finds the turn.
+        await self._put_turn(assistant_turn)
         done = events.ResponseDone(
             turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
         )
         await self._emit(done)
-        if text:
-            self._history.append(ChatMessage(role="assistant", content=text))
+        # The next prompt sees the reply as a reconnect would read it from storage.
+        self._history.extend(chat_history([assistant_turn, *reply.tool_turns]))
         self._exchanges += 1
         limit = self.config.get("max_turns")
         if limit is not None and self._exchanges >= limit:

@@ -149,6 +149,9 @@ class SessionRecord:
             the session can have + retention (an abandoned session still goes).
         seq: last event sequence number reserved (see :meth:`Storage.reserve_seq`).
         connection_id: id of the socket that holds the session, '' when none did.
+        last_turn: the highest turn number (``turn_<n>``) sent to a client, stored
+            or not (see :meth:`Storage.note_turn`), so a later socket numbers on
+            above it.
     """
 
     id: str
@@ -163,10 +166,23 @@ class SessionRecord:
     expires_at: float | None = None
     seq: int = 0
     connection_id: str = ""
+    last_turn: int = 0
 
 
 SESSION_RETENTION_S = 30 * 86400.0  # kalpa spec: history stays 30 days after deletion
 _TURN_ID = re.compile(r"^turn_([0-9]{1,9})$")
+
+
+def turn_number(turn_id: str) -> int:
+    """The ``n`` of a turn id ``turn_<n>``.
+
+    Raises:
+        ValueError: ``turn_id`` is not ``turn_<n>``.
+    """
+    match = _TURN_ID.match(turn_id)
+    if match is None:
+        raise ValueError(f"turn id {turn_id!r} is not turn_<n>")
+    return int(match.group(1))
 
 
 @dataclass(frozen=True)
@@ -207,10 +223,7 @@ class TurnRecord:
         Raises:
             ValueError: ``turn_id`` is not ``turn_<n>``.
         """
-        match = _TURN_ID.match(self.turn_id)
-        if match is None:
-            raise ValueError(f"turn id {self.turn_id!r} is not turn_<n>")
-        return int(match.group(1))
+        return turn_number(self.turn_id)
 
     @property
     def sort_key(self) -> str:
@@ -266,6 +279,13 @@ class SessionStore(abc.ABC):
 
         Raises:
             KeyError: no such session.
+        """
+
+    @abc.abstractmethod
+    def note_turn(self, key_id: str, session_id: str, number: int) -> None:
+        """Raise the session's ``last_turn`` to ``number`` (≥ 1), atomically.
+
+        No change when it is already that high or the session is gone.
         """
 
     @abc.abstractmethod

@@ -80,6 +80,7 @@ def _session_item(record: SessionRecord) -> dict[str, Any]:
         "status": record.status,
         "seq": record.seq,
         "connection_id": record.connection_id,
+        "last_turn": record.last_turn,
     }
     if record.ended_reason is not None:
         item["ended_reason"] = record.ended_reason
@@ -103,6 +104,7 @@ def _session(item: dict[str, Any]) -> SessionRecord:
         expires_at=_optional_float(item.get(TTL_ATTRIBUTE)),
         seq=int(item["seq"]),
         connection_id=item["connection_id"],
+        last_turn=int(item.get("last_turn", 0)),
     )
 
 
@@ -386,6 +388,21 @@ class DynamoDBStorage(Storage):
                 raise KeyError(session_id) from error
             raise
         return int(answer["Attributes"]["seq"]) - count + 1
+
+    def note_turn(self, key_id: str, session_id: str, number: int) -> None:
+        """Raise the session's ``last_turn`` to ``number`` (one conditional update)."""
+        try:
+            self.sessions.update_item(
+                Key={"key_id": key_id, "id": session_id},
+                UpdateExpression="SET last_turn = :number",
+                ConditionExpression="attribute_exists(id) AND "
+                "(attribute_not_exists(last_turn) OR last_turn < :number)",
+                ExpressionAttributeValues={":number": number},
+            )
+        except ClientError as error:
+            # Already that high, or the session is gone: nothing to raise.
+            if error.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
 
     def put_turn(self, key_id: str, session_id: str, turn: TurnRecord) -> None:
         """Insert or replace (same ``turn_id``); after the end it takes the session's expiry."""

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     key_id TEXT NOT NULL, id TEXT NOT NULL, config TEXT NOT NULL, model TEXT NOT NULL,
     voice TEXT NOT NULL, created_at REAL NOT NULL, status TEXT NOT NULL, ended_reason TEXT,
     ended_at REAL, expires_at REAL, seq INTEGER NOT NULL, connection_id TEXT NOT NULL,
-    PRIMARY KEY (key_id, id));
+    last_turn INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (key_id, id));
 CREATE TABLE IF NOT EXISTS turns (
     key_id TEXT NOT NULL, session_id TEXT NOT NULL, turn_id TEXT NOT NULL,
     sort_key TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (key_id, session_id, turn_id));
@@ -55,7 +55,7 @@ CREATE INDEX IF NOT EXISTS turns_order ON turns (key_id, session_id, sort_key);
 _VOICE_COLUMNS = "id, key_id, name, model, voice, reference_audio_id, transcript, created_at"
 _SESSION_COLUMNS = (
     "id, key_id, config, model, voice, created_at, status, ended_reason, ended_at, expires_at, "
-    "seq, connection_id"
+    "seq, connection_id, last_turn"
 )
 
 
@@ -87,6 +87,11 @@ class SQLiteStorage(Storage):
         self._local = threading.local()
         # executescript manages its own transaction (it commits first).
         self._connection().executescript(_SCHEMA)
+        columns = {row[1] for row in self._connection().execute("PRAGMA table_info(sessions)")}
+        if "last_turn" not in columns:  # a file made before sessions had it
+            self._connection().execute(
+                "ALTER TABLE sessions ADD COLUMN last_turn INTEGER NOT NULL DEFAULT 0"
+            )
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -209,7 +214,7 @@ class SQLiteStorage(Storage):
         """Store a new session."""
         with self._transaction() as db:
             db.execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.id,
                     record.key_id,
@@ -223,6 +228,7 @@ class SQLiteStorage(Storage):
                     record.expires_at,
                     record.seq,
                     record.connection_id,
+                    record.last_turn,
                 ),
             )
 
@@ -279,6 +285,14 @@ class SQLiteStorage(Storage):
         if row is None:
             raise KeyError(session_id)
         return int(row[0]) - count + 1
+
+    def note_turn(self, key_id: str, session_id: str, number: int) -> None:
+        """Raise the session's ``last_turn`` to ``number`` (no change if already that high)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE sessions SET last_turn = MAX(last_turn, ?) WHERE key_id = ? AND id = ?",
+                (number, key_id, session_id),
+            )
 
     def put_turn(self, key_id: str, session_id: str, turn: TurnRecord) -> None:
         """Insert or replace (same ``turn_id``) one turn of the session."""
