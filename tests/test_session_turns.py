@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handler.errors import InferenceError
+from handler.errors import InferenceError, ServiceUnavailable
 from handler.sessions.clauses import (
     MAX_CLAUSE_CHARS,
     MAX_FIRST_CLAUSE_CHARS,
@@ -289,9 +289,13 @@ def test_heard_text_keeps_a_written_word_the_aligner_split_once_all_of_it_played
     assert asyncio.run(heard_text(clauses, 1.5, align)) == "The age-old adage"
 
 
-def test_heard_text_falls_back_to_the_played_share_when_alignment_fails() -> None:
+@pytest.mark.parametrize("failure", [InferenceError("no alignment"),
+                                     ServiceUnavailable("Triton is unreachable")])
+def test_heard_text_falls_back_to_the_played_share_when_alignment_fails(
+    failure: Exception,
+) -> None:
     async def align(c: VoicedClause) -> list[TimedWord]:
-        raise InferenceError("no alignment")
+        raise failure
 
     clauses = [clause("one two three four", 0.0, 2.0)]
     assert asyncio.run(heard_text(clauses, 1.0, align)) == "one two"

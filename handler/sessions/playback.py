@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from handler.errors import InferenceError
+from handler.errors import InferenceError, ServiceUnavailable
 from handler.transcription import TimedWord
 
 Clock = Callable[[], float]
@@ -100,8 +100,9 @@ async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Al
 
     Clauses that finished playing count whole; in the clause playing at
     ``played_s`` only the words whose end was reached count. Word intervals come
-    from ``align`` (the forced aligner on that clause's audio); when it fails,
-    the clause's words are taken in proportion to the share of its audio played.
+    from ``align`` (the forced aligner on that clause's audio); when it fails (an
+    error answer, or Triton unreachable), the clause's words are taken in
+    proportion to the share of its audio played.
     Words keep their written form (punctuation included); a written word the
     aligner split counts once all its parts were heard.
     """
@@ -112,7 +113,7 @@ async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Al
         into_clause = played_s - current.start_s
         try:
             words = await align(current)
-        except InferenceError:
+        except (InferenceError, ServiceUnavailable):
             share = into_clause / (current.end_s - current.start_s)
             heard += written[: int(len(written) * share)]
         else:
