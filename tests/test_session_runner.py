@@ -1,0 +1,236 @@
+"""The live conversation (``handler.sessions.runner``) over model fakes, without Triton.
+
+What is under test is the runner's own logic: the prompt it builds, turn ids
+across sockets, a client's cancel, tool timeouts. The fakes: the VAD hears a
+window as speech when it is louder than -40 dBFS, the ASR answers scripted
+transcripts, the chat LM scripted deltas, the voice 1 s of tone per clause and
+the aligner evenly spaced words. The same paths with the real models run in
+tests/test_sessions_live.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handler.engines.chat import ChatDelta, ChatMessage, ToolCall
+from handler.sessions import protocol as events
+from handler.sessions.base import AssistantAudio, SessionParams
+from handler.sessions.runner import ConversationModels, LiveConversation
+from handler.storage.base import SessionRecord, TurnRecord
+from handler.storage.sqlite import SQLiteStorage
+from handler.transcription import TimedWord
+
+RATE = 16_000
+VOICE_RATE = 24_000
+CLAUSE_S = 1.0
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+class LoudnessVad:
+    """Speech probability 1 for a window above -40 dBFS RMS, else 0."""
+
+    @staticmethod
+    def initial_state(sample_rate: int = RATE) -> np.ndarray:
+        return np.zeros(1, np.float32)
+
+    async def speech_probabilities(
+        self, windows: np.ndarray, state: np.ndarray, sample_rate: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rms = np.sqrt(np.mean(windows.astype(np.float64) ** 2, axis=1))
+        return (rms > 0.01).astype(np.float32), state
+
+
+class ScriptedChat:
+    """Streams reply number i from ``replies[i]`` (the last one again after the end)."""
+
+    def __init__(self, replies: list[list[ChatDelta]]) -> None:
+        self.replies = replies
+        self.requests: list[list[ChatMessage]] = []
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]], *,
+        max_new_tokens: int, temperature: float, seed: int | None,
+    ) -> AsyncIterator[ChatDelta]:
+        self.requests.append(list(messages))
+        for delta in self.replies[min(len(self.requests), len(self.replies)) - 1]:
+            await asyncio.sleep(0.01)
+            yield delta
+
+
+class Session:
+    """One session in SQLite; ``connect`` builds the conversation of a new socket."""
+
+    def __init__(self, tmp_path: Path, chat: ScriptedChat, transcripts: list[str],
+                 **config: Any) -> None:
+        self.storage = SQLiteStorage(tmp_path / "sessions.db")
+        self.chat = chat
+        self.transcripts = transcripts
+        self.storage.put_session(SessionRecord(
+            id="conv_1", key_id="key", model="kokoro", voice="jf_alpha*1", created_at=1.0,
+            config={"voice_id": "jf_alpha", "system_prompt": "You are Pat.", "language": "en",
+                    "tools": [], "context_window": 50, "max_turns": None, **config},
+        ))
+        self.events: list[Any] = []
+
+    async def connect(self) -> LiveConversation:
+        transcripts = iter(self.transcripts)
+
+        async def transcribe(audio: np.ndarray, language: str) -> str:
+            return next(transcripts)
+
+        async def speak(text: str) -> np.ndarray:
+            t = np.arange(int(CLAUSE_S * VOICE_RATE)) / VOICE_RATE
+            return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+
+        async def align(audio: np.ndarray, text: str) -> list[TimedWord]:
+            words = text.split()
+            step = len(audio) / RATE / len(words)
+            return [TimedWord(w, i * step, (i + 1) * step) for i, w in enumerate(words)]
+
+        async def emit(item: Any) -> None:
+            self.events.append(item)
+
+        models = ConversationModels(
+            vad=LoudnessVad(),  # type: ignore[arg-type]
+            chat=self.chat, transcribe=transcribe, speak=speak, voice_rate=VOICE_RATE,
+            align=align, tool_timeout_s=0.3,
+        )
+        record = self.storage.get_session("key", "conv_1")
+        assert record is not None
+        turns = self.storage.list_turns("key", "conv_1")
+        return LiveConversation(record, SessionParams(sample_rate=RATE), models, emit,
+                                self.storage, turns)
+
+    def of_type(self, kind: str) -> list[Any]:
+        return [e for e in self.events if getattr(e, "type", None) == kind]
+
+    async def until(self, kind: str, count: int = 1, timeout_s: float = 10.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while len(self.of_type(kind)) < count:
+                await asyncio.sleep(0.01)
+
+
+async def say(conversation: LiveConversation, speech_s: float = 0.6) -> None:
+    """``speech_s`` of tone, then 0.7 s of silence (the turn ends), faster than real time."""
+    t = np.arange(int(speech_s * RATE)) / RATE
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    for chunk in np.array_split(np.concatenate([tone, np.zeros(int(0.7 * RATE), np.float32)]),
+                                20):
+        await conversation.on_audio(chunk)
+        await asyncio.sleep(0.005)
+
+
+def text(reply: str) -> list[ChatDelta]:
+    return [ChatDelta(text=word + " ") for word in reply.split()]
+
+
+def test_the_prompt_is_the_persona_and_the_last_context_window_turns(tmp_path: Path) -> None:
+    chat = ScriptedChat([text("Fine.")])
+    session = Session(tmp_path, chat, ["And now?"], context_window=2)
+    for n, (role, said) in enumerate([("user", "Hi."), ("assistant", "Hello."),
+                                      ("user", "How are you?"), ("assistant", "Well.")], 1):
+        session.storage.put_turn("key", "conv_1", TurnRecord(f"turn_{n}", role, said, float(n)))
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("response.done")
+        await conversation.close()
+
+    asyncio.run(run())
+    assert [(m.role, m.content) for m in chat.requests[0]] == [
+        ("system", "You are Pat."), ("user", "How are you?"), ("assistant", "Well."),
+        ("user", "And now?"),
+    ]
+
+
+def test_a_turn_id_a_client_saw_is_not_reused_by_the_next_socket(tmp_path: Path) -> None:
+    session = Session(tmp_path, ScriptedChat([text("Yes.")]), ["Is it on?"])
+
+    async def run() -> None:
+        first = await session.connect()
+        await say(first, speech_s=0.1)  # a click: speech too short to be a turn, not stored
+        await session.until("input.speech_stopped")
+        await first.close()
+        second = await session.connect()
+        await say(second)
+        await session.until("response.done")
+        await second.close()
+
+    asyncio.run(run())
+    started = [e.turn_id for e in session.of_type("input.speech_started")]
+    assert started == ["turn_1", "turn_2"]
+    stored = session.storage.list_turns("key", "conv_1")
+    assert [(t.turn_id, t.role) for t in stored] == [("turn_2", "user"), ("turn_3", "assistant")]
+
+
+def test_a_client_cancel_interrupts_the_reply_and_the_next_prompt_has_what_was_heard(
+    tmp_path: Path,
+) -> None:
+    long_reply = "One two three. Four five six. Seven eight nine. Ten eleven twelve."
+    chat = ScriptedChat([text(long_reply), text("Sure.")])
+    session = Session(tmp_path, chat, ["Count.", "Stop."])
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("response.started")
+        reply_id = session.of_type("response.started")[0].turn_id
+        async with asyncio.timeout(10):
+            while not any(isinstance(e, AssistantAudio) for e in session.events):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # half of the first clause plays: "One" at least
+        await conversation.on_event(events.ResponseCancel(turn_id=reply_id))
+        await session.until("response.done")
+        await say(conversation)
+        await session.until("response.done", 2)
+        await conversation.close()
+
+    asyncio.run(run())
+    interrupted = session.of_type("response.done")[0]
+    assert interrupted.status == "interrupted" and 0 < interrupted.played_ms < 1000 * CLAUSE_S
+    heard = interrupted.text
+    assert heard and long_reply.startswith(heard) and len(heard) < len("One two three.")
+    stored = [t for t in session.storage.list_turns("key", "conv_1") if t.role == "assistant"]
+    assert stored[0].interrupted and stored[0].text == heard
+    assert ("assistant", heard) in [(m.role, m.content) for m in chat.requests[1]]
+    assert long_reply not in [m.content for m in chat.requests[1]]
+
+
+def test_after_a_tool_timeout_the_session_goes_on(tmp_path: Path) -> None:
+    call = ChatDelta(tool_call=ToolCall("call_1", "lookup", "{}"))
+    chat = ScriptedChat([[call], text("Here I am.")])
+    session = Session(tmp_path, chat, ["Look it up.", "Hello?"], tools=[TOOL])
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("tool.call")
+        await session.until("response.done")  # nobody answers: tool_timeout_s is 0.3 s
+        await say(conversation)
+        await session.until("response.done", 2)
+        await conversation.close()
+
+    asyncio.run(run())
+    assert [e.code for e in session.of_type("error")] == ["tool_timeout"]
+    assert [e.status for e in session.of_type("response.done")] == ["failed", "completed"]
+    assert session.of_type("response.done")[1].text == "Here I am."
+
+
+def test_nothing_the_runner_starts_outlives_close(tmp_path: Path) -> None:
+    session = Session(tmp_path, ScriptedChat([text("One. Two. Three. Four.")]), ["Go."])
+
+    async def run() -> set[asyncio.Task[Any]]:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("response.started")
+        await conversation.close()
+        await asyncio.sleep(0.05)
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    assert asyncio.run(run()) == set()
