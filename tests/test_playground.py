@@ -78,9 +78,12 @@ def test_a_spoken_exchange_in_chromium(server: ApiServer, real_client: TestClien
                                    ".includes('response.done')", timeout=120_000)
             heard = page.text_content("#transcript p.user") or ""
             replied = page.text_content("#transcript p.assistant") or ""
-            played = page.evaluate("window.playground.audioMessages")
+            status = page.text_content("#status")
+            # The reply is done once its audio has played (the server follows playback).
+            played_ms = page.evaluate("window.playground.playedMs")
         finally:
             browser.close()
     assert word_error_rate([QUESTION], [heard]) <= 0.25, heard
     assert replied.strip()
-    assert played > 0
+    assert status == "completed"
+    assert played_ms > 0
