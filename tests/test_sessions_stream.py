@@ -221,6 +221,17 @@ def test_auth_by_header_or_subprotocol(api: TestClient, caplog: pytest.LogCaptur
     assert API_KEY not in logged
 
 
+def test_a_key_out_of_rate_limit_tokens_is_closed_with_4429(triton_url: str,
+                                                            factory: Factory) -> None:
+    # Two tokens, refilled once a day: the create call takes one, the first socket the other.
+    with app_client(triton_url, factory, rate_limit_capacity=2,
+                    rate_limit_per_minute=1 / 1440) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            assert ws.receive_json()["type"] == "session.started"
+        assert closed_with(api, path(session_id), headers=AUTH) == CloseCode.RATE_LIMITED
+
+
 def test_unknown_and_ended_sessions(api: TestClient) -> None:
     assert closed_with(api, path("conv_missing"), headers=AUTH) == CloseCode.SESSION_NOT_FOUND
     session_id = new_session(api)
