@@ -6,11 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from devtools.local_stack import stop_on_signals
+
 
 def isolate(prefix: str, deadline_s: float | None = None) -> Path:
     """Point ``CONVERSE_*`` storage at a fresh temp dir, lift the rate and session limits; returns the dir.
 
     ``LocalStack`` reads its settings from the environment, so call this before entering it.
+    SIGTERM then stops the benchmark as Ctrl-C does, so its Triton tree goes with it.
 
     Args:
         prefix: the temp dir's name prefix.
@@ -19,6 +22,7 @@ def isolate(prefix: str, deadline_s: float | None = None) -> Path:
             require: speed benchmarks measure a slow round on a busy machine
             instead of getting a 504.
     """
+    stop_on_signals()
     state = Path(tempfile.mkdtemp(prefix=prefix))
     # The live-session limit is lifted too: benchmarks/sessions.py measures what ten
     # sessions at once get, past the default limit that would refuse six of them.

@@ -12,17 +12,9 @@ import argparse
 import contextlib
 import signal
 from pathlib import Path
-from types import FrameType
 
 from devtools import REPOSITORY
-from devtools.local_stack import LocalStack
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """Turn the first SIGINT/SIGTERM into KeyboardInterrupt; ignore repeats while stopping."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+from devtools.local_stack import LocalStack, stop_on_signals
 
 
 def main() -> None:
@@ -31,8 +23,7 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args()
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()
     with contextlib.suppress(KeyboardInterrupt), LocalStack(
         args.repository, args.port, supervise=True
     ) as stack:
