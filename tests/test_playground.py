@@ -80,6 +80,7 @@ def test_a_spoken_exchange_in_chromium(server: ApiServer, real_client: TestClien
             replied = page.text_content("#transcript p.assistant") or ""
             status = page.text_content("#status")
             # The reply is done once its audio has played (the server follows playback).
+            page.wait_for_function("window.playground.playedMs > 0", timeout=10_000)
             played_ms = page.evaluate("window.playground.playedMs")
         finally:
             browser.close()

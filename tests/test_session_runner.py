@@ -3,7 +3,7 @@
 What is under test is the runner's own logic: the prompt it builds, turn ids
 across sockets, a client's cancel, tool timeouts. The fakes: the VAD hears a
 window as speech when it is louder than -40 dBFS, the ASR answers scripted
-transcripts, the chat LM scripted deltas, the voice 1 s of tone per clause and
+transcripts, the chat LM scripted deltas, the voice 2 s of tone per clause and
 the aligner evenly spaced words. The same paths with the real models run in
 tests/test_sessions_live.py.
 """
@@ -27,7 +27,7 @@ from handler.transcription import TimedWord
 
 RATE = 16_000
 VOICE_RATE = 24_000
-CLAUSE_S = 1.0
+CLAUSE_S = 2.0
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 
 
@@ -115,12 +115,16 @@ class Session:
                 await asyncio.sleep(0.01)
 
 
-async def say(conversation: LiveConversation, speech_s: float = 0.6) -> None:
-    """``speech_s`` of tone, then 0.7 s of silence (the turn ends), faster than real time."""
+async def say(conversation: LiveConversation, speech_s: float = 0.6,
+              silence_s: float = 0.7) -> None:
+    """``speech_s`` of tone, then ``silence_s`` of silence (0.7 s: the turn ends).
+
+    Faster than real time: the turn's timing is the audio's, not the clock's.
+    """
     t = np.arange(int(speech_s * RATE)) / RATE
     tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    for chunk in np.array_split(np.concatenate([tone, np.zeros(int(0.7 * RATE), np.float32)]),
-                                20):
+    audio = np.concatenate([tone, np.zeros(int(silence_s * RATE), np.float32)])
+    for chunk in np.array_split(audio, 20):
         await conversation.on_audio(chunk)
         await asyncio.sleep(0.005)
 
@@ -147,6 +151,34 @@ def test_the_prompt_is_the_persona_and_the_last_context_window_turns(tmp_path: P
         ("system", "You are Pat."), ("user", "How are you?"), ("assistant", "Well."),
         ("user", "And now?"),
     ]
+
+
+def test_the_reply_is_written_during_the_end_silence_and_sent_only_once_it_is_confirmed(
+    tmp_path: Path,
+) -> None:
+    chat = ScriptedChat([text("Yes, it is."), text("Good.")])
+    session = Session(tmp_path, chat, ["Is it on", "Is it on now?"])
+
+    async def run() -> tuple[int, list[str], int]:
+        conversation = await session.connect()
+        await say(conversation, silence_s=0.3)  # past the early start, short of the end
+        await asyncio.sleep(0.5)
+        written_early = len(chat.requests)
+        sent_early = [e.type for e in session.events]
+        await say(conversation, speech_s=0.4)  # the user goes on: that work is dropped
+        await session.until("response.done")
+        await conversation.close()
+        return written_early, sent_early, len(chat.requests)
+
+    written_early, sent_early, requests = asyncio.run(run())
+    assert written_early == 1  # the LM was writing before the end was confirmed
+    assert sent_early == ["input.speech_started"]  # and nothing of it was sent
+    assert requests == 2
+    kinds = [getattr(e, "type", "audio") for e in session.events]
+    assert kinds.index("input.transcript") < kinds.index("response.started") < kinds.index(
+        "response.text.delta") < kinds.index("audio")
+    assert [e.text for e in session.of_type("input.transcript")] == ["Is it on now?"]
+    assert session.of_type("response.done")[0].text == "Good."
 
 
 def test_a_turn_id_a_client_saw_is_not_reused_by_the_next_socket(tmp_path: Path) -> None:
@@ -184,7 +216,7 @@ def test_a_client_cancel_interrupts_the_reply_and_the_next_prompt_has_what_was_h
         async with asyncio.timeout(10):
             while not any(isinstance(e, AssistantAudio) for e in session.events):
                 await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # half of the first clause plays: "One" at least
+        await asyncio.sleep(1.0)  # half of the first clause plays: "One", maybe "two"
         await conversation.on_event(events.ResponseCancel(turn_id=reply_id))
         await session.until("response.done")
         await say(conversation)

@@ -205,7 +205,7 @@ def test_next_clause_waits_for_a_complete_clause_then_for_the_end() -> None:
 
         async def voice() -> None:
             while True:
-                taken.append(await text.next_clause(MAX_FIRST_CLAUSE_CHARS))
+                taken.append(await text.next_clause(lambda: MAX_FIRST_CLAUSE_CHARS))
                 if taken[-1] is None:
                     return
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 
 # Clause marks cut only pieces at least this long: a two-word clause voiced alone
 # sounds clipped, and each piece costs one voice call.
@@ -79,14 +80,15 @@ class ReplyText:
         self._ended = True
         self._changed.set()
 
-    async def next_clause(self, limit: int) -> str | None:
-        """The next clause, at most ``limit`` characters (≥ 1), once it is complete.
+    async def next_clause(self, limit: Callable[[], int]) -> str | None:
+        """The next clause, at most ``limit()`` characters (≥ 1), once it is complete.
 
         Waits for text until one can be cut (see the module docstring; a word
-        longer than ``limit`` is cut inside). Returns ``None`` once the text
-        has ended and all of it was handed out.
+        longer than the limit is cut inside). ``limit`` is asked again each time
+        text arrives (the audio queued ahead drains while the voice waits).
+        Returns ``None`` once the text has ended and all of it was handed out.
         """
-        while (clause := self.cut(limit)) is None and not self._ended:
+        while (clause := self.cut(limit())) is None and not self._ended:
             self._changed.clear()
             await self._changed.wait()
         return clause

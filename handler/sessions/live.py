@@ -39,6 +39,11 @@ def live_conversations(state: State) -> ConversationFactory:
     async def build(record: SessionRecord, params: SessionParams, emit: Emit) -> LiveConversation:
         triton: TritonClient = state.triton
         _, engine = await state.catalog.resolve_named_voices(record.model, ["voice_id"])
+        # Read again now that this socket holds the session: what an older socket
+        # did up to the takeover (its last turn number) counts.
+        record = (
+            await run_in_threadpool(state.storage.get_session, record.key_id, record.id)
+        ) or record
         turns = await run_in_threadpool(state.storage.list_turns, record.key_id, record.id)
 
         async def speak(text: str) -> np.ndarray:

@@ -143,16 +143,18 @@ class _EarlyTurn:
 class _Reply:
     """The assistant turn being generated and played.
 
-    It may be written and voiced before it is visible: everything it sends waits
-    for ``visible`` (set once the user turn's end is confirmed and its transcript
-    sent). ``latency_ms`` holds the named figures of docs/sessions.md, ms from the
-    confirmed end of the user's speech (0 for what was ready by then).
+    It is written and voiced from the early start on, before it is visible: its
+    events wait in order in ``outbox`` and its audio waits for ``visible`` (set
+    once the user turn's end is confirmed, its transcript sent and the outbox
+    emptied). ``latency_ms`` holds the named figures of docs/sessions.md, ms from
+    the confirmed end of the user's speech (0 for what was ready by then).
     """
 
     turn_id: str
     reply_to: str
     started_at: float
     visible: asyncio.Event = field(default_factory=asyncio.Event)
+    outbox: list[events.ServerEvent] = field(default_factory=list)
     since: float = 0.0
     task: asyncio.Task[None] | None = None
     playback: PlaybackClock = field(default_factory=PlaybackClock)
@@ -168,11 +170,6 @@ class _Reply:
     def mark(self, name: str) -> None:
         """Record the moment of ``name`` (once), ``time.monotonic()``."""
         self.moments.setdefault(name, time.monotonic())
-
-    def show(self, since: float) -> None:
-        """Make the reply visible; its figures count from ``since`` (``time.monotonic()``)."""
-        self.since = since
-        self.visible.set()
 
     @property
     def latency_ms(self) -> dict[str, float]:
@@ -338,10 +335,14 @@ class LiveConversation:
         """
         number = turn_number(event.turn_id) if event.turn_id is not None else 0
         if number > self._noted_turn:
-            self._noted_turn = number
-            await run_in_threadpool(
-                self._storage.note_turn, self.record.key_id, self.record.id, number
-            )
+            try:
+                await run_in_threadpool(
+                    self._storage.note_turn, self.record.key_id, self.record.id, number
+                )
+            except Exception:  # the event still goes out; a later one notes it again
+                logger.exception("session %s: could not note turn %d", self.record.id, number)
+            else:
+                self._noted_turn = number
         await self._send(event)
 
     def _next_turn_id(self) -> str:
@@ -468,7 +469,7 @@ class LiveConversation:
             return
         assert reply.task is not None
         self._reply = reply
-        reply.show(ended)
+        await self._show(reply, ended)
         status = "completed"
         try:
             await asyncio.shield(reply.task)
@@ -562,6 +563,7 @@ class LiveConversation:
             ),
         )
         try:
+            await reply.visible.wait()  # the client's time to answer runs from the call it sees
             output = await asyncio.wait_for(waiter, self.models.tool_timeout_s)
         except TimeoutError:
             await self._fail(
@@ -594,10 +596,26 @@ class LiveConversation:
         )
         raise _ReplyFailed(code)
 
-    async def _reply_emit(self, reply: _Reply, event: events.ServerEvent | AssistantAudio) -> None:
-        """Emit an event of ``reply`` once the reply is visible."""
-        await reply.visible.wait()
-        await self._emit(event)
+    async def _reply_emit(self, reply: _Reply, event: events.ServerEvent) -> None:
+        """Emit an event of ``reply``; until the reply is visible it waits, in order, in its outbox.
+
+        So writing and voicing go on from the early start while nothing is sent.
+        """
+        if reply.visible.is_set():
+            await self._emit(event)
+        else:
+            reply.outbox.append(event)
+
+    async def _show(self, reply: _Reply, since: float) -> None:
+        """Send what ``reply`` queued while hidden, in order, then make it visible.
+
+        Its figures count from ``since`` (``time.monotonic()``, the confirmed end
+        of the user's speech). Events it queues meanwhile are sent in turn.
+        """
+        reply.since = since
+        while reply.outbox:
+            await self._emit(reply.outbox.pop(0))
+        reply.visible.set()
 
     async def _error(self, turn_id: str | None, code: str, message: str) -> None:
         await self._emit(events.ErrorEvent(turn_id=turn_id, code=code, message=message))
@@ -619,7 +637,13 @@ class LiveConversation:
             if self.models.voice_rate == self.sample_rate
             else soxr.ResampleStream(self.models.voice_rate, self.sample_rate, 1, dtype="float32")
         )
-        limit = MAX_FIRST_CLAUSE_CHARS
+        voice_s_per_char: float | None = None  # of the clause voiced last
+
+        def limit() -> int:
+            if voice_s_per_char is None:
+                return MAX_FIRST_CLAUSE_CHARS
+            return next_clause_chars(reply.playback.remaining_s(), voice_s_per_char)
+
         while (clause := await text.next_clause(limit)) is not None:
             started = time.monotonic()
             audio = await self.models.speak(clause)
@@ -628,7 +652,7 @@ class LiveConversation:
                 continue
             reply.durations_ms.setdefault("first_clause_voice", round(voiced_s * 1000.0, 1))
             await self._play(reply, clause, audio, resample)
-            limit = next_clause_chars(reply.playback.remaining_s(), voiced_s / len(clause))
+            voice_s_per_char = voiced_s / len(clause)
         if resample is not None:
             await self._send_audio(reply, resample.resample_chunk(np.zeros(0, np.float32), True))
 
@@ -711,7 +735,7 @@ class LiveConversation:
         done = events.ResponseDone(
             turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
         )
-        await self._emit(done)
+        await self._reply_emit(reply, done)  # after what a flush still sends
         # The next prompt sees the reply as a reconnect would read it from storage.
         self._history.extend(chat_history([assistant_turn, *reply.tool_turns]))
         self._exchanges += 1

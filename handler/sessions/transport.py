@@ -233,7 +233,7 @@ class LiveSocket:
         last reply can finish then). Anything else is ignored once it is closing.
         """
         if isinstance(item, SessionEnded):
-            if self._emitting:
+            if not self._stopped.is_set():
                 self.stop(END_REASON_CODES[item.reason], f"session ended: {item.reason}",
                           item.reason)
             elif self._close[2] is None:  # closing already: the session still ends

@@ -130,10 +130,11 @@ class SpeechSegmenter:
             return None
         if self._position + self.window - self._start > MAX_SPEECH_MS * self._ms:
             start = self._start
-            end = self._position if self._silence_since is None else self._silence_since + pad
+            silent_from = self._position if self._silence_since is None else self._silence_since
+            end = min(self._position, silent_from + pad)
             self._start = self._silence_since = None
             self._paused = False
-            return SpeechStopped(start, min(end, self._position), is_turn=True)
+            return SpeechStopped(start, end, end - start >= MIN_SPEECH_MS * self._ms)
         if probability >= self.threshold:
             self._silence_since = None
             if self._paused:

@@ -89,9 +89,13 @@ class SQLiteStorage(Storage):
         self._connection().executescript(_SCHEMA)
         columns = {row[1] for row in self._connection().execute("PRAGMA table_info(sessions)")}
         if "last_turn" not in columns:  # a file made before sessions had it
-            self._connection().execute(
-                "ALTER TABLE sessions ADD COLUMN last_turn INTEGER NOT NULL DEFAULT 0"
-            )
+            try:
+                self._connection().execute(
+                    "ALTER TABLE sessions ADD COLUMN last_turn INTEGER NOT NULL DEFAULT 0"
+                )
+            except sqlite3.OperationalError as error:  # another process added it first
+                if "duplicate column" not in str(error):
+                    raise
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
