@@ -164,7 +164,9 @@ class LiveClient:
         deadline = time.monotonic() + timeout_s
         while not done(self.events) and self.close_code is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no matching event within {timeout_s} s")
+                raise TimeoutError(
+                    f"no matching event within {timeout_s} s; received: {self.summary()}"
+                )
             await self.send_audio(chunk)
 
     async def wait_closed(self, timeout_s: float) -> int | None:
@@ -176,6 +178,23 @@ class LiveClient:
         async with asyncio.timeout(timeout_s):
             await self._reader
         return self.close_code
+
+    def summary(self) -> str:
+        """The received events in one line (type, turn and outcome; no audio deltas).
+
+        For failure messages: says how far a session got when an awaited event
+        never came.
+        """
+        shown = ("status", "reason", "code", "message", "transcript", "name", "played_ms")
+        lines = []
+        for received in self.events:
+            event = received.event
+            if event.get("type") in ("response.audio", "response.text.delta"):
+                continue
+            details = ", ".join(f"{k}={event[k]!r}" for k in shown if k in event)
+            lines.append(f"{received.input_ms:.0f} ms {event.get('type')} "
+                         f"{event.get('turn_id')} {details}".rstrip())
+        return "; ".join(lines) or "nothing"
 
     def of_type(self, kind: str) -> list[ReceivedEvent]:
         """Received events of one ``type``, in order."""
