@@ -301,6 +301,23 @@ def test_heard_text_falls_back_to_the_played_share_when_alignment_fails(
     assert asyncio.run(heard_text(clauses, 1.0, align)) == "one two"
 
 
+def test_heard_text_does_not_wait_long_for_an_aligner_that_lags() -> None:
+    cancelled = asyncio.Event()
+
+    async def align(c: VoicedClause) -> list[TimedWord]:
+        try:
+            await asyncio.Event().wait()  # a busy aligner: no answer in time
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return []
+
+    # Without the wait limit this never returns (wait_for's 5 s raise TimeoutError).
+    heard = asyncio.run(asyncio.wait_for(
+        heard_text([clause("one two three four", 0.0, 2.0)], 1.5, align), 5.0))
+    assert heard == "one two three" and cancelled.is_set()
+
+
 TOOLS = [
     {
         "type": "function",

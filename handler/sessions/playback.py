@@ -10,6 +10,7 @@ estimate; docs/sessions.md says to report).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,13 @@ import numpy as np
 
 from handler.errors import InferenceError, ServiceUnavailable
 from handler.transcription import TimedWord
+
+# How long ending an interrupted reply waits for the word timings of the clause
+# playing, seconds. They are normally ready (aligned while the clause plays); on a
+# machine so busy that the aligner lags behind, the words are taken in proportion to
+# the audio played instead, so the ``interrupted`` answer stays prompt (issue #10:
+# within 300 ms of the user's speech).
+ALIGNMENT_WAIT_S = 0.1
 
 Clock = Callable[[], float]
 
@@ -101,8 +109,9 @@ async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Al
     Clauses that finished playing count whole; in the clause playing at
     ``played_s`` only the words whose end was reached count. Word intervals come
     from ``align`` (the forced aligner on that clause's audio); when it fails (an
-    error answer, or Triton unreachable), the clause's words are taken in
-    proportion to the share of its audio played.
+    error answer, or Triton unreachable) or has not answered within
+    :data:`ALIGNMENT_WAIT_S` (it is then cancelled), the clause's words are taken
+    in proportion to the share of its audio played.
     Words keep their written form (punctuation included); a written word the
     aligner split counts once all its parts were heard.
     """
@@ -112,8 +121,8 @@ async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Al
         written = current.text.split()
         into_clause = played_s - current.start_s
         try:
-            words = await align(current)
-        except (InferenceError, ServiceUnavailable):
+            words = await asyncio.wait_for(align(current), ALIGNMENT_WAIT_S)
+        except (InferenceError, ServiceUnavailable, TimeoutError):
             share = into_clause / (current.end_s - current.start_s)
             heard += written[: int(len(written) * share)]
         else:
