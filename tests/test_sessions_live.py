@@ -173,7 +173,7 @@ def test_a_spoken_question_gets_a_spoken_reply(
 def test_a_pause_shorter_than_the_end_silence_keeps_one_turn(
     api: ApiServer, utterances: dict[str, np.ndarray],
 ) -> None:
-    # 300 ms of silence: past the early end (160 ms), so work on the first half starts,
+    # 300 ms of silence: past the early end (96 ms), so work on the first half starts,
     # but short of the end silence (500 ms), so it must be dropped without a trace.
     rate = 16_000
     first = resample(utterances[QUESTION], 48_000, rate).astype(np.float32)

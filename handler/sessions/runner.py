@@ -7,7 +7,7 @@ reply → :class:`ReplyText` → the next clause voiced as soon as the voice is 
 and the clause complete (while the LM goes on writing) → resampled to the
 session rate → emitted.
 
-Work on a turn starts early, at :class:`SpeechPaused` (160 ms into the 500 ms
+Work on a turn starts early, at :class:`SpeechPaused` (96 ms into the 500 ms
 end silence): transcription, the reply's first tokens and its first clause
 run while the segmenter waits, and nothing is sent or stored until
 :class:`SpeechStopped` confirms the end. Speech that resumes first

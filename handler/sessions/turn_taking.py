@@ -36,9 +36,10 @@ NEGATIVE_MARGIN = 0.15
 # Silence that ends a user turn; short enough for a reply to feel prompt, long enough
 # that a breath between clauses does not end the turn (docs/sessions.md).
 END_SILENCE_MS = 500
-# Silence after which the end of a turn is likely enough to start work on it early
-# (5 windows); the pause between words is mostly shorter (docs/sessions.md).
-EARLY_END_SILENCE_MS = 160
+# Silence after which work on the turn starts, in case it is its end (3 windows). Work
+# started at a pause the user speaks on after is thrown away; starting at 96 rather than
+# 160 ms gave first audio about 80 ms sooner (docs/PERFORMANCE.md, "Early start").
+EARLY_END_SILENCE_MS = 96
 # Audio kept before the first and after the last speech window (Silero's default 30 ms).
 SPEECH_PAD_MS = 30
 # Speech shorter than this is not a turn (Silero's get_speech_timestamps default 250 ms).
