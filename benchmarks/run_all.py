@@ -63,7 +63,7 @@ def main() -> None:
         sections = [
             measure_voice(stack, args.repeats),
             measure_author_speech(stack, args.repeats),
-            measure_sessions(stack, utterances=20, concurrent=10),
+            measure_sessions(stack, utterances=20, concurrent=10, turns=6, conversations=2),
         ]
     sections.append(measure_csm(args.repeats))
     machine = f"{platform.machine()}, {os.cpu_count()} cores"

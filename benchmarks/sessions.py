@@ -26,12 +26,8 @@ import numpy as np
 from benchmarks.isolated import isolate
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
-from devtools.session_client import (
-    LiveClient,
-    ReceivedEvent,
-    rendered_speech,
-    spoken_exchange,
-)
+from devtools.session_client import LiveClient, rendered_speech, spoken_exchange
+from handler.sessions.turn_taking import EARLY_END_SILENCE_MS, END_SILENCE_MS
 
 RATE = 16_000
 # Ten replies of up to 64 tokens voiced on 2 cores take minutes, not the default 2.
@@ -72,36 +68,37 @@ def _longest_gap_ms(client: LiveClient, turn_id: str) -> float:
     return longest * 1000
 
 
-def _first(client: LiveClient, kind: str) -> ReceivedEvent:
-    return next(e for e in client.events if e.event["type"] == kind)
-
-
-async def _exchange(stack: LocalStack, voice: str, audio: np.ndarray) -> Exchange:
-    spoken = await spoken_exchange(stack.base_url, stack.api_key, audio, RATE, voice,
+async def _exchanges(stack: LocalStack, voice: str, questions: list[np.ndarray]) -> list[Exchange]:
+    """``questions`` spoken in turn into one new session; the figures of each reply."""
+    spoken = await spoken_exchange(stack.base_url, stack.api_key, questions, RATE, voice,
                                    "Answer in one short sentence.", timeout_s=REPLY_TIMEOUT_S)
     client = spoken.client
-    if not client.of_type("response.audio"):
-        raise RuntimeError(
-            "no reply audio: "
-            + "; ".join(f"{e.event['type']} {e.event.get('code') or e.event.get('status')}"
-                        for e in client.events
-                        if e.event["type"] in ("error", "response.done")))
-    stopped = _first(client, "input.speech_stopped")
-    audio_event = _first(client, "response.audio")
-    true_end_wall = stopped.wall_s - (stopped.input_ms - spoken.true_end_ms) / 1000
-    latency: dict[str, Any] = next(
-        t for t in spoken.session["turns"] if t["role"] == "assistant")["latency_ms"]
-    ttfa = (audio_event.wall_s - true_end_wall) * 1000
-    hangover = stopped.input_ms - spoken.true_end_ms
-    return Exchange(
-        ttfa=ttfa,
-        hangover=hangover,
-        asr=latency["asr"],
-        first_token=latency["first_token"] - latency["asr"],
-        first_clause_voice=latency["first_clause_voice"],
-        rest=ttfa - hangover - latency["first_audio"],
-        longest_gap=_longest_gap_ms(client, audio_event.event["turn_id"]),
-    )
+    replies = client.of_type("response.done")
+    if len(client.of_type("response.audio")) == 0 or any(
+            r.event["status"] != "completed" for r in replies):
+        raise RuntimeError("a reply failed: " + client.summary())
+    assistant = [t for t in spoken.session["turns"] if t["role"] == "assistant"]
+    figures = []
+    for stopped, true_end_ms, reply, stored in zip(
+            client.of_type("input.speech_stopped"), spoken.true_ends_ms, replies, assistant,
+            strict=True):
+        turn_id = reply.event["turn_id"]
+        audio_event = next(e for e in client.of_type("response.audio")
+                           if e.event["turn_id"] == turn_id)
+        true_end_wall = stopped.wall_s - (stopped.input_ms - true_end_ms) / 1000
+        latency: dict[str, Any] = stored["latency_ms"]
+        ttfa = (audio_event.wall_s - true_end_wall) * 1000
+        hangover = stopped.input_ms - true_end_ms
+        figures.append(Exchange(
+            ttfa=ttfa,
+            hangover=hangover,
+            asr=latency["asr"],
+            first_token=latency["first_token"] - latency["asr"],
+            first_clause_voice=latency["first_clause_voice"],
+            rest=ttfa - hangover - latency["first_audio"],
+            longest_gap=_longest_gap_ms(client, turn_id),
+        ))
+    return figures
 
 
 def _row(name: str, exchanges: list[Exchange]) -> str:
@@ -114,23 +111,31 @@ def _row(name: str, exchanges: list[Exchange]) -> str:
     return f"| {name} | {len(exchanges)} | " + " | ".join(cell(f) for f in fields) + " |"
 
 
-def measure_sessions(stack: LocalStack, utterances: int, concurrent: int) -> str:
-    """Sequential exchanges, then ``concurrent`` sessions at once; a PERFORMANCE.md section."""
+def measure_sessions(stack: LocalStack, utterances: int, concurrent: int, turns: int,
+                     conversations: int) -> str:
+    """A PERFORMANCE.md section: first replies one at a time, later turns, sessions at once.
+
+    ``utterances`` sessions of one question each, one after another; then
+    ``conversations`` sessions of ``turns`` questions each (the replies after the
+    first: a prompt that grows); then ``concurrent`` one-question sessions at once.
+    """
     voice = httpx.get(f"{stack.base_url}/v1/models",
                       headers={"Authorization": f"Bearer {stack.api_key}"}).json()["data"][0][
         "voices"][0]
     clips = [rendered_speech(stack.base_url, stack.api_key, text, RATE) for text in QUESTIONS]
-    sequential = [asyncio.run(_exchange(stack, voice, clips[i % len(clips)]))
+    sequential = [asyncio.run(_exchanges(stack, voice, [clips[i % len(clips)]]))[0]
                   for i in range(utterances)]
+    later = [figures for _ in range(conversations) for figures in asyncio.run(
+        _exchanges(stack, voice, [clips[i % len(clips)] for i in range(turns)]))[1:]]
 
-    async def together() -> list[Exchange | BaseException]:
+    async def together() -> list[list[Exchange] | BaseException]:
         return await asyncio.gather(
-            *(_exchange(stack, voice, clips[i % len(clips)]) for i in range(concurrent)),
+            *(_exchanges(stack, voice, [clips[i % len(clips)]]) for i in range(concurrent)),
             return_exceptions=True)
 
     results = asyncio.run(together())
-    loaded = [r for r in results if isinstance(r, Exchange)]
-    failures = [repr(r) for r in results if not isinstance(r, Exchange)]
+    loaded = [r[0] for r in results if isinstance(r, list)]
+    failures = [repr(r) for r in results if not isinstance(r, list)]
     return "\n".join([
         "## Live sessions (bundled VAD, Whisper, SmolLM2, Kokoro)",
         "",
@@ -140,14 +145,18 @@ def measure_sessions(stack: LocalStack, utterances: int, concurrent: int) -> str
         "it is the sum of the VAD hangover (the 500 ms end-of-speech silence plus a window),",
         "ASR, the LM's first token, the first clause's voicing and the rest (transport,",
         "waiting for a whole clause, resampling, encoding). ASR and the LM's first token",
-        "count from the confirmed end of speech: work on the turn starts 160 ms into the",
-        "silence, so about 340 ms of it is done by then. *Gap*: the longest stall of a",
-        "client playing the reply as it arrives.",
+        "count from the confirmed end of speech: work on the turn starts "
+        f"{EARLY_END_SILENCE_MS} ms into the",
+        f"silence, so about {END_SILENCE_MS - EARLY_END_SILENCE_MS} ms of it is done by then. "
+        "*Gap*: the longest stall of a",
+        "client playing the reply as it arrives. *Later turns*: the replies after the first",
+        f"in sessions of {turns} questions (each prompt holds the conversation so far).",
         "",
         "| load | replies | TTFA | VAD hangover | ASR | LM first token | first clause voice "
         "| rest | longest gap |",
         "|---|---|---|---|---|---|---|---|---|",
         _row("one session", sequential),
+        _row(f"one session, turns 2-{turns}", later) if later else "",
         _row(f"{concurrent} sessions at once", loaded) if loaded else "",
         "",
         f"Failures with {concurrent} sessions at once: {len(failures)}"
@@ -161,10 +170,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--utterances", type=int, default=20)
     parser.add_argument("--concurrent", type=int, default=10)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--conversations", type=int, default=2)
     args = parser.parse_args()
     isolate("converse-sessions-")
     with LocalStack(REPOSITORY) as stack:
-        print(measure_sessions(stack, args.utterances, args.concurrent))
+        print(measure_sessions(stack, args.utterances, args.concurrent, args.turns,
+                               args.conversations))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import contextlib
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -208,35 +208,41 @@ class LiveClient:
 
 @dataclass(frozen=True)
 class SpokenExchange:
-    """One spoken question and its reply through a new session.
+    """Spoken questions and their replies through a new session.
 
     Attributes:
         client: the socket's recording (events, decoded reply audio).
         session: the session as ``GET /v1/conversations/{id}`` answered afterwards.
-        true_end_ms: stream time (ms of input sent) at which the question's speech ended
-            (last sample above -40 dBFS).
+        true_ends_ms: per question, the stream time (ms of input sent) at which its
+            speech ended (last sample above -40 dBFS).
     """
 
     client: LiveClient
     session: dict[str, Any]
-    true_end_ms: float
+    true_ends_ms: list[float]
+
+
+def _replies_done(count: int) -> Callable[[list[ReceivedEvent]], bool]:
+    """A ``silence_until`` condition: ``count`` replies have ended."""
+    return lambda events: sum(e.event["type"] == "response.done" for e in events) >= count
 
 
 async def spoken_exchange(
-    base_url: str, api_key: str, audio: np.ndarray, sample_rate: int, voice_id: str,
-    system_prompt: str, timeout_s: float = 120.0,
+    base_url: str, api_key: str, questions: Sequence[np.ndarray], sample_rate: int,
+    voice_id: str, system_prompt: str, timeout_s: float = 120.0,
 ) -> SpokenExchange:
-    """One question spoken into a new session, and the reply.
+    """Questions spoken into a new session one after another, each once the reply before ended.
 
-    Creates the session, says ``audio`` (float32 at ``sample_rate``) after 0.5 s
-    of silence, keeps the microphone open until the reply ends, then reads the
-    stored session.
+    Creates the session, then for each of ``questions`` (float32 at
+    ``sample_rate``) says it after 0.5 s of silence and keeps the microphone
+    open until its reply ends; then reads the stored session.
 
     Raises:
         httpx.HTTPStatusError: the session could not be created or read.
-        TimeoutError: no reply within ``timeout_s``.
+        TimeoutError: a reply did not end within ``timeout_s``.
     """
     headers = {"Authorization": f"Bearer {api_key}"}
+    true_ends_ms = []
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as http:
         created = await http.post("/v1/conversations/create",
                                   json={"voice_id": voice_id, "system_prompt": system_prompt})
@@ -244,16 +250,15 @@ async def spoken_exchange(
         session_id = created.json()["session_id"]
         async with LiveClient(created.json()["stream_url"], api_key, sample_rate) as client:
             await client.silence_until(lambda events: bool(events), 10)
-            await client.send_audio(np.zeros(sample_rate // 2, np.float32))
-            loud = np.flatnonzero(np.abs(audio) > 0.01)
-            true_end_ms = client.sent_ms + (loud[-1] + 1) * 1000 / sample_rate
-            await client.send_audio(audio)
-            await client.silence_until(
-                lambda events: any(e.event["type"] == "response.done" for e in events), timeout_s
-            )
+            for replies, audio in enumerate(questions, 1):
+                await client.send_audio(np.zeros(sample_rate // 2, np.float32))
+                loud = np.flatnonzero(np.abs(audio) > 0.01)
+                true_ends_ms.append(client.sent_ms + (loud[-1] + 1) * 1000 / sample_rate)
+                await client.send_audio(audio)
+                await client.silence_until(_replies_done(replies), timeout_s)
         stored = await http.get(f"/v1/conversations/{session_id}")
         stored.raise_for_status()
-    return SpokenExchange(client, stored.json(), true_end_ms)
+    return SpokenExchange(client, stored.json(), true_ends_ms)
 
 
 def rendered_speech(

@@ -81,7 +81,7 @@ def main() -> None:
             voice = client.get("/v1/models").json()["data"][0]["voices"][0]
         question = rendered_speech(stack.base_url, stack.api_key, QUESTION, SESSION_RATE)
         spoken = asyncio.run(spoken_exchange(
-            stack.base_url, stack.api_key, question, SESSION_RATE, voice, PERSONA))
+            stack.base_url, stack.api_key, [question], SESSION_RATE, voice, PERSONA))
     [reply_done] = [e.event for e in spoken.client.events if e.event["type"] == "response.done"]
     reply_audio = spoken.client.audio_of(reply_done["turn_id"])
     sf.write(args.out / "session_reply.wav", reply_audio, SESSION_RATE, subtype="PCM_16")
