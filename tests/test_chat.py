@@ -103,6 +103,34 @@ def test_streamed_reply_matches_transformers_generate(
 
 
 @pytest.mark.triton
+def test_a_continued_conversation_matches_transformers_generate(tiny_triton: TinyTriton) -> None:
+    # The second request begins with the first's prompt and reply: the chat model's
+    # prefix cache prefills only the rest (tests/test_prefix_cache.py).
+    model_in_triton = TritonChatModel(tiny_triton.server.grpc_url, repetition_penalty=1.0)
+
+    def reply(messages: tuple[ChatMessage, ...]) -> str:
+        deltas = asyncio.run(collect(model_in_triton.stream(
+            messages, [], max_new_tokens=20, temperature=0.0, seed=0)))
+        return "".join(delta.text for delta in deltas)
+
+    first = reply(MESSAGES)
+    conversation = (*MESSAGES, ChatMessage("assistant", first),
+                    ChatMessage("user", "And what goes well with it?"))
+    tokenizer, model = hf_model(tiny_triton.llama)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in conversation],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(
+        **prompt, max_new_tokens=20, do_sample=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END), pad_token_id=tokenizer.pad_token_id,
+    )
+    expected = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:],
+                                skip_special_tokens=True)
+    assert first and expected
+    assert reply(conversation) == expected
+
+
+@pytest.mark.triton
 def test_sampling_is_reproducible_with_a_seed(tiny_triton: TinyTriton) -> None:
     model = TritonChatModel(tiny_triton.server.grpc_url)
 

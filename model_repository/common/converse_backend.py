@@ -10,6 +10,8 @@ ignores PYTHONPATH, so the launcher passes them in ``CONVERSE_SITE_PACKAGES``
 variable is unset in the NGC container, where this is a no-op.
 """
 
+import collections
+import itertools
 import json
 import os
 import sys
@@ -138,8 +140,71 @@ def empty_cache_shape(parameter):
             int(parameter["head_dim"]))
 
 
+class PrefixCache:
+    """Recent generations' KV caches: a prompt is prefilled only past what it shares with one.
+
+    A live session's prompts grow turn by turn: each is the one before, its
+    reply and the next user turn, after the same persona. Without this each
+    reply prefills the whole conversation again, and prefill time grows with
+    its length. An entry holds the ids fed to the step graph and the cache they
+    produced (FP32 [L, 1, H_kv, P, D] keys and values, P = ids fed); the least
+    recently used entry goes when ``capacity`` are held. With causal attention
+    the cache of a prefix does not depend on what follows it, so a hit changes
+    logits by float rounding at most (the vLLM / SGLang prefix-caching idea,
+    for one sequence at a time).
+
+    Args:
+        capacity: entries kept (0 keeps none); each costs P x L x H_kv x D x 8 bytes.
+    """
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self._entries = collections.OrderedDict()  # slot -> (ids fed, keys, values)
+        self._slots = itertools.count()
+
+    def longest_prefix(self, ids):
+        """The longest cached prefix of ``ids`` that leaves at least one id to prefill.
+
+        Returns:
+            ``(n, keys, values)``: n ids of ``ids`` are cached, with their keys and
+            values (FP32 [L, 1, H_kv, n, D]); ``(0, None, None)`` when none are.
+        """
+        best_slot, best = None, 0
+        for slot, (fed, keys, _) in self._entries.items():
+            limit = min(keys.shape[3], len(ids) - 1)
+            differ = np.flatnonzero(np.asarray(fed[:limit]) != np.asarray(ids[:limit]))
+            shared = int(differ[0]) if differ.size else limit
+            if shared > best:
+                best_slot, best = slot, shared
+        if best_slot is None:
+            return 0, None, None
+        self._entries.move_to_end(best_slot)
+        _, keys, values = self._entries[best_slot]
+        return best, keys[:, :, :, :best], values[:, :, :, :best]
+
+    def new_slot(self):
+        """A slot for one generation's entry; the least recently used entry goes if full."""
+        slot = next(self._slots)
+        if self.capacity < 1:
+            return slot
+        while len(self._entries) >= self.capacity:
+            self._entries.popitem(last=False)
+        self._entries[slot] = ([], np.zeros((0, 0, 0, 0, 0), np.float32), None)
+        return slot
+
+    def put(self, slot, fed, keys, values):
+        """Hold ``keys``/``values`` [L, 1, H_kv, P, D] of the first P ids of ``fed`` in ``slot``.
+
+        ``fed`` may grow afterwards (only its first P ids count); a slot already
+        evicted is not stored again.
+        """
+        if slot in self._entries:
+            self._entries[slot] = (fed, keys, values)
+            self._entries.move_to_end(slot)
+
+
 def generate(network, cache_shape, prompt_ids, *, max_context, max_new_tokens, stop_ids,
-             temperature, top_k, seed, repetition_penalty=1.0):
+             temperature, top_k, seed, repetition_penalty=1.0, prefix_cache=None):
     """Yield generated token ids one by one: the BLS prefill/decode loop over a step graph.
 
     ``network`` is a step graph exported by ``export/causal_lm.py`` (``input_ids``
@@ -151,23 +216,34 @@ def generate(network, cache_shape, prompt_ids, *, max_context, max_new_tokens, s
     the logits after :func:`penalise_repetition` over prompt and generated
     ids, with one ``numpy.random.default_rng(seed)``. Stops before yielding a
     ``stop_ids`` member, after ``max_new_tokens`` ids, or when the context
-    reaches ``max_context`` tokens.
+    reaches ``max_context`` tokens. With a :class:`PrefixCache`, the prefill
+    starts past the longest cached prefix of ``prompt_ids``, and the cache
+    this generation builds is kept there after every step.
 
     Raises:
         RuntimeError: a step call failed (the network's message).
     """
     rng = np.random.default_rng(seed)
     seen = list(prompt_ids)
-    keys = np.zeros(cache_shape, np.float32)
-    values = np.zeros(cache_shape, np.float32)
-    tokens = list(prompt_ids)
+    cached, keys, values = 0, None, None
+    if prefix_cache is not None:
+        cached, keys, values = prefix_cache.longest_prefix(prompt_ids)
+        slot = prefix_cache.new_slot()
+    if keys is None:
+        keys = np.zeros(cache_shape, np.float32)
+        values = np.zeros(cache_shape, np.float32)
+    fed = list(prompt_ids[:cached])
+    tokens = list(prompt_ids[cached:])
     for _ in range(max_new_tokens):
         logits, keys, values = infer(
             network,
-            {"input_ids": np.asarray([tokens], dtype=np.int64), "past_keys": keys,
-             "past_values": values},
+            {"input_ids": np.asarray([tokens], dtype=np.int64),
+             "past_keys": np.ascontiguousarray(keys), "past_values": np.ascontiguousarray(values)},
             ["logits", "present_keys", "present_values"],
         )
+        fed += tokens
+        if prefix_cache is not None:
+            prefix_cache.put(slot, fed, keys, values)
         logits = penalise_repetition(logits[0], seen, repetition_penalty)
         token = sample_top_k(logits, temperature, top_k, rng)
         if token in stop_ids:
