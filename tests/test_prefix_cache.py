@@ -29,7 +29,8 @@ def backend() -> Iterator[Any]:
     stubbed = "triton_python_backend_utils" not in sys.modules
     if stubbed:
         sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
-    spec = importlib.util.spec_from_file_location("converse_backend", COMMON / "converse_backend.py")
+    path = COMMON / "converse_backend.py"
+    spec = importlib.util.spec_from_file_location("converse_backend", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
