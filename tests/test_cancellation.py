@@ -89,18 +89,24 @@ def test_an_unstopped_generation_runs_every_step(server: LocalTriton) -> None:
 
 
 def test_the_api_deadline_stops_the_loop_inside_triton(server: LocalTriton) -> None:
-    async def call() -> None:
+    async def call(deadline_s: float | None) -> None:
         client = TritonClient(server.http_url)
-        token = bind_deadline(asyncio.get_running_loop().time() + 0.3)
+        now = asyncio.get_running_loop().time()
+        token = bind_deadline(None if deadline_s is None else now + deadline_s)
         try:
             await client.infer("author", INPUTS, ["TOKENS"])
         finally:
             unbind_deadline(token)
             await client.close()
 
+    # The deadline is a third of what an unstopped run takes on this machine (a fixed
+    # one let a fast machine finish all the steps before it).
+    started = time.monotonic()
+    asyncio.run(call(None))
+    deadline_s = (time.monotonic() - started) / 3
     before = settled_steps(server)
     with pytest.raises(InferenceError) as failed:
-        asyncio.run(call())
+        asyncio.run(call(deadline_s))
     # Stopped in the loop, or (machine busy) rejected by the queue policy before it ran.
     assert re.search(r"ran past its timeout|Request timeout expired", failed.value.detail)
     assert settled_steps(server) - before < FULL_RUN
