@@ -185,7 +185,7 @@ class LiveClient:
         For failure messages: says how far a session got when an awaited event
         never came.
         """
-        shown = ("status", "reason", "code", "message", "transcript", "name", "played_ms")
+        shown = ("status", "reason", "code", "message", "text", "name", "played_ms")
         lines = []
         for received in self.events:
             event = received.event

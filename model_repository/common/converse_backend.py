@@ -183,24 +183,22 @@ class PrefixCache:
         return best, keys[:, :, :, :best], values[:, :, :, :best]
 
     def new_slot(self):
-        """A slot for one generation's entry; the least recently used entry goes if full."""
-        slot = next(self._slots)
-        if self.capacity < 1:
-            return slot
-        while len(self._entries) >= self.capacity:
-            self._entries.popitem(last=False)
-        self._entries[slot] = ([], np.zeros((0, 0, 0, 0, 0), np.float32), None)
-        return slot
+        """A new slot id for one generation's entry (stored by its first :meth:`put`)."""
+        return next(self._slots)
 
     def put(self, slot, fed, keys, values):
         """Hold ``keys``/``values`` [L, 1, H_kv, P, D] of the first P ids of ``fed`` in ``slot``.
 
-        ``fed`` may grow afterwards (only its first P ids count); a slot already
-        evicted is not stored again.
+        ``fed`` may grow afterwards (only its first P ids count). A slot's first
+        put makes room by dropping the least recently used entries.
         """
-        if slot in self._entries:
-            self._entries[slot] = (fed, keys, values)
-            self._entries.move_to_end(slot)
+        if slot not in self._entries:
+            while self._entries and len(self._entries) >= self.capacity:
+                self._entries.popitem(last=False)
+            if self.capacity < 1:
+                return
+        self._entries[slot] = (fed, keys, values)
+        self._entries.move_to_end(slot)
 
 
 def generate(network, cache_shape, prompt_ids, *, max_context, max_new_tokens, stop_ids,
