@@ -8,7 +8,11 @@ at :class:`devtools.fake_triton.FakeTriton` instead of the real server.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +22,7 @@ from devtools.fake_triton import FakeTriton
 from devtools.local_triton import LocalTriton
 from devtools.tiny_models import make_tiny_csm, make_tiny_gemma, make_tiny_llama
 from export.__main__ import main as export_main
+from export.repository import COMMON
 from handler.app import create_app
 from tests.helpers import TINY_CSM, TinyRepository, TinyTriton, make_settings
 
@@ -105,3 +110,19 @@ def real_client(triton: LocalTriton) -> Iterator[TestClient]:
     app = create_app(make_settings(triton_url=triton.http_url))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[Any]:
+    """converse_backend imported outside Triton (its Triton module stubbed for the import)."""
+    stubbed = "triton_python_backend_utils" not in sys.modules
+    if stubbed:
+        sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+    path = COMMON / "converse_backend.py"
+    spec = importlib.util.spec_from_file_location("converse_backend", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    if stubbed:
+        del sys.modules["triton_python_backend_utils"]

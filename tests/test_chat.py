@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 import tritonclient.http as triton_http
 
+from devtools import REPOSITORY
 from devtools.local_triton import LocalTriton
 from devtools.tiny_models import IM_END
 from handler.engines.chat import (
+    DEFAULT_TOP_K,
     ChatDelta,
     ChatMessage,
     TritonChatModel,
     hermes_messages,
 )
+from handler.sessions.runner import REPLY_TEMPERATURE
 from tests.helpers import TinyTriton
 
 MESSAGES = (
@@ -203,6 +206,96 @@ def test_bundled_chat_model_answers(triton: LocalTriton) -> None:
     text = "".join(d.text for d in deltas).strip()
     assert text
     assert any(c.isalpha() for c in text)
+
+
+PERSONA = ChatMessage("system", "You are a friendly cooking teacher. Answer in one short sentence.")
+QUESTION = ChatMessage("user", "What is the best way to learn to cook?")
+# A reply of the bundled LM, sampled, up to where it wrote "expectto" (a session's reply
+# that the voice then read as "expecto").
+GLUED_REPLY = "It's all about practice, right? You can't just pick up any old recipe and expect"
+
+
+class BundledChatLM:
+    """The exported bundled chat LM outside Triton: tokenizers and its step graph on onnxruntime."""
+
+    def __init__(self) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        version = REPOSITORY / "chat" / "1"
+        self.tokenizer = Tokenizer.from_file(str(version / "tokenizer.json"))
+        self.templated = PreTrainedTokenizerFast(
+            tokenizer_object=self.tokenizer,
+            chat_template=(version / "chat_template.jinja").read_text(encoding="utf-8"))
+        self.session = ort.InferenceSession(str(REPOSITORY / "chat_lm" / "1" / "model.onnx"))
+        self.cache_shape = [d if isinstance(d, int) else 0
+                            for d in self.session.get_inputs()[1].shape]
+
+    def prompt_ids(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        text = self.templated.apply_chat_template(chat, add_generation_prompt=True,
+                                                  tokenize=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def step(self, network: str, inputs: dict[str, np.ndarray],
+             names: list[str]) -> list[np.ndarray]:
+        """``converse_backend.infer`` for the step graph, on onnxruntime."""
+        return list(self.session.run(names, inputs))
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        empty = np.zeros(self.cache_shape, np.float32)
+        [logits] = self.step("chat_lm", {"input_ids": np.array([ids], np.int64),
+                                         "past_keys": empty, "past_values": empty}, ["logits"])
+        return np.asarray(logits[0])
+
+
+@pytest.mark.triton
+def test_the_bundled_lm_keeps_the_space_before_a_word_it_used_before(
+    triton: LocalTriton, backend: Any,
+) -> None:
+    lm = BundledChatLM()
+    ids = lm.prompt_ids((PERSONA, QUESTION)) + lm.tokenizer.encode(
+        GLUED_REPLY, add_special_tokens=False).ids
+    spaced, glued = lm.tokenizer.token_to_id("Ġto"), lm.tokenizer.token_to_id("to")
+    assert spaced in ids and glued not in ids
+    logits = lm.next_logits(ids)
+
+    def glued_over_spaced(variants: np.ndarray | None) -> float:
+        """P("to") / P(" to") when sampling at the sessions' temperature."""
+        penalised = backend.penalise_repetition(logits, ids, PENALTY, variants)
+        return float(np.exp((penalised[glued] - penalised[spaced]) / REPLY_TEMPERATURE))
+
+    assert glued_over_spaced(None) > 0.1  # the CTRL rule alone favours gluing here
+    assert glued_over_spaced(backend.spelling_variants(lm.tokenizer)) < 0.01
+
+
+@pytest.mark.triton
+def test_the_bundled_chat_model_penalises_both_spellings(
+    triton: LocalTriton, backend: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lm = BundledChatLM()
+    monkeypatch.setattr(backend, "infer", lm.step)
+    model = TritonChatModel(triton.grpc_url, repetition_penalty=PENALTY, top_k=DEFAULT_TOP_K)
+    messages = (PERSONA, QUESTION)
+    ids = lm.prompt_ids(messages)
+
+    def outside_triton(seed: int, variants: np.ndarray | None) -> str:
+        tokens = backend.generate(
+            "chat_lm", lm.cache_shape, ids, max_context=len(ids) + 40, max_new_tokens=40,
+            stop_ids=set(), temperature=REPLY_TEMPERATURE, top_k=DEFAULT_TOP_K, seed=seed,
+            repetition_penalty=PENALTY, penalty_variants=variants)
+        return str(lm.tokenizer.decode(list(tokens)))
+
+    variants = backend.spelling_variants(lm.tokenizer)
+    differs = []
+    for seed in range(3):
+        deltas = asyncio.run(collect(model.stream(
+            messages, [], max_new_tokens=40, temperature=REPLY_TEMPERATURE, seed=seed)))
+        in_triton = "".join(d.text for d in deltas)
+        assert in_triton == outside_triton(seed, variants)
+        differs.append(in_triton != outside_triton(seed, None))
+    assert any(differs)
 
 
 def test_hermes_messages_describe_tools_and_wrap_calls_and_results() -> None:

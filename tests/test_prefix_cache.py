@@ -4,39 +4,17 @@
 "KV cache" holds the ids fed so far, one position each, and it picks the next
 id from all of them in order, so a cache sliced at the wrong position or a
 prefill that skips or repeats an id changes what is generated. The real step
-graph with the cache runs in tests/test_chat_model.py.
+graph with the cache runs in tests/test_chat.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from export.repository import COMMON
-
 VOCAB = 50
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Any]:
-    """converse_backend imported outside Triton (its Triton module stubbed for the import)."""
-    stubbed = "triton_python_backend_utils" not in sys.modules
-    if stubbed:
-        sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
-    path = COMMON / "converse_backend.py"
-    spec = importlib.util.spec_from_file_location("converse_backend", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    if stubbed:
-        del sys.modules["triton_python_backend_utils"]
 
 
 class StepGraph:
