@@ -116,6 +116,8 @@ def error_of(response: Any) -> str:
          "tools.0.function.parameters.type: the arguments schema must be 'object'"),
         ({"tools": [WEATHER, WEATHER]}, "tools.1.function.name: duplicate tool name"),
         ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+        ({"tools": [{"type": "function", "function": {**WEATHER["function"], "strict": "yes"}}]},
+         "tools.0.function.strict"),
         ({"context_window": 0}, "context_window"),
         ({"max_turns": 0}, "max_turns"),
         ({"system_prompt": ""}, "system_prompt"),
@@ -124,6 +126,16 @@ def error_of(response: Any) -> str:
 def test_bad_sessions_are_400_naming_the_path(api: TestClient, fields: dict[str, Any],
                                               expected: str) -> None:
     assert expected in error_of(create(api, **fields))
+
+
+def test_a_tool_may_carry_openais_strict_flag(api: TestClient) -> None:
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    response = create(api, tools=[strict, {"type": "function", "function": {"name": "f"}}])
+    assert response.status_code == 201, response.text
+    stored = api.get(f"/v1/conversations/{response.json()['session_id']}", headers=AUTH).json()
+    # Stored as sent: the flag where it was given, no flag where it was not.
+    assert stored["config"]["tools"] == [strict, {"type": "function", "function": {
+        "name": "f", "description": "", "parameters": {"type": "object", "properties": {}}}}]
 
 
 def test_auth_and_ownership(api: TestClient) -> None:

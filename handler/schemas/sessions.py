@@ -31,6 +31,13 @@ class FunctionDefinition(BaseModel):
         default_factory=lambda: {"type": "object", "properties": {}},
         description="JSON Schema (draft 2020-12) of the arguments object.",
     )
+    strict: bool | None = Field(
+        None,
+        strict=True,
+        exclude_if=lambda value: value is None,
+        description="OpenAI's flag for schema-exact arguments: passed on to an OpenAI-compatible "
+        "chat endpoint; arguments are checked against the schema either way.",
+    )
 
 
 class Tool(BaseModel):
