@@ -254,6 +254,48 @@ def test_after_a_tool_timeout_the_session_goes_on(tmp_path: Path) -> None:
     assert session.of_type("response.done")[1].text == "Here I am."
 
 
+def test_a_replys_text_and_tool_results_reach_the_model_in_the_order_written(
+    tmp_path: Path,
+) -> None:
+    first = ChatDelta(tool_call=ToolCall("call_1", "lookup", '{"q": 1}'))
+    second = ChatDelta(tool_call=ToolCall("call_2", "lookup", '{"q": 2}'))
+    chat = ScriptedChat([[*text("Let me check."), first], [*text("It is sunny."), second],
+                         text("Bye now."), text("Fine.")])
+    session = Session(tmp_path, chat, ["Weather?", "Thanks."], tools=[TOOL])
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        for n, call_id in enumerate(("call_1", "call_2"), 1):
+            await session.until("tool.call", n)
+            await conversation.on_event(events.ToolResult(call_id=call_id, output=f"r{n}"))
+        await session.until("response.done")
+        await say(conversation)
+        await session.until("response.done", 2)
+        await conversation.close()
+
+    asyncio.run(run())
+    assert session.of_type("response.done")[0].text == "Let me check. It is sunny. Bye now."
+
+    def shape(messages: list[ChatMessage]) -> list[tuple[str, str, tuple[str, ...], str | None]]:
+        return [(m.role, m.content, tuple(c.id for c in m.tool_calls), m.tool_call_id)
+                for m in messages]
+
+    round_one = [("assistant", "Let me check.", ("call_1",), None), ("tool", "r1", (), "call_1")]
+    round_two = [("assistant", "It is sunny.", ("call_2",), None), ("tool", "r2", (), "call_2")]
+    # Within the reply: each round adds only what was written since the last call.
+    assert shape(chat.requests[1])[-2:] == round_one
+    assert shape(chat.requests[2])[-4:] == round_one + round_two
+    # The next reply's prompt, rebuilt from the stored turns, keeps that order.
+    assert shape(chat.requests[3])[1:] == [
+        ("user", "Weather?", (), None), *round_one, *round_two,
+        ("assistant", "Bye now.", (), None), ("user", "Thanks.", (), None),
+    ]
+    stored = [t for t in session.storage.list_turns("key", "conv_1") if t.role == "assistant"]
+    assert [c["text_offset"] for c in stored[0].tool_calls] == [len("Let me check. "),
+                                                                len("Let me check. It is sunny. ")]
+
+
 def test_nothing_the_runner_starts_outlives_close(tmp_path: Path) -> None:
     session = Session(tmp_path, ScriptedChat([text("One. Two. Three. Four.")]), ["Go."])
 

@@ -380,11 +380,13 @@ def test_a_tool_call_round_trip_and_a_tool_timeout(
     tool_message = chat.requests[1]["messages"][-1]
     assert tool_message == {"role": "tool", "content": json.dumps({"sky": "sunny"}),
                             "tool_call_id": "call_1"}
-    # The second question's prompt holds the first one's tool call and result.
-    earlier = chat.requests[2]["messages"][-4:]
-    assert [m["role"] for m in earlier] == ["user", "assistant", "tool", "user"]
+    # The second question's prompt holds the first one's tool call, its result, and
+    # then the text written from the result.
+    earlier = chat.requests[2]["messages"][-5:]
+    assert [m["role"] for m in earlier] == ["user", "assistant", "tool", "assistant", "user"]
     assert [c["id"] for c in earlier[1]["tool_calls"]] == ["call_1"]
     assert earlier[2] == tool_message
+    assert earlier[3]["content"] == first["text"]
     assert [t["role"] for t in stored["turns"]][:4] == ["user", "assistant", "tool", "user"]
     tool_turn = stored["turns"][2]
     assert tool_turn["tool_call_id"] == "call_1"

@@ -82,6 +82,10 @@ class ToolCallRecord(BaseModel):
     id: str
     name: str
     arguments: str = Field(description="The arguments as JSON text.")
+    text_offset: int = Field(
+        0, ge=0, description="Characters of the turn's text the model wrote before the call "
+        "(the text after it was written with the result)."
+    )
 
 
 class ConversationTurn(BaseModel):

@@ -95,16 +95,36 @@ class ConversationModels:
 
 
 def chat_history(turns: Sequence[TurnRecord]) -> list[ChatMessage]:
-    """Stored turns as chat messages, oldest first (empty user transcripts left out)."""
+    """Stored turns as chat messages, in the order they were written (OpenAI's order).
+
+    An assistant turn that called tools becomes, per call, an assistant message
+    with the text written before the call (from the call's ``text_offset``)
+    and the call, then the ``tool`` turn answering it; then an assistant
+    message with the text after the last call. So the model reads each result
+    before what it wrote from it. Empty user transcripts and empty text are left out.
+    """
+    results = {t.tool_call_id: t for t in turns if t.role == "tool"}
+    placed: set[str | None] = set()
     messages = []
     for turn in turns:
-        calls = tuple(
-            ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in turn.tool_calls
-        )
         if turn.role == "tool":
-            messages.append(ChatMessage("tool", turn.text, tool_call_id=turn.tool_call_id))
-        elif turn.text.strip() or calls:
-            messages.append(ChatMessage(turn.role, turn.text, tool_calls=calls))
+            if turn.tool_call_id not in placed:  # its call is older than ``turns``
+                messages.append(ChatMessage("tool", turn.text, tool_call_id=turn.tool_call_id))
+            continue
+        start = 0
+        for record in turn.tool_calls:
+            end = min(max(int(record.get("text_offset", 0)), start), len(turn.text))
+            call = ToolCall(str(record["id"]), str(record["name"]), str(record["arguments"]))
+            messages.append(ChatMessage(turn.role, turn.text[start:end].strip(),
+                                        tool_calls=(call,)))
+            start = end
+            result = results.get(call.id)
+            if result is not None:
+                messages.append(ChatMessage("tool", result.text, tool_call_id=call.id))
+                placed.add(call.id)
+        rest = turn.text[start:].strip()
+        if rest:
+            messages.append(ChatMessage(turn.role, rest))
     return messages
 
 
@@ -516,6 +536,7 @@ class LiveConversation:
         try:
             for _ in range(MAX_TOOL_ROUNDS + 1):
                 call = None
+                since_call = ""
                 async for delta in self.models.chat.stream(
                     messages,
                     self.config["tools"],
@@ -526,6 +547,7 @@ class LiveConversation:
                     if delta.text:
                         reply.mark("first_token")
                         reply.text += delta.text
+                        since_call += delta.text
                         await self._reply_emit(
                             reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=delta.text)
                         )
@@ -535,16 +557,22 @@ class LiveConversation:
                         break
                 if call is None:
                     return
-                messages = [*messages, *await self._run_tool(reply, call)]
+                messages = [*messages, *await self._run_tool(reply, call, since_call)]
             await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls")
         finally:
             text.end()
 
-    async def _run_tool(self, reply: _Reply, call: ToolCall) -> list[ChatMessage]:
+    async def _run_tool(self, reply: _Reply, call: ToolCall, written: str) -> list[ChatMessage]:
         """Send the model's tool call to the client and wait for its result.
 
+        Args:
+            reply: the reply the call is part of.
+            call: the call the model wrote.
+            written: the reply's text the model wrote since its previous call (or start).
+
         Returns:
-            the assistant message with the call and the tool message with the result.
+            the assistant message with ``written`` and the call, and the tool
+            message with the result.
 
         Raises:
             _ReplyFailed: arguments rejected by the tool's schema, or no result within
@@ -573,7 +601,8 @@ class LiveConversation:
             )
         finally:
             self._tool_results.pop(call.id, None)
-        reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments})
+        reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments,
+                                 "text_offset": len(reply.text.lstrip())})
         now = self._storage.clock()
         tool_turn = TurnRecord(
             turn_id=self._next_turn_id(),
@@ -586,7 +615,7 @@ class LiveConversation:
         await self._put_turn(tool_turn)
         reply.tool_turns.append(tool_turn)
         return [
-            ChatMessage(role="assistant", content=reply.text, tool_calls=(call,)),
+            ChatMessage(role="assistant", content=written.strip(), tool_calls=(call,)),
             ChatMessage(role="tool", content=output, tool_call_id=call.id),
         ]
 

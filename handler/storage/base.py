@@ -198,7 +198,8 @@ class TurnRecord:
         audio_ms: milliseconds of audio in the turn (user speech or reply audio).
         interrupted: True when the reply was cut off by the user.
         played_ms: milliseconds of the reply the client reported as played.
-        tool_calls: the model's calls, ``[{"id", "name", "arguments"}]``.
+        tool_calls: the model's calls, ``[{"id", "name", "arguments", "text_offset"}]``
+            (``text_offset``: characters of ``text`` written before the call).
         tool_call_id: for a ``tool`` turn, the call it answers.
         latency_ms: named latency figures of the turn in milliseconds
             (e.g. ``asr``, ``first_token``, ``first_audio``).
