@@ -135,3 +135,20 @@ def speak(client: TestClient, speaker: str, text: str, sample_rate: int = 16_000
     wav = base64.b64decode(response.json()["reply"]["audio"]["data_b64"])
     samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
     return resample(samples, rate, sample_rate)
+
+
+def sse_events(body: str) -> list[tuple[str, Any]]:
+    """``(event, data)`` of every Server-Sent Event in ``body`` (comments skipped)."""
+    parsed = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":")
+        )
+        if fields:
+            parsed.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return parsed
+
+
+def streamed_pcm(stream: list[tuple[str, Any]]) -> bytes:
+    """The PCM bytes of the ``audio`` events of a ``/v1/converse`` stream, in order."""
+    return b"".join(base64.b64decode(data["data_b64"]) for name, data in stream if name == "audio")

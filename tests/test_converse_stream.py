@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +16,7 @@ from fastapi.testclient import TestClient
 from handler.app import create_app
 from handler.engines.catalog import ModelCatalog
 from handler.engines.kokoro import KokoroEngine
-from tests.helpers import AUTH, make_settings, post_then_disconnect
+from tests.helpers import AUTH, make_settings, post_then_disconnect, sse_events, streamed_pcm
 from tests.robust_fakes import FakeTriton, constant_voice, failing, fake_client, never
 
 # Four sentences over MAX_PIECE_CHARS together: voiced in more than one piece.
@@ -27,22 +26,6 @@ LONG_TEXT = (
     "We carried the bags up the hill to the house with the blue shutters. "
     "Dinner was bread, tomatoes, cheese and a bottle of something local and cold."
 )
-
-
-def events(body: str) -> list[tuple[str, Any]]:
-    """``(event, data)`` of every Server-Sent Event in ``body`` (comments skipped)."""
-    parsed = []
-    for block in body.replace("\r\n", "\n").split("\n\n"):
-        fields = dict(
-            line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":")
-        )
-        if fields:
-            parsed.append((fields.get("event", "message"), json.loads(fields["data"])))
-    return parsed
-
-
-def streamed_pcm(stream: list[tuple[str, Any]]) -> bytes:
-    return b"".join(base64.b64decode(data["data_b64"]) for name, data in stream if name == "audio")
 
 
 def engine(pause_ms: int = 0, lookahead: int = 2) -> KokoroEngine:
@@ -68,7 +51,7 @@ def test_stream_chunks_concatenate_to_the_json_reply(client: TestClient) -> None
     streamed = client.post("/v1/converse", json={**body, "stream": True}, headers=AUTH)
     assert streamed.status_code == 200, streamed.text
     assert streamed.headers["content-type"].startswith("text/event-stream")
-    stream = events(streamed.text)
+    stream = sse_events(streamed.text)
     names = [name for name, _ in stream]
     assert names[0] == "metadata" and names[-1] == "done"
     assert set(names[1:-1]) == {"audio"} and len(names) > 3  # more than one chunk
@@ -105,7 +88,7 @@ def test_failure_after_the_first_chunk_is_an_error_event() -> None:
             "conversation": [{"speaker": "0", "text": text}], "stream": True})
         admission = client.app.state.admission  # type: ignore[attr-defined]
         assert (admission.active, admission.waiting) == (0, 0)
-    stream = events(response.text)
+    stream = sse_events(response.text)
     assert [name for name, _ in stream] == ["metadata", "audio", "error"]
     error = stream[-1][1]["error"]
     assert error["type"] == "inference_error"
@@ -130,7 +113,7 @@ def test_client_disconnect_cancels_the_voicing() -> None:
     sent = asyncio.run(post_then_disconnect(app, "/v1/converse", body, after_first_audio, 30))
     assert sent[0]["status"] == 200
     streamed = b"".join(message.get("body", b"") for message in sent).decode()
-    assert [name for name, _ in events(streamed)] == ["metadata", "audio"]
+    assert [name for name, _ in sse_events(streamed)] == ["metadata", "audio"]
     assert "kokoro" in fake.cancelled
     assert (app.state.admission.active, app.state.admission.waiting) == (0, 0)
 

@@ -16,7 +16,15 @@ from devtools.tiny_models import FRAME_SAMPLES, speech, transformers_prompt
 from export.__main__ import main as export_main
 from export.csm import CsmExportOptions, export_csm
 from handler.triton import TritonClient
-from tests.helpers import AUTH, TINY_CSM, TinyTriton, make_settings, wav_b64
+from tests.helpers import (
+    AUTH,
+    TINY_CSM,
+    TinyTriton,
+    make_settings,
+    sse_events,
+    streamed_pcm,
+    wav_b64,
+)
 
 NAME = TINY_CSM
 
@@ -323,6 +331,20 @@ def test_contextual_tts_reply(csm_client: Any) -> None:
     assert 0 < samples.size <= 16 * FRAME_SAMPLES and samples.size % FRAME_SAMPLES == 0
     assert response.json()["warnings"] == []
     assert response.json()["usage"]["output_audio_seconds"] == pytest.approx(samples.size / rate)
+
+
+def test_a_streamed_reply_is_the_json_reply_for_the_same_seed(csm_client: Any) -> None:
+    body = {"conversation": [*HISTORY, OPEN], "params": {"max_new_tokens": 16, "seed": 3}}
+    samples, _ = reply_samples(converse(csm_client, body))
+    streamed = converse(csm_client, {**body, "stream": True})
+    assert streamed.status_code == 200, streamed.text
+    stream = sse_events(streamed.text)
+    assert [name for name, _ in stream] == ["metadata", "audio", "done"]
+    as_int16 = np.round(samples * 32768).astype("<i2").tobytes()
+    assert streamed_pcm(stream) == as_int16
+    other_seed = converse(csm_client, {**body, "stream": True,
+                                       "params": {**body["params"], "seed": 4}})
+    assert streamed_pcm(sse_events(other_seed.text)) != as_int16
 
 
 def test_history_audio_conditions_the_turn_and_quantizers_are_reported(csm_client: Any) -> None:
