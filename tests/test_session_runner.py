@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from handler.engines.chat import ChatDelta, ChatMessage, ToolCall
 from handler.sessions import protocol as events
@@ -254,14 +255,16 @@ def test_after_a_tool_timeout_the_session_goes_on(tmp_path: Path) -> None:
     assert session.of_type("response.done")[1].text == "Here I am."
 
 
+@pytest.mark.parametrize("context_window", [50, 1])
 def test_a_replys_text_and_tool_results_reach_the_model_in_the_order_written(
-    tmp_path: Path,
+    tmp_path: Path, context_window: int,
 ) -> None:
     first = ChatDelta(tool_call=ToolCall("call_1", "lookup", '{"q": 1}'))
     second = ChatDelta(tool_call=ToolCall("call_2", "lookup", '{"q": 2}'))
     chat = ScriptedChat([[*text("Let me check."), first], [*text("It is sunny."), second],
                          text("Bye now."), text("Fine.")])
-    session = Session(tmp_path, chat, ["Weather?", "Thanks."], tools=[TOOL])
+    session = Session(tmp_path, chat, ["Weather?", "Thanks."], tools=[TOOL],
+                      context_window=context_window)
 
     async def run() -> None:
         conversation = await session.connect()
@@ -286,11 +289,11 @@ def test_a_replys_text_and_tool_results_reach_the_model_in_the_order_written(
     # Within the reply: each round adds only what was written since the last call.
     assert shape(chat.requests[1])[-2:] == round_one
     assert shape(chat.requests[2])[-4:] == round_one + round_two
-    # The next reply's prompt, rebuilt from the stored turns, keeps that order.
-    assert shape(chat.requests[3])[1:] == [
-        ("user", "Weather?", (), None), *round_one, *round_two,
-        ("assistant", "Bye now.", (), None), ("user", "Thanks.", (), None),
-    ]
+    # The next reply's prompt, rebuilt from the stored turns, keeps that order; a reply
+    # with its calls and results is one turn of the context window.
+    reply_turn = [*round_one, *round_two, ("assistant", "Bye now.", (), None)]
+    earlier = [("user", "Weather?", (), None)] if context_window > 1 else []
+    assert shape(chat.requests[3])[1:] == [*earlier, *reply_turn, ("user", "Thanks.", (), None)]
     stored = [t for t in session.storage.list_turns("key", "conv_1") if t.role == "assistant"]
     assert [c["text_offset"] for c in stored[0].tool_calls] == [len("Let me check. "),
                                                                 len("Let me check. It is sunny. ")]

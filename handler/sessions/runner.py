@@ -94,38 +94,42 @@ class ConversationModels:
     tool_timeout_s: float
 
 
-def chat_history(turns: Sequence[TurnRecord]) -> list[ChatMessage]:
-    """Stored turns as chat messages, in the order they were written (OpenAI's order).
+def chat_history(turns: Sequence[TurnRecord]) -> list[list[ChatMessage]]:
+    """Stored turns as chat messages in the order they were written, one group per turn.
 
-    An assistant turn that called tools becomes, per call, an assistant message
-    with the text written before the call (from the call's ``text_offset``)
-    and the call, then the ``tool`` turn answering it; then an assistant
-    message with the text after the last call. So the model reads each result
-    before what it wrote from it. Empty user transcripts and empty text are left out.
+    A user turn is one message (an empty transcript none). An assistant turn
+    that called tools becomes, per call, an assistant message with the text
+    written before the call (up to the call's ``text_offset``) and the call,
+    then the message of the ``tool`` turn answering it; then an assistant
+    message with the text after the last call (OpenAI's message order: the
+    model reads each result before what it wrote from it). Its tool turns
+    belong to its group, so a window of groups never parts a call from its
+    result; a tool turn whose call is not in ``turns`` is a group of its own.
     """
     results = {t.tool_call_id: t for t in turns if t.role == "tool"}
     placed: set[str | None] = set()
-    messages = []
+    groups = []
     for turn in turns:
         if turn.role == "tool":
-            if turn.tool_call_id not in placed:  # its call is older than ``turns``
-                messages.append(ChatMessage("tool", turn.text, tool_call_id=turn.tool_call_id))
+            if turn.tool_call_id not in placed:
+                groups.append([ChatMessage("tool", turn.text, tool_call_id=turn.tool_call_id)])
             continue
-        start = 0
+        group, start = [], 0
         for record in turn.tool_calls:
             end = min(max(int(record.get("text_offset", 0)), start), len(turn.text))
             call = ToolCall(str(record["id"]), str(record["name"]), str(record["arguments"]))
-            messages.append(ChatMessage(turn.role, turn.text[start:end].strip(),
-                                        tool_calls=(call,)))
+            group.append(ChatMessage(turn.role, turn.text[start:end].strip(), tool_calls=(call,)))
             start = end
             result = results.get(call.id)
             if result is not None:
-                messages.append(ChatMessage("tool", result.text, tool_call_id=call.id))
+                group.append(ChatMessage("tool", result.text, tool_call_id=call.id))
                 placed.add(call.id)
         rest = turn.text[start:].strip()
         if rest:
-            messages.append(ChatMessage(turn.role, rest))
-    return messages
+            group.append(ChatMessage(turn.role, rest))
+        if group:
+            groups.append(group)
+    return groups
 
 
 class _EndOfTurn:
@@ -483,7 +487,7 @@ class LiveConversation:
         )
         if reply is None:
             return
-        self._history.append(ChatMessage(role="user", content=transcript))
+        self._history.append([ChatMessage(role="user", content=transcript)])
         if self._segmenter.in_speech or self._reply is not None:
             await self._drop(reply)
             return
@@ -711,9 +715,9 @@ class LiveConversation:
         await asyncio.shield(sending)
 
     def _prompt(self) -> list[ChatMessage]:
-        """System prompt (the persona) and the last ``context_window`` turns."""
+        """System prompt (the persona) and the last ``context_window`` turns' messages."""
         window = int(self.config["context_window"])
-        recent = self._history[-window:]
+        recent = [message for group in self._history[-window:] for message in group]
         while recent and recent[0].role == "tool":
             recent = recent[1:]  # a tool result without its call would confuse the model
         return [ChatMessage(role="system", content=self.config["system_prompt"]), *recent]
