@@ -1,8 +1,9 @@
-"""Whisper's shortened encoder window (``min_encoder_window_s``, model_repository/whisper_asr).
+"""Whisper's shortened encoder window and its repetition-loop guard (model_repository/whisper_asr).
 
 The CPU repository's encoder sees a short clip plus padding, at least 15 s,
 instead of 30 s; these tests hold the two ways that can go wrong: speech past
-the short window lost, and a reply repeated into the padding.
+the short window lost, and a reply repeated into the padding. Then the guard
+against greedy decoding looping on repetitive speech.
 """
 
 from __future__ import annotations
@@ -57,3 +58,16 @@ def test_a_clip_repeated_into_the_padding_is_transcribed_again(
     [(text, words)] = transcripts(triton, [clip])
     assert normalise(text).split() == normalise(phrase).split(), text
     assert all(w.end - w.start >= 0.02 for w in words), words
+
+
+def test_a_transcript_that_loops_is_decoded_again_and_repetitions_said_are_kept(
+    real_client: TestClient, triton: LocalTriton
+) -> None:
+    # Without the guard, Whisper-base writes the laugh as one "word" of hundreds of
+    # characters ("Dojojojo..."); the yeses keep at least the four said (decoded again
+    # without repeated 3-grams, they would come out as three).
+    laugh, yeses = "Ha ha ha ha ha ha ha ha ha ha.", "Yes, yes, yes, yes, of course."
+    clips = [speak(real_client, "0", phrase) for phrase in (laugh, yeses)]
+    [(looped, _), (repeated, _)] = transcripts(triton, clips)
+    assert len(looped) <= 40 * len(clips[0]) / 16_000 + 20, looped
+    assert normalise(repeated).split().count("yes") >= 4, repeated

@@ -17,6 +17,14 @@ padding, at least ``min_encoder_window_s`` long: whisper.cpp's ``audio_ctx``
 short, Whisper may repeat itself into the padding; those words come out with
 no duration, and such a clip is transcribed again with the full 30 s window.
 docs/PERFORMANCE.md has the speed and WER of both windows.
+
+Repetition loops: greedy Whisper-base can fall into a loop on repetitive
+speech (Kokoro's "Ha ha ha ha ha ha ha." comes out as "Dojojojo..." hundreds
+of characters long). A transcript longer than anyone speaks in the clip's
+time (:data:`MAX_CHARS_PER_S`, plus :data:`SLACK_CHARS`) is decoded again
+with CTranslate2's ``no_repeat_ngram_size`` :data:`LOOP_NGRAM` (full window),
+and the shorter transcript is kept. Only then: the option also thins out
+repetitions that were really said ("yes, yes, yes, yes" -> "yes, yes, yes").
 """
 
 import json
@@ -32,10 +40,20 @@ from faster_whisper import WhisperModel
 FULL_WINDOW_FRAMES = 3000
 # Log-mel frames per second (hop 160 samples at 16 kHz).
 FRAMES_PER_SECOND = 100
+# Whisper's input sample rate, Hz.
+SAMPLE_RATE = 16_000
 # Padding kept after the clip: 256 frames = 128 encoder positions (whisper.cpp#1855).
 WINDOW_MARGIN_FRAMES = 256
 # A word shorter than this (seconds) was written into the padding, not heard.
 MIN_WORD_S = 0.02
+# Characters (spaces included) per second of clip beyond any speech: about twice
+# the fastest the bundled voice speaks (12-22 characters/s over ten rendered
+# phrases, pauses included; docs/author.md). A loop runs far past it.
+MAX_CHARS_PER_S = 40
+# Allowance on top, for short clips (a single long word, punctuation).
+SLACK_CHARS = 20
+# Token n-grams that may not repeat in the second decoding of a looping transcript.
+LOOP_NGRAM = 3
 
 
 def encoder_window_frames(samples, min_window_s):
@@ -76,21 +94,27 @@ class TritonPythonModel:
             cpu_threads=int(parameter["cpu_threads"]),
         )
 
-    def _decode(self, audio, language, window_frames):
+    def _decode(self, audio, language, window_frames, no_repeat_ngram_size=0):
         self.model.window_frames = window_frames
         segments, _ = self.model.transcribe(
             audio, language=language, beam_size=1, temperature=0.0, word_timestamps=True,
-            vad_filter=False,
+            vad_filter=False, no_repeat_ngram_size=no_repeat_ngram_size,
         )
         segments = list(segments)
-        return segments, [w for segment in segments for w in segment.words or []]
+        text = "".join(segment.text for segment in segments).strip()
+        return text, [w for segment in segments for w in segment.words or []]
 
     def _transcribe(self, audio, language):
         window = encoder_window_frames(len(audio), self.min_window_s)
-        segments, words = self._decode(audio, language, window)
+        text, words = self._decode(audio, language, window)
         if window < FULL_WINDOW_FRAMES and any(w.end - w.start < MIN_WORD_S for w in words):
-            segments, words = self._decode(audio, language, FULL_WINDOW_FRAMES)
-        text = "".join(segment.text for segment in segments).strip()
+            text, words = self._decode(audio, language, FULL_WINDOW_FRAMES)
+        if len(text) > MAX_CHARS_PER_S * len(audio) / SAMPLE_RATE + SLACK_CHARS:
+            text, words = min(
+                (text, words),
+                self._decode(audio, language, FULL_WINDOW_FRAMES, no_repeat_ngram_size=LOOP_NGRAM),
+                key=lambda decoded: len(decoded[0]),
+            )
         timed = [
             {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
             for w in words
