@@ -21,7 +21,12 @@ import pytest
 from handler.engines.chat import ChatDelta, ChatMessage, ToolCall
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, SessionParams
-from handler.sessions.runner import ConversationModels, LiveConversation
+from handler.sessions.runner import (
+    ConversationModels,
+    LiveConversation,
+    chat_history,
+    heard_offset,
+)
 from handler.storage.base import SessionRecord, TurnRecord
 from handler.storage.sqlite import SQLiteStorage
 from handler.transcription import TimedWord
@@ -297,6 +302,70 @@ def test_a_replys_text_and_tool_results_reach_the_model_in_the_order_written(
     stored = [t for t in session.storage.list_turns("key", "conv_1") if t.role == "assistant"]
     assert [c["text_offset"] for c in stored[0].tool_calls] == [len("Let me check. "),
                                                                 len("Let me check. It is sunny. ")]
+
+
+def turn(n: int, role: str, text: str, calls: tuple[dict[str, Any], ...] = (),
+         answers: str | None = None) -> TurnRecord:
+    return TurnRecord(turn_id=f"turn_{n}", role=role, text=text, started_at=float(n),
+                      tool_calls=list(calls), tool_call_id=answers)
+
+
+def call(call_id: str, offset: int | None = None) -> dict[str, Any]:
+    record = {"id": call_id, "name": "lookup", "arguments": "{}"}
+    return record if offset is None else {**record, "text_offset": offset}
+
+
+def test_stored_tool_turns_pair_with_the_reply_that_called_them() -> None:
+    groups = chat_history([
+        turn(1, "tool", "orphan", answers="call_0"),  # its call is not stored: left out
+        turn(2, "user", "Weather?"),
+        turn(3, "assistant", "Checking. Sunny.", (call("call_0", 10),)),
+        turn(4, "tool", "r1", answers="call_0"),
+        turn(5, "user", "And tomorrow?"),
+        # An endpoint that numbers calls per response uses the id again.
+        turn(6, "assistant", "Rain.", (call("call_0", 99),)),  # offset past the stored text
+        turn(7, "tool", "r2", answers="call_0"),
+        turn(8, "assistant", "Old record.", (call("call_9"),)),  # stored without text_offset
+    ])
+    shapes = [[(m.role, m.content, m.tool_call_id) for m in group] for group in groups]
+    assert shapes == [
+        [("user", "Weather?", None)],
+        [("assistant", "Checking.", None), ("tool", "r1", "call_0"), ("assistant", "Sunny.", None)],
+        [("user", "And tomorrow?", None)],
+        [("assistant", "Rain.", None), ("tool", "r2", "call_0")],
+        [("assistant", "", None), ("assistant", "Old record.", None)],
+    ]
+
+
+def test_a_calls_offset_in_the_words_heard() -> None:
+    written = " Let me check that for you.\n\nIt's  sunny today."
+    offset = len("Let me check that for you.\n\n")
+    assert heard_offset(written, offset) == len("Let me check that for you.")
+    heard = "Let me check that for you. It's sunny today."
+    assert heard_offset(written, len(written)) == len(heard)
+    assert heard_offset(written, 0) == 0
+
+
+def test_the_text_after_a_tool_result_does_not_glue_onto_the_text_before(
+    tmp_path: Path,
+) -> None:
+    chat = ScriptedChat([[ChatDelta(text="Let me check."),
+                          ChatDelta(tool_call=ToolCall("call_1", "lookup", "{}"))],
+                         [ChatDelta(text="It is sunny.")]])
+    session = Session(tmp_path, chat, ["Weather?"], tools=[TOOL])
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("tool.call")
+        await conversation.on_event(events.ToolResult(call_id="call_1", output="sunny"))
+        await session.until("response.done")
+        await conversation.close()
+
+    asyncio.run(run())
+    [done] = session.of_type("response.done")
+    assert done.text == "Let me check. It is sunny."
+    assert "".join(e.delta for e in session.of_type("response.text.delta")) == done.text
 
 
 def test_nothing_the_runner_starts_outlives_close(tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ class ToolCallRecord(BaseModel):
     arguments: str = Field(description="The arguments as JSON text.")
     text_offset: int = Field(
         0, ge=0, description="Characters of the turn's text the model wrote before the call "
-        "(the text after it was written with the result)."
+        "(in a cut-off reply, of the words heard); the text after it was written with the "
+        "result."
     )
 
 

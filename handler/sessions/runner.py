@@ -99,37 +99,50 @@ def chat_history(turns: Sequence[TurnRecord]) -> list[list[ChatMessage]]:
 
     A user turn is one message (an empty transcript none). An assistant turn
     that called tools becomes, per call, an assistant message with the text
-    written before the call (up to the call's ``text_offset``) and the call,
-    then the message of the ``tool`` turn answering it; then an assistant
-    message with the text after the last call (OpenAI's message order: the
-    model reads each result before what it wrote from it). Its tool turns
-    belong to its group, so a window of groups never parts a call from its
-    result; a tool turn whose call is not in ``turns`` is a group of its own.
+    written before the call (up to the call's ``text_offset``, clamped to the
+    stored text) and the call, then the message of the ``tool`` turn answering
+    it (one stored after the assistant turn and before the next one); then an
+    assistant message with the text after the last call (OpenAI's message
+    order: the model reads each result before what it wrote from it). Its tool
+    turns belong to its group, so a window of groups never parts a call from
+    its result; a tool turn with no call before it is left out (an endpoint
+    would refuse the prompt).
     """
-    results = {t.tool_call_id: t for t in turns if t.role == "tool"}
-    placed: set[str | None] = set()
     groups = []
-    for turn in turns:
+    for index, turn in enumerate(turns):
         if turn.role == "tool":
-            if turn.tool_call_id not in placed:
-                groups.append([ChatMessage("tool", turn.text, tool_call_id=turn.tool_call_id)])
             continue
+        results: dict[str | None, TurnRecord] = {}
+        for later in turns[index + 1:]:
+            if later.role == "assistant":
+                break
+            if later.role == "tool":
+                results.setdefault(later.tool_call_id, later)
         group, start = [], 0
         for record in turn.tool_calls:
             end = min(max(int(record.get("text_offset", 0)), start), len(turn.text))
             call = ToolCall(str(record["id"]), str(record["name"]), str(record["arguments"]))
             group.append(ChatMessage(turn.role, turn.text[start:end].strip(), tool_calls=(call,)))
             start = end
-            result = results.get(call.id)
+            result = results.pop(call.id, None)
             if result is not None:
                 group.append(ChatMessage("tool", result.text, tool_call_id=call.id))
-                placed.add(call.id)
         rest = turn.text[start:].strip()
         if rest:
             group.append(ChatMessage(turn.role, rest))
         if group:
             groups.append(group)
     return groups
+
+
+def heard_offset(written: str, offset: int) -> int:
+    """``offset`` (characters of ``written``, stripped at its start) in the text as heard.
+
+    An interrupted reply is stored as the words heard, joined by single spaces
+    (:func:`handler.sessions.playback.heard_text`); a call's offset into the
+    written text becomes the length of the words before it, so joined.
+    """
+    return len(" ".join(written.lstrip()[:offset].split()))
 
 
 class _EndOfTurn:
@@ -541,6 +554,7 @@ class LiveConversation:
             for _ in range(MAX_TOOL_ROUNDS + 1):
                 call = None
                 since_call = ""
+                after_call = bool(reply.tool_calls)
                 async for delta in self.models.chat.stream(
                     messages,
                     self.config["tools"],
@@ -549,13 +563,18 @@ class LiveConversation:
                     seed=None,
                 ):
                     if delta.text:
+                        piece = delta.text
+                        glued = reply.text[-1:].strip() and piece[0].strip()
+                        if after_call and glued:
+                            piece = " " + piece  # the text before the call and after apart
+                        after_call = False
                         reply.mark("first_token")
-                        reply.text += delta.text
-                        since_call += delta.text
+                        reply.text += piece
+                        since_call += piece
                         await self._reply_emit(
-                            reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=delta.text)
+                            reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=piece)
                         )
-                        text.write(delta.text)
+                        text.write(piece)
                     if delta.tool_call is not None:
                         call = delta.tool_call
                         break
@@ -747,8 +766,14 @@ class LiveConversation:
             return await reply.alignments[id(clause)]
 
         text = reply.text.strip()
+        tool_calls = reply.tool_calls
         if status == "interrupted":
             text = await heard_text(reply.clauses, played_ms / 1000.0, reply_alignment)
+            tool_calls = [
+                {**call, "text_offset": min(len(text), heard_offset(reply.text,
+                                                                    call["text_offset"]))}
+                for call in tool_calls
+            ]
         for task in reply.alignments.values():
             task.cancel()
         assistant_turn = TurnRecord(
@@ -760,7 +785,7 @@ class LiveConversation:
             audio_ms=round(reply.playback.sent_ms, 1),
             interrupted=status == "interrupted",
             played_ms=played_ms,
-            tool_calls=reply.tool_calls,
+            tool_calls=tool_calls,
             latency_ms=reply.latency_ms,
         )
         # Stored first: a client that reads the session on response.done finds the turn.

@@ -120,16 +120,17 @@ def penalise_repetition(logits, seen_ids, penalty, variants=None):
     The CTRL rule as transformers' ``RepetitionPenaltyLogitsProcessor`` applies
     it (Keskar et al. 2019): a positive logit is divided by ``penalty``, a
     negative one multiplied. ``penalty`` 1 returns ``logits`` unchanged.
-    ``variants`` (INT64 [>= V], from :func:`spelling_variants`; None for none)
+    ``variants`` (INT64, from :func:`spelling_variants`; None for none)
     names a second id penalised with each seen one: the same word with the
-    other leading-space form.
+    other leading-space form (ids past its end, e.g. a padded vocabulary's,
+    have none).
     """
     if penalty == 1.0 or not seen_ids:
         return logits
     logits = np.array(logits, dtype=np.float32)
     ids = np.unique(np.asarray(seen_ids, dtype=np.int64))
     if variants is not None:
-        twins = variants[ids]
+        twins = variants[ids[ids < len(variants)]]
         ids = np.union1d(ids, twins[twins >= 0])
     scores = logits[ids]
     logits[ids] = np.where(scores < 0, scores * penalty, scores / penalty)
@@ -149,30 +150,34 @@ def spelling_variants(tokenizer):
     Penalising both forms together keeps the model's own choice between them.
 
     Args:
-        tokenizer: a ``tokenizers.Tokenizer``. Its space marker is read from how its
-            pre-tokenizer (else its normalizer) writes " a" (``Ġa`` byte-level,
-            ``▁a`` SentencePiece); one that keeps the space apart (e.g. a
-            character-level vocabulary) gives no variants.
+        tokenizer: a ``tokenizers.Tokenizer``. Its space marker is what its
+            pre-tokenizer (else its normalizer) adds in front of "a" when it
+            writes " a" (``Ġ`` byte-level, ``▁`` SentencePiece); one that keeps
+            the space apart (e.g. a character-level vocabulary) gives no variants.
 
     Returns:
-        The table for :func:`penalise_repetition`; only tokens whose text without
-        the marker is alphanumeric are paired.
+        The table for :func:`penalise_repetition`, one entry per id up to the
+        vocabulary's largest; only tokens whose text without the marker is ASCII
+        letters and digits are paired (a byte-level vocabulary writes newlines and
+        UTF-8 fragments as letters too, "Ċ", "Ã").
     """
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     variants = np.full(max(vocab.values()) + 1, -1, dtype=np.int64)
     if tokenizer.pre_tokenizer is not None:
-        probe = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(" a")]
+        def probe(text):
+            return "".join(piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text))
     elif tokenizer.normalizer is not None:
-        probe = [tokenizer.normalizer.normalize_str(" a")]
+        probe = tokenizer.normalizer.normalize_str
     else:
         return variants
-    if len(probe) != 1 or len(probe[0]) < 2 or not probe[0].endswith("a"):
+    spaced_a, plain_a = probe(" a"), probe("a")
+    marker = spaced_a[: len(spaced_a) - len(plain_a)]
+    if not marker or not spaced_a.endswith(plain_a) or marker.strip() == "":
         return variants
-    marker = probe[0][:-1]
     for token, index in vocab.items():
         spaced = token.startswith(marker)
         bare = token[len(marker):] if spaced else token
-        if bare.isalnum():
+        if bare.isascii() and bare.isalnum():
             twin = vocab.get(bare if spaced else marker + bare)
             if twin is not None:
                 variants[index] = twin

@@ -19,12 +19,13 @@ no duration, and such a clip is transcribed again with the full 30 s window.
 docs/PERFORMANCE.md has the speed and WER of both windows.
 
 Repetition loops: greedy Whisper-base can fall into a loop on repetitive
-speech (Kokoro's "Ha ha ha ha ha ha ha." comes out as "Dojojojo..." hundreds
-of characters long). A transcript longer than anyone speaks in the clip's
+speech (Kokoro's "Ha ha ha ha ha ha ha ha ha ha." comes out as "Dojojojo..."
+888 characters long). A transcript longer than anyone speaks in the clip's
 time (:data:`MAX_CHARS_PER_S`, plus :data:`SLACK_CHARS`) is decoded again
-with CTranslate2's ``no_repeat_ngram_size`` :data:`LOOP_NGRAM` (full window),
-and the shorter transcript is kept. Only then: the option also thins out
-repetitions that were really said ("yes, yes, yes, yes" -> "yes, yes, yes").
+with CTranslate2's ``no_repeat_ngram_size`` :data:`LOOP_NGRAM` (full
+window), which is kept if it is shorter and not empty. Only then: the option
+also thins out repetitions that were really said ("yes, yes, yes, yes" ->
+"yes, yes, yes").
 """
 
 import json
@@ -110,11 +111,10 @@ class TritonPythonModel:
         if window < FULL_WINDOW_FRAMES and any(w.end - w.start < MIN_WORD_S for w in words):
             text, words = self._decode(audio, language, FULL_WINDOW_FRAMES)
         if len(text) > MAX_CHARS_PER_S * len(audio) / SAMPLE_RATE + SLACK_CHARS:
-            text, words = min(
-                (text, words),
-                self._decode(audio, language, FULL_WINDOW_FRAMES, no_repeat_ngram_size=LOOP_NGRAM),
-                key=lambda decoded: len(decoded[0]),
-            )
+            again = self._decode(audio, language, FULL_WINDOW_FRAMES,
+                                 no_repeat_ngram_size=LOOP_NGRAM)
+            if again[0] and len(again[0]) < len(text):
+                text, words = again
         timed = [
             {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
             for w in words
