@@ -215,6 +215,16 @@ QUESTION = ChatMessage("user", "What is the best way to learn to cook?")
 GLUED_REPLY = "It's all about practice, right? You can't just pick up any old recipe and expect"
 
 
+def chat_parameter(key: str) -> str:
+    """A parameter of the exported ``chat`` model's config."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((REPOSITORY / "chat" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    return str(config.parameters[key].string_value)
+
+
 class BundledChatLM:
     """The exported bundled chat LM outside Triton: tokenizers and its step graph on onnxruntime."""
 
@@ -231,6 +241,7 @@ class BundledChatLM:
         self.session = ort.InferenceSession(str(REPOSITORY / "chat_lm" / "1" / "model.onnx"))
         self.cache_shape = [d if isinstance(d, int) else 0
                             for d in self.session.get_inputs()[1].shape]
+        self.stop_ids = {int(i) for i in chat_parameter("stop_token_ids").split(",") if i}
 
     def prompt_ids(self, messages: tuple[ChatMessage, ...]) -> list[int]:
         chat = [{"role": m.role, "content": m.content} for m in messages]
@@ -283,7 +294,7 @@ def test_the_bundled_chat_model_penalises_both_spellings(
     def outside_triton(seed: int, variants: np.ndarray | None) -> str:
         tokens = backend.generate(
             "chat_lm", lm.cache_shape, ids, max_context=len(ids) + 40, max_new_tokens=40,
-            stop_ids=set(), temperature=REPLY_TEMPERATURE, top_k=DEFAULT_TOP_K, seed=seed,
+            stop_ids=lm.stop_ids, temperature=REPLY_TEMPERATURE, top_k=DEFAULT_TOP_K, seed=seed,
             repetition_penalty=PENALTY, penalty_variants=variants)
         return str(lm.tokenizer.decode(list(tokens)))
 

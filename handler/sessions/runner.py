@@ -113,7 +113,7 @@ def chat_history(turns: Sequence[TurnRecord]) -> list[list[ChatMessage]]:
         if turn.role == "tool":
             continue
         results: dict[str | None, TurnRecord] = {}
-        for later in turns[index + 1:]:
+        for later in turns[index + 1:] if turn.tool_calls else ():
             if later.role == "assistant":
                 break
             if later.role == "tool":
@@ -553,7 +553,6 @@ class LiveConversation:
         try:
             for _ in range(MAX_TOOL_ROUNDS + 1):
                 call = None
-                since_call = ""
                 after_call = bool(reply.tool_calls)
                 async for delta in self.models.chat.stream(
                     messages,
@@ -564,13 +563,11 @@ class LiveConversation:
                 ):
                     if delta.text:
                         piece = delta.text
-                        glued = reply.text[-1:].strip() and piece[0].strip()
-                        if after_call and glued:
+                        if after_call and reply.text[-1:].strip() and piece[0].strip():
                             piece = " " + piece  # the text before the call and after apart
                         after_call = False
                         reply.mark("first_token")
                         reply.text += piece
-                        since_call += piece
                         await self._reply_emit(
                             reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=piece)
                         )
@@ -580,22 +577,18 @@ class LiveConversation:
                         break
                 if call is None:
                     return
-                messages = [*messages, *await self._run_tool(reply, call, since_call)]
+                messages = [*messages, *await self._run_tool(reply, call)]
             await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls")
         finally:
             text.end()
 
-    async def _run_tool(self, reply: _Reply, call: ToolCall, written: str) -> list[ChatMessage]:
+    async def _run_tool(self, reply: _Reply, call: ToolCall) -> list[ChatMessage]:
         """Send the model's tool call to the client and wait for its result.
 
-        Args:
-            reply: the reply the call is part of.
-            call: the call the model wrote.
-            written: the reply's text the model wrote since its previous call (or start).
-
         Returns:
-            the assistant message with ``written`` and the call, and the tool
-            message with the result.
+            the assistant message with the text written since the reply's
+            previous call (or its start) and the call, and the tool message
+            with the result.
 
         Raises:
             _ReplyFailed: arguments rejected by the tool's schema, or no result within
@@ -624,8 +617,10 @@ class LiveConversation:
             )
         finally:
             self._tool_results.pop(call.id, None)
+        written = reply.text.lstrip()
+        previous = reply.tool_calls[-1]["text_offset"] if reply.tool_calls else 0
         reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments,
-                                 "text_offset": len(reply.text.lstrip())})
+                                 "text_offset": len(written)})
         now = self._storage.clock()
         tool_turn = TurnRecord(
             turn_id=self._next_turn_id(),
@@ -638,7 +633,7 @@ class LiveConversation:
         await self._put_turn(tool_turn)
         reply.tool_turns.append(tool_turn)
         return [
-            ChatMessage(role="assistant", content=written.strip(), tool_calls=(call,)),
+            ChatMessage(role="assistant", content=written[previous:].strip(), tool_calls=(call,)),
             ChatMessage(role="tool", content=output, tool_call_id=call.id),
         ]
 
@@ -737,8 +732,6 @@ class LiveConversation:
         """System prompt (the persona) and the last ``context_window`` turns' messages."""
         window = int(self.config["context_window"])
         recent = [message for group in self._history[-window:] for message in group]
-        while recent and recent[0].role == "tool":
-            recent = recent[1:]  # a tool result without its call would confuse the model
         return [ChatMessage(role="system", content=self.config["system_prompt"]), *recent]
 
     # ---- ending a reply ----------------------------------------------------------

@@ -172,7 +172,7 @@ def spelling_variants(tokenizer):
         return variants
     spaced_a, plain_a = probe(" a"), probe("a")
     marker = spaced_a[: len(spaced_a) - len(plain_a)]
-    if not marker or not spaced_a.endswith(plain_a) or marker.strip() == "":
+    if not marker.strip() or not spaced_a.endswith(plain_a):
         return variants
     for token, index in vocab.items():
         spaced = token.startswith(marker)
