@@ -41,10 +41,19 @@ INPUTS = {
 }
 
 
+def stats_url(server: LocalTriton, model: str) -> str:
+    """Triton's statistics endpoint for ``model``."""
+    return f"http://{server.http_url}/v2/models/{model}/stats"
+
+
+def execution_count(response: httpx.Response) -> int:
+    """The execution count in a ``/v2/models/<model>/stats`` response."""
+    return int(response.json()["model_stats"][0]["execution_count"])
+
+
 def lm_steps(server: LocalTriton, model: str = "author_lm") -> int:
     """``model``'s executions so far (Triton's ``/v2/models/<model>/stats``)."""
-    stats = httpx.get(f"http://{server.http_url}/v2/models/{model}/stats").json()
-    return int(stats["model_stats"][0]["execution_count"])
+    return execution_count(httpx.get(stats_url(server, model)))
 
 
 def settled_steps(server: LocalTriton, model: str = "author_lm", quiet_s: float = 1.0) -> int:
@@ -59,9 +68,15 @@ def settled_steps(server: LocalTriton, model: str = "author_lm", quiet_s: float 
 
 
 async def running(server: LocalTriton, before: int) -> None:
-    """Return once the loop has run at least one step past ``before``."""
-    while lm_steps(server) == before:
-        await asyncio.sleep(0.01)
+    """Return once the loop has run at least one step past ``before``.
+
+    Polled without blocking the event loop and without a pause: the tiny author
+    runs all ``LONG`` steps in about 0.2 s, so a blocking or sleeping poll can
+    first see the loop when it has already ended.
+    """
+    async with httpx.AsyncClient() as stats:
+        while execution_count(await stats.get(stats_url(server, "author_lm"))) == before:
+            pass
 
 
 def tensors(module: Any) -> list[Any]:
