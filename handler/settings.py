@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     session_tool_timeout_s: float = Field(
         10.0, gt=0, description="How long a reply waits for the client's tool result, seconds."
     )
+    session_reply_seed: int | None = Field(
+        None,
+        ge=0,
+        description="Sampling seed of every session reply (the same conversation gets the "
+        "same replies: tests, demos); unset: a fresh seed per reply.",
+    )
     blob_backend: Literal["local", "s3"] = Field(
         "local", description="Where large responses and uploads live: a directory or S3."
     )

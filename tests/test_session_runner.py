@@ -57,25 +57,34 @@ class ScriptedChat:
     def __init__(self, replies: list[list[ChatDelta]]) -> None:
         self.replies = replies
         self.requests: list[list[ChatMessage]] = []
+        self.seeds: list[int | None] = []
 
     async def stream(
         self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]], *,
         max_new_tokens: int, temperature: float, seed: int | None,
     ) -> AsyncIterator[ChatDelta]:
         self.requests.append(list(messages))
+        self.seeds.append(seed)
         for delta in self.replies[min(len(self.requests), len(self.replies)) - 1]:
             await asyncio.sleep(0.01)
             yield delta
 
 
 class Session:
-    """One session in SQLite; ``connect`` builds the conversation of a new socket."""
+    """One session in SQLite; ``connect`` builds the conversation of a new socket.
 
-    def __init__(self, tmp_path: Path, chat: ScriptedChat, transcripts: list[str],
+    ``config`` is the session's stored config; ``tool_timeout_s`` and ``reply_seed``
+    are the deployment's (:class:`ConversationModels`).
+    """
+
+    def __init__(self, tmp_path: Path, chat: ScriptedChat, transcripts: list[str], *,
+                 tool_timeout_s: float = 10.0, reply_seed: int | None = None,
                  **config: Any) -> None:
         self.storage = SQLiteStorage(tmp_path / "sessions.db")
         self.chat = chat
         self.transcripts = transcripts
+        self.tool_timeout_s = tool_timeout_s
+        self.reply_seed = reply_seed
         self.storage.put_session(SessionRecord(
             id="conv_1", key_id="key", model="kokoro", voice="jf_alpha*1", created_at=1.0,
             config={"voice_id": "jf_alpha", "system_prompt": "You are Pat.", "language": "en",
@@ -104,7 +113,7 @@ class Session:
         models = ConversationModels(
             vad=LoudnessVad(),  # type: ignore[arg-type]
             chat=self.chat, transcribe=transcribe, speak=speak, voice_rate=VOICE_RATE,
-            align=align, tool_timeout_s=0.3,
+            align=align, tool_timeout_s=self.tool_timeout_s, reply_seed=self.reply_seed,
         )
         record = self.storage.get_session("key", "conv_1")
         assert record is not None
@@ -187,6 +196,24 @@ def test_the_reply_is_written_during_the_end_silence_and_sent_only_once_it_is_co
     assert session.of_type("response.done")[0].text == "Good."
 
 
+@pytest.mark.parametrize("reply_seed", [None, 7])
+def test_every_reply_is_sampled_with_the_deployments_seed(
+    tmp_path: Path, reply_seed: int | None
+) -> None:
+    chat = ScriptedChat([text("One."), text("Two.")])
+    session = Session(tmp_path, chat, ["First?", "Second?"], reply_seed=reply_seed)
+
+    async def run() -> None:
+        conversation = await session.connect()
+        for count in (1, 2):
+            await say(conversation)
+            await session.until("response.done", count)
+        await conversation.close()
+
+    asyncio.run(run())
+    assert chat.seeds == [reply_seed, reply_seed]  # None: the chat model draws a fresh one
+
+
 def test_a_turn_id_a_client_saw_is_not_reused_by_the_next_socket(tmp_path: Path) -> None:
     session = Session(tmp_path, ScriptedChat([text("Yes.")]), ["Is it on?"])
 
@@ -243,7 +270,8 @@ def test_a_client_cancel_interrupts_the_reply_and_the_next_prompt_has_what_was_h
 def test_after_a_tool_timeout_the_session_goes_on(tmp_path: Path) -> None:
     call = ChatDelta(tool_call=ToolCall("call_1", "lookup", "{}"))
     chat = ScriptedChat([[call], text("Here I am.")])
-    session = Session(tmp_path, chat, ["Look it up.", "Hello?"], tools=[TOOL])
+    session = Session(tmp_path, chat, ["Look it up.", "Hello?"], tools=[TOOL],
+                      tool_timeout_s=0.3)
 
     async def run() -> None:
         conversation = await session.connect()

@@ -18,4 +18,6 @@ def test_readme_table_matches_settings() -> None:
     assert set(rows) == set(expected)
     for variable, default in expected.items():
         shown = rows[variable].strip()
-        assert shown == ("(empty)" if default == "" else f"`{default}`"), variable
+        written = ("(empty)" if default == "" else "(unset)" if default is None
+                   else f"`{default}`")
+        assert shown == written, variable

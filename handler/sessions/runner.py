@@ -83,6 +83,7 @@ class ConversationModels:
         voice_rate: the voice's sample rate, Hz.
         align: 16 kHz float32 audio and its text -> word intervals (seconds).
         tool_timeout_s: how long a reply waits for the client's tool result, seconds.
+        reply_seed: the chat LM's sampling seed for every reply; None: a fresh one each.
     """
 
     vad: SileroVad
@@ -92,6 +93,7 @@ class ConversationModels:
     voice_rate: int
     align: Callable[[np.ndarray, str], Awaitable[list[TimedWord]]]
     tool_timeout_s: float
+    reply_seed: int | None = None
 
 
 def chat_history(turns: Sequence[TurnRecord]) -> list[list[ChatMessage]]:
@@ -559,7 +561,7 @@ class LiveConversation:
                     self.config["tools"],
                     max_new_tokens=REPLY_MAX_NEW_TOKENS,
                     temperature=REPLY_TEMPERATURE,
-                    seed=None,
+                    seed=self.models.reply_seed,
                 ):
                     if delta.text:
                         piece = delta.text
