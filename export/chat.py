@@ -38,8 +38,9 @@ MAX_CONTEXT = 2048
 # ChatML's end of turn; SmolLM2's EOS too, named here for checkpoints whose EOS differs.
 END_OF_TURN = "<|im_end|>"
 FAMILY = LMFamily(loop="chat", network="chat_lm", label="chat")
-# Python-backend instances of the loop: replies generated at once (they share chat_lm).
-INSTANCES = 2
+# Replies the loop's one instance generates at once, each in a thread (they share chat_lm
+# and the prefix cache).
+CONCURRENT_REPLIES = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +96,7 @@ def export_chat(options: ChatExportOptions) -> bool:
     inputs = {
         "source": source.fingerprint(),
         "target": options.target,
-        "instances": INSTANCES,
+        "concurrent_replies": CONCURRENT_REPLIES,
         "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
         "sources": source_digests(*sources, COMMON),
     }
@@ -120,7 +121,7 @@ def _write(options: ChatExportOptions, source: LMSource) -> list[Path]:
             "stop_token_ids": ",".join(map(str, stops)),
             "bos_token": tokenizer.bos_token or "",
             "eos_token": tokenizer.eos_token or "",
-            "instances": INSTANCES,
+            "concurrent_replies": CONCURRENT_REPLIES,
         }
         return values, [template_path]
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.grpc.aio as triton_grpc
 import tritonclient.http as triton_http
 
 from devtools import REPOSITORY
@@ -133,6 +134,76 @@ def test_a_continued_conversation_matches_transformers_generate(tiny_triton: Tin
     assert reply(conversation) == expected
 
 
+LONG_REPLY = {"max_new_tokens": 900, "temperature": 0.0, "seed": 0}
+
+
+async def long_reply_under_way(model: TritonChatModel) -> asyncio.Task[None]:
+    """A task consuming a ``LONG_REPLY`` stream, returned once two pieces have arrived."""
+    received: list[ChatDelta] = []
+
+    async def consume() -> None:
+        async for delta in model.stream(MESSAGES, [], **LONG_REPLY):
+            received.append(delta)
+
+    task = asyncio.create_task(consume())
+    while len(received) < 2:
+        await asyncio.sleep(0.001)
+    return task
+
+
+async def final_response(server: LocalTriton, messages: tuple[ChatMessage, ...],
+                         max_new_tokens: int) -> dict[str, Any]:
+    """The ``chat`` model's final response to ``messages`` (greedy): its outputs by name."""
+    model = TritonChatModel(server.grpc_url)
+    inputs = model._inputs(hermes_messages(messages, []), max_new_tokens, 0.0, 0)
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        yield {"model_name": "chat", "inputs": inputs}
+
+    client = triton_grpc.InferenceServerClient(server.grpc_url)
+    try:
+        async for result, error in client.stream_infer(requests()):
+            assert error is None, error
+            if result.as_numpy("FINISH_REASON") is not None:
+                return {name: result.as_numpy(name)[0]
+                        for name in ("FINISH_REASON", "PROMPT_TOKENS", "CACHED_TOKENS")}
+    finally:
+        await client.close()
+    raise AssertionError("the stream ended without a final response")
+
+
+@pytest.mark.triton
+def test_every_request_finds_the_cache_of_the_one_before(tiny_triton: TinyTriton) -> None:
+    """The loop's requests share one prefix cache, whichever of them Triton runs where.
+
+    (With two instances, each process its own cache, a repeated prompt missed
+    about every other time.)
+    """
+    finals = [asyncio.run(final_response(tiny_triton.server, MESSAGES, 5)) for _ in range(4)]
+    prompt_tokens = int(finals[0]["PROMPT_TOKENS"])
+    assert prompt_tokens > 10
+    assert [int(f["PROMPT_TOKENS"]) for f in finals] == [prompt_tokens] * 4
+    # A prompt cached whole still prefills its last id.
+    assert [int(f["CACHED_TOKENS"]) for f in finals[1:]] == [prompt_tokens - 1] * 3
+
+
+@pytest.mark.triton
+def test_a_short_reply_is_not_held_up_by_a_long_one(tiny_triton: TinyTriton) -> None:
+    """Requests run side by side in the loop's one instance (``concurrent_replies``)."""
+    model = TritonChatModel(tiny_triton.server.grpc_url)
+
+    async def scenario() -> tuple[bool, int]:
+        running = await long_reply_under_way(model)
+        short = await final_response(tiny_triton.server, MESSAGES, 3)
+        long_still_running = not running.done()
+        await running
+        return long_still_running, int(short["PROMPT_TOKENS"])
+
+    long_still_running, prompt_tokens = asyncio.run(scenario())
+    assert prompt_tokens > 0
+    assert long_still_running, "the short reply waited for the long one to end"
+
+
 @pytest.mark.triton
 def test_sampling_is_reproducible_with_a_seed(tiny_triton: TinyTriton) -> None:
     model = TritonChatModel(tiny_triton.server.grpc_url)
@@ -150,24 +221,15 @@ def test_sampling_is_reproducible_with_a_seed(tiny_triton: TinyTriton) -> None:
 def test_cancelling_the_consumer_stops_decoding_in_triton(tiny_triton: TinyTriton) -> None:
     server = tiny_triton.server
     model = TritonChatModel(server.grpc_url)
-    long = {"max_new_tokens": 900, "temperature": 0.0, "seed": 0}
 
     before = chat_lm_steps(server)
-    full = asyncio.run(collect(model.stream(MESSAGES, [], **long)))
+    full = asyncio.run(collect(model.stream(MESSAGES, [], **LONG_REPLY)))
     full_steps = chat_lm_steps(server) - before
     assert full_steps > 500, "the uncancelled reply must be long for this test to mean anything"
     assert full
 
     async def cancel_after_two_pieces() -> None:
-        received: list[ChatDelta] = []
-
-        async def consume() -> None:
-            async for delta in model.stream(MESSAGES, [], **long):
-                received.append(delta)
-
-        task = asyncio.create_task(consume())
-        while len(received) < 2:
-            await asyncio.sleep(0.001)
+        task = await long_reply_under_way(model)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -38,12 +38,18 @@ class StepGraph:
 
 def run(backend: Any, monkeypatch: pytest.MonkeyPatch, prompt: list[int],
         cache: Any = None) -> tuple[list[int], list[int]]:
-    """Generated ids (greedy, 6 at most) and the id counts of each step call."""
+    """Generated ids (greedy, 6 at most) and the id counts of each step call.
+
+    Also checks the ``usage`` the loop reports against the prefill it made.
+    """
     step = StepGraph()
     monkeypatch.setattr(backend, "infer", step)
+    usage: dict[str, int] = {}
     generated = list(backend.generate(
         "lm", (1, 1, 1, 0, 1), prompt, max_context=100, max_new_tokens=6, stop_ids=set(),
-        temperature=0.0, top_k=0, seed=0, prefix_cache=cache))
+        temperature=0.0, top_k=0, seed=0, prefix_cache=cache, usage=usage))
+    assert usage == {"prompt_tokens": len(prompt),
+                     "cached_tokens": len(prompt) - step.prefills[0]}
     return generated, step.prefills
 
 

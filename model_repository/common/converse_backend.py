@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 import time
 
 sys.path[:0] = [p for p in os.environ.get("CONVERSE_SITE_PACKAGES", "").split(os.pathsep) if p]
@@ -205,7 +206,8 @@ class PrefixCache:
     recently used entry goes when ``capacity`` are held. With causal attention
     the cache of a prefix does not depend on what follows it, so a hit changes
     logits by float rounding at most (the vLLM / SGLang prefix-caching idea,
-    for one sequence at a time).
+    for one sequence at a time). One cache may serve generations running in
+    several threads of a model instance: its methods hold a lock.
 
     Args:
         capacity: entries kept (0 keeps none); each costs P x L x H_kv x D x 8 bytes.
@@ -215,6 +217,7 @@ class PrefixCache:
         self.capacity = capacity
         self._entries = collections.OrderedDict()  # slot -> (ids fed, keys, values)
         self._slots = itertools.count()
+        self._lock = threading.Lock()
 
     def longest_prefix(self, ids):
         """The longest cached prefix of ``ids`` that leaves at least one id to prefill.
@@ -223,22 +226,24 @@ class PrefixCache:
             ``(n, keys, values)``: n ids of ``ids`` are cached, with their keys and
             values (FP32 [L, 1, H_kv, n, D]); ``(0, None, None)`` when none are.
         """
-        best_slot, best = None, 0
-        for slot, (fed, keys, _) in self._entries.items():
-            limit = min(keys.shape[3], len(ids) - 1)
-            differ = np.flatnonzero(np.asarray(fed[:limit]) != np.asarray(ids[:limit]))
-            shared = int(differ[0]) if differ.size else limit
-            if shared > best:
-                best_slot, best = slot, shared
-        if best_slot is None:
-            return 0, None, None
-        self._entries.move_to_end(best_slot)
-        _, keys, values = self._entries[best_slot]
+        with self._lock:
+            best_slot, best = None, 0
+            for slot, (fed, keys, _) in self._entries.items():
+                limit = min(keys.shape[3], len(ids) - 1)
+                differ = np.flatnonzero(np.asarray(fed[:limit]) != np.asarray(ids[:limit]))
+                shared = int(differ[0]) if differ.size else limit
+                if shared > best:
+                    best_slot, best = slot, shared
+            if best_slot is None:
+                return 0, None, None
+            self._entries.move_to_end(best_slot)
+            _, keys, values = self._entries[best_slot]
         return best, keys[:, :, :, :best], values[:, :, :, :best]
 
     def new_slot(self):
         """A new slot id for one generation's entry (stored by its first :meth:`put`)."""
-        return next(self._slots)
+        with self._lock:
+            return next(self._slots)
 
     def put(self, slot, fed, keys, values):
         """Hold ``keys``/``values`` [L, 1, H_kv, P, D] of the first P ids of ``fed`` in ``slot``.
@@ -246,18 +251,19 @@ class PrefixCache:
         ``fed`` may grow afterwards (only its first P ids count). A slot's first
         put makes room by dropping the least recently used entries.
         """
-        if slot not in self._entries:
-            while self._entries and len(self._entries) >= self.capacity:
-                self._entries.popitem(last=False)
-            if self.capacity < 1:
-                return
-        self._entries[slot] = (fed, keys, values)
-        self._entries.move_to_end(slot)
+        with self._lock:
+            if slot not in self._entries:
+                while self._entries and len(self._entries) >= self.capacity:
+                    self._entries.popitem(last=False)
+                if self.capacity < 1:
+                    return
+            self._entries[slot] = (fed, keys, values)
+            self._entries.move_to_end(slot)
 
 
 def generate(network, cache_shape, prompt_ids, *, max_context, max_new_tokens, stop_ids,
              temperature, top_k, seed, repetition_penalty=1.0, penalty_variants=None,
-             prefix_cache=None):
+             prefix_cache=None, usage=None):
     """Yield generated token ids one by one: the BLS prefill/decode loop over a step graph.
 
     ``network`` is a step graph exported by ``export/causal_lm.py`` (``input_ids``
@@ -272,7 +278,9 @@ def generate(network, cache_shape, prompt_ids, *, max_context, max_new_tokens, s
     ``stop_ids`` member, after ``max_new_tokens`` ids, or when the context
     reaches ``max_context`` tokens. With a :class:`PrefixCache`, the prefill
     starts past the longest cached prefix of ``prompt_ids``, and the cache
-    this generation builds is kept there after every step.
+    this generation builds is kept there after every step. A ``usage`` dict
+    gets ``prompt_tokens`` and ``cached_tokens`` (prompt ids not prefilled)
+    before the first step.
 
     Raises:
         RuntimeError: a step call failed (the network's message).
@@ -286,6 +294,8 @@ def generate(network, cache_shape, prompt_ids, *, max_context, max_new_tokens, s
     if keys is None:
         keys = np.zeros(cache_shape, np.float32)
         values = np.zeros(cache_shape, np.float32)
+    if usage is not None:
+        usage.update(prompt_tokens=len(prompt_ids), cached_tokens=cached)
     fed = list(prompt_ids[:cached])
     tokens = list(prompt_ids[cached:])
     for _ in range(max_new_tokens):

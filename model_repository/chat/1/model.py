@@ -10,7 +10,9 @@ Responses (decoupled): one per decoded piece of text, ``TEXT`` BYTES [1]
 (UTF-8; concatenated they are the reply), then one flagged
 ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` with an empty ``TEXT`` and
 ``FINISH_REASON`` BYTES [1]: ``stop`` (end-of-turn token), ``length``
-(``MAX_NEW_TOKENS`` or the context filled) or ``cancelled``. (A final response
+(``MAX_NEW_TOKENS`` or the context filled) or ``cancelled``, ``PROMPT_TOKENS``
+INT32 [1] (the rendered conversation's tokens) and ``CACHED_TOKENS`` INT32 [1]
+(those of them the prefix cache held, so not prefilled). (A final response
 with outputs reaches every client; tritonclient's asyncio gRPC client cannot
 ask for Triton's empty final responses.) A failure is one error response,
 flagged final.
@@ -31,9 +33,16 @@ several byte tokens is sent once it is whole. ``request.is_cancelled()`` is
 checked before every decode step: a cancelled request stops at once. A
 conversation longer than ``max_context - MAX_NEW_TOKENS`` tokens loses its
 oldest messages after the first system message.
+
+One instance serves up to ``concurrent_replies`` requests at once, each in a
+thread of its own (decoupled: ``execute`` hands them over and returns), so the
+requests share one prefix cache; with several instances a session's next
+prompt would find its last one's cache in another process about half the
+time. Their steps meet in ``chat_lm`` either way.
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import converse_backend as backend
 
@@ -48,6 +57,10 @@ from tokenizers.decoders import DecodeStream
 
 def _text(piece):
     return pb_utils.Tensor("TEXT", np.array([piece.encode("utf-8")], dtype=np.object_))
+
+
+def _count(name, value):
+    return pb_utils.Tensor(name, np.array([value], dtype=np.int32))
 
 
 def _raise_exception(message):
@@ -74,6 +87,8 @@ class TritonPythonModel:
         self.stop_ids = {int(i) for i in parameter["stop_token_ids"].split(",") if i}
         self.prefix_cache = backend.PrefixCache(int(parameter["prefix_cache_entries"]))
         self.penalty_variants = backend.spelling_variants(self.tokenizer)
+        self.replies = ThreadPoolExecutor(int(parameter["concurrent_replies"]),
+                                          thread_name_prefix="chat-reply")
 
     def _prompt_ids(self, messages, max_new_tokens):
         """Token ids of the rendered conversation, oldest turns dropped to fit the context."""
@@ -97,9 +112,12 @@ class TritonPythonModel:
                                  f"fit with MAX_NEW_TOKENS {max_new_tokens}")
             messages = messages[:keep] + messages[keep + 1:]
 
-    def _stream(self, request, sender):
+    def _stream(self, request, sender, usage):
         def scalar(name):
             return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0]
+
+        if request.is_cancelled():  # while it waited for a reply thread
+            return "cancelled"
 
         max_new_tokens = int(scalar("MAX_NEW_TOKENS"))
         penalty = float(scalar("REPETITION_PENALTY"))
@@ -113,6 +131,7 @@ class TritonPythonModel:
             temperature=float(scalar("TEMPERATURE")), top_k=int(scalar("TOP_K")),
             seed=int(scalar("SEED")), repetition_penalty=penalty,
             penalty_variants=self.penalty_variants, prefix_cache=self.prefix_cache,
+            usage=usage,
         )
         count = 0
         for token in tokens:
@@ -126,20 +145,36 @@ class TritonPythonModel:
             else "stop"
 
     def execute(self, requests):
-        """Stream each request's reply through its response sender (decoupled: returns None)."""
+        """Hand each request to a reply thread (decoupled: returns None at once)."""
         for request in requests:
-            sender = request.get_response_sender()
-            try:
-                reason = self._stream(request, sender)
-            except (RuntimeError, ValueError, UnicodeDecodeError) as error:
-                sender.send(backend.error_response(error),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            finish = np.array([reason.encode()], dtype=np.object_)
-            sender.send(
-                pb_utils.InferenceResponse(output_tensors=[
-                    _text(""), pb_utils.Tensor("FINISH_REASON", finish),
-                ]),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
+            self.replies.submit(self._reply, request)
         return None
+
+    def _reply(self, request):
+        """Stream one request's reply through its response sender, then its final response.
+
+        Every failure ends the request with an error response: nothing raised
+        in a pool thread reaches Triton, and a request left without its final
+        response would keep its client waiting.
+        """
+        sender = request.get_response_sender()
+        usage = {"prompt_tokens": 0, "cached_tokens": 0}
+        try:
+            reason = self._stream(request, sender, usage)
+        except Exception as error:  # any: see the docstring
+            sender.send(backend.error_response(error),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        finish = np.array([reason.encode()], dtype=np.object_)
+        sender.send(
+            pb_utils.InferenceResponse(output_tensors=[
+                _text(""), pb_utils.Tensor("FINISH_REASON", finish),
+                _count("PROMPT_TOKENS", usage["prompt_tokens"]),
+                _count("CACHED_TOKENS", usage["cached_tokens"]),
+            ]),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
+
+    def finalize(self):
+        """Let the replies in progress end (they stop at once when their client cancels)."""
+        self.replies.shutdown(wait=True)
