@@ -156,8 +156,9 @@ class Settings(BaseSettings):
     session_reply_seed: int | None = Field(
         None,
         ge=0,
-        description="Sampling seed of every session reply (the same conversation gets the "
-        "same replies: tests, demos); unset: a fresh seed per reply.",
+        le=2**63 - 1,
+        description="Sampling seed of every session reply (the same conversation then nearly "
+        "always gets the same replies: tests, demos); unset: a fresh seed per reply.",
     )
     blob_backend: Literal["local", "s3"] = Field(
         "local", description="Where large responses and uploads live: a directory or S3."

@@ -188,20 +188,27 @@ def test_every_request_finds_the_cache_of_the_one_before(tiny_triton: TinyTriton
 
 
 @pytest.mark.triton
-def test_a_short_reply_is_not_held_up_by_a_long_one(tiny_triton: TinyTriton) -> None:
-    """Requests run side by side in the loop's one instance (``concurrent_replies``)."""
+def test_replies_run_side_by_side_and_one_more_waits_its_turn(tiny_triton: TinyTriton) -> None:
+    """The loop's one instance runs ``concurrent_replies`` (2) replies at once.
+
+    A short reply is not held up by a long one; a third request, sent while two
+    long replies run, waits for a free reply thread and is then answered.
+    """
     model = TritonChatModel(tiny_triton.server.grpc_url)
 
-    async def scenario() -> tuple[bool, int]:
-        running = await long_reply_under_way(model)
+    async def scenario() -> tuple[bool, int, int]:
+        first = await long_reply_under_way(model)
         short = await final_response(tiny_triton.server, MESSAGES, 3)
-        long_still_running = not running.done()
-        await running
-        return long_still_running, int(short["PROMPT_TOKENS"])
+        first_still_running = not first.done()
+        second = await long_reply_under_way(model)
+        third = await final_response(tiny_triton.server, MESSAGES, 3)
+        await asyncio.gather(first, second)
+        return first_still_running, int(short["PROMPT_TOKENS"]), int(third["PROMPT_TOKENS"])
 
-    long_still_running, prompt_tokens = asyncio.run(scenario())
-    assert prompt_tokens > 0
-    assert long_still_running, "the short reply waited for the long one to end"
+    first_still_running, short_tokens, third_tokens = asyncio.run(
+        asyncio.wait_for(scenario(), 300))
+    assert first_still_running, "the short reply waited for the long one to end"
+    assert short_tokens == third_tokens > 0
 
 
 @pytest.mark.triton

@@ -68,6 +68,22 @@ def test_a_prompt_that_continues_an_earlier_one_is_prefilled_only_past_it(
     assert cold_prefills[0] == len(later)
 
 
+def test_as_many_conversations_as_entries_taking_turns_all_find_their_last_turn(
+    backend: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A conversation's next turn drops the entry of its turn before (it holds all of it);
+    # otherwise each conversation kept two and the third one's were pushed out.
+    cache = backend.PrefixCache(3)
+    prompts = {name: [first, 20 + first, 30 + first] for name, first in
+               (("a", 1), ("b", 2), ("c", 3))}
+    for _turn in range(3):
+        for name, prompt in prompts.items():
+            reply, prefills = run(backend, monkeypatch, prompt, cache)
+            if len(prompt) > 3:
+                assert prefills[0] == 1 + 3, name  # the reply's last id (never fed), the turn
+            prompts[name] = prompt + reply + [40, 41, 42]
+
+
 def test_a_prompt_already_cached_whole_still_prefills_its_last_id(
     backend: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -249,10 +249,17 @@ class PrefixCache:
         """Hold ``keys``/``values`` [L, 1, H_kv, P, D] of the first P ids of ``fed`` in ``slot``.
 
         ``fed`` may grow afterwards (only its first P ids count). A slot's first
-        put makes room by dropping the least recently used entries.
+        put drops the entries whose ids all begin ``fed`` (the new one holds
+        everything they did: typically the conversation's turn before), then
+        the least recently used ones until there is room; so a conversation
+        holds one entry, and ``capacity`` conversations taking turns all find
+        theirs.
         """
         with self._lock:
             if slot not in self._entries:
+                for other in [s for s, (ids, k, _) in self._entries.items()
+                              if k.shape[3] <= len(fed) and ids[:k.shape[3]] == fed[:k.shape[3]]]:
+                    del self._entries[other]
                 while self._entries and len(self._entries) >= self.capacity:
                     self._entries.popitem(last=False)
                 if self.capacity < 1:

@@ -35,13 +35,16 @@ conversation longer than ``max_context - MAX_NEW_TOKENS`` tokens loses its
 oldest messages after the first system message.
 
 One instance serves up to ``concurrent_replies`` requests at once, each in a
-thread of its own (decoupled: ``execute`` hands them over and returns), so the
-requests share one prefix cache; with several instances a session's next
-prompt would find its last one's cache in another process about half the
-time. Their steps meet in ``chat_lm`` either way.
+thread of its own (decoupled: ``execute`` hands them over and returns; more
+wait in Triton's queue), so the requests share one prefix cache; with several
+instances a session's next prompt would find its last one's cache in another
+process about half the time. Their steps meet in ``chat_lm`` either way.
 """
 
+import contextlib
 import json
+import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import converse_backend as backend
@@ -87,8 +90,9 @@ class TritonPythonModel:
         self.stop_ids = {int(i) for i in parameter["stop_token_ids"].split(",") if i}
         self.prefix_cache = backend.PrefixCache(int(parameter["prefix_cache_entries"]))
         self.penalty_variants = backend.spelling_variants(self.tokenizer)
-        self.replies = ThreadPoolExecutor(int(parameter["concurrent_replies"]),
-                                          thread_name_prefix="chat-reply")
+        concurrent_replies = int(parameter["concurrent_replies"])
+        self.replies = ThreadPoolExecutor(concurrent_replies, thread_name_prefix="chat-reply")
+        self.reply_slots = threading.BoundedSemaphore(concurrent_replies)
 
     def _prompt_ids(self, messages, max_new_tokens):
         """Token ids of the rendered conversation, oldest turns dropped to fit the context."""
@@ -145,35 +149,47 @@ class TritonPythonModel:
             else "stop"
 
     def execute(self, requests):
-        """Hand each request to a reply thread (decoupled: returns None at once)."""
+        """Hand each request to a reply thread once one is free (decoupled: returns None).
+
+        While ``concurrent_replies`` replies run, this waits, so later requests
+        wait in Triton's queue, where its queue metrics see them.
+        """
         for request in requests:
+            self.reply_slots.acquire()
             self.replies.submit(self._reply, request)
         return None
 
     def _reply(self, request):
-        """Stream one request's reply through its response sender, then its final response.
+        """Stream one request's reply, then the response that ends it; free the reply slot.
 
-        Every failure ends the request with an error response: nothing raised
-        in a pool thread reaches Triton, and a request left without its final
-        response would keep its client waiting.
+        Nothing raised in a reply thread reaches Triton, so every failure is
+        answered here: the reply's own as an error response, and one of the
+        response sender (the client must still hear the end) with a bare
+        final flag, logged to tritonserver's log.
         """
         sender = request.get_response_sender()
+        try:
+            sender.send(self._final_response(request, sender),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # any: see the docstring
+            traceback.print_exc()
+            with contextlib.suppress(Exception):
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self.reply_slots.release()
+
+    def _final_response(self, request, sender):
+        """Stream the reply's pieces; the response that ends it (an error response on failure)."""
         usage = {"prompt_tokens": 0, "cached_tokens": 0}
         try:
             reason = self._stream(request, sender, usage)
-        except Exception as error:  # any: see the docstring
-            sender.send(backend.error_response(error),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        finish = np.array([reason.encode()], dtype=np.object_)
-        sender.send(
-            pb_utils.InferenceResponse(output_tensors=[
-                _text(""), pb_utils.Tensor("FINISH_REASON", finish),
-                _count("PROMPT_TOKENS", usage["prompt_tokens"]),
-                _count("CACHED_TOKENS", usage["cached_tokens"]),
-            ]),
-            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-        )
+        except Exception as error:  # any: the request fails, not the model
+            return backend.error_response(error)
+        return pb_utils.InferenceResponse(output_tensors=[
+            _text(""), pb_utils.Tensor("FINISH_REASON", np.array([reason.encode()], np.object_)),
+            _count("PROMPT_TOKENS", usage["prompt_tokens"]),
+            _count("CACHED_TOKENS", usage["cached_tokens"]),
+        ])
 
     def finalize(self):
         """Let the replies in progress end (they stop at once when their client cancels)."""
