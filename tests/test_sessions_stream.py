@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from handler.app import create_app
+from handler.sessions import transport
 from handler.sessions.base import AssistantAudio, ConversationFactory, Emit, SessionParams
 from handler.sessions.codecs import Decoder, Encoder
 from handler.sessions.protocol import (
@@ -452,3 +453,32 @@ def test_leaving_while_the_conversation_is_busy_closes_cleanly(triton_url: str) 
             with api.websocket_connect(path(new_session(api)), headers=AUTH) as ws:
                 ws.receive_json()
                 ws.send_bytes(bytes(640))
+
+
+class StuckConversation(EchoConversation):
+    """Its ``close`` returns only when cancelled (work slow to stop)."""
+
+    async def close(self) -> None:
+        await asyncio.sleep(3600)
+
+
+async def stuck_factory(record: SessionRecord, params: SessionParams,
+                        emit: Emit) -> StuckConversation:
+    return StuckConversation(record, params, emit)
+
+
+def test_a_conversation_stuck_stopping_still_ends_the_session_and_closes_the_socket(
+    triton_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport, "CLEANUP_S", 0.3)
+    with app_client(triton_url, stuck_factory) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ws.send_text('{"type": "tool.result", "call_id": "c1", "output": "end"}')
+            ended = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        stored = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+    assert ended["reason"] == "max_turns" and closed.value.code == CloseCode.MAX_TURNS
+    assert (stored["status"], stored["ended_reason"]) == ("ended", "max_turns")

@@ -218,10 +218,16 @@ class LiveSocket:
             self._emitting = False
             # Shielded: the conversation must stop its work (Triton calls) and the
             # session's end be stored even when the socket's task is being cancelled.
-            with anyio.move_on_after(CLEANUP_S, shield=True):
-                if conversation is not None:
+            # Each step has its own limit, so a conversation slow to stop cannot keep
+            # the session's end from being stored and sent and the socket from closing.
+            if conversation is not None:
+                with anyio.move_on_after(CLEANUP_S, shield=True) as stopping:
                     with contextlib.suppress(Exception):
                         await conversation.close()
+                if stopping.cancelled_caught:
+                    logger.warning("session %s: the conversation took over %s s to stop",
+                                   self.record.id, CLEANUP_S)
+            with anyio.move_on_after(CLEANUP_S, shield=True):
                 await self._finish()
 
     async def emit(self, item: ServerEvent | AssistantAudio) -> None:
