@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from devtools import REPOSITORY
 from devtools.fake_triton import FakeTriton
+from devtools.local_stack import stop_on_signals
 from devtools.local_triton import LocalTriton
 from devtools.tiny_models import make_tiny_csm, make_tiny_gemma, make_tiny_llama
 from export.__main__ import main as export_main
@@ -32,6 +33,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--fake-triton", action="store_true",
         help="serve `triton_url` and `client` from the Triton test double (devtools.fake_triton)",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (``timeout``, CI cancelling a job) unwinds pytest like Ctrl-C does.
+
+    Python's default SIGTERM ends the process at once, skipping fixture
+    teardown: the session's tritonserver and its python stubs were left running.
+    """
+    stop_on_signals()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

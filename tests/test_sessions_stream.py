@@ -384,15 +384,21 @@ def test_maximum_session_length_ends_the_session(triton_url: str, factory: Facto
     assert ended["reason"] == "max_duration" and closed.value.code == CloseCode.MAX_DURATION
 
 
-def test_the_conversation_can_end_the_session(api: TestClient) -> None:
-    session_id = new_session(api)
+def ended_by_the_conversation(api: TestClient, session_id: str) -> tuple[dict[str, Any], int]:
+    """Ask the conversation to end the session; its ``session.ended`` and the close code."""
     with api.websocket_connect(path(session_id), headers=AUTH) as ws:
         ws.receive_json()
         ws.send_text('{"type": "tool.result", "call_id": "c1", "output": "end"}')
         ended = ws.receive_json()
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
-    assert ended["reason"] == "max_turns" and closed.value.code == CloseCode.MAX_TURNS
+    return ended, closed.value.code
+
+
+def test_the_conversation_can_end_the_session(api: TestClient) -> None:
+    session_id = new_session(api)
+    ended, code = ended_by_the_conversation(api, session_id)
+    assert ended["reason"] == "max_turns" and code == CloseCode.MAX_TURNS
     assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["ended_reason"] == (
         "max_turns")
 
@@ -473,12 +479,7 @@ def test_a_conversation_stuck_stopping_still_ends_the_session_and_closes_the_soc
     monkeypatch.setattr(transport, "CLEANUP_S", 0.3)
     with app_client(triton_url, stuck_factory) as api:
         session_id = new_session(api)
-        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
-            ws.receive_json()
-            ws.send_text('{"type": "tool.result", "call_id": "c1", "output": "end"}')
-            ended = ws.receive_json()
-            with pytest.raises(WebSocketDisconnect) as closed:
-                ws.receive_json()
+        ended, code = ended_by_the_conversation(api, session_id)
         stored = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
-    assert ended["reason"] == "max_turns" and closed.value.code == CloseCode.MAX_TURNS
+    assert ended["reason"] == "max_turns" and code == CloseCode.MAX_TURNS
     assert (stored["status"], stored["ended_reason"]) == ("ended", "max_turns")
