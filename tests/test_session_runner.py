@@ -194,6 +194,8 @@ def test_the_reply_is_written_during_the_end_silence_and_sent_only_once_it_is_co
         "response.text.delta") < kinds.index("audio")
     assert [e.text for e in session.of_type("input.transcript")] == ["Is it on now?"]
     assert session.of_type("response.done")[0].text == "Good."
+    # The dropped reply gave its id back: the turn's reply takes the next one.
+    assert [e.turn_id for e in session.of_type("response.done")] == ["turn_2"]
 
 
 @pytest.mark.parametrize("reply_seed", [None, 7])
@@ -408,3 +410,58 @@ def test_nothing_the_runner_starts_outlives_close(tmp_path: Path) -> None:
         return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
 
     assert asyncio.run(run()) == set()
+
+
+class SlowToStopChat(ScriptedChat):
+    """Writes one word, then waits; once cancelled it takes ``stop_s`` to end (a gRPC cancel)."""
+
+    def __init__(self, stop_s: float) -> None:
+        super().__init__([text("Hmm")])
+        self.stop_s = stop_s
+        self.stopped = 0
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]], *,
+        max_new_tokens: int, temperature: float, seed: int | None,
+    ) -> AsyncIterator[ChatDelta]:
+        self.requests.append(list(messages))
+        yield ChatDelta(text="Hmm ")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(self.stop_s)
+            self.stopped += 1
+
+
+def test_close_while_the_user_speaks_on_over_an_early_start_still_stops_everything(
+    tmp_path: Path,
+) -> None:
+    """close() lands while the VAD task waits for the early start's work to stop.
+
+    That wait must not swallow the VAD task's own cancellation: the task would
+    go on waiting for audio that never comes, and close() would never return.
+    """
+    chat = SlowToStopChat(stop_s=0.3)
+    session = Session(tmp_path, chat, ["Is it", "Is it on?"])
+
+    async def run() -> tuple[bool, set[asyncio.Task[Any]]]:
+        conversation = await session.connect()
+        await say(conversation, silence_s=0.3)  # past the early start, short of the end
+        async with asyncio.timeout(5):
+            while not chat.requests:
+                await asyncio.sleep(0.01)
+        await say(conversation, speech_s=0.2, silence_s=0.0)  # speaks on: the work is dropped
+        await asyncio.sleep(0.1)  # the VAD task now waits for the LM call to stop
+        # Not asyncio.timeout: close() swallowing its own cancellation would hide the hang.
+        closing = asyncio.create_task(conversation.close())
+        finished, _ = await asyncio.wait({closing}, timeout=5)
+        closing.cancel()
+        await asyncio.wait({closing})
+        await asyncio.sleep(0.05)
+        left = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+        return bool(finished), left
+
+    closed, left = asyncio.run(run())
+    assert closed and left == set()
+    assert chat.stopped == 1
+    assert session.of_type("response.started") == []
