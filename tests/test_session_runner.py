@@ -27,6 +27,7 @@ from handler.sessions.runner import (
     chat_history,
     heard_offset,
 )
+from handler.sessions.turn_taking import VAD_WINDOW
 from handler.storage.base import SessionRecord, TurnRecord
 from handler.storage.sqlite import SQLiteStorage
 from handler.transcription import TimedWord
@@ -465,3 +466,26 @@ def test_close_while_the_user_speaks_on_over_an_early_start_still_stops_everythi
     assert closed and left == set()
     assert chat.stopped == 1
     assert session.of_type("response.started") == []
+
+
+def test_a_replys_figures_count_from_when_the_turns_last_speech_arrived(tmp_path: Path) -> None:
+    """The stream stalls 0.4 s between the speech and its end silence: that is hangover too.
+
+    The speech is 20 whole VAD windows, so its last window arrives before the stall.
+    """
+    session = Session(tmp_path, ScriptedChat([text("Yes.")]), ["Is it on?"])
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation, speech_s=20 * VAD_WINDOW / RATE, silence_s=0.0)
+        await asyncio.sleep(0.4)
+        await say(conversation, speech_s=0.0)
+        await session.until("response.done")
+        await conversation.close()
+
+    asyncio.run(run())
+    [reply] = [t for t in session.storage.list_turns("key", "conv_1") if t.role == "assistant"]
+    figures = reply.latency_ms
+    assert figures["vad_hangover"] >= 400.0
+    assert figures["ttfa"] == pytest.approx(figures["vad_hangover"] + figures["first_audio"],
+                                            abs=0.1)

@@ -362,15 +362,21 @@ def test_arguments_are_checked_with_the_draft_the_schema_names() -> None:
 
 
 @given(st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=30))
-def test_recent_audio_holds_the_last_samples_by_stream_position(chunk_sizes: list[int]) -> None:
+def test_recent_audio_holds_the_last_samples_by_stream_position_and_their_arrival(
+    chunk_sizes: list[int],
+) -> None:
     capacity = 1000
     recent = RecentAudio(capacity)
     stream = np.arange(sum(chunk_sizes), dtype=np.float32)
     position = 0
-    for size in chunk_sizes:
-        recent.append(stream[position : position + size])
+    chunk_of_sample = np.zeros(len(stream), dtype=np.int64)
+    for index, size in enumerate(chunk_sizes):
+        recent.append(stream[position : position + size], arrived_at=float(index))
+        chunk_of_sample[position : position + size] = index
         position += size
     first_kept = max(0, position - capacity)
+    for end in range(first_kept + 1, position + 1):  # when each sample held arrived
+        assert recent.arrived_at(end) == chunk_of_sample[end - 1]
     np.testing.assert_array_equal(recent.between(first_kept, position), stream[first_kept:])
     with pytest.raises(ValueError):
         recent.between(first_kept, position + 1)

@@ -28,6 +28,7 @@ from devtools.wer import word_error_rate
 from handler.app import create_app
 from handler.audio import resample
 from handler.sessions.protocol import CloseCode
+from handler.sessions.turn_taking import END_SILENCE_MS
 from tests.helpers import API_KEY, AUTH, make_settings, speak
 from tests.openai_double import ScriptedChatEndpoint, chunk, tool_call_chunk
 
@@ -173,7 +174,12 @@ def test_a_spoken_question_gets_a_spoken_reply(
     assert [(t["role"], t["text"]) for t in turns] == [("user", transcript),
                                                        ("assistant", written)]
     assert turns[1]["interrupted"] is False and turns[1]["audio_ms"] > 500
-    assert {"asr", "first_token", "first_audio"} <= set(turns[1]["latency_ms"])
+    figures = turns[1]["latency_ms"]
+    assert {"asr", "first_token", "first_audio"} <= set(figures)
+    # Spoken in real time: the end silence itself takes END_SILENCE_MS to arrive.
+    assert END_SILENCE_MS / 2 <= figures["vad_hangover"] < REPLY_TIMEOUT_S * 1000
+    assert figures["ttfa"] == pytest.approx(figures["vad_hangover"] + figures["first_audio"],
+                                            abs=0.1)
 
 
 def test_a_pause_shorter_than_the_end_silence_keeps_one_turn(

@@ -45,6 +45,7 @@ from handler.sessions.playback import PlaybackClock, VoicedClause, heard_text
 from handler.sessions.tools import ToolCallError, checked_arguments
 from handler.sessions.turn_taking import (
     MAX_SPEECH_MS,
+    SPEECH_PAD_MS,
     VAD_SAMPLE_RATE,
     VAD_WINDOW,
     RecentAudio,
@@ -212,11 +213,19 @@ class _Reply:
 
     @property
     def latency_ms(self) -> dict[str, float]:
-        """Named figures, ms from the confirmed end of the user's speech (never below 0)."""
-        return {
+        """Named figures (docs/sessions.md), ms.
+
+        The moments count from the confirmed end of the user's speech (never
+        below 0); ``ttfa`` (time to first audio) is ``vad_hangover`` plus
+        ``first_audio``: from the arrival of the turn's last sample.
+        """
+        figures = {
             name: round(max(0.0, moment - self.since) * 1000.0, 1)
             for name, moment in self.moments.items()
         } | self.durations_ms
+        if "first_audio" in figures and "vad_hangover" in figures:
+            figures["ttfa"] = round(figures["vad_hangover"] + figures["first_audio"], 1)
+        return figures
 
 
 def _retrieve(task: asyncio.Task[list[TimedWord]]) -> None:
@@ -328,7 +337,7 @@ class LiveConversation:
         elif self._vad_worker.done():
             self._vad_worker.result()
         at_16k = samples if self._to_vad is None else self._to_vad.resample_chunk(samples)
-        self._heard.append(at_16k.astype(np.float32))
+        self._heard.append(at_16k.astype(np.float32), time.monotonic())
         self._pending.append(at_16k.astype(np.float32))
         self._audio_arrived.set()
 
@@ -465,8 +474,11 @@ class LiveConversation:
         self, turn_id: str, bounds: SpeechPaused | SpeechStopped, end_of_turn: _EndOfTurn
     ) -> asyncio.Task[None]:
         audio = self._heard.between(bounds.start, bounds.end)
+        # The end of the last window heard as speech: the end less its padding.
+        speech_end = max(bounds.start + 1, bounds.end - SPEECH_PAD_MS * VAD_SAMPLE_RATE // 1000)
+        end_arrived_at = self._heard.arrived_at(speech_end)
         task = asyncio.create_task(
-            self._respond(turn_id, self._user_turn_started, audio, end_of_turn)
+            self._respond(turn_id, self._user_turn_started, audio, end_arrived_at, end_of_turn)
         )
         self._respond_tasks.add(task)
         task.add_done_callback(self._respond_tasks.discard)
@@ -475,12 +487,16 @@ class LiveConversation:
     # ---- replies ---------------------------------------------------------------
 
     async def _respond(
-        self, user_turn_id: str, started_at: float, audio_16k: np.ndarray, end_of_turn: _EndOfTurn
+        self, user_turn_id: str, started_at: float, audio_16k: np.ndarray,
+        end_arrived_at: float, end_of_turn: _EndOfTurn,
     ) -> None:
         """Transcribe one user turn and start the reply; once its end is confirmed, send both.
 
-        Until ``end_of_turn`` is confirmed nothing is sent or stored, and
-        cancelling this task leaves no trace (the reply's work is cancelled too).
+        ``end_arrived_at``: ``time.monotonic()`` when the turn's last sample of
+        speech (``input.speech_stopped``'s ``audio_end_ms`` less the speech
+        padding) reached the server. Until
+        ``end_of_turn`` is confirmed nothing is sent or stored, and cancelling
+        this task leaves no trace (the reply's work is cancelled too).
         """
         async with self._asr_lock:
             try:
@@ -531,6 +547,7 @@ class LiveConversation:
             await self._drop(reply)
             return
         assert reply.task is not None
+        reply.durations_ms["vad_hangover"] = round(max(0.0, ended - end_arrived_at) * 1000.0, 1)
         self._reply = reply
         await self._show(reply, ended)
         status = "completed"

@@ -24,6 +24,7 @@ the stream.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,11 +159,13 @@ class SpeechSegmenter:
 
 
 class RecentAudio:
-    """The last ``capacity`` samples of a stream, addressed by stream position.
+    """The last ``capacity`` samples of a stream, addressed by stream position, and when they came.
 
     A ring buffer: appending costs the chunk's length, not the history's. (An
     array grown and re-copied for every 20 ms message made that copy the API
-    process's main CPU cost with several sessions open.)
+    process's main CPU cost with several sessions open.) Each chunk's arrival
+    time is kept while any of its samples is, so a turn's figures can count
+    from when its last sample of speech reached the server.
 
     Args:
         capacity: samples kept.
@@ -171,13 +174,35 @@ class RecentAudio:
     def __init__(self, capacity: int) -> None:
         self._buffer = np.zeros(capacity, dtype=np.float32)
         self.end = 0
+        self._arrivals: collections.deque[tuple[int, float]] = collections.deque()
 
-    def append(self, samples: np.ndarray) -> None:
-        """Add float32 [n] samples at the stream's end."""
+    def append(self, samples: np.ndarray, arrived_at: float = 0.0) -> None:
+        """Add float32 [n] samples at the stream's end; ``arrived_at``: when, any clock (s)."""
         kept = samples[-len(self._buffer) :]
         start = self.end + len(samples) - len(kept)
         self._buffer[np.arange(start, start + len(kept)) % len(self._buffer)] = kept
         self.end += len(samples)
+        if len(samples):
+            self._arrivals.append((self.end, arrived_at))
+        while self._arrivals and self._arrivals[0][0] <= self.end - len(self._buffer):
+            self._arrivals.popleft()
+
+    def arrived_at(self, end: int) -> float:
+        """When the sample just before stream position ``end`` arrived (``append``'s clock).
+
+        The time of the oldest chunk still held when that sample is gone.
+
+        Raises:
+            ValueError: ``end`` is past the samples received, or nothing was received.
+        """
+        if end > self.end or not self._arrivals:
+            raise ValueError(f"sample {end - 1} has not arrived (have up to {self.end})")
+        arrived = self._arrivals[-1][1]
+        for chunk_end, at in reversed(self._arrivals):  # recent positions: a short walk
+            if chunk_end < end:
+                break
+            arrived = at
+        return arrived
 
     def between(self, start: int, end: int) -> np.ndarray:
         """A copy of the stream samples of ``[start, end)`` still held, float32 [k].
