@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from handler.sessions.protocol import (
     ToolResult,
 )
 from handler.storage.base import SessionRecord, TurnRecord
+from handler.storage.sqlite import SQLiteStorage
 from tests.helpers import API_KEY, AUTH, make_settings
 
 KEY_ID = hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
@@ -483,3 +486,130 @@ def test_a_conversation_stuck_stopping_still_ends_the_session_and_closes_the_soc
         stored = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
     assert ended["reason"] == "max_turns" and code == CloseCode.MAX_TURNS
     assert (stored["status"], stored["ended_reason"]) == ("ended", "max_turns")
+
+
+AUDIO_MESSAGE = {"type": "websocket.receive", "bytes": np.zeros(320, "<i2").tobytes()}
+
+
+class StreamingClient:
+    """A client socket whose next audio message is always ready after ``lag`` (≥ 1) loop passes.
+
+    As a client streaming its microphone looks to a server that is behind: the
+    next message is already waiting. It records what was sent and the close code;
+    once ``gone`` it has disconnected.
+    """
+
+    def __init__(self, lag: int) -> None:
+        self.lag = lag
+        self.sent: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self.gone = False
+
+    async def receive(self) -> dict[str, Any]:
+        for _ in range(self.lag):
+            await asyncio.sleep(0)
+        return {"type": "websocket.disconnect"} if self.gone else AUDIO_MESSAGE
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def send_bytes(self, data: bytes) -> None:
+        pass
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.close_code = code
+
+
+class QuietClient(StreamingClient):
+    """A client socket that sends nothing."""
+
+    async def receive(self) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+class EndsAfterThreeMessages:
+    """Ends the session (``max_turns``) on its third audio message; counts what it gets."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+        self.messages = 0
+
+    async def on_audio(self, samples: np.ndarray) -> None:
+        self.messages += 1
+        if self.messages == 3:
+            await self.emit(SessionEnded(turn_id=None, reason="max_turns"))
+
+    async def on_event(self, event: ClientEvent) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def live_socket(client: StreamingClient, storage: SQLiteStorage, session_id: str,
+                **settings: Any) -> transport.LiveSocket:
+    record = SessionRecord(id=session_id, key_id=KEY_ID, model="kokoro", voice="jf_alpha*1",
+                           created_at=storage.clock(), config=dict(PERSONA))
+    storage.put_session(record)
+    return transport.LiveSocket(client, record, SessionParams(),  # type: ignore[arg-type]
+                                storage, make_settings(**settings))
+
+
+@pytest.mark.parametrize("lag", [1, 2, 5])
+def test_a_session_that_ends_while_the_client_streams_closes_its_socket(
+    tmp_path: Path, lag: int,
+) -> None:
+    """The socket's reader must not lose its cancel to a message that is already there.
+
+    On Python 3.11 ``asyncio.wait_for`` returns such a message and drops the
+    cancel: with audio always waiting the reader never stopped, and the socket
+    stayed open with the session's end unsent.
+    """
+    storage = SQLiteStorage(tmp_path / "sessions.db")
+    client = StreamingClient(lag)
+    socket = live_socket(client, storage, "conv_streaming", session_check_s=3600)
+    conversations: list[EndsAfterThreeMessages] = []
+
+    async def factory(record: SessionRecord, params: SessionParams,
+                      emit: Emit) -> EndsAfterThreeMessages:
+        conversations.append(EndsAfterThreeMessages(emit))
+        return conversations[0]
+
+    async def run() -> bool:
+        serving = asyncio.create_task(socket.run(factory, transport.SessionHub()))
+        finished, _ = await asyncio.wait({serving}, timeout=5)
+        client.gone = True  # what ended such a socket: the client leaving
+        await asyncio.wait({serving})
+        return bool(finished)
+
+    assert asyncio.run(run())
+    assert conversations[0].messages == 3  # nothing was read after the end
+    assert client.close_code == CloseCode.MAX_TURNS
+    assert client.sent[-1]["type"] == "session.ended"
+    stored = storage.get_session(KEY_ID, "conv_streaming")
+    assert stored is not None and stored.ended_reason == "max_turns"
+
+
+def test_a_failing_session_check_closes_with_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def unreadable(*args: Any) -> None:
+        raise RuntimeError("the table is unreachable")
+
+    monkeypatch.setattr(transport, "current", unreadable)
+    storage = SQLiteStorage(tmp_path / "sessions.db")
+    client = QuietClient(lag=1)
+    socket = live_socket(client, storage, "conv_check", session_check_s=0.05)
+
+    async def factory(record: SessionRecord, params: SessionParams,
+                      emit: Emit) -> EndsAfterThreeMessages:
+        return EndsAfterThreeMessages(emit)
+
+    async def run() -> None:
+        async with asyncio.timeout(10):
+            await socket.run(factory, transport.SessionHub())
+
+    asyncio.run(run())
+    assert client.close_code == CloseCode.INTERNAL_ERROR
+    assert client.sent[-1]["type"] == "error" and client.sent[-1]["fatal"] is True

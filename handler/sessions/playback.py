@@ -121,7 +121,8 @@ async def heard_text(clauses: Sequence[VoicedClause], played_s: float, align: Al
         written = current.text.split()
         into_clause = played_s - current.start_s
         try:
-            words = await asyncio.wait_for(align(current), ALIGNMENT_WAIT_S)
+            async with asyncio.timeout(ALIGNMENT_WAIT_S):  # keeps a cancel of the caller
+                words = await align(current)
         except (InferenceError, ServiceUnavailable, TimeoutError):
             share = into_clause / (current.end_s - current.start_s)
             heard += written[: int(len(written) * share)]

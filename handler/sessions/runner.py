@@ -649,7 +649,8 @@ class LiveConversation:
         )
         try:
             await reply.visible.wait()  # the client's time to answer runs from the call it sees
-            output = await asyncio.wait_for(waiter, self.models.tool_timeout_s)
+            async with asyncio.timeout(self.models.tool_timeout_s):  # keeps a barge-in's cancel
+                output = await waiter
         except TimeoutError:
             await self._fail(
                 reply,

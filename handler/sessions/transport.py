@@ -274,22 +274,31 @@ class LiveSocket:
                 task.cancel()
             # asyncio.wait, not gather: gather would re-raise a child's CancelledError
             # in place of the one cancelling this task (anyio only absorbs its own).
-            await asyncio.wait([receiver, *watchers])
-        if receiver in done and receiver.exception() is not None:
-            raise receiver.exception()  # type: ignore[misc]
+            _, pending = await asyncio.wait([receiver, *watchers], timeout=CLEANUP_S)
+            if pending:
+                logger.warning("session %s: %d socket task(s) still running %s s after "
+                               "their cancel", self.record.id, len(pending), CLEANUP_S)
+        for task in done:  # the receiver's or a watcher's failure (a storage error)
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     async def _receive(self, conversation: Conversation) -> None:
         limit = self.settings.session_max_message_bytes
         while True:
             try:
-                message = await asyncio.wait_for(
-                    self.websocket.receive(), self.settings.session_idle_timeout_s
-                )
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns a
+                # message that arrived in the same loop pass as the task's cancel and
+                # drops the cancel, so a client streaming audio kept a stopped socket
+                # reading (ended sessions went on, and the socket never closed).
+                async with asyncio.timeout(self.settings.session_idle_timeout_s):
+                    message = await self.websocket.receive()
             except TimeoutError:
                 self.stop(CloseCode.IDLE_TIMEOUT, "idle timeout", end_reason="idle_timeout")
                 return
             if message["type"] == "websocket.disconnect":
                 self.stop(None, "client left")
+                return
+            if self._stopped.is_set():  # closing: nothing more reaches the conversation
                 return
             data: bytes | None = message.get("bytes")
             text: str | None = message.get("text")
