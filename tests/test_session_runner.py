@@ -11,6 +11,7 @@ tests/test_sessions_live.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -489,3 +490,91 @@ def test_a_replys_figures_count_from_when_the_turns_last_speech_arrived(tmp_path
     assert figures["vad_hangover"] >= 400.0
     assert figures["ttfa"] == pytest.approx(figures["vad_hangover"] + figures["first_audio"],
                                             abs=0.1)
+
+
+def test_a_reply_whose_user_turn_is_being_stored_at_close_does_not_outlive_it(
+    tmp_path: Path,
+) -> None:
+    session = Session(tmp_path, ScriptedChat([text("One. Two. Three.")]), ["Go."])
+    put_turn = session.storage.put_turn
+
+    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        time.sleep(0.5 if turn.role == "user" else 0.0)
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+
+    async def run() -> set[asyncio.Task[Any]]:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("input.transcript")  # sent; the user turn is being stored
+        await conversation.close()
+        await asyncio.sleep(0.05)
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    assert asyncio.run(run()) == set()
+    assert session.of_type("response.started") == []
+
+
+def test_a_user_turn_that_cannot_be_stored_gets_an_error_and_no_reply(tmp_path: Path) -> None:
+    session = Session(tmp_path, ScriptedChat([text("One."), text("Two.")]), ["Go.", "Again."])
+    put_turn = session.storage.put_turn
+    failures = [RuntimeError("disk full")]
+
+    def failing_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        if turn.role == "user" and failures:
+            raise failures.pop()
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = failing_put_turn  # type: ignore[method-assign]
+
+    async def run() -> set[asyncio.Task[Any]]:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("error")
+        await asyncio.sleep(0.2)
+        left = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+        await say(conversation)  # the session goes on
+        await session.until("response.done")
+        await conversation.close()
+        return left
+
+    left = asyncio.run(run())
+    assert all("_run_vad" in repr(t.get_coro()) for t in left)  # no reply left waiting
+    [error] = session.of_type("error")
+    assert (error.turn_id, error.code) == ("turn_1", "internal_error")
+    [done] = session.of_type("response.done")
+    assert done.text == "Two." and done.turn_id == "turn_3"  # the dropped reply gave turn_2 back
+
+
+def test_a_barge_in_while_a_tool_result_is_stored_leaves_no_call_without_its_result(
+    tmp_path: Path,
+) -> None:
+    call = ChatDelta(tool_call=ToolCall("call_1", "lookup", "{}"))
+    chat = ScriptedChat([[*text("Let me check."), call], text("It is sunny."), text("Fine.")])
+    session = Session(tmp_path, chat, ["Weather?", "Never mind."], tools=[TOOL])
+    put_turn = session.storage.put_turn
+
+    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        time.sleep(0.5 if turn.role == "tool" else 0.0)
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("tool.call")
+        await conversation.on_event(events.ToolResult(call_id="call_1", output="sunny"))
+        await asyncio.sleep(0.1)  # the tool turn is being stored
+        await conversation.on_event(events.ResponseCancel())
+        await session.until("response.done")
+        await say(conversation)
+        await session.until("response.done", 2)
+        await conversation.close()
+
+    asyncio.run(run())
+    assert session.of_type("response.done")[0].status == "interrupted"
+    prompt = chat.requests[-1]
+    answered = {m.tool_call_id for m in prompt if m.role == "tool"}
+    assert all(c.id in answered for m in prompt for c in m.tool_calls)

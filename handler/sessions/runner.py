@@ -522,24 +522,32 @@ class LiveConversation:
             reply.task = asyncio.create_task(
                 self._generate(reply, [*self._prompt(), ChatMessage("user", transcript)])
             )
+        # Until the reply is handed to self._reply, stopping it is this task's job.
         try:
             ended = await end_of_turn.wait()
+            await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
+            await self._put_turn(
+                TurnRecord(
+                    turn_id=user_turn_id,
+                    role="user",
+                    text=transcript,
+                    started_at=started_at,
+                    ended_at=self._storage.clock(),
+                    audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
+                    latency_ms={"asr": round(max(0.0, transcribed - ended) * 1000.0, 1)},
+                )
+            )
         except asyncio.CancelledError:
             if reply is not None:
                 await self._drop(reply)
             raise
-        await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
-        await self._put_turn(
-            TurnRecord(
-                turn_id=user_turn_id,
-                role="user",
-                text=transcript,
-                started_at=started_at,
-                ended_at=self._storage.clock(),
-                audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
-                latency_ms={"asr": round(max(0.0, transcribed - ended) * 1000.0, 1)},
-            )
-        )
+        except Exception:
+            logger.exception("session %s: user turn %s was not stored", self.record.id,
+                             user_turn_id)
+            if reply is not None:
+                await self._drop(reply)
+            await self._error(user_turn_id, "internal_error", "the turn could not be stored")
+            return
         if reply is None:
             return
         self._history.append([ChatMessage(role="user", content=transcript)])
@@ -661,8 +669,6 @@ class LiveConversation:
             self._tool_results.pop(call.id, None)
         written = reply.text.lstrip()
         previous = reply.tool_calls[-1]["text_offset"] if reply.tool_calls else 0
-        reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments,
-                                 "text_offset": len(written)})
         now = self._storage.clock()
         tool_turn = TurnRecord(
             turn_id=self._next_turn_id(),
@@ -673,6 +679,10 @@ class LiveConversation:
             tool_call_id=call.id,
         )
         await self._put_turn(tool_turn)
+        # Both once stored: a barge-in during the write leaves neither, never a call
+        # without its result (a prompt an OpenAI-compatible endpoint refuses).
+        reply.tool_calls.append({"id": call.id, "name": call.name, "arguments": call.arguments,
+                                 "text_offset": len(written)})
         reply.tool_turns.append(tool_turn)
         return [
             ChatMessage(role="assistant", content=written[previous:].strip(), tool_calls=(call,)),
