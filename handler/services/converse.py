@@ -44,6 +44,7 @@ from handler.schemas.converse import (
 )
 from handler.services.context import RequestContext
 from handler.services.turn_input import decode_turn_audio, load_uploaded_audio, require_speakable
+from handler.tasks import gather_or_cancel
 from handler.transcription import SPEECH_SAMPLE_RATE, TimedWord, transcribe
 
 
@@ -169,7 +170,7 @@ async def _history(
         ctx.record.turn(index, "transcribe", started, audio_seconds=round(clip.duration_s, 3))
         return result
 
-    transcripts = await asyncio.gather(*(transcribed(i) for i in spoken_only))
+    transcripts = await gather_or_cancel(*(transcribed(i) for i in spoken_only))
     heard = {i: text for i, (text, _) in zip(spoken_only, transcripts, strict=True)}
     turns = []
     for index, turn in enumerate(history):

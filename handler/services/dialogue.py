@@ -9,7 +9,6 @@ exactly the samples that turn contributes to the stitched file.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from handler.schemas.dialogue import (
 )
 from handler.services.context import Delivered, RequestContext
 from handler.services.turn_input import require_speakable
+from handler.tasks import gather_or_cancel
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ async def synthesize_dialogue(
         )
         return audio
 
-    turns = await asyncio.gather(*(voiced(plan) for plan in plans))
+    turns = await gather_or_cancel(*(voiced(plan) for plan in plans))
     normalised = [peak_normalize(audio, request.volumeDbfs) for audio in turns]
     return SynthesizedDialogue(
         plans, normalised, sample_rate, ms_to_samples(request.gapMs, sample_rate)

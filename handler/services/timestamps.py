@@ -10,7 +10,6 @@ carry block-relative ones.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 
@@ -34,6 +33,7 @@ from handler.services.dialogue import (
     encode_stitched,
     synthesize_dialogue,
 )
+from handler.tasks import gather_or_cancel
 from handler.transcription import SPEECH_SAMPLE_RATE, TimedWord, align, transcribe
 
 
@@ -78,7 +78,7 @@ async def _turn_words(
 async def _all_words(
     ctx: RequestContext, voiced: SynthesizedDialogue
 ) -> tuple[list[list[TimedWord]], list[str]]:
-    results = await asyncio.gather(
+    results = await gather_or_cancel(
         *(
             _turn_words(ctx, plan, samples, voiced.sample_rate)
             for plan, samples in zip(voiced.plans, voiced.turns, strict=True)

@@ -56,6 +56,7 @@ from handler.sessions.turn_taking import (
     SpeechStopped,
 )
 from handler.storage.base import SessionRecord, SessionStore, TurnRecord, turn_number
+from handler.tasks import stop
 from handler.transcription import TimedWord
 
 logger = logging.getLogger(__name__)
@@ -234,34 +235,6 @@ def _retrieve(task: asyncio.Task[list[TimedWord]]) -> None:
         task.exception()
 
 
-async def _stop(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has ended; a failure it ends with is logged.
-
-    The caller's own cancellation still propagates. ``contextlib.suppress(
-    asyncio.CancelledError)`` around the wait would swallow it too (it cannot
-    tell the two apart), and a cancelled caller would go on running: the VAD
-    task, cancelled by ``close()`` while it waited for an early start to stop,
-    went back to waiting for audio that never came, and ``close()`` with it.
-
-    A caller already being cancelled (cleaning up in an ``except
-    CancelledError``) can stop its tasks: only a cancellation requested during
-    the wait counts.
-
-    Raises:
-        asyncio.CancelledError: the calling task was cancelled meanwhile.
-    """
-    current = asyncio.current_task()
-    cancellations = current.cancelling() if current is not None else 0
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        if current is not None and current.cancelling() > cancellations:
-            raise
-    except Exception:
-        logger.warning("a task stopped with an error", exc_info=True)
-
-
 class _ReplyFailed(Exception):
     """The turn ends with ``response.done`` ``failed`` (an error event was sent)."""
 
@@ -392,7 +365,7 @@ class LiveConversation:
     async def close(self) -> None:
         """Stop everything this conversation started (socket gone or session ended)."""
         if self._vad_worker is not None:
-            await _stop(self._vad_worker)
+            await stop(self._vad_worker)
         await self._interrupt()
         for task in list(self._respond_tasks):
             task.cancel()
@@ -452,7 +425,7 @@ class LiveConversation:
         """The user speaks on: cancel the work started early (Triton stops it too)."""
         early, self._early_turn = self._early_turn, None
         if early is not None:
-            await _stop(early.task)
+            await stop(early.task)
 
     async def _speech_stopped(self, stopped: SpeechStopped) -> None:
         turn_id = self._user_turn_id or self._next_turn_id()
@@ -573,7 +546,7 @@ class LiveConversation:
     async def _drop(self, reply: _Reply) -> None:
         """Cancel a reply that was never shown and give its turn id back."""
         assert reply.task is not None
-        await _stop(reply.task)
+        await stop(reply.task)
         self._release_turn_id(reply.turn_id)
 
     async def _generate(self, reply: _Reply, messages: list[ChatMessage]) -> None:
@@ -794,7 +767,7 @@ class LiveConversation:
         if reply is None or reply.task is None or reply.interrupted:
             return
         reply.interrupted = True
-        await _stop(reply.task)
+        await stop(reply.task)
         if self._sending is not None:
             with contextlib.suppress(Exception):
                 await self._sending
