@@ -76,17 +76,21 @@ class Session:
     """One session in SQLite; ``connect`` builds the conversation of a new socket.
 
     ``config`` is the session's stored config; ``tool_timeout_s`` and ``reply_seed``
-    are the deployment's (:class:`ConversationModels`).
+    are the deployment's (:class:`ConversationModels`); each reply audio message
+    takes ``audio_send_s`` to send (a slow socket).
     """
 
     def __init__(self, tmp_path: Path, chat: ScriptedChat, transcripts: list[str], *,
                  tool_timeout_s: float = 10.0, reply_seed: int | None = None,
-                 **config: Any) -> None:
+                 audio_send_s: float = 0.0, **config: Any) -> None:
         self.storage = SQLiteStorage(tmp_path / "sessions.db")
         self.chat = chat
         self.transcripts = transcripts
         self.tool_timeout_s = tool_timeout_s
         self.reply_seed = reply_seed
+        self.audio_send_s = audio_send_s  # how long each audio message takes to send
+        self.audio_sending: list[AssistantAudio] = []  # messages whose send began
+        self.audio_cut: list[AssistantAudio] = []  # ... and was cancelled part-way
         self.storage.put_session(SessionRecord(
             id="conv_1", key_id="key", model="kokoro", voice="jf_alpha*1", created_at=1.0,
             config={"voice_id": "jf_alpha", "system_prompt": "You are Pat.", "language": "en",
@@ -110,6 +114,13 @@ class Session:
             return [TimedWord(w, i * step, (i + 1) * step) for i, w in enumerate(words)]
 
         async def emit(item: Any) -> None:
+            if isinstance(item, AssistantAudio) and self.audio_send_s:
+                self.audio_sending.append(item)
+                try:
+                    await asyncio.sleep(self.audio_send_s)
+                except asyncio.CancelledError:
+                    self.audio_cut.append(item)
+                    raise
             self.events.append(item)
 
         models = ConversationModels(
@@ -578,3 +589,55 @@ def test_a_barge_in_while_a_tool_result_is_stored_leaves_no_call_without_its_res
     prompt = chat.requests[-1]
     answered = {m.tool_call_id for m in prompt if m.role == "tool"}
     assert all(c.id in answered for m in prompt for c in m.tool_calls)
+
+
+def test_a_cancel_whose_handling_is_cut_short_still_ends_and_stores_the_reply(
+    tmp_path: Path,
+) -> None:
+    """The socket's reader is cancelled while it stops the reply for ``response.cancel``.
+
+    The reply must still end once, as interrupted, and be stored: ``close()`` finishes it.
+    """
+    chat = SlowToStopChat(stop_s=0.3)
+    session = Session(tmp_path, chat, ["Hello?"])
+
+    async def run() -> set[asyncio.Task[Any]]:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("response.started")
+        handling = asyncio.create_task(conversation.on_event(events.ResponseCancel()))
+        await asyncio.sleep(0.05)  # the reply's LM call is stopping
+        handling.cancel()
+        await asyncio.wait({handling})
+        await conversation.close()
+        await asyncio.sleep(0.05)
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    assert asyncio.run(run()) == set()
+    assert [e.status for e in session.of_type("response.done")] == ["interrupted"]
+    stored = session.storage.list_turns("key", "conv_1")
+    assert [(t.role, t.interrupted) for t in stored] == [("user", False), ("assistant", True)]
+
+
+def test_an_audio_message_being_sent_is_finished_when_the_cancel_is_cut_short(
+    tmp_path: Path,
+) -> None:
+    """No half audio message: the wait for the send in flight does not pass a cancel on."""
+    session = Session(tmp_path, ScriptedChat([text("One two three. Four five six.")]),
+                      ["Count."], audio_send_s=0.5)
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        async with asyncio.timeout(10):
+            while not session.audio_sending:
+                await asyncio.sleep(0.01)
+        handling = asyncio.create_task(conversation.on_event(events.ResponseCancel()))
+        await asyncio.sleep(0.05)
+        handling.cancel()
+        await asyncio.wait({handling})
+        await conversation.close()
+
+    asyncio.run(run())
+    assert session.audio_cut == []
+    assert [e.status for e in session.of_type("response.done")] == ["interrupted"]

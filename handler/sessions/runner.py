@@ -24,7 +24,6 @@ last clause still interrupts it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -289,6 +288,7 @@ class LiveConversation:
         self._asr_lock = asyncio.Lock()
         self._tool_results: dict[str, asyncio.Future[str]] = {}
         self._sending: asyncio.Future[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
         self._history = chat_history(turns)
         self._exchanges = sum(1 for t in turns if t.role == "assistant")
 
@@ -363,13 +363,20 @@ class LiveConversation:
             self._reply.playback.report(event.played_ms)
 
     async def close(self) -> None:
-        """Stop everything this conversation started (socket gone or session ended)."""
-        if self._vad_worker is not None:
-            await stop(self._vad_worker)
-        await self._interrupt()
-        for task in list(self._respond_tasks):
-            task.cancel()
-        await asyncio.gather(*self._respond_tasks, return_exceptions=True)
+        """Stop everything this conversation started (socket gone or session ended).
+
+        The reply in progress ends as ``interrupted`` and is stored; turns not
+        yet answered are dropped. Cancelled meanwhile (the transport's time
+        limit), it still cancels every task it started before it returns.
+        """
+        try:
+            if self._vad_worker is not None:
+                await stop(self._vad_worker)
+            await self._interrupt()
+        finally:
+            for task in list(self._respond_tasks):
+                task.cancel()
+            await asyncio.gather(*self._respond_tasks, *self._finishing, return_exceptions=True)
 
     # ---- turn-taking -----------------------------------------------------------
 
@@ -762,20 +769,34 @@ class LiveConversation:
     # ---- ending a reply ----------------------------------------------------------
 
     async def _interrupt(self) -> None:
-        """Barge-in or client cancel: stop the reply now; store what was heard."""
+        """Barge-in or client cancel: stop the reply now; store what was heard.
+
+        A caller cancelled meanwhile (the VAD task or the socket's reader, by
+        ``close()``) leaves the reply to the next call (``close()`` makes one):
+        the audio message being written is finished, never cut (the wait for it
+        does not pass the cancel on), and once the reply is being finished that
+        runs to its end (``response.done``, the stored turn) in a task of its
+        own that ``close()`` waits for.
+        """
         reply = self._reply
-        if reply is None or reply.task is None or reply.interrupted:
+        if reply is None or reply.task is None:
             return
-        reply.interrupted = True
+        reply.interrupted = True  # _respond leaves the finishing to this method
         await stop(reply.task)
         if self._sending is not None:
-            with contextlib.suppress(Exception):
-                await self._sending
-        await self._finish(reply, "interrupted")
+            await asyncio.wait([self._sending])
+        if self._reply is not reply:  # a call made meanwhile finished it
+            return
+        self._reply = None
+        finishing = asyncio.create_task(self._finish(reply, "interrupted"))
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
+        await asyncio.shield(finishing)
 
     async def _finish(self, reply: _Reply, status: str) -> None:
         """Send ``response.done``, store the assistant turn, end the session at ``max_turns``."""
-        self._reply = None
+        if self._reply is reply:
+            self._reply = None
         played_ms = round(reply.playback.played_ms(), 1)
 
         async def reply_alignment(clause: VoicedClause) -> list[TimedWord]:
