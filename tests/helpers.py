@@ -95,7 +95,13 @@ async def post_then_disconnect(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
+    await asyncio.wait_for(app(asgi_post(path, payload), receive, send), timeout=timeout_s)
+    return sent
+
+
+def asgi_post(path: str, payload: bytes) -> dict[str, Any]:
+    """The ASGI scope of an authorised JSON ``POST path`` whose body is ``payload``."""
+    return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
         "raw_path": path.encode(), "query_string": b"", "root_path": "",
@@ -104,8 +110,6 @@ async def post_then_disconnect(
                     (b"content-length", str(len(payload)).encode())],
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
     }
-    await asyncio.wait_for(app(scope, receive, send), timeout=timeout_s)
-    return sent
 
 
 def wav_b64(samples: np.ndarray, sample_rate: int, data_uri: bool = False) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +17,15 @@ from fastapi.testclient import TestClient
 from handler.app import create_app
 from handler.engines.catalog import ModelCatalog
 from handler.engines.kokoro import KokoroEngine
-from tests.helpers import AUTH, make_settings, post_then_disconnect, sse_events, streamed_pcm
+from handler.routes import converse as converse_routes
+from tests.helpers import (
+    AUTH,
+    asgi_post,
+    make_settings,
+    post_then_disconnect,
+    sse_events,
+    streamed_pcm,
+)
 from tests.robust_fakes import FakeTriton, constant_voice, failing, fake_client, never
 
 # Four sentences over MAX_PIECE_CHARS together: voiced in more than one piece.
@@ -188,3 +197,38 @@ def test_closing_the_engine_stream_cancels_running_calls() -> None:
 
     asyncio.run(scenario())
     assert fake.cancelled == ["kokoro", "kokoro"]
+
+
+def test_a_client_that_stops_reading_is_let_go_and_its_slot_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client takes the first audio event, then nothing more, and never closes."""
+    monkeypatch.setattr(converse_routes, "STALLED_CLIENT_S", 0.3)
+    fake = FakeTriton()
+    settings = make_settings(sentence_pause_ms=50)
+    app = create_app(settings)
+    app.state.triton = fake
+    app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
+    body = json.dumps({"conversation": [{"speaker": "0", "text": "Hello. Then more. Bye."}],
+                       "stream": True}).encode()
+    sent: list[dict[str, Any]] = []
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # never closes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if any(b"event: audio" in m.get("body", b"") for m in sent):
+            await asyncio.Event().wait()  # its buffers are full: nothing more is taken
+        sent.append(message)
+
+    async def run() -> tuple[int, int]:
+        await asyncio.wait_for(app(asgi_post("/v1/converse", body), receive, send), 10)
+        await asyncio.sleep(0.1)  # the event generator's cleanup
+        return app.state.admission.active, app.state.admission.waiting
+
+    assert asyncio.run(run()) == (0, 0)
+    assert sent[0]["status"] == 200

@@ -4,13 +4,15 @@
 (sse-starlette): the request holds its admission slot until the last event;
 failures before the first audio chunk are ordinary error responses, later
 ones an ``error`` event in the Kalpa envelope. A client that disconnects
-cancels the voicing, and with it the Triton calls still running.
+cancels the voicing, and with it the Triton calls still running; so does one
+that stops reading (no event taken for :data:`STALLED_CLIENT_S`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from functools import partial
@@ -19,6 +21,8 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from handler.deps import (
     CatalogDep,
@@ -39,6 +43,30 @@ from handler.services.converse import StreamedReply, begin_stream, converse
 from handler.services.deadline import within_deadline
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+logger = logging.getLogger("converse.routes")
+# Longest wait for a client to take one event (its connection's buffers full), seconds.
+# Past it the stream ends, so a client that stops reading without closing (a suspended
+# app) cannot hold an admission slot until the connection dies.
+STALLED_CLIENT_S = 30.0
+
+
+class _ReplyEvents(EventSourceResponse):
+    """Server-Sent Events whose client, once stalled past :data:`STALLED_CLIENT_S`, is let go.
+
+    The stream ends without its last events (the voicing is cancelled and the
+    slot released by ``_events``' cleanup); it is logged, not raised as a
+    server error.
+    """
+
+    def __init__(self, content: AsyncIterator[ServerSentEvent]) -> None:
+        super().__init__(content, ping=10, send_timeout=STALLED_CLIENT_S)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            logger.info("a streamed reply ended: its client took no event for %s s",
+                        STALLED_CLIENT_S)
 
 
 @router.get("/models", response_model=ModelList)
@@ -74,7 +102,7 @@ async def _stream(request: Request, ctx: RequestContext, body: ConverseRequest) 
         )
         stack.push_async_callback(streamed.close)
         held = stack.pop_all()
-    return EventSourceResponse(_events(streamed, ctx, held), ping=10)
+    return _ReplyEvents(_events(streamed, ctx, held))
 
 
 async def _events(
