@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -10,8 +11,11 @@ from fastapi import FastAPI
 
 from devtools.local_triton import free_port
 from devtools.service import Service
+from handler.sessions.transport import CLEANUP_S
 
 START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 2 * CLEANUP_S + 5.0  # seconds
+logger = logging.getLogger(__name__)
 
 
 class ApiServer(Service):
@@ -54,5 +58,8 @@ class ApiServer(Service):
         """Ask uvicorn to exit and join its thread (open sockets are closed by uvicorn)."""
         if self._thread is not None:
             self._server.should_exit = True
-            self._thread.join(timeout=15)
+            # A closing live socket may take up to 2 x CLEANUP_S (transport.py) to finish.
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                logger.warning("the API server did not stop within %s s", STOP_TIMEOUT_S)
             self._thread = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import time
@@ -28,6 +27,7 @@ import websockets
 
 from handler.audio import resample
 from handler.sessions.codecs import Decoder, Encoder
+from handler.tasks import stop
 
 MESSAGE_S = 0.02  # 20 ms per microphone message, as browsers and telephony send
 
@@ -103,10 +103,10 @@ class LiveClient:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        await self._socket.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        try:
+            await self._socket.close()
+        finally:
+            await stop(self._reader)
 
     async def _read(self) -> None:
         audio_turn: str | None = None
