@@ -18,7 +18,7 @@ import onnxruntime as ort
 from benchmarks.author_speech import measure_author_speech
 from benchmarks.csm import measure_csm
 from benchmarks.isolated import isolate
-from benchmarks.sessions import measure_sessions
+from benchmarks.sessions import CONCURRENT, measure_sessions
 from benchmarks.voice import BENCHMARK_DEADLINE_S, measure_voice
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
@@ -63,7 +63,8 @@ def main() -> None:
         sections = [
             measure_voice(stack, args.repeats),
             measure_author_speech(stack, args.repeats),
-            measure_sessions(stack, utterances=20, concurrent=10, turns=6, conversations=2),
+            measure_sessions(stack, utterances=20, concurrent=CONCURRENT, turns=6,
+                             conversations=2),
         ]
     sections.append(measure_csm(args.repeats))
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
