@@ -157,6 +157,13 @@ async def say(conversation: LiveConversation, speech_s: float = 0.6,
         await asyncio.sleep(0.005)
 
 
+async def second_reply_then_close(session: Session, conversation: LiveConversation) -> None:
+    """The user speaks again; once the second reply is done, the socket goes."""
+    await say(conversation)
+    await session.until("response.done", 2)
+    await conversation.close()
+
+
 def text(reply: str) -> list[ChatDelta]:
     return [ChatDelta(text=word + " ") for word in reply.split()]
 
@@ -267,9 +274,7 @@ def test_a_client_cancel_interrupts_the_reply_and_the_next_prompt_has_what_was_h
         await asyncio.sleep(1.0)  # half of the first clause plays: "One", maybe "two"
         await conversation.on_event(events.ResponseCancel(turn_id=reply_id))
         await session.until("response.done")
-        await say(conversation)
-        await session.until("response.done", 2)
-        await conversation.close()
+        await second_reply_then_close(session, conversation)
 
     asyncio.run(run())
     interrupted = session.of_type("response.done")[0]
@@ -293,9 +298,7 @@ def test_after_a_tool_timeout_the_session_goes_on(tmp_path: Path) -> None:
         await say(conversation)
         await session.until("tool.call")
         await session.until("response.done")  # nobody answers: tool_timeout_s is 0.3 s
-        await say(conversation)
-        await session.until("response.done", 2)
-        await conversation.close()
+        await second_reply_then_close(session, conversation)
 
     asyncio.run(run())
     assert [e.code for e in session.of_type("error")] == ["tool_timeout"]
@@ -321,9 +324,7 @@ def test_a_replys_text_and_tool_results_reach_the_model_in_the_order_written(
             await session.until("tool.call", n)
             await conversation.on_event(events.ToolResult(call_id=call_id, output=f"r{n}"))
         await session.until("response.done")
-        await say(conversation)
-        await session.until("response.done", 2)
-        await conversation.close()
+        await second_reply_then_close(session, conversation)
 
     asyncio.run(run())
     assert session.of_type("response.done")[0].text == "Let me check. It is sunny. Bye now."
@@ -580,9 +581,7 @@ def test_a_barge_in_while_a_tool_result_is_stored_leaves_no_call_without_its_res
         await asyncio.sleep(0.1)  # the tool turn is being stored
         await conversation.on_event(events.ResponseCancel())
         await session.until("response.done")
-        await say(conversation)
-        await session.until("response.done", 2)
-        await conversation.close()
+        await second_reply_then_close(session, conversation)
 
     asyncio.run(run())
     assert session.of_type("response.done")[0].status == "interrupted"
