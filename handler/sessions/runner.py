@@ -474,9 +474,9 @@ class LiveConversation:
 
         ``end_arrived_at``: ``time.monotonic()`` when the turn's last sample of
         speech (``input.speech_stopped``'s ``audio_end_ms`` less the speech
-        padding) reached the server. Until
-        ``end_of_turn`` is confirmed nothing is sent or stored, and cancelling
-        this task leaves no trace (the reply's work is cancelled too).
+        padding) reached the server. Until ``end_of_turn`` is confirmed nothing
+        is sent or stored, and cancelling this task leaves no trace (the
+        reply's work is cancelled too).
         """
         async with self._asr_lock:
             try:

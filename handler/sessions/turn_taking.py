@@ -176,7 +176,7 @@ class RecentAudio:
         self.end = 0
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque()
 
-    def append(self, samples: np.ndarray, arrived_at: float = 0.0) -> None:
+    def append(self, samples: np.ndarray, arrived_at: float) -> None:
         """Add float32 [n] samples at the stream's end; ``arrived_at``: when, any clock (s)."""
         kept = samples[-len(self._buffer) :]
         start = self.end + len(samples) - len(kept)
