@@ -33,7 +33,7 @@ async def within_deadline(
         client_gone: awaitable factory that returns once the client has disconnected.
 
     Returns:
-        What ``work`` returned.
+        What ``work`` returned, also when it finished just as the deadline passed.
 
     Raises:
         DeadlineExceeded: the deadline passed first (504); ``work`` was cancelled.
@@ -51,7 +51,10 @@ async def within_deadline(
             waited = {task} if watcher is None else {task, watcher}
             await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
     except TimeoutError as error:
-        raise DeadlineExceeded("the request did not finish before its deadline") from error
+        # Work that finished in the loop pass the deadline fired in is not thrown
+        # away: its result (a streamed reply's open generator, too) goes to the caller.
+        if not task.done() or task.cancelled():
+            raise DeadlineExceeded("the request did not finish before its deadline") from error
     finally:
         for pending in (task, watcher):
             if pending is not None and not pending.done():
