@@ -24,10 +24,12 @@ def isolate(prefix: str, deadline_s: float | None = None) -> Path:
     """
     stop_on_signals()
     state = Path(tempfile.mkdtemp(prefix=prefix))
-    # The live-session limit is lifted too: benchmarks/sessions.py measures what ten
-    # sessions at once get, past the default limit that would refuse six of them.
+    # The live-session limits are lifted too: benchmarks/sessions.py measures what ten
+    # sessions at once get, past the default limit that would refuse six of them, and
+    # their replies queue for the chat LM longer than a live model call may take.
     os.environ.update(CONVERSE_RATE_LIMIT_CAPACITY="100000000",
                       CONVERSE_SESSION_MAX_LIVE="1000",
+                      CONVERSE_SESSION_MODEL_TIMEOUT_S="600",
                       CONVERSE_SQLITE_PATH=str(state / "converse.db"),
                       CONVERSE_BLOB_DIR=str(state / "blobs"),
                       CONVERSE_LOG_REQUESTS="false")

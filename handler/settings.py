@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     session_tool_timeout_s: float = Field(
         10.0, gt=0, description="How long a reply waits for the client's tool result, seconds."
     )
+    session_model_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest one model call of a live session may take (VAD, transcription, "
+        "a clause's voicing), and longest the chat LM may go without writing, seconds; past "
+        "it the call is cancelled and fails with `timeout`.",
+    )
     session_reply_seed: int | None = Field(
         None,
         ge=0,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from handler.engines.chat import ChatDelta, ChatMessage, ToolCall
+from handler.errors import DeadlineExceeded
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, SessionParams
 from handler.sessions.runner import (
@@ -40,7 +41,10 @@ TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type"
 
 
 class LoudnessVad:
-    """Speech probability 1 for a window above -40 dBFS RMS, else 0."""
+    """Speech probability 1 for a window above -40 dBFS RMS, else 0; ``before`` awaited first."""
+
+    def __init__(self, before: Callable[[], Awaitable[None]]) -> None:
+        self.before = before
 
     @staticmethod
     def initial_state(sample_rate: int = RATE) -> np.ndarray:
@@ -49,6 +53,7 @@ class LoudnessVad:
     async def speech_probabilities(
         self, windows: np.ndarray, state: np.ndarray, sample_rate: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        await self.before()
         rms = np.sqrt(np.mean(windows.astype(np.float64) ** 2, axis=1))
         return (rms > 0.01).astype(np.float32), state
 
@@ -75,18 +80,25 @@ class ScriptedChat:
 class Session:
     """One session in SQLite; ``connect`` builds the conversation of a new socket.
 
-    ``config`` is the session's stored config; ``tool_timeout_s`` and ``reply_seed``
-    are the deployment's (:class:`ConversationModels`); each reply audio message
-    takes ``audio_send_s`` to send (a slow socket).
+    ``config`` is the session's stored config; ``tool_timeout_s``,
+    ``call_timeout_s`` and ``reply_seed`` are the deployment's
+    (:class:`ConversationModels`); each reply audio message takes
+    ``audio_send_s`` to send (a slow socket); the first call of the model named
+    by ``stall`` (``vad``, ``transcribe`` or ``speak``) never answers (a wedged
+    Triton call), and ``stalls_cancelled`` counts its cancels.
     """
 
     def __init__(self, tmp_path: Path, chat: ScriptedChat, transcripts: list[str], *,
-                 tool_timeout_s: float = 10.0, reply_seed: int | None = None,
-                 audio_send_s: float = 0.0, **config: Any) -> None:
+                 tool_timeout_s: float = 10.0, call_timeout_s: float = 30.0,
+                 reply_seed: int | None = None, audio_send_s: float = 0.0,
+                 stall: str = "", **config: Any) -> None:
         self.storage = SQLiteStorage(tmp_path / "sessions.db")
         self.chat = chat
         self.transcripts = transcripts
         self.tool_timeout_s = tool_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self.stall = stall
+        self.stalls_cancelled = 0
         self.reply_seed = reply_seed
         self.audio_send_s = audio_send_s  # how long each audio message takes to send
         self.audio_sending: list[AssistantAudio] = []  # messages whose send began
@@ -101,10 +113,23 @@ class Session:
     async def connect(self) -> LiveConversation:
         transcripts = iter(self.transcripts)
 
+        def stall_once(model: str) -> Callable[[], Awaitable[None]]:
+            async def stall() -> None:
+                if self.stall == model:
+                    self.stall = ""
+                    try:
+                        await asyncio.Event().wait()
+                    except asyncio.CancelledError:
+                        self.stalls_cancelled += 1
+                        raise
+            return stall
+
         async def transcribe(audio: np.ndarray, language: str) -> str:
+            await stall_once("transcribe")()
             return next(transcripts)
 
         async def speak(text: str) -> np.ndarray:
+            await stall_once("speak")()
             t = np.arange(int(CLAUSE_S * VOICE_RATE)) / VOICE_RATE
             return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
 
@@ -124,9 +149,10 @@ class Session:
             self.events.append(item)
 
         models = ConversationModels(
-            vad=LoudnessVad(),  # type: ignore[arg-type]
+            vad=LoudnessVad(stall_once("vad")),  # type: ignore[arg-type]
             chat=self.chat, transcribe=transcribe, speak=speak, voice_rate=VOICE_RATE,
-            align=align, tool_timeout_s=self.tool_timeout_s, reply_seed=self.reply_seed,
+            align=align, tool_timeout_s=self.tool_timeout_s,
+            call_timeout_s=self.call_timeout_s, reply_seed=self.reply_seed,
         )
         record = self.storage.get_session("key", "conv_1")
         assert record is not None
@@ -410,6 +436,78 @@ def test_the_text_after_a_tool_result_does_not_glue_onto_the_text_before(
     [done] = session.of_type("response.done")
     assert done.text == "Let me check. It is sunny."
     assert "".join(e.delta for e in session.of_type("response.text.delta")) == done.text
+
+
+class ChatWedgedOnce(ScriptedChat):
+    """Its first reply writes one word, then nothing (a wedged stream); the rest as scripted."""
+
+    def __init__(self, replies: list[list[ChatDelta]]) -> None:
+        super().__init__(replies)
+        self.wedged_closed = 0
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]], *,
+        max_new_tokens: int, temperature: float, seed: int | None,
+    ) -> AsyncIterator[ChatDelta]:
+        if self.requests:
+            async for delta in super().stream(messages, tools, max_new_tokens=max_new_tokens,
+                                              temperature=temperature, seed=seed):
+                yield delta
+            return
+        self.requests.append(list(messages))
+        yield ChatDelta(text="Hmm ")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.wedged_closed += 1
+
+
+@pytest.mark.parametrize(("stall", "statuses"), [
+    ("transcribe", ["completed"]),  # the first turn gets no reply
+    ("speak", ["failed", "completed"]),
+    ("chat", ["failed", "completed"]),
+])
+def test_a_model_call_past_its_limit_is_stopped_and_the_session_goes_on(
+    tmp_path: Path, stall: str, statuses: list[str]
+) -> None:
+    chat = (ChatWedgedOnce if stall == "chat" else ScriptedChat)([text("Here I am.")])
+    session = Session(tmp_path, chat, ["Hi.", "Hello?"], call_timeout_s=0.3,
+                      stall="" if stall == "chat" else stall)
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("error")
+        await say(conversation)
+        await session.until("response.done", len(statuses))
+        await conversation.close()
+
+    asyncio.run(run())
+    errors = session.of_type("error")
+    assert [e.code for e in errors] == ["timeout"]
+    assert "took over 0.3 s" in errors[0].message
+    assert [e.status for e in session.of_type("response.done")] == statuses
+    assert session.of_type("response.done")[-1].text == "Here I am."
+    # The wedged call was cancelled, not left running.
+    assert (chat.wedged_closed if isinstance(chat, ChatWedgedOnce)
+            else session.stalls_cancelled) == 1
+
+
+def test_a_vad_call_past_its_limit_fails_the_socket(tmp_path: Path) -> None:
+    session = Session(tmp_path, ScriptedChat([text("Hello.")]), ["Hi."], call_timeout_s=0.2,
+                      stall="vad")
+
+    async def run() -> None:
+        conversation = await session.connect()
+        window = np.zeros(VAD_WINDOW, np.float32)
+        await conversation.on_audio(window)
+        await asyncio.sleep(0.4)
+        with pytest.raises(DeadlineExceeded, match="voice activity detection took over"):
+            await conversation.on_audio(window)
+        await conversation.close()
+
+    asyncio.run(run())
+    assert session.stalls_cancelled == 1
 
 
 def test_nothing_the_runner_starts_outlives_close(tmp_path: Path) -> None:

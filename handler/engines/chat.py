@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,7 +93,7 @@ class ChatModel(Protocol):
         max_new_tokens: int,
         temperature: float,
         seed: int | None,
-    ) -> AsyncIterator[ChatDelta]:
+    ) -> AsyncGenerator[ChatDelta, None]:
         """Stream the reply to ``messages``.
 
         Args:
@@ -251,7 +251,7 @@ class TritonChatModel:
         max_new_tokens: int,
         temperature: float,
         seed: int | None,
-    ) -> AsyncIterator[ChatDelta]:
+    ) -> AsyncGenerator[ChatDelta, None]:
         """Stream the reply (see :class:`ChatModel`); tools as in :func:`hermes_messages`."""
         seed = random.SystemRandom().randrange(2**31) if seed is None else seed
         inputs = self._inputs(hermes_messages(messages, tools), max_new_tokens, temperature, seed)
@@ -344,7 +344,7 @@ class OpenAIChatModel:
         max_new_tokens: int,
         temperature: float,
         seed: int | None,
-    ) -> AsyncIterator[ChatDelta]:
+    ) -> AsyncGenerator[ChatDelta, None]:
         """Stream the reply (see :class:`ChatModel`).
 
         Text comes from ``choices[0].delta.content``; tool calls are assembled

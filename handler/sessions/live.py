@@ -57,6 +57,7 @@ def live_conversations(state: State) -> ConversationFactory:
             voice_rate=engine.sample_rate,
             align=partial(align, triton),
             tool_timeout_s=state.settings.session_tool_timeout_s,
+            call_timeout_s=state.settings.session_model_timeout_s,
             reply_seed=state.settings.session_reply_seed,
         )
         return LiveConversation(record, params, models, emit, state.storage, turns)

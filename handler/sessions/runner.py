@@ -26,17 +26,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import soxr
 from starlette.concurrency import run_in_threadpool
 
-from handler.engines.chat import ChatMessage, ChatModel, ToolCall
+from handler.engines.chat import ChatDelta, ChatMessage, ChatModel, ToolCall
 from handler.engines.vad import SileroVad
-from handler.errors import ApiError
+from handler.errors import ApiError, DeadlineExceeded
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, Emit, SessionParams
 from handler.sessions.clauses import MAX_FIRST_CLAUSE_CHARS, ReplyText, next_clause_chars
@@ -57,6 +58,7 @@ from handler.sessions.turn_taking import (
 from handler.storage.base import SessionRecord, SessionStore, TurnRecord, turn_number
 from handler.tasks import stop
 from handler.transcription import TimedWord
+from handler.triton import bind_deadline, unbind_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ HEARD_S = 2 * MAX_SPEECH_MS / 1000
 REPLY_MAX_NEW_TOKENS = 64
 # Sampling of replies; the bundled model's repetition penalty is set in Triton.
 REPLY_TEMPERATURE = 0.7
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ class ConversationModels:
         voice_rate: the voice's sample rate, Hz.
         align: 16 kHz float32 audio and its text -> word intervals (seconds).
         tool_timeout_s: how long a reply waits for the client's tool result, seconds.
+        call_timeout_s: the longest one model call may take (a VAD call, a
+            transcription, one clause's voicing) and the longest the chat LM may
+            go without a piece of its reply, seconds; past it the call is
+            cancelled (Triton stops it) and fails with ``timeout``.
         reply_seed: the chat LM's sampling seed for every reply; None: a fresh one each.
     """
 
@@ -94,6 +102,7 @@ class ConversationModels:
     voice_rate: int
     align: Callable[[np.ndarray, str], Awaitable[list[TimedWord]]]
     tool_timeout_s: float
+    call_timeout_s: float
     reply_seed: int | None = None
 
 
@@ -302,8 +311,9 @@ class LiveConversation:
         Triton is slow, and a lagging VAD catches up in fewer, larger calls.
 
         Raises:
-            ServiceUnavailable, InferenceError: an earlier VAD call failed (the
-                transport closes the socket with an internal error).
+            ServiceUnavailable, InferenceError, DeadlineExceeded: an earlier VAD
+                call failed or took over ``models.call_timeout_s`` (the transport
+                closes the socket with an internal error).
         """
         if self._vad_worker is None:
             self._vad_worker = asyncio.create_task(self._run_vad())
@@ -326,8 +336,11 @@ class LiveConversation:
             carried = audio[whole:]
             if whole == 0:
                 continue
-            probabilities, self._vad_state = await self.models.vad.speech_probabilities(
-                audio[:whole].reshape(-1, VAD_WINDOW), self._vad_state, VAD_SAMPLE_RATE
+            probabilities, self._vad_state = await self._model_call(
+                self.models.vad.speech_probabilities(
+                    audio[:whole].reshape(-1, VAD_WINDOW), self._vad_state, VAD_SAMPLE_RATE
+                ),
+                "voice activity detection",
             )
             for probability in probabilities:
                 decision = self._segmenter.push(float(probability))
@@ -482,7 +495,10 @@ class LiveConversation:
             try:
                 # No audio is left of a turn the VAD reached more than HEARD_S late.
                 transcript = (
-                    await self.models.transcribe(audio_16k, self.config["language"])
+                    await self._model_call(
+                        self.models.transcribe(audio_16k, self.config["language"]),
+                        "transcription",
+                    )
                     if len(audio_16k)
                     else ""
                 )
@@ -583,33 +599,71 @@ class LiveConversation:
             for _ in range(MAX_TOOL_ROUNDS + 1):
                 call = None
                 after_call = bool(reply.tool_calls)
-                async for delta in self.models.chat.stream(
-                    messages,
-                    self.config["tools"],
-                    max_new_tokens=REPLY_MAX_NEW_TOKENS,
-                    temperature=REPLY_TEMPERATURE,
-                    seed=self.models.reply_seed,
-                ):
-                    if delta.text:
-                        piece = delta.text
-                        if after_call and reply.text[-1:].strip() and piece[0].strip():
-                            piece = " " + piece  # the text before the call and after apart
-                        after_call = False
-                        reply.mark("first_token")
-                        reply.text += piece
-                        await self._reply_emit(
-                            reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=piece)
-                        )
-                        text.write(piece)
-                    if delta.tool_call is not None:
-                        call = delta.tool_call
-                        break
+                async with aclosing(self._chat_deltas(messages)) as deltas:
+                    async for delta in deltas:
+                        if delta.text:
+                            piece = delta.text
+                            if after_call and reply.text[-1:].strip() and piece[0].strip():
+                                piece = " " + piece  # the text before the call and after apart
+                            after_call = False
+                            reply.mark("first_token")
+                            reply.text += piece
+                            await self._reply_emit(
+                                reply, events.ResponseTextDelta(turn_id=reply.turn_id, delta=piece)
+                            )
+                            text.write(piece)
+                        if delta.tool_call is not None:
+                            call = delta.tool_call
+                            break
                 if call is None:
                     return
                 messages = [*messages, *await self._run_tool(reply, call)]
             await self._fail(reply, "tool_rounds", f"more than {MAX_TOOL_ROUNDS} tool calls")
         finally:
             text.end()
+
+    async def _chat_deltas(
+        self, messages: list[ChatMessage]
+    ) -> AsyncGenerator[ChatDelta, None]:
+        """The chat LM's reply to ``messages``, each piece within ``models.call_timeout_s``.
+
+        Raises (while iterating):
+            DeadlineExceeded: the LM gave no piece for that long (its stream is
+                closed, so Triton stops the generation).
+            ServiceUnavailable, InferenceError: as :meth:`ChatModel.stream`.
+        """
+        stream = self.models.chat.stream(
+            messages,
+            self.config["tools"],
+            max_new_tokens=REPLY_MAX_NEW_TOKENS,
+            temperature=REPLY_TEMPERATURE,
+            seed=self.models.reply_seed,
+        )
+        async with aclosing(stream):
+            while (delta := await self._model_call(anext(stream, None), "the chat LM's next "
+                                                   "piece of text")) is not None:
+                yield delta
+
+    async def _model_call(self, call: Awaitable[T], what: str) -> T:
+        """Await ``call`` (one model call, not yet started) for at most ``models.call_timeout_s``.
+
+        Triton calls made meanwhile carry that limit as their deadline
+        (:func:`handler.triton.bind_deadline`); past it ``call`` is cancelled.
+
+        Raises:
+            DeadlineExceeded: ``call`` took longer (``what`` names it in the message).
+        """
+        limit = self.models.call_timeout_s
+        token = bind_deadline(asyncio.get_running_loop().time() + limit)
+        try:
+            async with asyncio.timeout(limit) as timer:
+                return await call
+        except TimeoutError:
+            if timer.expired():
+                raise DeadlineExceeded(f"{what} took over {limit:g} s") from None
+            raise
+        finally:
+            unbind_deadline(token)
 
     async def _run_tool(self, reply: _Reply, call: ToolCall) -> list[ChatMessage]:
         """Send the model's tool call to the client and wait for its result.
@@ -725,7 +779,7 @@ class LiveConversation:
 
         while (clause := await text.next_clause(limit)) is not None:
             started = time.monotonic()
-            audio = await self.models.speak(clause)
+            audio = await self._model_call(self.models.speak(clause), "voicing a clause")
             voiced_s = time.monotonic() - started
             if len(audio) == 0:  # nothing to say in it ("**", an emoji): nothing to play
                 continue
