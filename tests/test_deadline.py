@@ -21,6 +21,17 @@ def test_work_that_finishes_as_the_deadline_fires_keeps_its_result() -> None:
     assert asyncio.run(scenario()) == "reply"
 
 
+def test_work_that_fails_as_the_deadline_fires_is_past_its_deadline() -> None:
+    async def scenario() -> None:
+        async def failed_at_once() -> str:
+            raise RuntimeError("stopped at the deadline")
+
+        with pytest.raises(DeadlineExceeded):
+            await within_deadline(failed_at_once(), asyncio.get_running_loop().time() - 1)
+
+    asyncio.run(scenario())
+
+
 def test_work_past_the_deadline_is_cancelled_and_refused() -> None:
     cancelled = []
 

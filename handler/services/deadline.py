@@ -33,10 +33,11 @@ async def within_deadline(
         client_gone: awaitable factory that returns once the client has disconnected.
 
     Returns:
-        What ``work`` returned, also when it finished just as the deadline passed.
+        What ``work`` returned, also when it succeeded just as the deadline passed.
 
     Raises:
-        DeadlineExceeded: the deadline passed first (504); ``work`` was cancelled.
+        DeadlineExceeded: the deadline passed first (504); ``work`` was cancelled,
+            or failed in the loop pass the deadline fired in.
         ClientClosedRequest: the client went away first (499, for the log);
             ``work`` was cancelled.
     """
@@ -51,9 +52,10 @@ async def within_deadline(
             waited = {task} if watcher is None else {task, watcher}
             await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
     except TimeoutError as error:
-        # Work that finished in the loop pass the deadline fired in is not thrown
+        # Work that succeeded in the loop pass the deadline fired in is not thrown
         # away: its result (a streamed reply's open generator, too) goes to the caller.
-        if not task.done() or task.cancelled():
+        # Work that failed then (Triton stopping at the same deadline) is a 504.
+        if not task.done() or task.cancelled() or task.exception() is not None:
             raise DeadlineExceeded("the request did not finish before its deadline") from error
     finally:
         for pending in (task, watcher):

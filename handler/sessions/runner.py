@@ -578,16 +578,22 @@ class LiveConversation:
             reply, events.ResponseStarted(turn_id=reply.turn_id, reply_to=reply.reply_to)
         )
         text = ReplyText()
+        # Both clauses run when writing and voicing fail in the same loop pass; the
+        # turn still ends with one error event (raising inside both would make a group).
+        reported = False
+        failures: list[ApiError] = []
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._write(reply, messages, text))
                 group.create_task(self._voice(reply, text))
         except* _ReplyFailed:
-            raise _ReplyFailed from None
+            reported = True
         except* ApiError as failed:
-            error = failed.exceptions[0]
-            assert isinstance(error, ApiError)
-            await self._fail(reply, error.code, error.message)
+            failures = [e for e in failed.exceptions if isinstance(e, ApiError)]
+        if reported:
+            raise _ReplyFailed
+        if failures:
+            await self._fail(reply, failures[0].code, failures[0].message)
         while (remaining := reply.playback.remaining_s()) > 0:
             await asyncio.sleep(min(remaining, 0.05))
 
