@@ -7,7 +7,11 @@ bundled voice into a session in real time. For each reply:
 - its parts: VAD hangover (true end -> ``input.speech_stopped``, in stream time),
   ASR, LM time to first token, first clause voicing (the server's ``latency_ms``)
   and the rest (transport, queueing, resampling, encoding);
-- gaps: the longest stall of a client that plays audio as soon as it arrives.
+- gaps: the longest stall of a client that plays audio as soon as it arrives;
+- CPU: seconds of CPU (user + system, psutil) each model's Triton processes,
+  tritonserver itself and this process (the API and the scripted client) spend
+  per reply of the one-session rows, and per second of reply audio: what a
+  reply costs, so how many cores replies played at the same time need.
 
 ``python -m benchmarks.sessions [--utterances 20] [--concurrent 2,4,10]`` prints the
 section; ``make benchmark`` puts it in docs/PERFORMANCE.md.
@@ -17,12 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 
 from benchmarks.isolated import isolate
 from devtools import REPOSITORY
@@ -55,12 +63,18 @@ class Exchange:
     first_clause_voice: float
     rest: float
     longest_gap: float
+    audio_ms: float
+
+
+def _audio_of(client: LiveClient, turn_id: str) -> list[Any]:
+    """The ``response.audio`` events of ``turn_id``, in order."""
+    return [e for e in client.events
+            if e.event["type"] == "response.audio" and e.event["turn_id"] == turn_id]
 
 
 def _longest_gap_ms(client: LiveClient, turn_id: str) -> float:
     """Longest stall of a player that starts at the first audio message of ``turn_id``."""
-    pieces = [e for e in client.events
-              if e.event["type"] == "response.audio" and e.event["turn_id"] == turn_id]
+    pieces = _audio_of(client, turn_id)
     play_end: float | None = None
     longest = 0.0
     for piece in pieces:
@@ -100,6 +114,7 @@ async def _exchanges(stack: LocalStack, voice: str, questions: list[np.ndarray])
             first_clause_voice=latency["first_clause_voice"],
             rest=ttfa - hangover - latency["first_audio"],
             longest_gap=_longest_gap_ms(client, turn_id),
+            audio_ms=sum(e.event["duration_ms"] for e in _audio_of(client, turn_id)),
         ))
     return figures
 
@@ -112,6 +127,48 @@ def _row(name: str, exchanges: list[Exchange]) -> str:
     fields = ("ttfa", "hangover", "asr", "first_token", "first_clause_voice", "rest",
               "longest_gap")
     return f"| {name} | {len(exchanges)} | " + " | ".join(cell(f) for f in fields) + " |"
+
+
+def cpu_seconds(stack: LocalStack) -> Counter[str]:
+    """CPU seconds (user + system) spent so far, by model, tritonserver, and this process.
+
+    A python-backend stub counts for the model whose ``model.py`` it runs (all
+    its instances together); ``tritonserver`` is the server process itself;
+    ``API and client`` is this process (the API server's thread and the
+    scripted clients). A process that ended meanwhile is not counted.
+    """
+    totals: Counter[str] = Counter()
+    for process in stack.triton.processes():
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            script = next((arg for arg in process.cmdline() if arg.endswith("model.py")), None)
+            name = Path(script).parent.parent.name if script else "tritonserver"
+            totals[name] += times.user + times.system
+    own = psutil.Process().cpu_times()
+    totals["API and client"] = own.user + own.system
+    return totals
+
+
+def cpu_table(spent: Counter[str], exchanges: list[Exchange]) -> list[str]:
+    """Rows of CPU seconds per reply and per second of reply audio; a total row last."""
+    replies = len(exchanges)
+    audio_s = sum(e.audio_ms for e in exchanges) / 1000
+    rows = [f"| {name} | {seconds / replies:.2f} | {seconds / audio_s:.3f} |"
+            for name, seconds in spent.most_common() if seconds > 0]
+    total = sum(spent.values())
+    return [
+        "| process | CPU s per reply | CPU s per second of reply audio |",
+        "|---|---|---|",
+        *rows,
+        f"| all | {total / replies:.2f} | {total / audio_s:.3f} |",
+        "",
+        f"{replies} replies of {audio_s / replies:.1f} s of audio on average. Replies that",
+        "play at the same moment keep up with playback only while they need less CPU than",
+        f"the machine has: about {total / audio_s:.2f} cores each, so "
+        f"{psutil.cpu_count()} cores carry about {psutil.cpu_count() / (total / audio_s):.1f}",
+        f"at once and ten need about {10 * total / audio_s:.0f} (a lower bound: the",
+        "first audio also waits for Whisper and the LM's first clause).",
+    ]
 
 
 def measure_sessions(stack: LocalStack, utterances: int, concurrent: Sequence[int], turns: int,
@@ -128,8 +185,11 @@ def measure_sessions(stack: LocalStack, utterances: int, concurrent: Sequence[in
                       headers={"Authorization": f"Bearer {stack.api_key}"}).json()["data"][0][
         "voices"][0]
     clips = [rendered_speech(stack.base_url, stack.api_key, text, RATE) for text in QUESTIONS]
+    before = cpu_seconds(stack)
     sequential = [asyncio.run(_exchanges(stack, voice, [clips[i % len(clips)]]))[0]
                   for i in range(utterances)]
+    spent = cpu_seconds(stack)
+    spent.subtract(before)
     later = [figures for _ in range(conversations) for figures in asyncio.run(
         _exchanges(stack, voice, [clips[i % len(clips)] for i in range(turns)]))[1:]]
 
@@ -171,6 +231,11 @@ def measure_sessions(stack: LocalStack, utterances: int, concurrent: Sequence[in
         *loaded_rows,
         "",
         " ".join(failure_lines),
+        "",
+        "CPU of the one-session replies (the first row), by process (psutil, user +",
+        "system; a model's row is its Triton python-backend processes):",
+        "",
+        *cpu_table(spent, sequential),
         "",
     ])
 
