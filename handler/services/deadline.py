@@ -11,8 +11,8 @@ left (``handler.triton.bind_deadline``), so the work inside Triton stops too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from handler.errors import ClientClosedRequest, DeadlineExceeded
 from handler.triton import bind_deadline, unbind_deadline
@@ -21,14 +21,14 @@ T = TypeVar("T")
 
 
 async def within_deadline(
-    work: Coroutine[Any, Any, T],
+    work: Awaitable[T],
     deadline: float,
     client_gone: Callable[[], Awaitable[None]] | None = None,
 ) -> T:
     """Run ``work`` until it ends, ``deadline`` passes, or ``client_gone`` returns.
 
     Args:
-        work: the request's work, not yet started.
+        work: the request's work, not yet started (a coroutine or another awaitable).
         deadline: ``time.monotonic()`` seconds (the event loop's clock).
         client_gone: awaitable factory that returns once the client has disconnected.
 

@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from handler.engines.chat import ChatDelta, ChatMessage, ChatModel, ToolCall
 from handler.engines.vad import SileroVad
 from handler.errors import ApiError, DeadlineExceeded
+from handler.services.deadline import within_deadline
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, Emit, SessionParams
 from handler.sessions.clauses import MAX_FIRST_CLAUSE_CHARS, ReplyText, next_clause_chars
@@ -58,7 +59,6 @@ from handler.sessions.turn_taking import (
 from handler.storage.base import SessionRecord, SessionStore, TurnRecord, turn_number
 from handler.tasks import stop
 from handler.transcription import TimedWord
-from handler.triton import bind_deadline, unbind_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -653,23 +653,18 @@ class LiveConversation:
     async def _model_call(self, call: Awaitable[T], what: str) -> T:
         """Await ``call`` (one model call, not yet started) for at most ``models.call_timeout_s``.
 
-        Triton calls made meanwhile carry that limit as their deadline
-        (:func:`handler.triton.bind_deadline`); past it ``call`` is cancelled.
+        The request deadline's mechanism (:func:`within_deadline`): Triton calls
+        made meanwhile carry the limit as their deadline; past it ``call`` is
+        cancelled.
 
         Raises:
             DeadlineExceeded: ``call`` took longer (``what`` names it in the message).
         """
         limit = self.models.call_timeout_s
-        token = bind_deadline(asyncio.get_running_loop().time() + limit)
         try:
-            async with asyncio.timeout(limit) as timer:
-                return await call
-        except TimeoutError:
-            if timer.expired():
-                raise DeadlineExceeded(f"{what} took over {limit:g} s") from None
-            raise
-        finally:
-            unbind_deadline(token)
+            return await within_deadline(call, asyncio.get_running_loop().time() + limit)
+        except DeadlineExceeded:
+            raise DeadlineExceeded(f"{what} took over {limit:g} s") from None
 
     async def _run_tool(self, reply: _Reply, call: ToolCall) -> list[ChatMessage]:
         """Send the model's tool call to the client and wait for its result.
