@@ -438,78 +438,6 @@ def test_the_text_after_a_tool_result_does_not_glue_onto_the_text_before(
     assert "".join(e.delta for e in session.of_type("response.text.delta")) == done.text
 
 
-class ChatWedgedOnce(ScriptedChat):
-    """Its first reply writes one word, then nothing (a wedged stream); the rest as scripted."""
-
-    def __init__(self, replies: list[list[ChatDelta]]) -> None:
-        super().__init__(replies)
-        self.wedged_closed = 0
-
-    async def stream(
-        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]], *,
-        max_new_tokens: int, temperature: float, seed: int | None,
-    ) -> AsyncIterator[ChatDelta]:
-        if self.requests:
-            async for delta in super().stream(messages, tools, max_new_tokens=max_new_tokens,
-                                              temperature=temperature, seed=seed):
-                yield delta
-            return
-        self.requests.append(list(messages))
-        yield ChatDelta(text="Hmm ")
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self.wedged_closed += 1
-
-
-@pytest.mark.parametrize(("stall", "statuses"), [
-    ("transcribe", ["completed"]),  # the first turn gets no reply
-    ("speak", ["failed", "completed"]),
-    ("chat", ["failed", "completed"]),
-])
-def test_a_model_call_past_its_limit_is_stopped_and_the_session_goes_on(
-    tmp_path: Path, stall: str, statuses: list[str]
-) -> None:
-    chat = (ChatWedgedOnce if stall == "chat" else ScriptedChat)([text("Here I am.")])
-    session = Session(tmp_path, chat, ["Hi.", "Hello?"], call_timeout_s=0.3,
-                      stall="" if stall == "chat" else stall)
-
-    async def run() -> None:
-        conversation = await session.connect()
-        await say(conversation)
-        await session.until("error")
-        await say(conversation)
-        await session.until("response.done", len(statuses))
-        await conversation.close()
-
-    asyncio.run(run())
-    errors = session.of_type("error")
-    assert [e.code for e in errors] == ["timeout"]
-    assert "took over 0.3 s" in errors[0].message
-    assert [e.status for e in session.of_type("response.done")] == statuses
-    assert session.of_type("response.done")[-1].text == "Here I am."
-    # The wedged call was cancelled, not left running.
-    assert (chat.wedged_closed if isinstance(chat, ChatWedgedOnce)
-            else session.stalls_cancelled) == 1
-
-
-def test_a_vad_call_past_its_limit_fails_the_socket(tmp_path: Path) -> None:
-    session = Session(tmp_path, ScriptedChat([text("Hello.")]), ["Hi."], call_timeout_s=0.2,
-                      stall="vad")
-
-    async def run() -> None:
-        conversation = await session.connect()
-        window = np.zeros(VAD_WINDOW, np.float32)
-        await conversation.on_audio(window)
-        await asyncio.sleep(0.4)
-        with pytest.raises(DeadlineExceeded, match="voice activity detection took over"):
-            await conversation.on_audio(window)
-        await conversation.close()
-
-    asyncio.run(run())
-    assert session.stalls_cancelled == 1
-
-
 def test_nothing_the_runner_starts_outlives_close(tmp_path: Path) -> None:
     session = Session(tmp_path, ScriptedChat([text("One. Two. Three. Four.")]), ["Go."])
 
@@ -543,6 +471,71 @@ class SlowToStopChat(ScriptedChat):
         finally:
             await asyncio.sleep(self.stop_s)
             self.stopped += 1
+
+
+class ChatWedgedOnce(SlowToStopChat):
+    """Its first reply is SlowToStopChat's (one word, then nothing); the rest as scripted."""
+
+    def __init__(self, replies: list[list[ChatDelta]]) -> None:
+        super().__init__(stop_s=0.0)
+        self.replies = replies
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]], *,
+        max_new_tokens: int, temperature: float, seed: int | None,
+    ) -> AsyncIterator[ChatDelta]:
+        reply = ScriptedChat.stream if self.requests else SlowToStopChat.stream
+        async for delta in reply(self, messages, tools, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed):
+            yield delta
+
+
+@pytest.mark.parametrize(("stall", "statuses"), [
+    ("transcribe", ["completed"]),  # the first turn gets no reply
+    ("speak", ["failed", "completed"]),
+    ("chat", ["failed", "completed"]),
+])
+def test_a_model_call_past_its_limit_is_stopped_and_the_session_goes_on(
+    tmp_path: Path, stall: str, statuses: list[str]
+) -> None:
+    chat = (ChatWedgedOnce if stall == "chat" else ScriptedChat)([text("Here I am.")])
+    session = Session(tmp_path, chat, ["Hi.", "Hello?"], call_timeout_s=0.3,
+                      stall="" if stall == "chat" else stall)
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("error")
+        await say(conversation)
+        await session.until("response.done", len(statuses))
+        await conversation.close()
+
+    asyncio.run(run())
+    errors = session.of_type("error")
+    assert [e.code for e in errors] == ["timeout"]
+    assert "took over 0.3 s" in errors[0].message
+    assert [e.status for e in session.of_type("response.done")] == statuses
+    assert session.of_type("response.done")[-1].text == "Here I am."
+    # The wedged call was cancelled, not left running.
+    assert (chat.stopped if isinstance(chat, ChatWedgedOnce)
+            else session.stalls_cancelled) == 1
+
+
+def test_a_vad_call_past_its_limit_fails_the_socket(tmp_path: Path) -> None:
+    session = Session(tmp_path, ScriptedChat([text("Hello.")]), ["Hi."], call_timeout_s=0.2,
+                      stall="vad")
+
+    async def run() -> None:
+        conversation = await session.connect()
+        window = np.zeros(VAD_WINDOW, np.float32)
+        await conversation.on_audio(window)
+        await asyncio.sleep(0.4)
+        with pytest.raises(DeadlineExceeded, match="voice activity detection took over"):
+            await conversation.on_audio(window)
+        await conversation.close()
+
+    asyncio.run(run())
+    assert session.stalls_cancelled == 1
 
 
 def test_close_while_the_user_speaks_on_over_an_early_start_still_stops_everything(
