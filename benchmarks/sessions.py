@@ -245,10 +245,18 @@ def _counts(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _at_least_one(text: str) -> int:
+    """An argument count of one or more (the one-session row and its CPU table need a reply)."""
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
+    return count
+
+
 def main() -> None:
     """Start the local stack on the exported repository and print the section."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--utterances", type=int, default=20)
+    parser.add_argument("--utterances", type=_at_least_one, default=20)
     parser.add_argument("--concurrent", type=_counts, default=CONCURRENT,
                         help="comma-separated session counts, each run at once (default 2,4,10)")
     parser.add_argument("--turns", type=int, default=6)
