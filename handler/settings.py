@@ -150,6 +150,13 @@ class Settings(BaseSettings):
         description="Live session sockets one API process serves at once; one more is closed "
         "with 4503 and a retry hint (the session stays active).",
     )
+    session_send_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a live socket waits for the client to take one message (its send "
+        "buffer stays full while the client reads nothing); past it the socket is dropped and "
+        "the session stays active, seconds.",
+    )
     session_tool_timeout_s: float = Field(
         10.0, gt=0, description="How long a reply waits for the client's tool result, seconds."
     )

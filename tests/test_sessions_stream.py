@@ -12,15 +12,21 @@ import asyncio
 import hashlib
 import json
 import logging
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
+from websockets.client import ClientProtocol
+from websockets.uri import parse_uri
 
+from devtools.api_server import ApiServer
 from handler.app import create_app
 from handler.sessions import transport
 from handler.sessions.base import AssistantAudio, ConversationFactory, Emit, SessionParams
@@ -385,6 +391,104 @@ def test_maximum_session_length_ends_the_session(triton_url: str, factory: Facto
             with pytest.raises(WebSocketDisconnect) as closed:
                 ws.receive_json()
     assert ended["reason"] == "max_duration" and closed.value.code == CloseCode.MAX_DURATION
+
+
+class UnreadingClient:
+    """ASGI wrapper: the app's socket messages wait, as uvicorn's do behind a full send
+    buffer, while the client reads nothing (from ``stall()`` for ``for_s`` seconds).
+
+    When the app's socket task ends without a close frame, the client sees the
+    connection drop (1006), as uvicorn closes it then. ``waiting`` counts the
+    messages the app tried to write while the client was not reading.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.stalled_until = 0.0
+        self.waiting = 0
+
+    def stall(self, for_s: float) -> None:
+        self.stalled_until = time.monotonic() + for_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        closed = False
+
+        async def unread_send(message: dict[str, Any]) -> None:
+            nonlocal closed
+            if scope["type"] == "websocket" and time.monotonic() < self.stalled_until:
+                self.waiting += 1
+                while time.monotonic() < self.stalled_until:
+                    await asyncio.sleep(0.01)
+            closed = closed or message["type"] == "websocket.close"
+            await send(message)
+
+        await self.app(scope, receive, unread_send)
+        if scope["type"] == "websocket" and not closed:
+            await send({"type": "websocket.close", "code": 1006})
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_session_stays(
+    triton_url: str, factory: Factory
+) -> None:
+    """The reply's first message waits past the send timeout: the socket is dropped at
+    once (before the client would read again), nothing more is tried, and the session
+    can be resumed."""
+    client = UnreadingClient(create_app(
+        make_settings(triton_url=triton_url, session_send_timeout_s=0.3), factory))
+    with TestClient(client) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ws.send_bytes(Encoder("pcm16", 16000).encode(speech(16000))[0])
+            client.stall(for_s=5.0)
+            ws.send_text(REPLY)
+            with pytest.raises(WebSocketDisconnect) as dropped:
+                ws.receive_json()
+        assert dropped.value.code == 1006
+        assert time.monotonic() < client.stalled_until  # dropped, not read again
+        assert client.waiting == 1  # response.started; no audio or close frame after it
+        assert factory.made[-1].closed
+        assert api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()["status"] == (
+            "active")
+        client.stall(for_s=0.0)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            assert ws.receive_json()["type"] == "session.resumed"
+
+
+def test_on_uvicorn_a_client_that_stops_reading_is_dropped(
+    triton_url: str, factory: Factory
+) -> None:
+    """Real backpressure: a raw-socket client (4 KiB receive buffer) asks for the echo of
+    two minutes of 48 kHz audio (11 MB, more than loopback's buffers hold) and reads
+    nothing; uvicorn's send waits on the full buffer, and the socket is dropped once the
+    send timeout passes. The session stays active."""
+    app = create_app(make_settings(triton_url=triton_url, session_send_timeout_s=0.5), factory)
+    with ApiServer(app) as server:
+        http = httpx.Client(base_url=server.base_url, headers=AUTH)
+        session_id = http.post("/v1/conversations/create", json=PERSONA).json()["session_id"]
+        url = server.base_url.replace("http", "ws") + path(session_id, sample_rate=48000)
+        client = ClientProtocol(parse_uri(url), max_size=None)
+        made = len(factory.made)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            request = client.connect()
+            request.headers["Authorization"] = AUTH["Authorization"]
+            client.send_request(request)
+            sock.sendall(b"".join(client.data_to_send()))
+            while not client.events_received():  # the handshake's response
+                client.receive_data(sock.recv(65536))
+            second = Encoder("pcm16", 48000).encode(np.zeros(48000, np.float32))[0]
+            for _ in range(120):
+                client.send_binary(second)
+                sock.sendall(b"".join(client.data_to_send()))
+            client.send_text(REPLY.encode())
+            sock.sendall(b"".join(client.data_to_send()))
+            deadline = time.monotonic() + 30
+            while not (len(factory.made) > made and factory.made[made].closed):
+                assert time.monotonic() < deadline, "the socket was not dropped"
+                time.sleep(0.05)
+        assert http.get(f"/v1/conversations/{session_id}").json()["status"] == "active"
 
 
 def ended_by_the_conversation(api: TestClient, session_id: str) -> tuple[dict[str, Any], int]:

@@ -8,10 +8,12 @@ into numbered events and encoded audio. It closes with a
 :class:`~handler.sessions.protocol.CloseCode` when the session ends (deleted,
 idle, too long, the conversation's own end such as ``max_turns``), when a
 newer socket takes the session, on an oversized message, or on an internal
-error. A session is held by one socket: the newest one. Within a process the
-:class:`SessionHub` closes the older socket at once; across processes each
-socket rereads its session every ``session_check_s`` and closes when the
-session ended or another socket claimed it.
+error; a client that takes no message for ``session_send_timeout_s`` is
+dropped without one (the session stays active). A session is held by one
+socket: the newest one. Within a process the :class:`SessionHub` closes the
+older socket at once; across processes each socket rereads its session every
+``session_check_s`` and closes when the session ended or another socket
+claimed it.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ class LiveSocket:
         self._stopped = asyncio.Event()
         self._close: tuple[CloseCode | None, str, str | None] = (None, "", None)
         self._emitting = True
+        self._client_stalled = False  # the client took no message for the send timeout
 
     def stop(self, code: CloseCode | None, message: str, end_reason: str | None = None) -> None:
         """Close the socket with ``code`` (None: the client left); the first call wins.
@@ -369,8 +372,11 @@ class LiveSocket:
             await self._close_socket(code, message)
 
     async def _close_socket(self, code: CloseCode, message: str) -> None:
+        if self._client_stalled:  # a close frame would wait behind what it has not read
+            return
         with contextlib.suppress(Exception):
-            await self.websocket.close(int(code), message[:120])
+            async with asyncio.timeout(self.settings.session_send_timeout_s):
+                await self.websocket.close(int(code), message[:120])
 
     async def _error(self, code: str, message: str) -> None:
         await self._send(ErrorEvent(turn_id=self.last_turn_id, code=code, message=message))
@@ -380,7 +386,7 @@ class LiveSocket:
             numbered = event.model_copy(update={"seq": await self.seq.next()})
             if event.turn_id is not None:
                 self.last_turn_id = event.turn_id
-            await self.websocket.send_text(numbered.model_dump_json())
+            await self._transmit(numbered.model_dump_json())
 
     async def _send_audio(self, turn_id: str, messages: list[bytes]) -> None:
         """``response.audio`` then its binary messages, with nothing in between."""
@@ -405,9 +411,40 @@ class LiveSocket:
         async with self._send_lock:
             numbered = event.model_copy(update={"seq": await self.seq.next()})
             self.last_turn_id = turn_id
-            await self.websocket.send_text(numbered.model_dump_json())
+            await self._transmit(numbered.model_dump_json())
             for message in messages:
-                await self.websocket.send_bytes(message)
+                await self._transmit(message)
+
+    async def _transmit(self, message: str | bytes) -> None:
+        """Write one text or binary message, waiting at most ``session_send_timeout_s``.
+
+        uvicorn's writer waits while the connection's send buffer is full, which
+        it stays while the client reads nothing (a frozen client, a network that
+        vanished). A client that takes no message for that long is not listening:
+        the socket stops as if the client had left (the session stays active),
+        and nothing more is written to it, a close frame included (it would wait
+        behind the unread data; uvicorn drops the connection when the socket's
+        task ends).
+
+        Raises:
+            WebSocketDisconnect: code 1006, the client is not reading (now or earlier);
+                also whatever the socket's own send raises.
+        """
+        if self._client_stalled:
+            raise WebSocketDisconnect(1006)
+        timeout_s = self.settings.session_send_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                if isinstance(message, str):
+                    await self.websocket.send_text(message)
+                else:
+                    await self.websocket.send_bytes(message)
+        except TimeoutError:
+            self._client_stalled = True
+            logger.warning("session %s: the client took no message for %g s; dropped",
+                           self.record.id, timeout_s)
+            self.stop(None, "client stopped reading")
+            raise WebSocketDisconnect(1006) from None
 
 
 def _summary(error: ValidationError) -> str:
