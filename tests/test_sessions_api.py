@@ -182,6 +182,20 @@ def test_sessions_end_after_their_maximum_length(api: TestClient, clock: Clock) 
         "ended", "max_duration", clock.now)
 
 
+def test_a_session_first_read_long_after_its_maximum_length_ended_at_that_length(
+    api: TestClient, clock: Clock
+) -> None:
+    """Its end, and so its 30 days of retention, run from the maximum length, not the read."""
+    created = create(api).json()
+    end = created["created_at"] + api.app.state.settings.session_max_duration_s  # type: ignore[attr-defined]
+    clock.now = end + 20 * DAY
+    body = api.get(f"/v1/conversations/{created['session_id']}", headers=AUTH).json()
+    assert (body["status"], body["ended_reason"]) == ("ended", "max_duration")
+    assert body["ended_at"] == end and body["expires_at"] == end + 30 * DAY
+    clock.now = end + 30 * DAY
+    assert api.get(f"/v1/conversations/{created['session_id']}", headers=AUTH).status_code == 404
+
+
 def test_stream_path_over_plain_http_is_426(api: TestClient) -> None:
     response = api.get("/v1/conversations/conv_x/stream", headers=AUTH)
     assert response.status_code == 426 and response.headers["upgrade"] == "websocket"

@@ -107,6 +107,17 @@ def test_end_keeps_history_for_30_days_then_it_is_gone(storage: Storage, clock: 
     assert storage.list_turns("key-a", "conv_1") == []
 
 
+def test_an_end_in_the_past_starts_retention_then(storage: Storage, clock: Clock) -> None:
+    storage.put_session(session(clock))
+    end = clock.now + 3600
+    clock.now += 20 * DAY
+    ended = storage.end_session("key-a", "conv_1", "max_duration", ended_at=end)
+    assert ended is not None and ended.ended_at == end
+    assert ended.expires_at == end + SESSION_RETENTION_S
+    clock.now = end + SESSION_RETENTION_S
+    assert storage.get_session("key-a", "conv_1") is None
+
+
 def test_dynamodb_ttl_attribute_is_on_session_and_turns(clock: Clock) -> None:
     with mock_aws():
         resource = boto3.resource("dynamodb", region_name="us-east-1")

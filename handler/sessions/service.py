@@ -146,12 +146,18 @@ async def current(
 ) -> SessionRecord | None:
     """The session as it stands now; one past ``max_duration_s`` is ended first.
 
-    Its ``ended_reason`` is then ``max_duration``; None when there is no such session.
+    Its ``ended_reason`` is then ``max_duration`` and it ended (``ended_at``, the
+    start of its retention) at ``created_at + max_duration_s``, however much
+    later it is read; None when there is no such session.
     """
     record = await run_in_threadpool(storage.get_session, key_id, session_id)
-    too_long = record is not None and storage.clock() >= record.created_at + max_duration_s
-    if record is not None and record.status == "active" and too_long:
-        record = await run_in_threadpool(storage.end_session, key_id, session_id, "max_duration")
+    if record is None or record.status != "active":
+        return record
+    end = record.created_at + max_duration_s
+    if storage.clock() >= end:
+        record = await run_in_threadpool(
+            storage.end_session, key_id, session_id, "max_duration", end
+        )
     return record
 
 

@@ -257,8 +257,17 @@ class SessionStore(abc.ABC):
         """The key's session, or None (unknown, another key's, or past retention)."""
 
     @abc.abstractmethod
-    def end_session(self, key_id: str, session_id: str, reason: str) -> SessionRecord | None:
-        """End an active session now with ``reason`` and start its retention.
+    def end_session(
+        self, key_id: str, session_id: str, reason: str, ended_at: float | None = None
+    ) -> SessionRecord | None:
+        """End an active session with ``reason`` and start its retention from its end.
+
+        Args:
+            key_id: the owning key's id.
+            session_id: the session's id (``conv_…``).
+            reason: its ``ended_reason`` (``deleted``, ``max_turns``, ...).
+            ended_at: when it ended, Unix seconds; None: now. A session found past its
+                maximum length ended at that length, not when it was found.
 
         Returns:
             The session afterwards (unchanged when it had already ended), or None

@@ -325,10 +325,12 @@ class DynamoDBStorage(Storage):
         record = _session(item)
         return None if expired(record, self.clock()) else record
 
-    def end_session(self, key_id: str, session_id: str, reason: str) -> SessionRecord | None:
-        """End an active session now; ``expires_at`` goes on it and on its turns."""
-        now = self.clock()
-        expires = _number(now + self.retention_s)
+    def end_session(
+        self, key_id: str, session_id: str, reason: str, ended_at: float | None = None
+    ) -> SessionRecord | None:
+        """End an active session (at ``ended_at``, else now); ``expires_at`` on it and its turns."""
+        end = self.clock() if ended_at is None else ended_at
+        expires = _number(end + self.retention_s)
         try:
             self.sessions.update_item(
                 Key={"key_id": key_id, "id": session_id},
@@ -340,7 +342,7 @@ class DynamoDBStorage(Storage):
                     ":ended": "ended",
                     ":active": "active",
                     ":reason": reason,
-                    ":now": _number(now),
+                    ":now": _number(end),
                     ":expires": expires,
                 },
             )

@@ -258,14 +258,16 @@ class SQLiteStorage(Storage):
             return None
         return record
 
-    def end_session(self, key_id: str, session_id: str, reason: str) -> SessionRecord | None:
-        """End an active session now with ``reason`` and start its retention."""
-        now = self.clock()
+    def end_session(
+        self, key_id: str, session_id: str, reason: str, ended_at: float | None = None
+    ) -> SessionRecord | None:
+        """End an active session with ``reason`` (at ``ended_at``, else now); start retention."""
+        end = self.clock() if ended_at is None else ended_at
         with self._transaction() as db:
             db.execute(
                 "UPDATE sessions SET status = 'ended', ended_reason = ?, ended_at = ?, "
                 "expires_at = ? WHERE key_id = ? AND id = ? AND status = 'active'",
-                (reason, now, now + self.retention_s, key_id, session_id),
+                (reason, end, end + self.retention_s, key_id, session_id),
             )
         return self.get_session(key_id, session_id)
 
