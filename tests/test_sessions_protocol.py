@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jsonschema
 import pytest
@@ -42,8 +43,21 @@ def test_schema_is_valid_and_checks_events() -> None:
 def test_every_server_event_carries_type_turn_id_and_seq() -> None:
     schema = events_schema()
     for ref in schema["$defs"]["ServerEvent"]["oneOf"]:
-        properties = schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]["properties"]
-        assert {"type", "turn_id", "seq"} <= set(properties), ref
+        definition = schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]
+        assert {"type", "turn_id", "seq"} <= set(definition["required"]), ref
+
+
+@pytest.mark.parametrize("event", [
+    {"call_id": "c1", "output": "ok"},
+    {"turn_id": "turn_2", "played_ms": 420},
+    {"turn_id": None, "seq": 3, "text": "hello"},
+])
+def test_the_schema_refuses_events_without_a_type_as_the_server_does(
+    event: dict[str, Any]
+) -> None:
+    assert not jsonschema.Draft202012Validator(events_schema()).is_valid(event)
+    with pytest.raises(ValidationError):
+        CLIENT_EVENTS.validate_python(event)
 
 
 def test_client_events_parse_by_type_and_reject_unknown_fields() -> None:

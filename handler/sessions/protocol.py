@@ -68,7 +68,8 @@ EndReason = Literal["deleted", "idle_timeout", "max_duration", "max_turns"]
 
 
 class _ServerEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The server sends every field, defaults included: the schema lists them all as required.
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     turn_id: str | None = Field(
         description="The turn the event belongs to (``turn_<n>``); for session events the "
@@ -195,8 +196,15 @@ ServerEvent = Annotated[
 ]
 
 
+def _type_required(schema: dict[str, Any]) -> None:
+    """A client event without ``type`` is refused (it selects the event), so the schema says so."""
+    required = schema.setdefault("required", [])
+    if "type" not in required:
+        required.insert(0, "type")
+
+
 class _ClientEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_type_required)
 
 
 class ToolResult(_ClientEvent):
