@@ -11,6 +11,7 @@ tests/test_sessions_live.py.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -85,13 +86,15 @@ class Session:
     (:class:`ConversationModels`); each reply audio message takes
     ``audio_send_s`` to send (a slow socket); the first call of the model named
     by ``stall`` (``vad``, ``transcribe`` or ``speak``) never answers (a wedged
-    Triton call), and ``stalls_cancelled`` counts its cancels.
+    Triton call), and ``stalls_cancelled`` counts its cancels. Each forced
+    alignment takes ``align_s``; ``alignments`` counts those started, finished
+    and cancelled.
     """
 
     def __init__(self, tmp_path: Path, chat: ScriptedChat, transcripts: list[str], *,
                  tool_timeout_s: float = 10.0, call_timeout_s: float = 30.0,
                  reply_seed: int | None = None, audio_send_s: float = 0.0,
-                 stall: str = "", **config: Any) -> None:
+                 stall: str = "", align_s: float = 0.0, **config: Any) -> None:
         self.storage = SQLiteStorage(tmp_path / "sessions.db")
         self.chat = chat
         self.transcripts = transcripts
@@ -103,6 +106,8 @@ class Session:
         self.audio_send_s = audio_send_s  # how long each audio message takes to send
         self.audio_sending: list[AssistantAudio] = []  # messages whose send began
         self.audio_cut: list[AssistantAudio] = []  # ... and was cancelled part-way
+        self.align_s = align_s
+        self.alignments = {"started": 0, "finished": 0, "cancelled": 0}
         self.storage.put_session(SessionRecord(
             id="conv_1", key_id="key", model="kokoro", voice="jf_alpha*1", created_at=1.0,
             config={"voice_id": "jf_alpha", "system_prompt": "You are Pat.", "language": "en",
@@ -134,6 +139,13 @@ class Session:
             return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
 
         async def align(audio: np.ndarray, text: str) -> list[TimedWord]:
+            self.alignments["started"] += 1
+            try:
+                await asyncio.sleep(self.align_s)
+            except asyncio.CancelledError:
+                self.alignments["cancelled"] += 1
+                raise
+            self.alignments["finished"] += 1
             words = text.split()
             step = len(audio) / RATE / len(words)
             return [TimedWord(w, i * step, (i + 1) * step) for i, w in enumerate(words)]
@@ -731,3 +743,89 @@ def test_an_audio_message_being_sent_is_finished_when_the_cancel_is_cut_short(
     asyncio.run(run())
     assert session.audio_cut == []
     assert [e.status for e in session.of_type("response.done")] == ["interrupted"]
+
+
+@pytest.mark.parametrize("ending", ["close", "the user speaks on"])
+def test_the_alignments_of_a_reply_never_shown_stop_with_it(tmp_path: Path, ending: str) -> None:
+    """The early start voices (and aligns) a clause before the turn's end is confirmed."""
+    session = Session(tmp_path, ScriptedChat([text("Yes it is on. Sure."), text("Good.")]),
+                      ["Is it on", "Is it on now?"], align_s=3.0)
+
+    async def run() -> set[asyncio.Task[Any]]:
+        conversation = await session.connect()
+        await say(conversation, silence_s=0.3)  # the early start; the end is not confirmed
+        async with asyncio.timeout(10):
+            while not session.alignments["started"]:
+                await asyncio.sleep(0.01)
+        if ending == "the user speaks on":
+            await say(conversation, speech_s=0.4)
+            await session.until("response.done")
+        await conversation.close()
+        await asyncio.sleep(0.05)
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    assert asyncio.run(run()) == set()
+    assert session.alignments["finished"] == 0
+    assert session.alignments["cancelled"] == session.alignments["started"]
+
+
+def test_a_reply_being_stored_as_the_socket_closes_still_ends_the_session_at_max_turns(
+    tmp_path: Path,
+) -> None:
+    session = Session(tmp_path, ScriptedChat([text("Hi.")]), ["Hello?"], max_turns=1)
+    put_turn = session.storage.put_turn
+    storing = threading.Event()
+
+    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        if turn.role == "assistant":
+            storing.set()
+            time.sleep(0.3)  # a storage round trip
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        async with asyncio.timeout(10):
+            while not storing.is_set():
+                await asyncio.sleep(0.01)
+        await conversation.close()  # the client leaves as the completed reply is stored
+
+    asyncio.run(run())
+    kinds = [e.type for e in session.events if hasattr(e, "type")]
+    assert kinds[-2:] == ["response.done", "session.ended"]
+    assert session.of_type("session.ended")[0].reason == "max_turns"
+
+
+def test_a_reply_that_cannot_be_stored_still_ends_with_an_error_and_counts(
+    tmp_path: Path,
+) -> None:
+    session = Session(tmp_path, ScriptedChat([text("Hi."), text("Two.")]), ["Hello?", "Again?"],
+                      max_turns=2)
+    put_turn = session.storage.put_turn
+    failures = [RuntimeError("table throttled")]
+
+    def failing_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        if turn.role == "assistant" and failures:
+            raise failures.pop()
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = failing_put_turn  # type: ignore[method-assign]
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("response.done")
+        await say(conversation)
+        await session.until("session.ended")
+        await conversation.close()
+
+    asyncio.run(run())
+    [error] = session.of_type("error")
+    assert (error.turn_id, error.code) == ("turn_2", "internal_error")
+    done = session.of_type("response.done")
+    assert [(d.turn_id, d.status) for d in done] == [
+        ("turn_2", "completed"), ("turn_4", "completed")]
+    assert session.events.index(error) < session.events.index(done[0])
+    assert session.chat.requests[1][-2].content == "Hi."  # the next prompt has the reply

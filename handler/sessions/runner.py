@@ -237,6 +237,14 @@ class _Reply:
         return figures
 
 
+async def _stop_alignments(reply: _Reply) -> None:
+    """Cancel ``reply``'s forced-alignment calls (Triton stops them too); wait until they end."""
+    aligning = list(reply.alignments.values())
+    for task in aligning:
+        task.cancel()
+    await asyncio.gather(*aligning, return_exceptions=True)
+
+
 def _retrieve(task: asyncio.Task[list[TimedWord]]) -> None:
     """Mark a background alignment's failure as seen (it is only needed on a barge-in)."""
     if not task.cancelled():
@@ -564,12 +572,13 @@ class LiveConversation:
             await self._error(reply.turn_id, "internal_error", "the reply failed")
             status = "failed"
         if not reply.interrupted:
-            await self._finish(reply, status)
+            await self._finish_apart(reply, status)
 
     async def _drop(self, reply: _Reply) -> None:
-        """Cancel a reply that was never shown and give its turn id back."""
+        """Cancel a reply that was never shown, its alignments too; give its turn id back."""
         assert reply.task is not None
         await stop(reply.task)
+        await _stop_alignments(reply)
         self._release_turn_id(reply.turn_id)
 
     async def _generate(self, reply: _Reply, messages: list[ChatMessage]) -> None:
@@ -842,16 +851,26 @@ class LiveConversation:
             await asyncio.wait([self._sending])
         if self._reply is not reply:  # a call made meanwhile finished it
             return
-        self._reply = None
-        finishing = asyncio.create_task(self._finish(reply, "interrupted"))
+        await self._finish_apart(reply, "interrupted")
+
+    async def _finish_apart(self, reply: _Reply, status: str) -> None:
+        """:meth:`_finish` in a task of its own, which ``close()`` waits for.
+
+        A cancel of the caller (``close()`` cancelling the reply's task, the
+        transport's time limit) does not cut it short, so a finished reply is
+        always announced, stored and counted towards ``max_turns``. The reply
+        stops being the current one at once (before the task runs), so a
+        barge-in meanwhile cannot finish it a second time.
+        """
+        if self._reply is reply:
+            self._reply = None
+        finishing = asyncio.create_task(self._finish(reply, status))
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
         await asyncio.shield(finishing)
 
     async def _finish(self, reply: _Reply, status: str) -> None:
         """Send ``response.done``, store the assistant turn, end the session at ``max_turns``."""
-        if self._reply is reply:
-            self._reply = None
         played_ms = round(reply.playback.played_ms(), 1)
 
         async def reply_alignment(clause: VoicedClause) -> list[TimedWord]:
@@ -866,8 +885,7 @@ class LiveConversation:
                                                                     call["text_offset"]))}
                 for call in tool_calls
             ]
-        for task in reply.alignments.values():
-            task.cancel()
+        await _stop_alignments(reply)
         assistant_turn = TurnRecord(
             turn_id=reply.turn_id,
             role="assistant",
@@ -881,7 +899,14 @@ class LiveConversation:
             latency_ms=reply.latency_ms,
         )
         # Stored first: a client that reads the session on response.done finds the turn.
-        await self._put_turn(assistant_turn)
+        try:
+            await self._put_turn(assistant_turn)
+        except Exception:  # the reply still ends and counts; this socket's prompts keep it
+            logger.exception("session %s: reply %s was not stored", self.record.id,
+                             reply.turn_id)
+            await self._reply_emit(reply, events.ErrorEvent(
+                turn_id=reply.turn_id, code="internal_error",
+                message="the reply could not be stored"))
         done = events.ResponseDone(
             turn_id=reply.turn_id, status=status, played_ms=played_ms, text=text
         )
