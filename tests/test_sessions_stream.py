@@ -9,6 +9,7 @@ limits and how DELETE, idle time and a conversation's own end close the socket.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
@@ -717,3 +718,126 @@ def test_a_failing_session_check_closes_with_an_internal_error(
     asyncio.run(run())
     assert client.close_code == CloseCode.INTERNAL_ERROR
     assert client.sent[-1]["type"] == "error" and client.sent[-1]["fatal"] is True
+
+
+def failing(storage: SQLiteStorage, method: str) -> None:
+    """Make ``storage.<method>`` raise, as a storage outage does."""
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"{method}: the table is unreachable")
+
+    setattr(storage, method, unreachable)
+
+
+async def three_messages(record: SessionRecord, params: SessionParams,
+                         emit: Emit) -> EndsAfterThreeMessages:
+    return EndsAfterThreeMessages(emit)
+
+
+def run_socket(socket: transport.LiveSocket, hub: transport.SessionHub | None = None) -> None:
+    async def run() -> None:
+        async with asyncio.timeout(10):
+            await socket.run(three_messages, hub or transport.SessionHub())
+
+    asyncio.run(run())
+
+
+def test_a_claim_that_cannot_be_stored_closes_with_an_internal_error(tmp_path: Path) -> None:
+    storage = SQLiteStorage(tmp_path / "sessions.db")
+    client = QuietClient(lag=1)
+    socket = live_socket(client, storage, "conv_claim", session_check_s=3600)
+    failing(storage, "claim_session")
+    hub = transport.SessionHub()
+    run_socket(socket, hub)  # returns: it does not raise
+    assert client.close_code == CloseCode.INTERNAL_ERROR
+    assert hub.live == {} and +hub.reserved == collections.Counter()
+
+
+def test_an_end_that_cannot_be_stored_closes_with_an_internal_error(tmp_path: Path) -> None:
+    storage = SQLiteStorage(tmp_path / "sessions.db")
+    client = StreamingClient(lag=1)
+    socket = live_socket(client, storage, "conv_end", session_check_s=3600)
+    failing(storage, "end_session")
+    run_socket(socket)
+    assert client.close_code == CloseCode.INTERNAL_ERROR
+    assert [m["type"] for m in client.sent] == ["session.started", "error"]
+    assert client.sent[-1]["fatal"] is True
+
+
+def test_the_close_code_is_the_stored_end_reasons(tmp_path: Path) -> None:
+    """Deleted by another process (the Lambda) before this socket's idle timeout fired."""
+    storage = SQLiteStorage(tmp_path / "sessions.db")
+    client = QuietClient(lag=1)
+    socket = live_socket(client, storage, "conv_deleted", session_check_s=3600,
+                         session_idle_timeout_s=0.3)
+
+    async def run() -> None:
+        async with asyncio.timeout(10):
+            serving = asyncio.create_task(socket.run(three_messages, transport.SessionHub()))
+            while not client.sent:
+                await asyncio.sleep(0.01)
+            storage.end_session(KEY_ID, "conv_deleted", "deleted")
+            await serving
+
+    asyncio.run(run())
+    assert client.sent[-1]["type"] == "session.ended" and client.sent[-1]["reason"] == "deleted"
+    assert client.close_code == CloseCode.DELETED
+
+
+class StoresOnClose(EndsAfterThreeMessages):
+    """Stores a turn as it closes, after ``store_s`` (an interrupted reply being stored)."""
+
+    def __init__(self, emit: Emit, storage: SQLiteStorage, store_s: float) -> None:
+        super().__init__(emit)
+        self.storage, self.store_s = storage, store_s
+
+    async def close(self) -> None:
+        await asyncio.sleep(self.store_s)
+        self.storage.put_turn(KEY_ID, "conv_resumed", TurnRecord(
+            turn_id="turn_2", role="assistant", text="One two", started_at=0.0, ended_at=1.0,
+            interrupted=True, played_ms=800.0))
+
+
+def test_a_newer_socket_reads_the_turns_once_the_replaced_one_stored_its_last(
+    tmp_path: Path,
+) -> None:
+    storage = SQLiteStorage(tmp_path / "sessions.db")
+    old_client, new_client = QuietClient(lag=1), QuietClient(lag=1)
+    old = live_socket(old_client, storage, "conv_resumed", session_check_s=3600)
+    turns_seen: list[list[str]] = []
+
+    async def factory(record: SessionRecord, params: SessionParams, emit: Emit) -> StoresOnClose:
+        turns_seen.append([t.turn_id for t in storage.list_turns(KEY_ID, "conv_resumed")])
+        return StoresOnClose(emit, storage, store_s=0.3)
+
+    async def run() -> None:
+        hub = transport.SessionHub()
+        serving_old = asyncio.create_task(old.run(factory, hub))
+        async with asyncio.timeout(10):
+            while not turns_seen:
+                await asyncio.sleep(0.01)
+            record = storage.get_session(KEY_ID, "conv_resumed")  # as the route reads it
+            assert record is not None
+            new = transport.LiveSocket(new_client, record, SessionParams(),  # type: ignore[arg-type]
+                                       storage, make_settings(session_check_s=3600))
+            serving_new = asyncio.create_task(new.run(factory, hub))
+            await asyncio.wait({serving_old})
+            while len(turns_seen) < 2:
+                await asyncio.sleep(0.01)
+        serving_new.cancel()
+        await asyncio.wait({serving_new})
+
+    asyncio.run(run())
+    assert old_client.close_code == CloseCode.REPLACED
+    assert turns_seen == [[], ["turn_2"]]
+    assert new_client.sent[0]["type"] == "session.resumed"
+    assert new_client.sent[0]["turn_id"] == "turn_2"
+
+
+def test_a_storage_failure_before_the_stream_starts_closes_with_an_internal_error(
+    triton_url: str, factory: Factory
+) -> None:
+    with app_client(triton_url, factory) as api:
+        session_id = new_session(api)
+        storage = api.app.state.storage  # type: ignore[attr-defined]
+        failing(storage, "get_session")
+        assert closed_with(api, path(session_id), headers=AUTH) == CloseCode.INTERNAL_ERROR

@@ -8,6 +8,7 @@ first and then closed with a documented close code when something is wrong
 
 from __future__ import annotations
 
+import logging
 import math
 
 from fastapi import APIRouter, Depends, Request, WebSocket
@@ -18,7 +19,7 @@ from handler.routes.openapi import json_body
 from handler.schemas.sessions import Conversation, ConversationCreate
 from handler.services.deadline import within_deadline
 from handler.sessions import service
-from handler.sessions.base import ConversationFactory, SessionParams
+from handler.sessions.base import SessionParams
 from handler.sessions.protocol import ENCODINGS, SAMPLE_RATES, CloseCode
 from handler.sessions.transport import LiveSocket, SessionHub
 from handler.settings import Settings
@@ -27,6 +28,7 @@ from handler.storage import Storage
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 stream_router = APIRouter(prefix="/v1")
 SUBPROTOCOL = "converse.v1"
+logger = logging.getLogger("converse.sessions")
 
 
 @router.post(
@@ -96,32 +98,48 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
     offered = websocket.scope.get("subprotocols", [])
     await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     state = websocket.app.state
-    settings: Settings = state.settings
-    storage: Storage = state.storage
+    try:
+        socket = await _open(websocket, session_id)
+    except Exception:  # storage failing (auth, rate limit, the session's record)
+        logger.exception("session %s: the socket could not be opened", session_id)
+        await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
+        return
+    if socket is not None:
+        await socket.run(state.conversation_factory, state.session_hub)
+
+
+async def _open(websocket: WebSocket, session_id: str) -> LiveSocket | None:
+    """The accepted socket's session, checked: key, rate limit, parameters, session state.
+
+    Returns None once the socket is closed with the failing check's code.
+
+    Raises:
+        Exception: whatever storage raises (the caller closes with ``INTERNAL_ERROR``).
+    """
+    settings: Settings = websocket.app.state.settings
+    storage: Storage = websocket.app.state.storage
     try:
         await require_api_key(websocket, settings, storage)
     except AuthenticationError as error:
         await websocket.close(CloseCode.UNAUTHORIZED, error.message)
-        return
+        return None
     except RateLimited as error:
         await websocket.close(CloseCode.RATE_LIMITED, error.message)
-        return
+        return None
     try:
         params = stream_params(dict(websocket.query_params))
     except ParamError as error:
         await websocket.close(error.code, str(error))
-        return
+        return None
     key_id = str(websocket.state.key_id)
     record = await service.current(storage, key_id, session_id, settings.session_max_duration_s)
     if record is None:
         await websocket.close(CloseCode.SESSION_NOT_FOUND, "session not found")
-        return
+        return None
     if record.status != "active":
         await websocket.close(CloseCode.SESSION_ENDED, f"session ended: {record.ended_reason}")
-        return
-    factory: ConversationFactory = state.conversation_factory
-    socket = LiveSocket(websocket, record, params, storage, settings)
-    await socket.run(factory, state.session_hub)
+        return None
+    return LiveSocket(websocket, record, params, storage, settings)
 
 
 @stream_router.get("/conversations/{session_id}/stream", include_in_schema=False)

@@ -110,12 +110,17 @@ class SessionHub:
         """Give back one place :meth:`reserve` held for ``session_id``."""
         self.reserved[session_id] -= 1
 
-    def attach(self, socket: LiveSocket) -> None:
-        """Make ``socket`` its session's live socket; an older one closes (``REPLACED``)."""
+    def attach(self, socket: LiveSocket) -> LiveSocket | None:
+        """Make ``socket`` its session's live socket; an older one closes (``REPLACED``).
+
+        Returns:
+            The older socket, if there was one (it is stopping now).
+        """
         previous = self.live.get(socket.record.id)
         self.live[socket.record.id] = socket
         if previous is not None:
             previous.stop(CloseCode.REPLACED, "replaced by a newer connection")
+        return previous
 
     def detach(self, socket: LiveSocket) -> None:
         """Forget ``socket`` (if it is still its session's live socket)."""
@@ -161,6 +166,7 @@ class LiveSocket:
         self._close: tuple[CloseCode | None, str, str | None] = (None, "", None)
         self._emitting = True
         self._client_stalled = False  # the client took no message for the send timeout
+        self._conversation_stopped = asyncio.Event()  # its turns are all stored by then
 
     def stop(self, code: CloseCode | None, message: str, end_reason: str | None = None) -> None:
         """Close the socket with ``code`` (None: the client left); the first call wins.
@@ -182,12 +188,17 @@ class LiveSocket:
                 f"the service is at its live-session limit; retry in {retry_s} s",
             )
             return
+        previous = None
         try:
             claimed = await run_in_threadpool(
                 self.storage.claim_session, self.record.key_id, self.record.id, self.connection_id
             )
             if claimed:
-                hub.attach(self)
+                previous = hub.attach(self)
+        except Exception:
+            logger.exception("session %s: the socket could not claim it", self.record.id)
+            await self._close_socket(CloseCode.INTERNAL_ERROR, "internal error")
+            return
         finally:
             hub.release(self.record.id)
         if not claimed:
@@ -195,6 +206,8 @@ class LiveSocket:
             return
         conversation: Conversation | None = None
         try:
+            if previous is not None:  # what it is storing (the reply it cut off) counts
+                await previous.conversation_stopped(CLEANUP_S)
             turns = await run_in_threadpool(
                 self.storage.list_turns, self.record.key_id, self.record.id
             )
@@ -230,8 +243,20 @@ class LiveSocket:
                 if stopping.cancelled_caught:
                     logger.warning("session %s: the conversation took over %s s to stop",
                                    self.record.id, CLEANUP_S)
+            self._conversation_stopped.set()
             with anyio.move_on_after(CLEANUP_S, shield=True):
                 await self._finish()
+
+    async def conversation_stopped(self, timeout_s: float) -> None:
+        """Wait until this socket's conversation has stopped (its turns stored), or ``timeout_s``.
+
+        A newer socket of the session in this process waits for it before it
+        reads the session's turns, so its prompts and turn count include the
+        reply this socket was cutting off. Across processes nothing waits: the
+        newer socket reads what was stored by then.
+        """
+        with anyio.move_on_after(timeout_s):
+            await self._conversation_stopped.wait()
 
     async def emit(self, item: ServerEvent | AssistantAudio) -> None:
         """What the conversation sends: events get their ``seq``, audio is encoded.
@@ -352,7 +377,29 @@ class LiveSocket:
         self.stop(CloseCode.MAX_DURATION, "maximum session length", end_reason="max_duration")
 
     async def _finish(self) -> None:
+        """Store the session's end (if it ends), tell the client, close the socket.
+
+        ``session.ended`` carries the stored reason (an end stored elsewhere
+        first wins) and the close code is that reason's. An end that cannot be
+        stored closes with ``INTERNAL_ERROR`` (the session stays active).
+        """
         code, message, end_reason = self._close
+        reason = None
+        if end_reason is not None:
+            try:
+                ended = await run_in_threadpool(
+                    self.storage.end_session, self.record.key_id, self.record.id, end_reason
+                )
+            except Exception:
+                logger.exception("session %s: its end (%s) could not be stored",
+                                 self.record.id, end_reason)
+                if code is not None:
+                    code, message = CloseCode.INTERNAL_ERROR, "the session's end was not stored"
+            else:
+                reason = ended.ended_reason if ended is not None and ended.ended_reason else (
+                    end_reason)
+                if code is not None:
+                    code = END_REASON_CODES.get(reason, code)
         if code in _FATAL_ERRORS:
             with contextlib.suppress(Exception):
                 await self._send(
@@ -361,11 +408,7 @@ class LiveSocket:
                         fatal=True,
                     )
                 )
-        if end_reason is not None:
-            ended = await run_in_threadpool(
-                self.storage.end_session, self.record.key_id, self.record.id, end_reason
-            )
-            reason = ended.ended_reason if ended is not None and ended.ended_reason else end_reason
+        if reason is not None:
             with contextlib.suppress(Exception):
                 await self._send(SessionEnded(turn_id=self.last_turn_id, reason=reason))
         if code is not None:
