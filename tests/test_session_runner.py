@@ -202,6 +202,19 @@ async def second_reply_then_close(session: Session, conversation: LiveConversati
     await conversation.close()
 
 
+def fail_first_store(session: Session, role: str, error: Exception) -> None:
+    """The session's first attempt to store a ``role`` turn raises ``error``."""
+    put_turn = session.storage.put_turn
+    failures = [error]
+
+    def failing_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        if turn.role == role and failures:
+            raise failures.pop()
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = failing_put_turn  # type: ignore[method-assign]
+
+
 def text(reply: str) -> list[ChatDelta]:
     return [ChatDelta(text=word + " ") for word in reply.split()]
 
@@ -633,15 +646,7 @@ def test_a_reply_whose_user_turn_is_being_stored_at_close_does_not_outlive_it(
 
 def test_a_user_turn_that_cannot_be_stored_gets_an_error_and_no_reply(tmp_path: Path) -> None:
     session = Session(tmp_path, ScriptedChat([text("One."), text("Two.")]), ["Go.", "Again."])
-    put_turn = session.storage.put_turn
-    failures = [RuntimeError("disk full")]
-
-    def failing_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
-        if turn.role == "user" and failures:
-            raise failures.pop()
-        put_turn(key_id, session_id, turn)
-
-    session.storage.put_turn = failing_put_turn  # type: ignore[method-assign]
+    fail_first_store(session, "user", RuntimeError("disk full"))
 
     async def run() -> set[asyncio.Task[Any]]:
         conversation = await session.connect()
@@ -803,15 +808,7 @@ def test_a_reply_that_cannot_be_stored_still_ends_with_an_error_and_counts(
 ) -> None:
     session = Session(tmp_path, ScriptedChat([text("Hi."), text("Two.")]), ["Hello?", "Again?"],
                       max_turns=2)
-    put_turn = session.storage.put_turn
-    failures = [RuntimeError("table throttled")]
-
-    def failing_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
-        if turn.role == "assistant" and failures:
-            raise failures.pop()
-        put_turn(key_id, session_id, turn)
-
-    session.storage.put_turn = failing_put_turn  # type: ignore[method-assign]
+    fail_first_store(session, "assistant", RuntimeError("table throttled"))
 
     async def run() -> None:
         conversation = await session.connect()
