@@ -841,3 +841,26 @@ def test_a_storage_failure_before_the_stream_starts_closes_with_an_internal_erro
         storage = api.app.state.storage  # type: ignore[attr-defined]
         failing(storage, "get_session")
         assert closed_with(api, path(session_id), headers=AUTH) == CloseCode.INTERNAL_ERROR
+
+
+def test_a_session_whose_last_reply_reached_max_turns_ends_when_it_reconnects(
+    client: TestClient,
+) -> None:
+    """The service's own conversation factory: a reply stored without the session's end
+    (the process stopped between) still ends the session at ``max_turns``."""
+    created = client.post("/v1/conversations/create", json={**PERSONA, "max_turns": 1},
+                          headers=AUTH)
+    session_id = created.json()["session_id"]
+    storage = client.app.state.storage  # type: ignore[attr-defined]
+    assert storage.claim_session(KEY_ID, session_id, "the socket of the stopped process")
+    storage.put_turn(KEY_ID, session_id, TurnRecord("turn_1", "user", "Hello?", 1.0))
+    storage.put_turn(KEY_ID, session_id, TurnRecord("turn_2", "assistant", "Hi.", 2.0))
+    with client.websocket_connect(path(session_id), headers=AUTH) as ws:
+        assert ws.receive_json()["type"] == "session.resumed"
+        ended = ws.receive_json()
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert (ended["type"], ended["reason"]) == ("session.ended", "max_turns")
+    assert closed.value.code == CloseCode.MAX_TURNS
+    body = client.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+    assert (body["status"], body["ended_reason"]) == ("ended", "max_turns")

@@ -17,6 +17,7 @@ from starlette.datastructures import State
 from handler.engines.chat import chat_model
 from handler.engines.vad import SileroVad
 from handler.sessions.base import ConversationFactory, Emit, SessionParams
+from handler.sessions.protocol import SessionEnded
 from handler.sessions.runner import ConversationModels, LiveConversation
 from handler.storage.base import SessionRecord
 from handler.transcription import align, transcribe
@@ -60,6 +61,11 @@ def live_conversations(state: State) -> ConversationFactory:
             call_timeout_s=state.settings.session_model_timeout_s,
             reply_seed=state.settings.session_reply_seed,
         )
-        return LiveConversation(record, params, models, emit, state.storage, turns)
+        conversation = LiveConversation(record, params, models, emit, state.storage, turns)
+        limit = record.config.get("max_turns")
+        if limit is not None and conversation.exchanges >= limit:
+            # Its last reply was stored but its end was not (the process stopped between).
+            await emit(SessionEnded(turn_id=turns[-1].turn_id, reason="max_turns"))
+        return conversation
 
     return build

@@ -309,6 +309,11 @@ class LiveConversation:
         self._history = chat_history(turns)
         self._exchanges = sum(1 for t in turns if t.role == "assistant")
 
+    @property
+    def exchanges(self) -> int:
+        """Replies finished in the session so far, by this socket and earlier ones."""
+        return self._exchanges
+
     # ---- inbound ---------------------------------------------------------------
 
     async def on_audio(self, samples: np.ndarray) -> None:
