@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,11 +41,15 @@ from handler.sessions.protocol import (
     ResponseDone,
     ResponseStarted,
     SessionEnded,
+    SpeechStarted,
     ToolResult,
 )
 from handler.storage.base import SessionRecord, TurnRecord
 from handler.storage.sqlite import SQLiteStorage
 from tests.helpers import API_KEY, AUTH, make_settings
+
+# An event a conversation may emit (any server event numbered by the transport).
+A_SERVER_EVENT = SpeechStarted(turn_id="turn_1", audio_start_ms=0.0)
 
 KEY_ID = hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
 PERSONA = {"voice_id": "jf_alpha", "system_prompt": "Echo what you hear."}
@@ -92,10 +97,11 @@ class EchoConversation:
 class Factory:
     def __init__(self) -> None:
         self.made: list[EchoConversation] = []
+        self.kind = EchoConversation
 
     async def __call__(self, record: SessionRecord, params: SessionParams,
                        emit: Emit) -> EchoConversation:
-        conversation = EchoConversation(record, params, emit)
+        conversation = self.kind(record, params, emit)
         self.made.append(conversation)
         return conversation
 
@@ -456,6 +462,54 @@ def test_a_client_that_stops_reading_is_dropped_and_its_session_stays(
             assert ws.receive_json()["type"] == "session.resumed"
 
 
+class RepliesInItsOwnTask(EchoConversation):
+    """Sends its reply from a task of its own; ``close()`` waits for that send to end (as
+    the runner waits for the audio message being written, never cutting one)."""
+
+    def __init__(self, record: SessionRecord, params: SessionParams, emit: Emit) -> None:
+        super().__init__(record, params, emit)
+        self.replying: asyncio.Task[None] | None = None
+
+    async def on_event(self, event: ClientEvent) -> None:
+        self.replying = asyncio.create_task(super().on_event(event))
+
+    async def close(self) -> None:
+        if self.replying is not None:
+            await asyncio.wait({self.replying})
+        await super().close()
+
+
+def test_a_message_waiting_on_a_client_that_is_behind_is_given_up_when_the_socket_stops(
+    triton_url: str,
+) -> None:
+    """DELETE while the reply's first message waits: the conversation stops at once, not
+    after the send timeout; the session ends as deleted."""
+    factory = Factory()
+    factory.kind = RepliesInItsOwnTask
+    client = UnreadingClient(create_app(
+        make_settings(triton_url=triton_url, session_send_timeout_s=4.0), factory))
+    with TestClient(client) as api:
+        session_id = new_session(api)
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            ws.send_bytes(Encoder("pcm16", 16000).encode(speech(16000))[0])
+            client.stall(for_s=6.0)
+            ws.send_text(REPLY)
+            while client.waiting == 0:  # response.started is waiting
+                time.sleep(0.01)
+            conversation = factory.made[-1]
+            assert api.delete(f"/v1/conversations/{session_id}", headers=AUTH).status_code == 200
+            deadline = time.monotonic() + 2.0  # the send timeout is 4 s
+            while not conversation.closed:
+                assert time.monotonic() < deadline, "the conversation waited on the send"
+                time.sleep(0.01)
+            with pytest.raises(WebSocketDisconnect):
+                while True:
+                    ws.receive_json()
+        body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+        assert (body["status"], body["ended_reason"]) == ("ended", "deleted")
+
+
 def test_on_uvicorn_a_client_that_stops_reading_is_dropped(
     triton_url: str, factory: Factory
 ) -> None:
@@ -797,17 +851,37 @@ class StoresOnClose(EndsAfterThreeMessages):
             interrupted=True, played_ms=800.0))
 
 
-def test_a_newer_socket_reads_the_turns_once_the_replaced_one_stored_its_last(
-    tmp_path: Path,
+class LeavingClient(QuietClient):
+    """A client socket that sends nothing, then disconnects when ``leave()`` is called."""
+
+    def __init__(self) -> None:
+        super().__init__(lag=1)
+        self.left = asyncio.Event()
+
+    def leave(self) -> None:
+        self.left.set()
+
+    async def receive(self) -> dict[str, Any]:
+        await self.left.wait()
+        return {"type": "websocket.disconnect"}
+
+
+@pytest.mark.parametrize("older", ["replaced", "left"])
+def test_a_newer_socket_reads_the_turns_once_the_older_one_stored_its_last(
+    tmp_path: Path, older: str,
 ) -> None:
+    """The older socket stops (a reconnect replaces it, or its client left just before)
+    and stores the reply it cut off as its conversation closes."""
     storage = SQLiteStorage(tmp_path / "sessions.db")
-    old_client, new_client = QuietClient(lag=1), QuietClient(lag=1)
+    old_client, new_client = LeavingClient(), QuietClient(lag=1)
     old = live_socket(old_client, storage, "conv_resumed", session_check_s=3600)
     turns_seen: list[list[str]] = []
+    closing: list[StoresOnClose] = []
 
     async def factory(record: SessionRecord, params: SessionParams, emit: Emit) -> StoresOnClose:
         turns_seen.append([t.turn_id for t in storage.list_turns(KEY_ID, "conv_resumed")])
-        return StoresOnClose(emit, storage, store_s=0.3)
+        closing.append(StoresOnClose(emit, storage, store_s=0.3))
+        return closing[-1]
 
     async def run() -> None:
         hub = transport.SessionHub()
@@ -815,6 +889,9 @@ def test_a_newer_socket_reads_the_turns_once_the_replaced_one_stored_its_last(
         async with asyncio.timeout(10):
             while not turns_seen:
                 await asyncio.sleep(0.01)
+            if older == "left":
+                old_client.leave()
+                await asyncio.sleep(0.1)  # its conversation is storing the reply
             record = storage.get_session(KEY_ID, "conv_resumed")  # as the route reads it
             assert record is not None
             new = transport.LiveSocket(new_client, record, SessionParams(),  # type: ignore[arg-type]
@@ -827,10 +904,53 @@ def test_a_newer_socket_reads_the_turns_once_the_replaced_one_stored_its_last(
         await asyncio.wait({serving_new})
 
     asyncio.run(run())
-    assert old_client.close_code == CloseCode.REPLACED
+    assert old_client.close_code == (CloseCode.REPLACED if older == "replaced" else None)
     assert turns_seen == [[], ["turn_2"]]
     assert new_client.sent[0]["type"] == "session.resumed"
     assert new_client.sent[0]["turn_id"] == "turn_2"
+
+
+class EmitsSeventyOnAudio(EndsAfterThreeMessages):
+    """On each audio message, emits 70 events (more than one block of sequence numbers)."""
+
+    def __init__(self, emit: Emit) -> None:
+        super().__init__(emit)
+        self.raised: list[BaseException] = []
+
+    async def on_audio(self, samples: np.ndarray) -> None:
+        for _ in range(70):
+            try:
+                await self.emit(A_SERVER_EVENT)
+            except Exception as error:  # the transport's emit must not raise
+                self.raised.append(error)
+
+
+def test_events_that_cannot_be_numbered_close_with_an_internal_error(tmp_path: Path) -> None:
+    storage = SQLiteStorage(tmp_path / "sessions.db")
+    client = StreamingClient(lag=1)
+    socket = live_socket(client, storage, "conv_seq", session_check_s=3600)
+    made: list[EmitsSeventyOnAudio] = []
+    reserve = storage.reserve_seq
+
+    def first_block_only(key_id: str, session_id: str, count: int) -> int:
+        if any(m["type"] == "session.started" for m in client.sent):
+            raise sqlite3.OperationalError("database is locked")
+        return reserve(key_id, session_id, count)
+
+    storage.reserve_seq = first_block_only  # type: ignore[method-assign]
+
+    async def factory(record: SessionRecord, params: SessionParams,
+                      emit: Emit) -> EmitsSeventyOnAudio:
+        made.append(EmitsSeventyOnAudio(emit))
+        return made[-1]
+
+    async def run() -> None:
+        async with asyncio.timeout(10):
+            await socket.run(factory, transport.SessionHub())
+
+    asyncio.run(run())
+    assert made[0].raised == []
+    assert client.close_code == CloseCode.INTERNAL_ERROR
 
 
 def test_a_storage_failure_before_the_stream_starts_closes_with_an_internal_error(

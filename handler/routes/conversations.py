@@ -8,10 +8,12 @@ first and then closed with a documented close code when something is wrong
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
 from fastapi import APIRouter, Depends, Request, WebSocket
+from starlette.websockets import WebSocketDisconnect
 
 from handler.deps import ContextDep, SettingsDep, parse_body, require_api_key
 from handler.errors import AuthenticationError, RateLimited, UpgradeRequired
@@ -100,9 +102,12 @@ async def stream(websocket: WebSocket, session_id: str) -> None:
     state = websocket.app.state
     try:
         socket = await _open(websocket, session_id)
+    except (WebSocketDisconnect, OSError):  # the client left first
+        return
     except Exception:  # storage failing (auth, rate limit, the session's record)
         logger.exception("session %s: the socket could not be opened", session_id)
-        await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
+        with contextlib.suppress(Exception):
+            await websocket.close(CloseCode.INTERNAL_ERROR, "internal error")
         return
     if socket is not None:
         await socket.run(state.conversation_factory, state.session_hub)

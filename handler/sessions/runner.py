@@ -861,9 +861,10 @@ class LiveConversation:
     async def _finish_apart(self, reply: _Reply, status: str) -> None:
         """:meth:`_finish` in a task of its own, which ``close()`` waits for.
 
-        A cancel of the caller (``close()`` cancelling the reply's task, the
-        transport's time limit) does not cut it short, so a finished reply is
-        always announced, stored and counted towards ``max_turns``. The reply
+        A cancel of the caller (``close()`` cancelling the reply's task) does
+        not cut it short: ``close()`` waits for it, so a finished reply is
+        announced, stored and counted towards ``max_turns`` unless closing runs
+        past the transport's cleanup limit (which cancels everything). The reply
         stops being the current one at once (before the task runs), so a
         barge-in meanwhile cannot finish it a second time.
         """

@@ -167,6 +167,8 @@ class LiveSocket:
         self._emitting = True
         self._client_stalled = False  # the client took no message for the send timeout
         self._conversation_stopped = asyncio.Event()  # its turns are all stored by then
+        self._send_deadline: asyncio.Timeout | None = None  # of the message being written
+        self._send_cut = False  # stop() ended the wait of the message being written
 
     def stop(self, code: CloseCode | None, message: str, end_reason: str | None = None) -> None:
         """Close the socket with ``code`` (None: the client left); the first call wins.
@@ -177,6 +179,11 @@ class LiveSocket:
         if not self._stopped.is_set():
             self._close = (code, message, end_reason)
             self._stopped.set()
+            self._emitting = False  # the conversation's later events are not sent
+            if self._send_deadline is not None:  # a send waiting on a client that is behind
+                self._send_cut = True
+                with contextlib.suppress(RuntimeError):  # its own time ran out meanwhile
+                    self._send_deadline.reschedule(asyncio.get_running_loop().time())
 
     async def run(self, factory: ConversationFactory, hub: SessionHub) -> None:
         """Serve the socket until it closes (never raises)."""
@@ -208,6 +215,8 @@ class LiveSocket:
         try:
             if previous is not None:  # what it is storing (the reply it cut off) counts
                 await previous.conversation_stopped(CLEANUP_S)
+                if self._stopped.is_set():  # replaced or ended meanwhile
+                    return
             turns = await run_in_threadpool(
                 self.storage.list_turns, self.record.key_id, self.record.id
             )
@@ -230,7 +239,6 @@ class LiveSocket:
             logger.exception("session %s: socket failed", self.record.id)
             self.stop(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            hub.detach(self)
             self._emitting = False
             # Shielded: the conversation must stop its work (Triton calls) and the
             # session's end be stored even when the socket's task is being cancelled.
@@ -243,7 +251,10 @@ class LiveSocket:
                 if stopping.cancelled_caught:
                     logger.warning("session %s: the conversation took over %s s to stop",
                                    self.record.id, CLEANUP_S)
+            # Detached only now: a reconnect meanwhile finds this socket and waits
+            # for it, and a socket still stopping counts towards the live limit.
             self._conversation_stopped.set()
+            hub.detach(self)
             with anyio.move_on_after(CLEANUP_S, shield=True):
                 await self._finish()
 
@@ -287,6 +298,9 @@ class LiveSocket:
             await self._send(item)
         except (WebSocketDisconnect, RuntimeError, OSError):
             self.stop(None, "client left")
+        except Exception:  # storage failing to number the event: this socket cannot go on
+            logger.exception("session %s: an event could not be sent", self.record.id)
+            self.stop(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _serve(self, conversation: Conversation) -> None:
         receiver = asyncio.create_task(self._receive(conversation))
@@ -469,25 +483,36 @@ class LiveSocket:
         behind the unread data; uvicorn drops the connection when the socket's
         task ends).
 
+        A message still waiting when the socket stops (``stop()``) is given up
+        at once: the socket is closing, and its conversation must not wait on
+        a client that is behind.
+
         Raises:
-            WebSocketDisconnect: code 1006, the client is not reading (now or earlier);
-                also whatever the socket's own send raises.
+            WebSocketDisconnect: code 1006, the client is not reading (now or earlier),
+                or the socket stopped while the message waited; also whatever the
+                socket's own send raises.
         """
         if self._client_stalled:
             raise WebSocketDisconnect(1006)
         timeout_s = self.settings.session_send_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s) as deadline:
+                self._send_deadline, self._send_cut = deadline, False
                 if isinstance(message, str):
                     await self.websocket.send_text(message)
                 else:
                     await self.websocket.send_bytes(message)
         except TimeoutError:
+            self._send_deadline = None
+            if self._send_cut:
+                raise WebSocketDisconnect(1006) from None
             self._client_stalled = True
             logger.warning("session %s: the client took no message for %g s; dropped",
                            self.record.id, timeout_s)
             self.stop(None, "client stopped reading")
             raise WebSocketDisconnect(1006) from None
+        finally:
+            self._send_deadline = None
 
 
 def _summary(error: ValidationError) -> str:
