@@ -401,16 +401,19 @@ def test_maximum_session_length_ends_the_session(triton_url: str, factory: Facto
 
 
 class UnreadingClient:
-    """ASGI wrapper: the app's socket messages wait, as uvicorn's do behind a full send
-    buffer, while the client reads nothing (from ``stall()`` for ``for_s`` seconds).
+    """The API (``send_timeout_s``) behind an ASGI wrapper: its socket messages wait, as
+    uvicorn's do behind a full send buffer, while the client reads nothing (from
+    ``stall()`` for ``for_s`` seconds).
 
     When the app's socket task ends without a close frame, the client sees the
     connection drop (1006), as uvicorn closes it then. ``waiting`` counts the
     messages the app tried to write while the client was not reading.
     """
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, triton_url: str, factory: ConversationFactory,
+                 send_timeout_s: float) -> None:
+        self.app = create_app(
+            make_settings(triton_url=triton_url, session_send_timeout_s=send_timeout_s), factory)
         self.stalled_until = 0.0
         self.waiting = 0
 
@@ -434,21 +437,25 @@ class UnreadingClient:
             await send({"type": "websocket.close", "code": 1006})
 
 
+def ask_then_stop_reading(ws: Any, client: UnreadingClient, for_s: float) -> None:
+    """After the socket's first event, speak, then ask for the echo and read nothing."""
+    ws.receive_json()
+    ws.send_bytes(Encoder("pcm16", 16000).encode(speech(16000))[0])
+    client.stall(for_s)
+    ws.send_text(REPLY)
+
+
 def test_a_client_that_stops_reading_is_dropped_and_its_session_stays(
     triton_url: str, factory: Factory
 ) -> None:
     """The reply's first message waits past the send timeout: the socket is dropped at
     once (before the client would read again), nothing more is tried, and the session
     can be resumed."""
-    client = UnreadingClient(create_app(
-        make_settings(triton_url=triton_url, session_send_timeout_s=0.3), factory))
+    client = UnreadingClient(triton_url, factory, send_timeout_s=0.3)
     with TestClient(client) as api:
         session_id = new_session(api)
         with api.websocket_connect(path(session_id), headers=AUTH) as ws:
-            ws.receive_json()
-            ws.send_bytes(Encoder("pcm16", 16000).encode(speech(16000))[0])
-            client.stall(for_s=5.0)
-            ws.send_text(REPLY)
+            ask_then_stop_reading(ws, client, for_s=5.0)
             with pytest.raises(WebSocketDisconnect) as dropped:
                 ws.receive_json()
         assert dropped.value.code == 1006
@@ -486,15 +493,11 @@ def test_a_message_waiting_on_a_client_that_is_behind_is_given_up_when_the_socke
     after the send timeout; the session ends as deleted."""
     factory = Factory()
     factory.kind = RepliesInItsOwnTask
-    client = UnreadingClient(create_app(
-        make_settings(triton_url=triton_url, session_send_timeout_s=4.0), factory))
+    client = UnreadingClient(triton_url, factory, send_timeout_s=4.0)
     with TestClient(client) as api:
         session_id = new_session(api)
         with api.websocket_connect(path(session_id), headers=AUTH) as ws:
-            ws.receive_json()
-            ws.send_bytes(Encoder("pcm16", 16000).encode(speech(16000))[0])
-            client.stall(for_s=6.0)
-            ws.send_text(REPLY)
+            ask_then_stop_reading(ws, client, for_s=6.0)
             while client.waiting == 0:  # response.started is waiting
                 time.sleep(0.01)
             conversation = factory.made[-1]
