@@ -506,9 +506,11 @@ def test_a_message_waiting_on_a_client_that_is_behind_is_given_up_when_the_socke
             while not conversation.closed:
                 assert time.monotonic() < deadline, "the conversation waited on the send"
                 time.sleep(0.01)
-            with pytest.raises(WebSocketDisconnect):
+            with pytest.raises(WebSocketDisconnect) as dropped:
                 while True:
                     ws.receive_json()
+        # Its session.ended also waited past the send timeout: no close frame was tried.
+        assert dropped.value.code == 1006 and time.monotonic() < client.stalled_until
         body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
         assert (body["status"], body["ended_reason"]) == ("ended", "deleted")
 
