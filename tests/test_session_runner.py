@@ -88,13 +88,14 @@ class Session:
     by ``stall`` (``vad``, ``transcribe`` or ``speak``) never answers (a wedged
     Triton call), and ``stalls_cancelled`` counts its cancels. Each forced
     alignment takes ``align_s``; ``alignments`` counts those started, finished
-    and cancelled.
+    and cancelled. The first transcription takes ``first_transcribe_s``.
     """
 
     def __init__(self, tmp_path: Path, chat: ScriptedChat, transcripts: list[str], *,
                  tool_timeout_s: float = 10.0, call_timeout_s: float = 30.0,
                  reply_seed: int | None = None, audio_send_s: float = 0.0,
-                 stall: str = "", align_s: float = 0.0, **config: Any) -> None:
+                 stall: str = "", align_s: float = 0.0, first_transcribe_s: float = 0.0,
+                 **config: Any) -> None:
         self.storage = SQLiteStorage(tmp_path / "sessions.db")
         self.chat = chat
         self.transcripts = transcripts
@@ -107,6 +108,7 @@ class Session:
         self.audio_sending: list[AssistantAudio] = []  # messages whose send began
         self.audio_cut: list[AssistantAudio] = []  # ... and was cancelled part-way
         self.align_s = align_s
+        self.first_transcribe_s = first_transcribe_s  # the first transcription's time
         self.alignments = {"started": 0, "finished": 0, "cancelled": 0}
         self.storage.put_session(SessionRecord(
             id="conv_1", key_id="key", model="kokoro", voice="jf_alpha*1", created_at=1.0,
@@ -131,6 +133,8 @@ class Session:
 
         async def transcribe(audio: np.ndarray, language: str) -> str:
             await stall_once("transcribe")()
+            delay_s, self.first_transcribe_s = self.first_transcribe_s, 0.0
+            await asyncio.sleep(delay_s)
             return next(transcripts)
 
         async def speak(text: str) -> np.ndarray:
@@ -826,3 +830,27 @@ def test_a_reply_that_cannot_be_stored_still_ends_with_an_error_and_counts(
         ("turn_2", "completed"), ("turn_4", "completed")]
     assert session.events.index(error) < session.events.index(done[0])
     assert session.chat.requests[1][-2].content == "Hi."  # the next prompt has the reply
+
+
+def test_a_turn_that_ends_while_the_one_before_is_transcribed_gets_the_reply(
+    tmp_path: Path,
+) -> None:
+    """The user says more before the first turn's reply could start: one reply, to both."""
+    session = Session(tmp_path, ScriptedChat([text("Sunny all day.")]),
+                      ["Hey.", "What is the weather like?"], first_transcribe_s=1.5)
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        await session.until("input.speech_stopped")
+        await say(conversation)
+        await session.until("response.done")
+        await asyncio.sleep(0.3)
+        await conversation.close()
+
+    asyncio.run(run())
+    [started] = session.of_type("response.started")
+    [_, second] = session.of_type("input.transcript")
+    assert started.reply_to == second.turn_id
+    prompt = session.chat.requests[-1]  # the first turn's reply was started, then dropped
+    assert [m.content for m in prompt if m.role == "user"] == ["Hey.", "What is the weather like?"]

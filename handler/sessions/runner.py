@@ -298,11 +298,12 @@ class LiveConversation:
         self._last_turn_number = max([record.last_turn, *(t.index for t in turns)])
         self._noted_turn = self._last_turn_number
         self._user_turn_id: str | None = None
+        self._last_user_turn_id: str | None = None  # the newest turn that gets a reply
         self._user_turn_started = 0.0
         self._reply: _Reply | None = None
         self._respond_tasks: set[asyncio.Task[None]] = set()
         self._early_turn: _EarlyTurn | None = None
-        self._asr_lock = asyncio.Lock()
+        self._turn_lock = asyncio.Lock()  # user turns are taken one at a time, in order
         self._tool_results: dict[str, asyncio.Future[str]] = {}
         self._sending: asyncio.Future[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
@@ -468,10 +469,12 @@ class LiveConversation:
         early = self._early_turn
         if early is not None and early.end == stopped.end:
             self._early_turn = None
+            self._last_user_turn_id = turn_id
             early.end_of_turn.confirm()
             return
         await self._drop_early_turn()
         if stopped.is_turn:
+            self._last_user_turn_id = turn_id
             end_of_turn = _EndOfTurn()
             end_of_turn.confirm()
             self._start_respond(turn_id, stopped, end_of_turn)
@@ -504,63 +507,13 @@ class LiveConversation:
         is sent or stored, and cancelling this task leaves no trace (the
         reply's work is cancelled too).
         """
-        async with self._asr_lock:
-            try:
-                # No audio is left of a turn the VAD reached more than HEARD_S late.
-                transcript = (
-                    await self._model_call(
-                        self.models.transcribe(audio_16k, self.config["language"]),
-                        "transcription",
-                    )
-                    if len(audio_16k)
-                    else ""
-                )
-            except ApiError as error:
-                await end_of_turn.wait()
-                await self._error(user_turn_id, error.code, error.message)
-                return
-        transcribed = time.monotonic()
-        reply = None
-        if transcript.strip():
-            reply = _Reply(
-                turn_id=self._next_turn_id(),
-                reply_to=user_turn_id,
-                started_at=self._storage.clock(),
-            )
-            reply.mark("asr")
-            reply.task = asyncio.create_task(
-                self._generate(reply, [*self._prompt(), ChatMessage("user", transcript)])
-            )
-        # Until the reply is handed to self._reply, stopping it is this task's job.
-        try:
-            ended = await end_of_turn.wait()
-            await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
-            await self._put_turn(
-                TurnRecord(
-                    turn_id=user_turn_id,
-                    role="user",
-                    text=transcript,
-                    started_at=started_at,
-                    ended_at=self._storage.clock(),
-                    audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
-                    latency_ms={"asr": round(max(0.0, transcribed - ended) * 1000.0, 1)},
-                )
-            )
-        except asyncio.CancelledError:
-            if reply is not None:
-                await self._drop(reply)
-            raise
-        except Exception:
-            logger.exception("session %s: user turn %s was not stored", self.record.id,
-                             user_turn_id)
-            if reply is not None:
-                await self._drop(reply)
-            await self._error(user_turn_id, "internal_error", "the turn could not be stored")
+        taken = await self._take_turn(user_turn_id, started_at, audio_16k, end_of_turn)
+        if taken is None:
             return
-        if reply is None:
-            return
-        self._history.append([ChatMessage(role="user", content=transcript)])
-        if self._segmenter.in_speech or self._reply is not None:
+        reply, ended = taken
+        # A newer turn (or one being spoken) gets the reply; its prompt holds this one.
+        newer_turn = user_turn_id != self._last_user_turn_id or self._segmenter.in_speech
+        if newer_turn or self._reply is not None:
             await self._drop(reply)
             return
         assert reply.task is not None
@@ -578,6 +531,79 @@ class LiveConversation:
             status = "failed"
         if not reply.interrupted:
             await self._finish_apart(reply, status)
+
+    async def _take_turn(
+        self, user_turn_id: str, started_at: float, audio_16k: np.ndarray,
+        end_of_turn: _EndOfTurn,
+    ) -> tuple[_Reply, float] | None:
+        """Transcribe, confirm and store one user turn; start its reply meanwhile.
+
+        User turns are taken one at a time, in order (``_turn_lock``), up to
+        their place in the history: a turn that ends while the one before is
+        still being transcribed gets a prompt that holds that one.
+
+        Returns:
+            The reply started (hidden) and the ``time.monotonic()`` its turn's end
+            was confirmed; None when there is nothing to answer (an empty or
+            failed transcription, a turn that could not be stored).
+        """
+        async with self._turn_lock:
+            try:
+                # No audio is left of a turn the VAD reached more than HEARD_S late.
+                transcript = (
+                    await self._model_call(
+                        self.models.transcribe(audio_16k, self.config["language"]),
+                        "transcription",
+                    )
+                    if len(audio_16k)
+                    else ""
+                )
+            except ApiError as error:
+                await end_of_turn.wait()
+                await self._error(user_turn_id, error.code, error.message)
+                return None
+            transcribed = time.monotonic()
+            reply = None
+            if transcript.strip():
+                reply = _Reply(
+                    turn_id=self._next_turn_id(),
+                    reply_to=user_turn_id,
+                    started_at=self._storage.clock(),
+                )
+                reply.mark("asr")
+                reply.task = asyncio.create_task(
+                    self._generate(reply, [*self._prompt(), ChatMessage("user", transcript)])
+                )
+            # Until the reply is handed to self._reply, stopping it is this task's job.
+            try:
+                ended = await end_of_turn.wait()
+                await self._emit(events.InputTranscript(turn_id=user_turn_id, text=transcript))
+                await self._put_turn(
+                    TurnRecord(
+                        turn_id=user_turn_id,
+                        role="user",
+                        text=transcript,
+                        started_at=started_at,
+                        ended_at=self._storage.clock(),
+                        audio_ms=round(len(audio_16k) / VAD_SAMPLE_RATE * 1000.0, 1),
+                        latency_ms={"asr": round(max(0.0, transcribed - ended) * 1000.0, 1)},
+                    )
+                )
+            except asyncio.CancelledError:
+                if reply is not None:
+                    await self._drop(reply)
+                raise
+            except Exception:
+                logger.exception("session %s: user turn %s was not stored", self.record.id,
+                                 user_turn_id)
+                if reply is not None:
+                    await self._drop(reply)
+                await self._error(user_turn_id, "internal_error", "the turn could not be stored")
+                return None
+            if reply is None:
+                return None
+            self._history.append([ChatMessage(role="user", content=transcript)])
+            return reply, ended
 
     async def _drop(self, reply: _Reply) -> None:
         """Cancel a reply that was never shown, its alignments too; give its turn id back."""
