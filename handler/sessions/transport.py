@@ -410,8 +410,8 @@ class LiveSocket:
                 if code is not None:
                     code, message = CloseCode.INTERNAL_ERROR, "the session's end was not stored"
             else:
-                reason = ended.ended_reason if ended is not None and ended.ended_reason else (
-                    end_reason)
+                stored = ended.ended_reason if ended is not None else None
+                reason = stored or end_reason
                 if code is not None:
                     code = END_REASON_CODES.get(reason, code)
         if code in _FATAL_ERRORS:
@@ -502,17 +502,17 @@ class LiveSocket:
                     await self.websocket.send_text(message)
                 else:
                     await self.websocket.send_bytes(message)
+            return
         except TimeoutError:
+            pass
+        finally:
             self._send_deadline = None
-            if self._send_cut:
-                raise WebSocketDisconnect(1006) from None
+        if not self._send_cut:  # its own time ran out, not stop()'s
             self._client_stalled = True
             logger.warning("session %s: the client took no message for %g s; dropped",
                            self.record.id, timeout_s)
             self.stop(None, "client stopped reading")
-            raise WebSocketDisconnect(1006) from None
-        finally:
-            self._send_deadline = None
+        raise WebSocketDisconnect(1006)
 
 
 def _summary(error: ValidationError) -> str:
