@@ -854,3 +854,48 @@ def test_a_turn_that_ends_while_the_one_before_is_transcribed_gets_the_reply(
     assert started.reply_to == second.turn_id
     prompt = session.chat.requests[-1]  # the first turn's reply was started, then dropped
     assert [m.content for m in prompt if m.role == "user"] == ["Hey.", "What is the weather like?"]
+
+
+@pytest.mark.parametrize("ending", ["cancel", "completed"])
+def test_speech_after_a_reply_ends_waits_for_its_response_done(
+    tmp_path: Path, ending: str
+) -> None:
+    """The user speaks while the ended reply is still being stored.
+
+    ``input.speech_started`` of the new turn comes after the reply's
+    ``response.done``, and the next prompt has the reply before the new turn.
+    """
+    chat = ScriptedChat([text("One two three."), text("Fine.")])
+    session = Session(tmp_path, chat, ["Count.", "Again."])
+    put_turn = session.storage.put_turn
+
+    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        time.sleep(0.5 if turn.role == "assistant" else 0.0)
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+
+    async def run() -> None:
+        conversation = await session.connect()
+        await say(conversation)
+        async with asyncio.timeout(10):
+            while not any(isinstance(e, AssistantAudio) for e in session.events):
+                await asyncio.sleep(0.01)
+        if ending == "cancel":  # once "One" has played
+            await asyncio.sleep(1.0)
+            cancelling = asyncio.create_task(conversation.on_event(events.ResponseCancel()))
+        else:  # once its one clause has played
+            await asyncio.sleep(CLAUSE_S)
+        await asyncio.sleep(0.15)  # its turn is being stored
+        await say(conversation)
+        if ending == "cancel":
+            await cancelling
+        await session.until("response.done", 2)
+        await conversation.close()
+
+    asyncio.run(run())
+    kinds = [kind for e in session.events
+             if (kind := getattr(e, "type", None)) in ("input.speech_started", "response.done")]
+    assert kinds == ["input.speech_started", "response.done"] * 2
+    prompt = chat.requests[-1]
+    assert [m.role for m in prompt] == ["system", "user", "assistant", "user"]

@@ -872,17 +872,22 @@ class LiveConversation:
         does not pass the cancel on), and once the reply is being finished that
         runs to its end (``response.done``, the stored turn) in a task of its
         own that ``close()`` waits for.
+
+        Returns once every reply being finished (this one, one a concurrent
+        call or its own completion is finishing) has sent ``response.done``
+        and reached the history, so what the caller sends next (the next
+        turn's ``input.speech_started``) follows it and the next prompt has it.
         """
         reply = self._reply
-        if reply is None or reply.task is None:
-            return
-        reply.interrupted = True  # _respond leaves the finishing to this method
-        await stop(reply.task)
-        if self._sending is not None:
-            await asyncio.wait([self._sending])
-        if self._reply is not reply:  # a call made meanwhile finished it
-            return
-        await self._finish_apart(reply, "interrupted")
+        if reply is not None and reply.task is not None:
+            reply.interrupted = True  # _respond leaves the finishing to this method
+            await stop(reply.task)
+            if self._sending is not None:
+                await asyncio.wait([self._sending])
+            if self._reply is reply:  # not finished by a call made meanwhile
+                await self._finish_apart(reply, "interrupted")
+        if self._finishing:  # asyncio.wait: a cancel of the caller does not reach them
+            await asyncio.wait(self._finishing)
 
     async def _finish_apart(self, reply: _Reply, status: str) -> None:
         """:meth:`_finish` in a task of its own, which ``close()`` waits for.
