@@ -219,6 +219,17 @@ def fail_first_store(session: Session, role: str, error: Exception) -> None:
     session.storage.put_turn = failing_put_turn  # type: ignore[method-assign]
 
 
+def slow_store(session: Session, role: str, seconds: float) -> None:
+    """Storing a ``role`` turn takes ``seconds`` more (a slow storage round trip)."""
+    put_turn = session.storage.put_turn
+
+    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
+        time.sleep(seconds if turn.role == role else 0.0)
+        put_turn(key_id, session_id, turn)
+
+    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+
+
 def text(reply: str) -> list[ChatDelta]:
     return [ChatDelta(text=word + " ") for word in reply.split()]
 
@@ -628,13 +639,7 @@ def test_a_reply_whose_user_turn_is_being_stored_at_close_does_not_outlive_it(
     tmp_path: Path,
 ) -> None:
     session = Session(tmp_path, ScriptedChat([text("One. Two. Three.")]), ["Go."])
-    put_turn = session.storage.put_turn
-
-    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
-        time.sleep(0.5 if turn.role == "user" else 0.0)
-        put_turn(key_id, session_id, turn)
-
-    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+    slow_store(session, "user", 0.5)
 
     async def run() -> set[asyncio.Task[Any]]:
         conversation = await session.connect()
@@ -677,13 +682,7 @@ def test_a_barge_in_while_a_tool_result_is_stored_leaves_no_call_without_its_res
     call = ChatDelta(tool_call=ToolCall("call_1", "lookup", "{}"))
     chat = ScriptedChat([[*text("Let me check."), call], text("It is sunny."), text("Fine.")])
     session = Session(tmp_path, chat, ["Weather?", "Never mind."], tools=[TOOL])
-    put_turn = session.storage.put_turn
-
-    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
-        time.sleep(0.5 if turn.role == "tool" else 0.0)
-        put_turn(key_id, session_id, turn)
-
-    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+    slow_store(session, "tool", 0.5)
 
     async def run() -> None:
         conversation = await session.connect()
@@ -867,13 +866,7 @@ def test_speech_after_a_reply_ends_waits_for_its_response_done(
     """
     chat = ScriptedChat([text("One two three."), text("Fine.")])
     session = Session(tmp_path, chat, ["Count.", "Again."])
-    put_turn = session.storage.put_turn
-
-    def slow_put_turn(key_id: str, session_id: str, turn: TurnRecord) -> None:
-        time.sleep(0.5 if turn.role == "assistant" else 0.0)
-        put_turn(key_id, session_id, turn)
-
-    session.storage.put_turn = slow_put_turn  # type: ignore[method-assign]
+    slow_store(session, "assistant", 0.5)
 
     async def run() -> None:
         conversation = await session.connect()
