@@ -88,3 +88,90 @@ def test_a_spoken_exchange_in_chromium(server: ApiServer, real_client: TestClien
     assert replied.strip()
     assert status == "completed"
     assert played_ms > 0
+
+
+# Counts the bytes of binary messages the page sends on any WebSocket, and records
+# where each reply clip is scheduled (AudioContext seconds).
+_SPY = """
+window.spy = { sentBytes: 0, starts: [] };
+const send = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  if (typeof data !== "string") window.spy.sentBytes += data.byteLength;
+  return send.call(this, data);
+};
+const start = AudioBufferSourceNode.prototype.start;
+AudioBufferSourceNode.prototype.start = function (when) {
+  window.spy.starts.push({ when, duration: this.buffer.duration, at: this.context.currentTime });
+  return start.call(this, when);
+};
+"""
+
+# A reply whose second clip arrives after the first has played out (a stall), then a third.
+_STALLED_REPLY = """async () => {
+  const clip = (s) => new Int16Array(Math.round(audio.sampleRate * s)).fill(1000).buffer;
+  const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+  window.spy.starts = [];
+  onEvent({ type: "response.started", turn_id: "turn_90", seq: 1 });
+  playAudio(clip(0.2));
+  await sleep(600);
+  playAudio(clip(0.2));
+  playAudio(clip(0.2));
+  return window.spy.starts;
+}"""
+
+
+@pytest.mark.triton
+def test_the_microphone_streams_once_and_stops_and_stalled_audio_never_overlaps(
+    server: ApiServer, tmp_path: Path,
+) -> None:
+    """Start, stop, start again: one stream at the socket's rate while on, none while off.
+
+    And a reply clip that arrives after the one before has played out starts
+    when it arrives, with the next one after it, not at their places in the
+    reply (which are past: they would play at once, over each other).
+    """
+    assert Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM} (make test installs it)"
+    microphone = tmp_path / "microphone.wav"
+    sf.write(microphone, np.zeros(48_000, np.float32), 48_000, subtype="PCM_16")
+    rates: list[float] = []
+    sent_while_off: list[int] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={microphone}",
+            "--autoplay-policy=no-user-gesture-required",
+        ])
+        try:
+            page = browser.new_page()
+            page.add_init_script(_SPY)
+            page.goto(f"{server.base_url}/playground")
+            page.fill("#key", API_KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_selector("#voice option", state="attached")
+            page.click("#connect")
+            page.wait_for_function("document.getElementById('status').textContent === "
+                                   "'connected'", timeout=30_000)
+            for _ in range(2):
+                page.click("#talk")
+                page.wait_for_function("window.spy.sentBytes > 0", timeout=10_000)
+                page.wait_for_timeout(500)
+                sent, clock = page.evaluate("[window.spy.sentBytes, audio.currentTime]")
+                page.wait_for_timeout(2000)
+                sent_after, clock_after = page.evaluate("[window.spy.sentBytes, audio.currentTime]")
+                samples = (sent_after - sent) / 2
+                rates.append(samples / (clock_after - clock) / page.evaluate("audio.sampleRate"))
+                page.click("#talk")
+                page.wait_for_timeout(300)
+                stopped = page.evaluate("window.spy.sentBytes")
+                page.wait_for_timeout(1000)
+                sent_while_off.append(page.evaluate("window.spy.sentBytes") - stopped)
+            starts = page.evaluate(_STALLED_REPLY)
+        finally:
+            browser.close()
+    # 20 ms messages: a share of a message's samples may still be pending at either end.
+    assert all(0.8 < rate < 1.2 for rate in rates), rates
+    assert sent_while_off == [0, 0]
+    _, second, third = starts
+    assert second["when"] >= second["at"]
+    assert third["when"] >= second["when"] + second["duration"] - 1e-6
