@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handler.engines.catalog import ModelCatalog
-from handler.errors import ApiError, MethodNotAllowed, NotFound, render
+from handler.errors import ApiError, MethodNotAllowed, NotFound, internal_error, render
 from handler.moderation import load_policy
 from handler.routes import (
     conversations,
@@ -207,7 +207,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
         logger.exception("unhandled error (request %s)", request.state.request_id, exc_info=error)
-        return _error_response(request, ApiError("internal error", detail=repr(error)))
+        return _error_response(request, internal_error(error))
 
     app.include_router(health.router)
     app.include_router(converse.router)

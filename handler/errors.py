@@ -197,6 +197,14 @@ class ClientClosedRequest(ApiError):
     status, type, code, title = 499, "client_closed_request", "client_closed_request", "Closed"
 
 
+def internal_error(error: Exception) -> ApiError:
+    """The 500 ``internal_error`` a failure that is no :class:`ApiError` (a bug) is answered with.
+
+    The client reads only "internal error"; ``repr(error)`` is the ``detail`` (logged).
+    """
+    return ApiError("internal error", detail=repr(error))
+
+
 def uses_problem_json(path: str) -> bool:
     """True when errors on ``path`` render as problem+json (speechbase routes)."""
     return path.startswith(PROBLEM_PATH_PREFIX)

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from handler.app import create_app
 from handler.engines.catalog import ModelCatalog
 from handler.engines.kokoro import KokoroEngine
 from handler.routes import converse as converse_routes
+from handler.services.telemetry import RequestRecord
 from tests.helpers import (
     AUTH,
     asgi_post,
@@ -51,6 +52,48 @@ def by_text(script: dict[str, Any]) -> Any:
                 return dict(await behaviour(inputs))
         return await constant_voice(inputs)
     return voice
+
+
+async def no_audio(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {}  # Triton answered without the AUDIO output
+
+
+def app_over(fake: FakeTriton) -> Any:
+    """An app whose Triton is ``fake``, voicing each sentence in a call of its own."""
+    settings = make_settings(sentence_pause_ms=50)
+    app = create_app(settings)
+    app.state.triton = fake
+    app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
+    return app
+
+
+async def stream_reply(
+    app: Any, text: str, send: Callable[[dict[str, Any]], Awaitable[None]],
+    gone: Callable[[], Awaitable[Any]],
+) -> RequestRecord:
+    """Stream the reply to ``text`` (speaker "0") from ``app`` over ASGI; its log record.
+
+    Every message the app sends is handed to ``send`` (a client that does not take
+    it blocks there); after the body, the client disconnects once ``gone`` returns.
+    """
+    payload = json.dumps({"conversation": [{"speaker": "0", "text": text}],
+                          "stream": True}).encode()
+    scope = asgi_post("/v1/converse", payload)
+    requests = [{"type": "http.request", "body": payload, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await gone()
+        return {"type": "http.disconnect"}
+
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    record: RequestRecord = scope["state"]["record"]
+    return record
+
+
+async def never_gone() -> None:
+    await asyncio.Event().wait()
 
 
 def test_stream_chunks_concatenate_to_the_json_reply(client: TestClient) -> None:
@@ -105,14 +148,31 @@ def test_failure_after_the_first_chunk_is_an_error_event() -> None:
     assert "exploded" not in error["message"]  # Triton's words go to the log only
 
 
+def test_an_unforeseen_failure_after_the_first_chunk_is_the_internal_error_event() -> None:
+    """Not an ApiError (Triton answered without audio): the event the JSON reply's 500 has."""
+    fake = FakeTriton()
+    fake.behaviours["kokoro"] = by_text({"Second": no_audio})
+    body = {"conversation": [{"speaker": "0", "text": "First sentence here. "
+                              "Second sentence fails. Third one."}]}
+    with fake_client(fake, sentence_pause_ms=50) as client:
+        whole = client.post("/v1/converse", headers=AUTH, json=body)
+        response = client.post("/v1/converse", headers=AUTH, json={**body, "stream": True})
+        admission = client.app.state.admission  # type: ignore[attr-defined]
+        assert (admission.active, admission.waiting) == (0, 0)
+    assert whole.status_code == 500
+    stream = sse_events(response.text)
+    assert [name for name, _ in stream] == ["metadata", "audio", "error"]
+    error = stream[-1][1]["error"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert (error["type"], error["message"]) == (
+        whole.json()["error"]["type"], whole.json()["error"]["message"])
+
+
 def test_client_disconnect_cancels_the_voicing() -> None:
     """Disconnect after the first audio event: the stalled Triton call is cancelled."""
     fake = FakeTriton()
     fake.behaviours["kokoro"] = by_text({"Stall": never})
-    settings = make_settings(sentence_pause_ms=50)
-    app = create_app(settings)
-    app.state.triton = fake
-    app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
+    app = app_over(fake)
     body = {"conversation": [{"speaker": "0", "text": "Hello. Stall here. Bye."}], "stream": True}
 
     async def after_first_audio(sent: list[dict[str, Any]]) -> None:
@@ -125,6 +185,43 @@ def test_client_disconnect_cancels_the_voicing() -> None:
     assert [name for name, _ in sse_events(streamed)] == ["metadata", "audio"]
     assert "kokoro" in fake.cancelled
     assert (app.state.admission.active, app.state.admission.waiting) == (0, 0)
+
+
+def test_a_client_gone_as_the_headers_go_out_releases_the_slot_and_cancels_the_voicing() -> None:
+    """The response is cancelled before its first event, so the events' cleanup never runs."""
+    fake = FakeTriton()
+    fake.behaviours["kokoro"] = by_text({"Stall": never})
+    app = app_over(fake)
+    starting = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            starting.set()
+            await asyncio.Event().wait()  # the client has gone: the headers never leave
+
+    async def run() -> tuple[str, bool, int, int]:
+        record = await stream_reply(app, "Hello. Stall here. Bye.", send, starting.wait)
+        admission = app.state.admission
+        return record.error_code, "kokoro" in fake.cancelled, admission.active, admission.waiting
+
+    # Checked before the loop closes: its shutdown would close the voicing anyway.
+    assert asyncio.run(run()) == ("client_closed_request", True, 0, 0)
+
+
+def test_a_client_gone_while_an_event_is_sent_is_logged_as_client_closed_request() -> None:
+    app = app_over(FakeTriton())
+    sending_audio = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if b"event: audio" in message.get("body", b""):
+            sending_audio.set()
+            await asyncio.Event().wait()  # the client has gone: the event never leaves
+
+    async def run() -> tuple[str, int, int]:
+        record = await stream_reply(app, "Hello. Then more. Bye.", send, sending_audio.wait)
+        return record.error_code, app.state.admission.active, app.state.admission.waiting
+
+    assert asyncio.run(run()) == ("client_closed_request", 0, 0)
 
 
 def test_engine_streams_text_pieces_as_they_arrive_in_order() -> None:
@@ -204,31 +301,20 @@ def test_a_client_that_stops_reading_is_let_go_and_its_slot_released(
 ) -> None:
     """The client takes the first audio event, then nothing more, and never closes."""
     monkeypatch.setattr(converse_routes, "STALLED_CLIENT_S", 0.3)
-    fake = FakeTriton()
-    settings = make_settings(sentence_pause_ms=50)
-    app = create_app(settings)
-    app.state.triton = fake
-    app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
-    body = json.dumps({"conversation": [{"speaker": "0", "text": "Hello. Then more. Bye."}],
-                       "stream": True}).encode()
+    app = app_over(FakeTriton())
     sent: list[dict[str, Any]] = []
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if requests:
-            return requests.pop()
-        await asyncio.Event().wait()  # never closes
-        raise AssertionError("unreachable")
 
     async def send(message: dict[str, Any]) -> None:
         if any(b"event: audio" in m.get("body", b"") for m in sent):
             await asyncio.Event().wait()  # its buffers are full: nothing more is taken
         sent.append(message)
 
-    async def run() -> tuple[int, int]:
-        await asyncio.wait_for(app(asgi_post("/v1/converse", body), receive, send), 10)
-        await asyncio.sleep(0.1)  # the event generator's cleanup
-        return app.state.admission.active, app.state.admission.waiting
+    async def run() -> tuple[RequestRecord, int, int]:
+        record = await stream_reply(app, "Hello. Then more. Bye.", send, never_gone)
+        return record, app.state.admission.active, app.state.admission.waiting
 
-    assert asyncio.run(run()) == (0, 0)
+    record, active, waiting = asyncio.run(run())
+    assert (active, waiting) == (0, 0)
     assert sent[0]["status"] == 200
+    assert record.error_code == "client_closed_request"
+    assert "0.3 s" in record.error_detail  # a stall, told apart from a disconnect

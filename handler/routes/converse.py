@@ -10,7 +10,6 @@ that stops reading (no event taken for :data:`STALLED_CLIENT_S`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -34,7 +33,7 @@ from handler.deps import (
     require_api_key,
     run_admitted,
 )
-from handler.errors import ApiError, kalpa_body
+from handler.errors import ApiError, ClientClosedRequest, internal_error, kalpa_body
 from handler.routes.openapi import converse_responses, json_body
 from handler.schemas.converse import ConverseRequest, ConverseResponse, ModelCard, ModelList
 from handler.services.admission import Admission
@@ -51,22 +50,73 @@ STALLED_CLIENT_S = 30.0
 
 
 class _ReplyEvents(EventSourceResponse):
-    """Server-Sent Events whose client, once stalled past :data:`STALLED_CLIENT_S`, is let go.
+    """A streamed reply's events; the response owns what the request holds until it ends.
 
-    The stream ends without its last events (the voicing is cancelled and the
-    slot released by ``_events``' cleanup); it is logged, not raised as a
-    server error.
+    ``held`` (the admission slot, then the voicing) is released as soon as the
+    events end, and in any case when the response does: a response cancelled
+    before its first event (its client gone while the headers went out) never
+    runs the events' own cleanup. A reply that fails after its first chunk ends
+    with an ``error`` event. A client that disconnects, or stops reading (no
+    event taken for :data:`STALLED_CLIENT_S`), ends the stream without its last
+    event; the voicing is cancelled, and the request is logged as
+    ``client_closed_request``, not raised as a server error.
+
+    Args:
+        streamed: the reply, its first chunk ready.
+        ctx: the request's context (its log record).
+        held: what the request holds (slot, voicing); closing it twice is safe.
     """
 
-    def __init__(self, content: AsyncIterator[ServerSentEvent]) -> None:
-        super().__init__(content, ping=10, send_timeout=STALLED_CLIENT_S)
+    def __init__(self, streamed: StreamedReply, ctx: RequestContext, held: AsyncExitStack) -> None:
+        self._ctx = ctx
+        self._held = held
+        self._ended = False  # the last event (``done`` or ``error``) was sent
+        super().__init__(self._events(streamed), ping=10, send_timeout=STALLED_CLIENT_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the events; release what is held and log a stream cut short, however it ends."""
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
-            logger.info("a streamed reply ended: its client took no event for %s s",
-                        STALLED_CLIENT_S)
+            self._ctx.record.error_detail = f"the client took no event for {STALLED_CLIENT_S:g} s"
+        finally:
+            await self._release()
+            if not self._ended:
+                # Cut short by the client (gone, or not reading) or by the server stopping;
+                # a failure of the reply's own keeps the code its error event was given.
+                record = self._ctx.record
+                record.error_code = record.error_code or ClientClosedRequest.code
+
+    async def _events(self, streamed: StreamedReply) -> AsyncIterator[ServerSentEvent]:
+        """The reply's events; any failure becomes an ``error`` event; then releases ``held``."""
+        try:
+            async for name, payload in streamed.events(self._ctx):
+                yield ServerSentEvent(payload.model_dump_json(), event=name)
+        except ApiError as error:
+            yield self._error_event(error)
+        except Exception as error:
+            # Unforeseen (an engine bug, an answer without its output, a failing usage
+            # write): the client still gets the error event, as the JSON reply gets a 500.
+            logger.exception("unhandled error in a streamed reply (request %s)",
+                             self._ctx.request_id)
+            yield self._error_event(internal_error(error))
+        finally:
+            # At once, not when the response ends: its last send may still wait on the client.
+            await self._release()
+        self._ended = True
+
+    def _error_event(self, error: ApiError) -> ServerSentEvent:
+        """``error`` in the Kalpa envelope, its code and detail on the request's log record."""
+        self._ctx.record.error_code = error.code
+        self._ctx.record.error_detail = error.detail
+        return ServerSentEvent(json.dumps(kalpa_body(error, self._ctx.request_id)), event="error")
+
+    async def _release(self) -> None:
+        """Release the slot and cancel the voicing (its Triton calls); a no-op the second time."""
+        # Shielded: while this task is being cancelled (client gone) anyio re-cancels
+        # every await, and the slot and the Triton calls would stay held.
+        with anyio.CancelScope(shield=True):
+            await self._held.aclose()
 
 
 @router.get("/models", response_model=ModelList)
@@ -102,25 +152,4 @@ async def _stream(request: Request, ctx: RequestContext, body: ConverseRequest) 
         )
         stack.push_async_callback(streamed.close)
         held = stack.pop_all()
-    return _ReplyEvents(_events(streamed, ctx, held))
-
-
-async def _events(
-    streamed: StreamedReply, ctx: RequestContext, held: AsyncExitStack
-) -> AsyncIterator[ServerSentEvent]:
-    """The reply's events; an ApiError becomes an ``error`` event; always releases ``held``."""
-    try:
-        async for name, payload in streamed.events(ctx):
-            yield ServerSentEvent(payload.model_dump_json(), event=name)
-    except ApiError as error:
-        ctx.record.error_code = error.code
-        ctx.record.error_detail = error.detail
-        yield ServerSentEvent(json.dumps(kalpa_body(error, ctx.request_id)), event="error")
-    except asyncio.CancelledError:
-        ctx.record.error_code = "client_closed_request"
-        raise
-    finally:
-        # The voicing is cancelled and the slot released even while this task
-        # is being cancelled (client gone): anyio re-cancels every await otherwise.
-        with anyio.CancelScope(shield=True):
-            await held.aclose()
+    return _ReplyEvents(streamed, ctx, held)
