@@ -208,6 +208,22 @@ def test_a_client_gone_as_the_headers_go_out_releases_the_slot_and_cancels_the_v
     assert asyncio.run(run()) == ("client_closed_request", True, 0, 0)
 
 
+def test_a_stream_read_to_its_end_feeds_the_admission_estimate() -> None:
+    app = app_over(FakeTriton())
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def run() -> RequestRecord:
+        return await stream_reply(app, "Hello. Then more. Bye.", send, never_gone)
+
+    record = asyncio.run(run())
+    assert b"event: done" in b"".join(m.get("body", b"") for m in sent)
+    assert record.error_code == ""
+    assert app.state.admission.run_s is not None
+
+
 def test_a_client_gone_while_an_event_is_sent_is_logged_as_client_closed_request() -> None:
     app = app_over(FakeTriton())
     sending_audio = asyncio.Event()
@@ -315,6 +331,8 @@ def test_a_client_that_stops_reading_is_let_go_and_its_slot_released(
 
     record, active, waiting = asyncio.run(run())
     assert (active, waiting) == (0, 0)
+    # The time spent waiting on the client is not the service's: no estimate from it.
+    assert app.state.admission.run_s is None
     assert sent[0]["status"] == 200
     assert record.error_code == "client_closed_request"
     assert "0.3 s" in record.error_detail  # a stall, told apart from a disconnect

@@ -90,20 +90,21 @@ class _ReplyEvents(EventSourceResponse):
     async def _events(self, streamed: StreamedReply) -> AsyncIterator[ServerSentEvent]:
         """The reply's events; any failure becomes an ``error`` event; then releases ``held``."""
         try:
-            async for name, payload in streamed.events(self._ctx):
-                yield ServerSentEvent(payload.model_dump_json(), event=name)
-        except ApiError as error:
-            yield self._error_event(error)
-        except Exception as error:
-            # Unforeseen (an engine bug, an answer without its output, a failing usage
-            # write): the client still gets the error event, as the JSON reply gets a 500.
-            logger.exception("unhandled error in a streamed reply (request %s)",
-                             self._ctx.request_id)
-            yield self._error_event(internal_error(error))
+            try:
+                async for name, payload in streamed.events(self._ctx):
+                    yield ServerSentEvent(payload.model_dump_json(), event=name)
+            except ApiError as error:
+                yield self._error_event(error)
+            except Exception as error:
+                # Unforeseen (an engine bug, an answer without its output, a failing usage
+                # write): the client still gets the error event, as the JSON reply gets a 500.
+                logger.exception("unhandled error in a streamed reply (request %s)",
+                                 self._ctx.request_id)
+                yield self._error_event(internal_error(error))
+            self._ended = True  # resumed after the last yield: that event was sent
         finally:
             # At once, not when the response ends: its last send may still wait on the client.
             await self._release()
-        self._ended = True
 
     def _error_event(self, error: ApiError) -> ServerSentEvent:
         """``error`` in the Kalpa envelope, its code and detail on the request's log record."""
@@ -112,11 +113,21 @@ class _ReplyEvents(EventSourceResponse):
         return ServerSentEvent(json.dumps(kalpa_body(error, self._ctx.request_id)), event="error")
 
     async def _release(self) -> None:
-        """Release the slot and cancel the voicing (its Triton calls); a no-op the second time."""
+        """Release the slot and cancel the voicing (its Triton calls); a no-op the second time.
+
+        A stream cut short is released as the client's failure: its time (up to
+        :data:`STALLED_CLIENT_S` waiting on a client that stopped reading) says
+        nothing of the service's, and admission's run-time estimate leaves it
+        out, as it does for a non-streamed request whose client went away.
+        """
         # Shielded: while this task is being cancelled (client gone) anyio re-cancels
         # every await, and the slot and the Triton calls would stay held.
         with anyio.CancelScope(shield=True):
-            await self._held.aclose()
+            if self._ended:
+                await self._held.aclose()
+            else:
+                gone = ClientClosedRequest("the client went away or stopped reading")
+                await self._held.__aexit__(type(gone), gone, None)
 
 
 @router.get("/models", response_model=ModelList)
