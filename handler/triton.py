@@ -228,8 +228,8 @@ class TritonClient:
         the awaiting task cancels the request inside Triton.
 
         Raises:
-            ServiceUnavailable: Triton unreachable (connection refused or reset;
-                over gRPC, status UNAVAILABLE).
+            ServiceUnavailable: Triton unreachable (connection refused or reset, an
+                answer cut short; over gRPC, status UNAVAILABLE).
             InferenceError: Triton answered with an error.
         """
         http_client, slots = self._current()
@@ -244,7 +244,8 @@ class TritonClient:
                 result = await client.infer(
                     model, request_inputs, outputs=requested, timeout=_timeout_us()
                 )
-            except (aiohttp.ClientConnectionError, OSError) as error:
+            # A payload cut short: Triton stopped (crashed, restarted) while it answered.
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as error:
                 raise self._unavailable(error) from error
             except InferenceServerException as error:
                 answer = self._answer_error(model, error)

@@ -91,3 +91,26 @@ def test_deadline_is_504_with_own_body(triton_url: str) -> None:
 def test_deadlines_must_be_ordered() -> None:
     with pytest.raises(ValueError, match="ordered"):
         Settings(triton_timeout_s=30, lambda_timeout_s=25, gateway_timeout_s=29)
+
+
+def test_an_answer_cut_short_is_service_unavailable() -> None:
+    """Triton stops while it answers: the body ends before its Content-Length."""
+
+    async def answer_half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model_name\"")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> None:
+        server = await asyncio.start_server(answer_half, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await voice_nobody(TritonClient(f"127.0.0.1:{port}", retry_after_s=7))
+        finally:
+            server.close()
+
+    with pytest.raises(ServiceUnavailable) as raised:
+        asyncio.run(run())
+    assert raised.value.headers == {"Retry-After": "7"}
