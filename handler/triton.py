@@ -6,10 +6,11 @@ inference calls go over HTTP or, when the client is given a gRPC address
 inside the running event loop (aiohttp sessions and gRPC channels belong to
 one loop; under Mangum each invocation may run a new loop, in which case fresh
 clients are made). Transport and server failures map onto the API's error
-classes: unreachable -> :class:`ServiceUnavailable` (503), an error answer ->
-:class:`InferenceError` (502). Their client-facing messages name no host or
-port; Triton's address and its own words go in ``detail`` (logged), its error
-code (and HTTP status) in ``upstream``.
+classes: unreachable, an answer cut short, or Triton's UNAVAILABLE (a model
+not ready, a queue full) -> :class:`ServiceUnavailable` (503, ``Retry-After``),
+any other error answer -> :class:`InferenceError` (502). Their client-facing
+messages name no host or port; Triton's address and its own words go in
+``detail`` (logged), its error code (and HTTP status) in ``upstream``.
 
 Stopping work inside Triton: cancelling the awaiting task (deadline passed,
 client gone) cancels a gRPC call, and Triton marks the request cancelled
@@ -269,8 +270,14 @@ class TritonClient:
     def _answer_error(
         self, model: str, error: InferenceServerException
     ) -> ServiceUnavailable | InferenceError:
-        """The API error for a failed inference call (gRPC UNAVAILABLE: unreachable)."""
+        """The API error for a failed inference call (UNAVAILABLE: unreachable).
+
+        Triton answers UNAVAILABLE (HTTP 503, gRPC status UNAVAILABLE) when it
+        cannot take the request now: a model not ready or a queue full.
+        """
         if self.grpc_url is None:
+            if str(error.status() or "") == "503":
+                return self._unavailable(error)
             return _inference_error(model, error)
         if grpc_status(error) == "UNAVAILABLE":
             return self._unavailable(error, self.grpc_url)

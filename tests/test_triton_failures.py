@@ -93,18 +93,24 @@ def test_deadlines_must_be_ordered() -> None:
         Settings(triton_timeout_s=30, lambda_timeout_s=25, gateway_timeout_s=29)
 
 
-def test_an_answer_cut_short_is_service_unavailable() -> None:
-    """Triton stops while it answers: the body ends before its Content-Length."""
+# Triton stops while it answers (the body ends before its Content-Length); Triton
+# cannot take the request now (a model not ready, a queue full: UNAVAILABLE, HTTP 503).
+CUT_SHORT = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 1000\r\n\r\n{\"model_name\"")
+UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 38\r\n\r\n{\"error\":\"Exceeds maximum queue size\"}")
 
-    async def answer_half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+@pytest.mark.parametrize("answer", [CUT_SHORT, UNAVAILABLE], ids=["cut_short", "unavailable"])
+def test_an_answer_triton_could_not_finish_is_service_unavailable(answer: bytes) -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"model_name\"")
+        writer.write(answer)
         await writer.drain()
         writer.close()
 
     async def run() -> None:
-        server = await asyncio.start_server(answer_half, "127.0.0.1", 0)
+        server = await asyncio.start_server(reply, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
             await voice_nobody(TritonClient(f"127.0.0.1:{port}", retry_after_s=7))
