@@ -7,6 +7,7 @@ import hmac
 import math
 import time
 from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
@@ -222,6 +223,25 @@ async def client_gone(request: Request) -> None:
         continue
 
 
+async def take_slot(stack: AsyncExitStack, request: Request, ctx: RequestContext) -> None:
+    """Enter an admission slot for the request into ``stack`` (released when it closes).
+
+    A client that goes away while the request waits in the queue takes it out
+    of the queue at once, so its place and its key's share go to others.
+
+    Raises:
+        KeyOverShare: the key holds its share of a busy service (429, ``Retry-After``).
+        Overloaded: the request cannot start and finish before its deadline (503).
+        ClientClosedRequest: the client went away while the request waited (499, logged only).
+    """
+    admission: Admission = request.app.state.admission
+    await within_deadline(
+        stack.enter_async_context(admission.slot(ctx.key_id, ctx.deadline)),
+        ctx.deadline,
+        partial(client_gone, request),
+    )
+
+
 async def run_admitted(
     request: Request, ctx: RequestContext, work: Callable[[], Coroutine[Any, Any, T]]
 ) -> T:
@@ -231,11 +251,10 @@ async def run_admitted(
     passes or the client disconnects.
 
     Raises:
-        KeyOverShare: the key holds its share of a busy service (429, ``Retry-After``).
-        Overloaded: the request cannot start and finish before its deadline (503).
+        KeyOverShare, Overloaded, ClientClosedRequest: see :func:`take_slot`.
         DeadlineExceeded: the work did not finish before the deadline (504).
         ClientClosedRequest: the client went away (499, logged only).
     """
-    admission: Admission = request.app.state.admission
-    async with admission.slot(ctx.key_id, ctx.deadline):
+    async with AsyncExitStack() as stack:
+        await take_slot(stack, request, ctx)
         return await within_deadline(work(), ctx.deadline, partial(client_gone, request))

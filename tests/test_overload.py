@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from handler.app import create_app
+from handler.engines.catalog import ModelCatalog
 from handler.errors import ClientClosedRequest, KeyOverShare, Overloaded
 from handler.services.admission import Admission
 from handler.services.deadline import within_deadline
-from tests.helpers import API_KEY, AUTH
+from tests.helpers import API_KEY, AUTH, asgi_post, make_settings
 from tests.robust_fakes import FakeTriton, constant_voice, fake_client, never
 
 CONVERSE = {"conversation": [{"speaker": "0", "text": "Hello there."}]}
@@ -201,3 +204,53 @@ def test_admission_refuses_a_queue_it_cannot_serve_in_time() -> None:
         assert (admission.active, admission.waiting) == (0, 0)
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_while_queued_leaves_the_queue_at_once() -> None:
+    """Its place and its key's share are free again while the request ahead still runs."""
+    fake = FakeTriton()
+    gate = gated(fake)
+    settings = make_settings(api_keys=f"{API_KEY},{OTHER_KEY}", admission_max_active=1,
+                             admission_max_queued=2, admission_key_share=0.34)
+    app = create_app(settings)
+    app.state.triton = fake
+    app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
+    admission = app.state.admission
+    payload = json.dumps(CONVERSE).encode()
+
+    async def converse(key: str, gone: asyncio.Event) -> None:
+        scope = asgi_post("/v1/converse", payload)
+        scope["headers"][0] = (b"authorization", f"Bearer {key}".encode())
+        requests = [{"type": "http.request", "body": payload, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await app(scope, receive, send)
+
+    async def scenario() -> tuple[int, int]:
+        running = asyncio.create_task(converse(API_KEY, asyncio.Event()))
+        while not fake.calls:
+            await asyncio.sleep(0.01)
+        leaving = asyncio.Event()
+        queued = asyncio.create_task(converse(OTHER_KEY, leaving))
+        while admission.waiting < 1:
+            await asyncio.sleep(0.01)
+        leaving.set()
+        for _ in range(200):  # the running request holds its slot throughout
+            if admission.waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        left = (admission.waiting, admission.active)
+        gate.set()
+        await asyncio.gather(running, queued)
+        return left
+
+    assert asyncio.run(scenario()) == (0, 1)
+    assert admission.active == 0

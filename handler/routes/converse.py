@@ -32,11 +32,11 @@ from handler.deps import (
     parse_body,
     require_api_key,
     run_admitted,
+    take_slot,
 )
 from handler.errors import ApiError, ClientClosedRequest, internal_error, kalpa_body
 from handler.routes.openapi import converse_responses, json_body
 from handler.schemas.converse import ConverseRequest, ConverseResponse, ModelCard, ModelList
-from handler.services.admission import Admission
 from handler.services.context import RequestContext
 from handler.services.converse import StreamedReply, begin_stream, converse
 from handler.services.deadline import within_deadline
@@ -155,9 +155,8 @@ async def post_converse(
 
 async def _stream(request: Request, ctx: RequestContext, body: ConverseRequest) -> Response:
     """Admit, validate and voice up to the first chunk; then the rest as events."""
-    admission: Admission = request.app.state.admission
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(admission.slot(ctx.key_id, ctx.deadline))
+        await take_slot(stack, request, ctx)
         streamed = await within_deadline(
             begin_stream(body, ctx), ctx.deadline, partial(client_gone, request)
         )
