@@ -5,6 +5,10 @@ request). Turns are then synthesised concurrently; output order follows the
 request. Each turn is peak-normalised to ``volumeDbfs`` on its own, then
 turns are joined with ``gapMs`` of silence. Under ``split`` each segment is
 exactly the samples that turn contributes to the stitched file.
+
+Normalising, stitching, encoding and base64 run in worker threads: for a long
+turn they take seconds of CPU, during which the event loop must go on serving
+other requests, live sessions and deadline and disconnect checks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from handler.audio import (
     MEDIA_TYPES,
@@ -73,8 +78,34 @@ def _invalid(message: str, path: list[str | int], index: int | None, code: str) 
     )
 
 
+def _served_voice(
+    engine: KokoroEngine, spec: str, path: list[str | int], index: int, about: str = ""
+) -> str:
+    """``spec`` in canonical form, checked against the voices ``engine``'s model serves now.
+
+    Raises:
+        InvalidRequest: ``unknown_voice`` at ``path``; the message is ``about``
+            followed by what is wrong with the spec.
+    """
+    try:
+        return engine.parse_voice(spec)
+    except VoiceSpecError as error:
+        raise _invalid(f"{about}{error}", path, index, "unknown_voice") from error
+
+
 async def _saved_voice_turn(ctx: RequestContext, turn: DialogueTurn, index: int) -> TurnPlan:
-    """Plan a turn that names a saved voice: the voice's model and spec are used."""
+    """Plan a turn that names a saved voice: the voice's model and spec are used.
+
+    The saved spec is checked again: the model may have stopped serving a
+    voice since it was saved, and Triton would refuse it mid-request (502).
+
+    Raises:
+        InvalidRequest: at ``turns[index].voiceId``: ``voiceId`` with ``voice`` or
+            ``model``; no such saved voice for the key (``voice_not_found``); its
+            model is no longer served (``unknown_model``); or its voice is not
+            (``unknown_voice``).
+        ServiceUnavailable: Triton unreachable.
+    """
     path: list[str | int] = ["turns", index, "voiceId"]
     if turn.voice is not None or turn.model is not None:
         raise _invalid(
@@ -88,7 +119,8 @@ async def _saved_voice_turn(ctx: RequestContext, turn: DialogueTurn, index: int)
     model, engine = await ctx.catalog.resolve_named_voices(
         saved.model, [str(p) for p in path], index
     )
-    return TurnPlan(index, model, engine, saved.voice, turn.text)
+    voice = _served_voice(engine, saved.voice, path, index, f"saved voice {turn.voiceId!r}: ")
+    return TurnPlan(index, model, engine, voice, turn.text)
 
 
 async def plan_turns(request: DialogueRequest, ctx: RequestContext) -> list[TurnPlan]:
@@ -122,10 +154,7 @@ async def plan_turns(request: DialogueRequest, ctx: RequestContext) -> list[Turn
         model, engine = await ctx.catalog.resolve_named_voices(
             turn.model or request.model, [str(p) for p in model_path], index
         )
-        try:
-            voice = engine.parse_voice(turn.voice)
-        except VoiceSpecError as error:
-            raise _invalid(str(error), [*base, "voice"], index, "unknown_voice") from error
+        voice = _served_voice(engine, turn.voice, [*base, "voice"], index)
         plans.append(TurnPlan(index, model, engine, voice, turn.text))
     rates = {plan.engine.sample_rate for plan in plans}
     if len(rates) > 1:
@@ -205,7 +234,9 @@ async def synthesize_dialogue(
         return audio
 
     turns = await gather_or_cancel(*(voiced(plan) for plan in plans))
-    normalised = [peak_normalize(audio, request.volumeDbfs) for audio in turns]
+    normalised = await run_in_threadpool(
+        lambda: [peak_normalize(audio, request.volumeDbfs) for audio in turns]
+    )
     return SynthesizedDialogue(
         plans, normalised, sample_rate, ms_to_samples(request.gapMs, sample_rate)
     )
@@ -223,12 +254,20 @@ def _encoder(
     return MEDIA_TYPES[audio_format], extension, encoded
 
 
+async def inline_base64(delivered: Delivered) -> str | None:
+    """The delivered bytes as base64 text (encoded in a worker thread); None when sent as a URL."""
+    data = delivered.data
+    if not data:
+        return None
+    return await run_in_threadpool(lambda: base64.b64encode(data).decode())
+
+
 async def encode_segments(
     request: DialogueRequest, ctx: RequestContext, voiced: SynthesizedDialogue
 ) -> list[AudioSegment]:
     """One segment per turn; all as URLs when together they exceed the inline threshold."""
     media_type, extension, encoded = _encoder(request, voiced.sample_rate)
-    blocks = [encoded(samples) for samples in voiced.turns]
+    blocks = await run_in_threadpool(lambda: [encoded(samples) for samples in voiced.turns])
     too_big = sum(map(len, blocks)) > ctx.settings.inline_audio_max_bytes
     segments = []
     for plan, samples, block in zip(voiced.plans, voiced.turns, blocks, strict=True):
@@ -237,7 +276,7 @@ async def encode_segments(
         )
         segments.append(
             AudioSegment(
-                audio=base64.b64encode(delivered.data).decode() if delivered.data else None,
+                audio=await inline_base64(delivered),
                 url=delivered.url,
                 expires_in=delivered.expires_in,
                 mediaType=media_type,
@@ -253,7 +292,7 @@ async def encode_stitched(
 ) -> tuple[str, Delivered]:
     """The stitched file's media type and its bytes (or URL when over the threshold)."""
     media_type, extension, encoded = _encoder(request, voiced.sample_rate)
-    data = encoded(stitch(voiced.turns, voiced.gap_samples))
+    data = await run_in_threadpool(lambda: encoded(stitch(voiced.turns, voiced.gap_samples)))
     return media_type, await ctx.deliver(
         f"conversation.{extension}", data, media_type, force_url=False
     )

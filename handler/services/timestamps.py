@@ -5,15 +5,16 @@ forced-aligned by the ``aligner`` model; when alignment fails, Whisper's word
 timestamps for that turn are used instead (and a warning says so); when both
 fail the request answers 503 ``timestamps_unavailable``. Stitched timestamps
 add each turn's start in the stitched file (gaps included); split segments
-carry block-relative ones.
+carry block-relative ones. Resampling runs in a worker thread, off the event
+loop (see :mod:`handler.services.dialogue`).
 """
 
 from __future__ import annotations
 
-import base64
 import time
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from handler.audio import resample
 from handler.errors import InferenceError, TimestampsUnavailable
@@ -31,6 +32,7 @@ from handler.services.dialogue import (
     TurnPlan,
     encode_segments,
     encode_stitched,
+    inline_base64,
     synthesize_dialogue,
 )
 from handler.tasks import gather_or_cancel
@@ -52,7 +54,7 @@ def _clamped(words: list[TimedWord], duration_s: float) -> list[TimedWord]:
 async def _turn_words(
     ctx: RequestContext, plan: TurnPlan, samples: np.ndarray, sample_rate: int
 ) -> tuple[list[TimedWord], str | None]:
-    audio = resample(samples, sample_rate, SPEECH_SAMPLE_RATE)
+    audio = await run_in_threadpool(resample, samples, sample_rate, SPEECH_SAMPLE_RATE)
     duration_s = len(samples) / sample_rate
     started = time.monotonic()
     try:
@@ -129,7 +131,7 @@ async def render_with_timestamps(
     ]
     await voiced.record_usage(ctx)
     return TimestampsResponse(
-        audio=base64.b64encode(delivered.data).decode() if delivered.data else None,
+        audio=await inline_base64(delivered),
         url=delivered.url,
         expires_in=delivered.expires_in,
         mediaType=media_type,
