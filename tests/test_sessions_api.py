@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from devtools.fake_triton import FakeTriton
 from handler.app import create_app
 from handler.storage.base import TurnRecord
 from handler.storage.sqlite import SQLiteStorage
@@ -225,3 +226,19 @@ def test_openapi_documents_the_session_routes(api: TestClient) -> None:
     assert {"200", "401", "404"} <= set(paths["/v1/conversations/{session_id}"]["delete"]
                                        ["responses"])
     assert "/v1/conversations/{session_id}/stream" not in paths
+
+
+def test_a_saved_voice_the_model_no_longer_serves_is_400() -> None:
+    with FakeTriton() as double, TestClient(
+        create_app(make_settings(triton_url=double.http_url, models_cache_s=0))
+    ) as client:
+        saved = client.post("/v1/voices", json={"name": "n", "voice": "jf_nezumi"}, headers=AUTH)
+        assert saved.status_code == 201, saved.text
+        voices = double.configs["kokoro"]["parameters"]["voices"]
+        voices["string_value"] = ",".join(
+            name for name in voices["string_value"].split(",") if name != "jf_nezumi"
+        )
+        response = client.post("/v1/conversations/create", headers=AUTH, json={
+            "voice_id": saved.json()["id"], "system_prompt": "You are Pat."})
+        assert "voice_id: saved voice" in error_of(response)
+        assert "unknown voice 'jf_nezumi'" in error_of(response)

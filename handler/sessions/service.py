@@ -80,13 +80,19 @@ async def resolve_voice(voice_id: str, ctx: RequestContext) -> tuple[str, object
 
     Raises:
         InvalidRequest: neither a saved voice of the caller nor a valid voice spec
-            (code ``voice_not_found``), naming ``voice_id``.
+            (code ``voice_not_found``), or a saved voice whose voice its model no
+            longer serves (``unknown_voice``), naming ``voice_id``.
         ServiceUnavailable: Triton unreachable.
     """
     saved = await ctx.saved_voice(voice_id)
     if saved is not None and saved.voice is not None:
         model, engine = await ctx.catalog.resolve_named_voices(saved.model, ["voice_id"])
-        return model.id, engine, saved.voice
+        try:  # checked again: the model may have stopped serving it since it was saved
+            return model.id, engine, engine.parse_voice(saved.voice)
+        except VoiceSpecError as error:
+            raise _invalid(
+                ["voice_id"], f"saved voice {voice_id!r}: {error}", "unknown_voice"
+            ) from error
     model, engine = await ctx.catalog.resolve_named_voices(None, ["voice_id"])
     try:
         return model.id, engine, engine.parse_voice(voice_id)
