@@ -23,6 +23,12 @@ it from its queue once the time is spent, and the BLS generation loops
 (``author``, CSM generators) stop at it with a CANCELLED error. The deadline is
 the one :func:`bind_deadline` put in the calling task's context
 (``handler.services.deadline`` does that).
+
+Each binding is also the owner of the request's calls in the process's
+in-flight limit (``max_inflight``): freed places go to the waiting requests in
+turn (:class:`~handler.fair_slots.FairSlots`), so one request that starts many
+calls at once does not queue them all ahead of the others'. Calls made outside
+any binding (live sessions) share one owner.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -39,11 +46,19 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from handler.errors import InferenceError, ServiceUnavailable, Upstream
+from handler.fair_slots import FairSlots
 
 PROVIDER = "triton"
-# The current request's deadline, event-loop monotonic seconds (None: no deadline).
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "converse_request_deadline", default=None
+
+
+@dataclass(eq=False)  # compared by identity: one binding, one owner of in-flight places
+class _Binding:
+    deadline: float | None  # event-loop monotonic seconds (None: no deadline)
+
+
+# The current request's binding (None: outside any request, e.g. a live session).
+_BINDING: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar(
+    "converse_request_binding", default=None
 )
 # Triton's error codes by the HTTP status its HTTP endpoint answers them with.
 _TRITON_CODES = {
@@ -67,26 +82,27 @@ _TRITON_CODES_BY_GRPC = {
 }
 
 
-def bind_deadline(deadline: float | None) -> contextvars.Token[float | None]:
+def bind_deadline(deadline: float | None) -> contextvars.Token[_Binding | None]:
     """Make ``deadline`` (``loop.time()`` seconds) the Triton deadline of this context.
 
-    Tasks created afterwards copy it; pass the returned token to
-    :func:`unbind_deadline` to restore the previous value.
+    The calls made in it are one owner in the in-flight limit (the module
+    docstring). Tasks created afterwards copy it; pass the returned token to
+    :func:`unbind_deadline` to restore the previous binding.
     """
-    return _DEADLINE.set(deadline)
+    return _BINDING.set(_Binding(deadline))
 
 
-def unbind_deadline(token: contextvars.Token[float | None]) -> None:
-    """Restore the deadline that was in place before :func:`bind_deadline`."""
-    _DEADLINE.reset(token)
+def unbind_deadline(token: contextvars.Token[_Binding | None]) -> None:
+    """Restore the binding that was in place before :func:`bind_deadline`."""
+    _BINDING.reset(token)
 
 
 def _timeout_us() -> int | None:
     """Microseconds left until the bound deadline (at least 1), or None without one."""
-    deadline = _DEADLINE.get()
-    if deadline is None:
+    binding = _BINDING.get()
+    if binding is None or binding.deadline is None:
         return None
-    return max(1, int((deadline - asyncio.get_running_loop().time()) * 1e6))
+    return max(1, int((binding.deadline - asyncio.get_running_loop().time()) * 1e6))
 
 
 def _inference_error(model: str, error: InferenceServerException) -> InferenceError:
@@ -151,7 +167,7 @@ class TritonClient:
     Args:
         url: ``host:port`` of Triton's HTTP endpoint (health, model index, configs,
             and inference when ``grpc_url`` is None).
-        max_inflight: most concurrent inference calls (a semaphore).
+        max_inflight: most concurrent inference calls (shared round-robin by request).
         retry_after_s: ``Retry-After`` value put on 503 errors.
         grpc_url: ``host:port`` of Triton's gRPC endpoint; given, inference calls
             go over gRPC, so a cancelled call stops its work inside Triton.
@@ -166,14 +182,14 @@ class TritonClient:
         self._client: triton_http.InferenceServerClient | None = None
         self._grpc_client: triton_grpc.InferenceServerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: FairSlots | None = None
 
-    def _current(self) -> tuple[triton_http.InferenceServerClient, asyncio.Semaphore]:
+    def _current(self) -> tuple[triton_http.InferenceServerClient, FairSlots]:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop or self._slots is None:
             self._client = triton_http.InferenceServerClient(self.url)
             self._grpc_client = None
-            self._slots = asyncio.Semaphore(self.max_inflight)
+            self._slots = FairSlots(self.max_inflight)
             self._loop = loop
         return self._client, self._slots
 
@@ -240,7 +256,7 @@ class TritonClient:
             client, transport = self._current_grpc(self.grpc_url), triton_grpc
         request_inputs = infer_inputs(transport.InferInput, inputs)
         requested = [transport.InferRequestedOutput(name) for name in outputs]
-        async with slots:
+        async with slots.slot(_BINDING.get()):
             try:
                 result = await client.infer(
                     model, request_inputs, outputs=requested, timeout=_timeout_us()
