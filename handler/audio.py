@@ -2,8 +2,10 @@
 
 All sample buffers are float32 mono numpy arrays in [-1, 1], shape
 ``[n_samples]``; sample rates are in Hz; durations are given in samples or
-milliseconds as each name says. Decoding and encoding go through soundfile
-(libsndfile), resampling through soxr.
+milliseconds as each name says. Decoding and WAV encoding go through soundfile
+(libsndfile), MP3 encoding through PyAV (FFmpeg's libmp3lame and mp3 muxer),
+resampling through soxr. Levelling and encoding refuse NaN and infinite
+samples (:class:`NonFiniteAudioError`) rather than turn them into silence.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import av
 import numpy as np
 import soundfile as sf
 import soxr
@@ -23,6 +26,24 @@ _SILENCE_FLOOR = 1e-9
 
 class AudioDecodeError(ValueError):
     """The bytes are not a WAV file that libsndfile can decode."""
+
+
+class NonFiniteAudioError(ValueError):
+    """Samples hold NaN or infinite values, which have no level and no encoding."""
+
+
+def require_finite(samples: np.ndarray) -> None:
+    """Check that every sample is a finite number.
+
+    Raises:
+        NonFiniteAudioError: if any sample is NaN or +-inf; the message counts them.
+    """
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise NonFiniteAudioError(
+            f"{bad.size} of {samples.size} samples are NaN or infinite (first at index {bad[0]})"
+        )
 
 
 @dataclass(frozen=True)
@@ -83,11 +104,14 @@ def peak_normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
 
     Raises:
         ValueError: if ``target_dbfs`` > 0.
+        NonFiniteAudioError: if a sample is NaN or infinite (its peak would
+            scale every other sample to 0 or NaN).
 
     Source: speechbase conversation docs ("a peak-level target in dBFS, not LUFS").
     """
     if target_dbfs > 0:
         raise ValueError(f"target_dbfs must be <= 0, got {target_dbfs}")
+    require_finite(samples)
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     if peak <= _SILENCE_FLOOR:
         return samples
@@ -135,57 +159,88 @@ def stitch(segments: list[np.ndarray], gap_samples: int) -> np.ndarray:
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
-    """float32 [-1, 1] -> int16, clipped, scaled by 32767 and rounded."""
+    """float32 [-1, 1] -> int16, clipped, scaled by 32767 and rounded.
+
+    Raises:
+        NonFiniteAudioError: if a sample is NaN or infinite.
+    """
+    require_finite(samples)
     return np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
 def encode_wav(samples: np.ndarray, sample_rate: int) -> bytes:
-    """16-bit PCM mono WAV bytes."""
+    """16-bit PCM mono WAV bytes.
+
+    Raises:
+        NonFiniteAudioError: see :func:`to_pcm16`.
+    """
     buffer = io.BytesIO()
     sf.write(buffer, to_pcm16(samples), sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
 
 
 def encode_pcm(samples: np.ndarray) -> bytes:
-    """Raw signed 16-bit little-endian mono PCM (``s16le``): 2 bytes per sample."""
+    """Raw signed 16-bit little-endian mono PCM (``s16le``): 2 bytes per sample.
+
+    Raises:
+        NonFiniteAudioError: see :func:`to_pcm16`.
+    """
     return to_pcm16(samples).astype("<i2").tobytes()
 
 
-def mp3_compression_level(bitrate_kbps: int, sample_rate: int) -> float:
-    """Libsndfile's MP3 ``compression_level`` in [0, 1] that selects ``bitrate_kbps`` (CBR).
-
-    libsndfile maps the level linearly between the layer's highest and lowest
-    bitrate (``mpeg_l3_encode.c``: ``bitrate = max - level * (max - min)``);
-    MPEG-2 (sample rates below 32 kHz) spans 160..8 kbps.
+def check_mp3_bitrate(bitrate_kbps: int, sample_rate: int) -> None:
+    """Check that MP3 can carry ``bitrate_kbps`` at ``sample_rate``.
 
     Raises:
-        ValueError: if the sample rate is not an MPEG-2 rate or the bitrate is
-            not one of ``MPEG2_LAYER3_BITRATES_KBPS``.
+        ValueError: if the sample rate is not an MPEG-2 rate (16, 22.05 or
+            24 kHz) or the bitrate is not one of ``MPEG2_LAYER3_BITRATES_KBPS``.
     """
     if sample_rate not in (16_000, 22_050, 24_000):
         raise ValueError(f"MP3 output supports 16/22.05/24 kHz here, not {sample_rate} Hz")
     if bitrate_kbps not in MPEG2_LAYER3_BITRATES_KBPS:
         raise ValueError(f"bitrate must be one of {MPEG2_LAYER3_BITRATES_KBPS} kbps")
-    high, low = MPEG2_LAYER3_BITRATES_KBPS[-1], MPEG2_LAYER3_BITRATES_KBPS[0]
-    return (high - bitrate_kbps) / (high - low)
+
 
 
 def encode_mp3(samples: np.ndarray, sample_rate: int, bitrate_kbps: int = 96) -> bytes:
-    """Constant-bitrate MP3 bytes through libsndfile's LAME encoder.
+    """Constant-bitrate MP3 bytes (LAME through PyAV), led by a LAME/Info tag frame.
+
+    The tag carries LAME's encoder delay (576 samples) and end padding, so
+    decoders that read it (FFmpeg, mpg123 and libsndfile through it) return
+    the input from its first sample: word timestamps and segment durations
+    line up with the decoded audio. FFmpeg records at most 1105 samples of
+    end padding where LAME may leave up to 1151, so the decoded audio can end
+    with up to 46 extra samples (under 2 ms at 24 kHz). No ID3 tag is
+    written. Empty input gives empty bytes.
+
+    Args:
+        samples: float32 mono samples, shape [n_samples]; clipped to [-1, 1].
+        sample_rate: Hz, 16000, 22050 or 24000 (MPEG-2 Layer III).
+        bitrate_kbps: one of ``MPEG2_LAYER3_BITRATES_KBPS``.
 
     Raises:
-        ValueError: see :func:`mp3_compression_level`.
+        ValueError: see :func:`check_mp3_bitrate`.
+        NonFiniteAudioError: if a sample is NaN or infinite (a NaN reaching
+            LAME fails an assertion in its psychoacoustic model, which aborts
+            the whole process).
     """
-    level = mp3_compression_level(bitrate_kbps, sample_rate)
+    check_mp3_bitrate(bitrate_kbps, sample_rate)
+    require_finite(samples)
     buffer = io.BytesIO()
-    sf.write(
-        buffer,
-        np.clip(samples, -1.0, 1.0),
-        sample_rate,
-        format="MP3",
-        compression_level=level,
-        bitrate_mode="CONSTANT",
-    )
+    # Not libsndfile's encoder: at 16-56 kbps and 24 kHz the tag does not fit
+    # a frame of the stream's bitrate and LAME leaves it out (decoders then
+    # start 1105 samples late); FFmpeg's muxer puts it in a frame it fits.
+    with av.open(buffer, "w", format="mp3", options={"id3v2_version": "0"}) as container:
+        stream = container.add_stream("libmp3lame", rate=sample_rate, layout="mono")
+        stream.bit_rate = bitrate_kbps * 1000
+        packets = []
+        if samples.size:  # PyAV cannot make a frame of 0 samples
+            planar = np.ascontiguousarray(np.clip(samples, -1.0, 1.0), dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(planar[None, :], format="fltp", layout="mono")
+            frame.sample_rate = sample_rate
+            packets.extend(stream.encode(frame))
+        packets.extend(stream.encode(None))
+        container.mux(packets)
     return buffer.getvalue()
 
 
@@ -199,6 +254,7 @@ def encode(
 
     Raises:
         ValueError: for an unknown format or an unsupported MP3 bitrate.
+        NonFiniteAudioError: if a sample is NaN or infinite.
     """
     if audio_format == "wav":
         return encode_wav(samples, sample_rate)

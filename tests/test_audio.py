@@ -1,15 +1,49 @@
-"""Audio module against independent expectations (libsndfile decoding, arithmetic)."""
+"""Audio module against independent expectations (libsndfile and PyAV decoders, ISO frames)."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile as sf
 
 from handler import audio
 from tests.helpers import tone
+
+ROOT = Path(__file__).resolve().parent.parent
+# MPEG-2 Layer III bitrate_index -> kbps (ISO/IEC 13818-3; index 0 is free format).
+MPEG2_BITRATE_INDEX = (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
+SIDE_INFO_MPEG2_MONO = 9  # bytes after the 4-byte header, where a Xing/Info tag starts
+
+
+def mp3_frames(data: bytes, sample_rate: int) -> list[tuple[int, bool]]:
+    """(kbps, is a Xing/Info tag frame) of each MPEG-2 Layer III mono frame, walking all bytes."""
+    frames, offset = [], 0
+    while offset < len(data):
+        header = data[offset : offset + 4]
+        assert header[0] == 0xFF and header[1] >> 1 == 0b1111001, f"no frame at byte {offset}"
+        kbps = MPEG2_BITRATE_INDEX[header[2] >> 4]
+        tag = data[offset + 4 + SIDE_INFO_MPEG2_MONO :][:4]
+        frames.append((kbps, tag in (b"Info", b"Xing")))
+        offset += 72_000 * kbps // sample_rate + (header[2] >> 1 & 1)
+    assert offset == len(data)
+    return frames
+
+
+def decode_soundfile(data: bytes) -> np.ndarray:
+    return sf.read(io.BytesIO(data), dtype="float32")[0]
+
+
+def decode_pyav(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data), "r") as container:
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
 
 
 def test_peak_normalize_hits_target_after_16_bit_encoding() -> None:
@@ -84,3 +118,69 @@ def test_trim_silence_keeps_padding() -> None:
     trimmed = audio.trim_silence(samples, 24_000, pad_ms=10)
     assert len(trimmed) < len(samples)
     assert len(trimmed) >= 2400 + 2 * 240 - 2
+
+
+@pytest.mark.parametrize("kbps", MPEG2_BITRATE_INDEX[1:])
+def test_mp3_is_constant_bitrate_at_every_mpeg2_bitrate(kbps: int) -> None:
+    frames = mp3_frames(audio.encode_mp3(tone(1.0), 24_000, kbps), 24_000)
+    (tag_kbps, is_tag), *audio_frames = frames
+    # The Info tag frame may have a higher bitrate than the stream: the tag must fit in it.
+    assert is_tag and tag_kbps >= kbps
+    assert audio_frames and all(frame == (kbps, False) for frame in audio_frames)
+
+
+@pytest.mark.parametrize("decode", [decode_soundfile, decode_pyav])
+@pytest.mark.parametrize("kbps", MPEG2_BITRATE_INDEX[1:])
+def test_mp3_decodes_from_the_first_sample(
+    kbps: int, decode: Callable[[bytes], np.ndarray]
+) -> None:
+    # Band-limited noise (under ~1.5 kHz, inside even 8 kbps's passband) between
+    # silences: its autocorrelation has a single sharp peak, so the lag is exact.
+    noise = np.random.default_rng(7).standard_normal(24_000)
+    burst = np.convolve(noise, np.hanning(16) / 8, mode="same") * 0.3
+    samples = np.concatenate([np.zeros(7_000), burst, np.zeros(5_123)]).astype(np.float32)
+    decoded = decode(audio.encode_mp3(samples, 24_000, kbps))
+    assert 0 <= len(decoded) - len(samples) <= 46  # FFmpeg's end padding: see encode_mp3
+    lead = 64  # lets a decoder that starts early show as a negative lag
+    padded = np.concatenate([np.zeros(lead), decoded, np.zeros(1_200)])
+    lags = np.correlate(padded[: len(samples) + lead + 1_200], samples, mode="valid")
+    assert int(np.argmax(lags)) - lead == 0
+
+
+@pytest.mark.parametrize(
+    "process",
+    [
+        partial(audio.peak_normalize, target_dbfs=-16.0),
+        partial(audio.encode_wav, sample_rate=24_000),
+        audio.encode_pcm,
+    ],
+    ids=["peak_normalize", "encode_wav", "encode_pcm"],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_levelling_and_pcm_encoders_refuse_non_finite_samples(
+    process: Callable[[np.ndarray], object], bad: float
+) -> None:
+    samples = tone(0.1)
+    samples[1_000] = bad
+    with pytest.raises(ValueError, match="1 of 2400 samples are NaN or infinite"):
+        process(samples)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_mp3_encoder_refuses_non_finite_samples_without_aborting(bad: str) -> None:
+    # A NaN reaching LAME fails an assertion and aborts the process: run it in a child.
+    script = (
+        "import numpy as np\n"
+        "from handler import audio\n"
+        "samples = np.zeros(2400, np.float32)\n"
+        f"samples[1000] = float({bad!r})\n"
+        "try:\n"
+        "    audio.encode_mp3(samples, 24_000, 96)\n"
+        "except ValueError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr
+    assert "refused: 1 of 2400 samples are NaN or infinite" in child.stdout

@@ -19,10 +19,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from handler.errors import InvalidRequest, ValidationItem
+from handler.errors import InferenceError, InvalidRequest, ValidationItem
 from handler.triton import TritonClient
 
 ParamValue = float | int | None
+
+
+def model_audio(model_id: str, audio: np.ndarray) -> np.ndarray:
+    """A model's ``AUDIO`` output as float32 mono, shape [n_samples], every sample finite.
+
+    Raises:
+        InferenceError: a sample is NaN or infinite (it would level the whole turn
+            to silence, and abort LAME inside the MP3 encoder).
+    """
+    samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+    bad = int(np.count_nonzero(~np.isfinite(samples)))
+    if bad:
+        raise InferenceError(
+            f"model {model_id!r} returned invalid audio (NaN or infinite samples)",
+            detail=f"model {model_id!r}: {bad} of {samples.size} AUDIO samples not finite",
+        )
+    return samples
 
 
 def is_speakable(text: str) -> bool:

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from handler.audio import resample
-from handler.engines.base import ParamRule, ParamValue, TurnInContext, VoiceStream
+from handler.engines.base import (
+    ParamRule,
+    ParamValue,
+    TurnInContext,
+    VoiceStream,
+    model_audio,
+)
 from handler.errors import InferenceError, InvalidRequest
 from handler.triton import TritonClient
 
@@ -152,7 +158,8 @@ class CsmEngine:
         does not fit.
 
         Iterating raises InvalidRequest (the open turn alone does not fit),
-        ServiceUnavailable or InferenceError (from Triton).
+        ServiceUnavailable or InferenceError (from Triton, or audio with NaN or
+        infinite samples).
         """
         warnings: list[str] = []
 
@@ -187,6 +194,7 @@ class CsmEngine:
             InvalidRequest: the open turn alone does not fit in ``max_seq_len``
                 with ``params.max_new_frames`` frames left for generation.
             ServiceUnavailable, InferenceError: from Triton.
+            InferenceError: NaN or infinite samples (:func:`model_audio`).
         """
         clips = [s.audio if s.audio is not None else np.zeros(0, np.float32) for s in segments]
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -220,7 +228,7 @@ class CsmEngine:
                 ) from error
             raise
         return CsmResult(
-            audio=outputs["AUDIO"].reshape(-1).astype(np.float32),
+            audio=model_audio(self.model_id, outputs["AUDIO"]),
             frames=int(outputs["AUDIO_CODES"].shape[-1]),
             dropped_turns=int(outputs["DROPPED_SEGMENTS"].reshape(-1)[0]),
         )

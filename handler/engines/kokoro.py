@@ -37,6 +37,7 @@ from handler.engines.base import (
     TurnInContext,
     VoiceStream,
     is_speakable,
+    model_audio,
 )
 from handler.triton import TritonClient
 
@@ -235,7 +236,8 @@ class KokoroEngine:
         samples when the text has nothing to say (no letter or digit).
 
         Raises:
-            ServiceUnavailable, InferenceError: from the Triton client.
+            ServiceUnavailable, InferenceError: from the Triton client, or
+                InferenceError for audio with NaN or infinite samples.
         """
         chunks = [chunk async for chunk in self.stream_texts(triton, [text], voice, speed)]
         return np.concatenate(chunks) if chunks else silence(0)
@@ -275,7 +277,8 @@ class KokoroEngine:
         cancels every call still running and stops reading ``texts``.
 
         Raises:
-            ServiceUnavailable, InferenceError: from the Triton client.
+            ServiceUnavailable, InferenceError: from the Triton client, or
+                InferenceError for a piece whose audio has NaN or infinite samples.
             Exception: whatever iterating ``texts`` raised.
         """
         places = asyncio.Semaphore(self.lookahead)
@@ -318,6 +321,12 @@ class KokoroEngine:
     async def _synthesize_piece(
         self, triton: TritonClient, text: str, voice: str, speed: float
     ) -> np.ndarray:
+        """One Triton call: float32 mono [n] at ``sample_rate``, every sample finite.
+
+        Raises:
+            ServiceUnavailable, InferenceError: from the Triton client.
+            InferenceError: NaN or infinite samples (:func:`model_audio`).
+        """
         outputs = await triton.infer(
             self.model_id,
             {
@@ -327,7 +336,7 @@ class KokoroEngine:
             },
             ["AUDIO"],
         )
-        return np.asarray(outputs["AUDIO"], dtype=np.float32).reshape(-1)
+        return model_audio(self.model_id, outputs["AUDIO"])
 
 
 async def _each(texts: Iterable[str] | AsyncIterable[str]) -> AsyncIterator[str]:

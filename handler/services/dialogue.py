@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 
 from handler.audio import (
     MEDIA_TYPES,
+    check_mp3_bitrate,
     encode,
-    mp3_compression_level,
     ms_to_samples,
     peak_normalize,
     stitch,
@@ -163,7 +163,7 @@ async def plan_turns(request: DialogueRequest, ctx: RequestContext) -> list[Turn
         )
     if request.audio_format == "mp3":
         try:
-            mp3_compression_level(request.mp3_bitrate_kbps, rates.pop())
+            check_mp3_bitrate(request.mp3_bitrate_kbps, rates.pop())
         except ValueError as error:
             raise _invalid(str(error), ["output", "bitrate"], None, "validation_error") from error
     return plans
