@@ -14,6 +14,7 @@ from handler.deps import (
 )
 from handler.routes.openapi import json_body, ref
 from handler.schemas.dialogue import (
+    MAX_BODY_BYTES,
     DialogueRequest,
     LinkedDialogue,
     SplitResponse,
@@ -23,8 +24,19 @@ from handler.schemas.dialogue import (
 )
 from handler.services.dialogue import render_dialogue
 from handler.services.timestamps import render_with_timestamps
+from handler.settings import Settings
 
 router = APIRouter(prefix="/v1/audio", dependencies=[Depends(require_api_key)])
+
+
+def _body_limit(settings: Settings) -> int:
+    """Largest body these routes read: ``max_request_bytes``, capped at the largest valid dialogue.
+
+    The process-wide ``max_request_bytes`` (64 MiB by default) is sized for
+    ``/v1/converse`` history audio; a dialogue body is only text, so one over
+    :data:`MAX_BODY_BYTES` is refused (413) before it is read and parsed.
+    """
+    return min(settings.max_request_bytes, MAX_BODY_BYTES)
 
 
 @router.post(
@@ -49,7 +61,7 @@ async def post_dialogue(request: Request, settings: SettingsDep, ctx: ContextDep
     A stitched file over the inline threshold comes back as JSON
     ``{"audio": {"url", "expires_in"}, "mediaType"}``.
     """
-    body = await parse_body(request, DialogueRequest, settings.max_request_bytes)
+    body = await parse_body(request, DialogueRequest, _body_limit(settings))
     rendered = await run_admitted(request, ctx, lambda: render_dialogue(body, ctx))
     if rendered.segments is not None:
         return JSONResponse(rendered.segments.model_dump())
@@ -68,5 +80,5 @@ async def post_dialogue_with_timestamps(
     request: Request, settings: SettingsDep, ctx: ContextDep
 ) -> TimestampsResponse | TimestampsSplitResponse:
     """Stitched audio (base64) with word timestamps, or timed per-turn segments."""
-    body = await parse_body(request, TimestampsRequest, settings.max_request_bytes)
+    body = await parse_body(request, TimestampsRequest, _body_limit(settings))
     return await run_admitted(request, ctx, lambda: render_with_timestamps(body, ctx))

@@ -3,16 +3,36 @@
 Defaults are the spec's: ``gapMs`` 0, ``volumeDbfs`` -16 (peak, not LUFS),
 ``output`` "wav", MP3 bitrate 96 kbps, ``split`` false. Ranges the spec leaves
 open are this service's choices (docs/api.md): ``gapMs`` 0..10,000,
-``volumeDbfs`` -60..0, MP3 bitrates of MPEG-2 Layer III.
+``volumeDbfs`` -60..0, MP3 bitrates of MPEG-2 Layer III, and a request body of
+at most :data:`MAX_BODY_BYTES`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, field_validator
 
 from handler.schemas.converse import MAX_TURN_CHARS, MAX_TURNS
+from handler.settings import MIB
+
+MAX_VOICE_CHARS = 256
+MAX_MODEL_CHARS = 128
+MAX_VOICE_ID_CHARS = 64
+# The largest valid body, so that a bigger one is refused (413) before it is
+# parsed. A JSON string spends at most 12 bytes on one character: a character
+# outside the BMP written as an escaped surrogate pair, "\ud83d\ude42" (what
+# json.dumps sends for an emoji). A turn with every field at its cap is
+# 12 * (8,000 + 256 + 128 + 64) = 101,376 bytes of characters plus 64 of keys,
+# quotes and commas; 64 such turns are 6,492,160 bytes. The MiB on top covers the
+# top-level fields (under 2 KB) and any indentation: 7,540,736 bytes in all.
+MAX_JSON_BYTES_PER_CHAR = 12
+MAX_TURN_BODY_BYTES = (
+    MAX_JSON_BYTES_PER_CHAR
+    * (MAX_TURN_CHARS + MAX_VOICE_CHARS + MAX_MODEL_CHARS + MAX_VOICE_ID_CHARS)
+    + 64
+)
+MAX_BODY_BYTES = MAX_TURNS * MAX_TURN_BODY_BYTES + MIB
 
 
 class DialogueTurn(BaseModel):
@@ -21,9 +41,11 @@ class DialogueTurn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
-    voice: str | None = Field(None, min_length=1, max_length=256)
-    model: str | None = Field(None, min_length=1, max_length=128)
-    voiceId: str | None = Field(None, min_length=1, max_length=64)  # noqa: N815 (spec name)
+    voice: str | None = Field(None, min_length=1, max_length=MAX_VOICE_CHARS)
+    model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
+    voiceId: str | None = Field(  # noqa: N815 (spec name)
+        None, min_length=1, max_length=MAX_VOICE_ID_CHARS
+    )
 
 
 class Mp3Output(BaseModel):
@@ -35,16 +57,40 @@ class Mp3Output(BaseModel):
     bitrate: int = Field(96, description="kbps")
 
 
+OutputName = Literal["wav", "mp3", "pcm"]
+_OUTPUT_NAME: TypeAdapter[OutputName] = TypeAdapter(OutputName)
+
+
+def _parse_output(value: object) -> OutputName | Mp3Output:
+    """Validate ``output`` as the member its shape means: an object is MP3 settings.
+
+    A plain union would try both members and report each one's errors under
+    pydantic's label for it (``["output", "Mp3Output", "format"]``); validating
+    the one member the value means reports them at the request's own paths:
+    ``["output"]`` for a bad name (or a value of neither shape),
+    ``["output", "format"]`` and ``["output", "bitrate"]`` inside the object.
+    """
+    if isinstance(value, dict | Mp3Output):
+        return Mp3Output.model_validate(value)
+    return _OUTPUT_NAME.validate_python(value)
+
+
+Output = Annotated[
+    OutputName | Mp3Output,
+    PlainValidator(_parse_output, json_schema_input_type=OutputName | Mp3Output),
+]
+
+
 class DialogueRequest(BaseModel):
     """Many turns, many voices, one stitched file (or per-turn segments with ``split``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, min_length=1, max_length=128)
+    model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
     turns: list[DialogueTurn] = Field(min_length=1, max_length=MAX_TURNS)
     gapMs: int = Field(0, ge=0, le=10_000)  # noqa: N815 (spec name)
     volumeDbfs: float = Field(-16.0, ge=-60.0, le=0.0)  # noqa: N815 (spec name)
-    output: Literal["wav", "mp3", "pcm"] | Mp3Output = "wav"
+    output: Output = "wav"
     split: bool = False
     timestamps: object | None = Field(
         None, description="Only on /with-timestamps; rejected on this endpoint."
@@ -53,11 +99,9 @@ class DialogueRequest(BaseModel):
     @field_validator("timestamps")
     @classmethod
     def _no_timestamps_here(cls, value: object | None) -> object | None:
-        if value is not None:
-            raise ValueError(
-                "timestamps is only accepted by /v1/audio/conversation/with-timestamps"
-            )
-        return value
+        # Runs only when the field is sent (defaults are not validated): its
+        # presence, null included, is the error (speechbase: "the plain endpoint rejects it").
+        raise ValueError("timestamps is only accepted by /v1/audio/conversation/with-timestamps")
 
     @property
     def audio_format(self) -> str:
