@@ -9,7 +9,7 @@ HANDLER = Path(__file__).resolve().parent.parent / "handler"
 
 # Lowest first; a module may import its own layer and the ones below it.
 LAYERS: list[set[str]] = [
-    {"errors", "settings", "audio", "tasks"},
+    {"errors", "settings", "audio", "tasks", "fair_slots"},
     {"triton", "storage", "moderation"},
     {"engines", "author_lm", "transcription"},
     {"schemas"},
