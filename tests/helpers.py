@@ -7,7 +7,8 @@ import base64
 import io
 import json
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import numpy as np
 import soundfile as sf
 from fastapi.testclient import TestClient
 
+from devtools.fake_triton import FakeTriton
 from devtools.local_triton import LocalTriton
+from handler.app import create_app
 from handler.audio import resample
 from handler.settings import Settings
 
@@ -156,3 +159,22 @@ def sse_events(body: str) -> list[tuple[str, Any]]:
 def streamed_pcm(stream: list[tuple[str, Any]]) -> bytes:
     """The PCM bytes of the ``audio`` events of a ``/v1/converse`` stream, in order."""
     return b"".join(base64.b64decode(data["data_b64"]) for name, data in stream if name == "audio")
+
+
+@contextmanager
+def unserved_saved_voice(voice: str) -> Iterator[tuple[FakeTriton, TestClient, str]]:
+    """An app over a Triton double, a key's saved ``voice``, then the model stops serving it.
+
+    Yields the double, a client of the app (its model list is never cached) and
+    the saved voice's id.
+    """
+    with FakeTriton() as double, TestClient(
+        create_app(make_settings(triton_url=double.http_url, models_cache_s=0))
+    ) as client:
+        saved = client.post("/v1/voices", json={"name": "n", "voice": voice}, headers=AUTH)
+        assert saved.status_code == 201, saved.text
+        voices = double.configs["kokoro"]["parameters"]["voices"]
+        voices["string_value"] = ",".join(
+            name for name in voices["string_value"].split(",") if name != voice
+        )
+        yield double, client, saved.json()["id"]

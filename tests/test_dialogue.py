@@ -12,12 +12,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from devtools.fake_triton import FakeTriton
 from handler.app import create_app
 from handler.services import dialogue, timestamps
-from tests.helpers import AUTH, make_settings, post_then_disconnect
+from tests.helpers import AUTH, make_settings, post_then_disconnect, unserved_saved_voice
 
 STITCHED, TIMED = "/v1/audio/conversation", "/v1/audio/conversation/with-timestamps"
 TURNS = [{"voice": "jf_alpha", "text": "Hello there."}, {"voice": "jm_kumo", "text": "Hi."}]
@@ -89,15 +88,7 @@ def test_the_event_loop_keeps_running_while_audio_is_processed(
 @pytest.mark.parametrize("path", [STITCHED, TIMED])
 def test_a_saved_voice_the_model_no_longer_serves_is_400_before_any_synthesis(path: str) -> None:
     """Answered like an inline turn naming that voice, at the turn's ``voiceId``; no Triton call."""
-    with FakeTriton() as double, TestClient(
-        create_app(make_settings(triton_url=double.http_url, models_cache_s=0))
-    ) as client:
-        saved = client.post("/v1/voices", json={"name": "n", "voice": "jf_nezumi"}, headers=AUTH)
-        assert saved.status_code == 201, saved.text
-        voices = double.configs["kokoro"]["parameters"]["voices"]
-        voices["string_value"] = ",".join(
-            name for name in voices["string_value"].split(",") if name != "jf_nezumi"
-        )
+    with unserved_saved_voice("jf_nezumi") as (double, client, voice_id):
 
         def refused(turn: dict[str, str]) -> dict[str, Any]:
             response = client.post(path, json={"turns": [TURNS[0], turn]}, headers=AUTH)
@@ -105,7 +96,7 @@ def test_a_saved_voice_the_model_no_longer_serves_is_400_before_any_synthesis(pa
             return dict(response.json())
 
         inline = refused({"voice": "jf_nezumi", "text": "Hello."})
-        by_id = refused({"voiceId": saved.json()["id"], "text": "Hello."})
+        by_id = refused({"voiceId": voice_id, "text": "Hello."})
         assert by_id["code"] == inline["code"] == "unknown_voice"
         assert by_id["turn_index"] == inline["turn_index"] == 1
         assert by_id["detail"].endswith(inline["detail"])

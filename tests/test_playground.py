@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 from devtools.api_server import ApiServer
 from devtools.local_triton import LocalTriton
@@ -46,25 +47,27 @@ def server(triton: LocalTriton) -> Iterator[ApiServer]:
         yield api
 
 
-@pytest.mark.triton
-def test_a_spoken_exchange_in_chromium(server: ApiServer, real_client: TestClient,
-                                       tmp_path: Path) -> None:
+@contextmanager
+def connected_page(server: ApiServer, microphone: Path, *, loop: bool = False,
+                   init_script: str = "") -> Iterator[Page]:
+    """The playground in Chromium, its fake microphone playing ``microphone``, session connected.
+
+    ``loop``: the file plays again from its start when it ends (else once);
+    ``init_script`` runs before the page's own.
+    """
     assert Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM} (make test installs it)"
-    rate = 48_000
-    speech = speak(real_client, "0", QUESTION, rate)
-    silence = np.zeros(rate, np.float32)
-    microphone = tmp_path / "microphone.wav"
-    sf.write(microphone, np.concatenate([silence, speech, silence, silence, silence]), rate,
-             subtype="PCM_16")
+    capture = f"{microphone}" if loop else f"{microphone}%noloop"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
             "--use-fake-ui-for-media-stream",
             "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={microphone}%noloop",
+            f"--use-file-for-fake-audio-capture={capture}",
             "--autoplay-policy=no-user-gesture-required",
         ])
         try:
             page = browser.new_page()
+            if init_script:
+                page.add_init_script(init_script)
             page.goto(f"{server.base_url}/playground")
             page.fill("#key", API_KEY)
             page.dispatch_event("#key", "change")
@@ -72,18 +75,31 @@ def test_a_spoken_exchange_in_chromium(server: ApiServer, real_client: TestClien
             page.click("#connect")
             page.wait_for_function("document.getElementById('status').textContent === "
                                    "'connected'", timeout=30_000)
-            page.click("#talk")
-            page.wait_for_selector("#transcript p.user", timeout=60_000)
-            page.wait_for_function("document.getElementById('events').textContent"
-                                   ".includes('response.done')", timeout=120_000)
-            heard = page.text_content("#transcript p.user") or ""
-            replied = page.text_content("#transcript p.assistant") or ""
-            status = page.text_content("#status")
-            # The reply is done once its audio has played (the server follows playback).
-            page.wait_for_function("window.playground.playedMs > 0", timeout=10_000)
-            played_ms = page.evaluate("window.playground.playedMs")
+            yield page
         finally:
             browser.close()
+
+
+@pytest.mark.triton
+def test_a_spoken_exchange_in_chromium(server: ApiServer, real_client: TestClient,
+                                       tmp_path: Path) -> None:
+    rate = 48_000
+    speech = speak(real_client, "0", QUESTION, rate)
+    silence = np.zeros(rate, np.float32)
+    microphone = tmp_path / "microphone.wav"
+    sf.write(microphone, np.concatenate([silence, speech, silence, silence, silence]), rate,
+             subtype="PCM_16")
+    with connected_page(server, microphone) as page:
+        page.click("#talk")
+        page.wait_for_selector("#transcript p.user", timeout=60_000)
+        page.wait_for_function("document.getElementById('events').textContent"
+                               ".includes('response.done')", timeout=120_000)
+        heard = page.text_content("#transcript p.user") or ""
+        replied = page.text_content("#transcript p.assistant") or ""
+        status = page.text_content("#status")
+        # The reply is done once its audio has played (the server follows playback).
+        page.wait_for_function("window.playground.playedMs > 0", timeout=10_000)
+        played_ms = page.evaluate("window.playground.playedMs")
     assert word_error_rate([QUESTION], [heard]) <= 0.25, heard
     assert replied.strip()
     assert status == "completed"
@@ -130,45 +146,26 @@ def test_the_microphone_streams_once_and_stops_and_stalled_audio_never_overlaps(
     when it arrives, with the next one after it, not at their places in the
     reply (which are past: they would play at once, over each other).
     """
-    assert Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM} (make test installs it)"
     microphone = tmp_path / "microphone.wav"
     sf.write(microphone, np.zeros(48_000, np.float32), 48_000, subtype="PCM_16")
     rates: list[float] = []
     sent_while_off: list[int] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={microphone}",
-            "--autoplay-policy=no-user-gesture-required",
-        ])
-        try:
-            page = browser.new_page()
-            page.add_init_script(_SPY)
-            page.goto(f"{server.base_url}/playground")
-            page.fill("#key", API_KEY)
-            page.dispatch_event("#key", "change")
-            page.wait_for_selector("#voice option", state="attached")
-            page.click("#connect")
-            page.wait_for_function("document.getElementById('status').textContent === "
-                                   "'connected'", timeout=30_000)
-            for _ in range(2):
-                page.click("#talk")
-                page.wait_for_function("window.spy.sentBytes > 0", timeout=10_000)
-                page.wait_for_timeout(500)
-                sent, clock = page.evaluate("[window.spy.sentBytes, audio.currentTime]")
-                page.wait_for_timeout(2000)
-                sent_after, clock_after = page.evaluate("[window.spy.sentBytes, audio.currentTime]")
-                samples = (sent_after - sent) / 2
-                rates.append(samples / (clock_after - clock) / page.evaluate("audio.sampleRate"))
-                page.click("#talk")
-                page.wait_for_timeout(300)
-                stopped = page.evaluate("window.spy.sentBytes")
-                page.wait_for_timeout(1000)
-                sent_while_off.append(page.evaluate("window.spy.sentBytes") - stopped)
-            starts = page.evaluate(_STALLED_REPLY)
-        finally:
-            browser.close()
+    with connected_page(server, microphone, loop=True, init_script=_SPY) as page:
+        for _ in range(2):
+            page.click("#talk")
+            page.wait_for_function("window.spy.sentBytes > 0", timeout=10_000)
+            page.wait_for_timeout(500)
+            sent, clock = page.evaluate("[window.spy.sentBytes, audio.currentTime]")
+            page.wait_for_timeout(2000)
+            sent_after, clock_after = page.evaluate("[window.spy.sentBytes, audio.currentTime]")
+            samples = (sent_after - sent) / 2
+            rates.append(samples / (clock_after - clock) / page.evaluate("audio.sampleRate"))
+            page.click("#talk")
+            page.wait_for_timeout(300)
+            stopped = page.evaluate("window.spy.sentBytes")
+            page.wait_for_timeout(1000)
+            sent_while_off.append(page.evaluate("window.spy.sentBytes") - stopped)
+        starts = page.evaluate(_STALLED_REPLY)
     # 20 ms messages: a share of a message's samples may still be pending at either end.
     assert all(0.8 < rate < 1.2 for rate in rates), rates
     assert sent_while_off == [0, 0]

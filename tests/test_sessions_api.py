@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from devtools.fake_triton import FakeTriton
 from handler.app import create_app
 from handler.storage.base import TurnRecord
 from handler.storage.sqlite import SQLiteStorage
-from tests.helpers import API_KEY, AUTH, make_settings
+from tests.helpers import API_KEY, AUTH, make_settings, unserved_saved_voice
 from tests.test_lambda import FakeContext, http_api_v2_event, load_lambda
 
 OTHER_KEY = "other-key-456"
@@ -229,16 +228,8 @@ def test_openapi_documents_the_session_routes(api: TestClient) -> None:
 
 
 def test_a_saved_voice_the_model_no_longer_serves_is_400() -> None:
-    with FakeTriton() as double, TestClient(
-        create_app(make_settings(triton_url=double.http_url, models_cache_s=0))
-    ) as client:
-        saved = client.post("/v1/voices", json={"name": "n", "voice": "jf_nezumi"}, headers=AUTH)
-        assert saved.status_code == 201, saved.text
-        voices = double.configs["kokoro"]["parameters"]["voices"]
-        voices["string_value"] = ",".join(
-            name for name in voices["string_value"].split(",") if name != "jf_nezumi"
-        )
+    with unserved_saved_voice("jf_nezumi") as (_, client, voice_id):
         response = client.post("/v1/conversations/create", headers=AUTH, json={
-            "voice_id": saved.json()["id"], "system_prompt": "You are Pat."})
+            "voice_id": voice_id, "system_prompt": "You are Pat."})
         assert "voice_id: saved voice" in error_of(response)
         assert "unknown voice 'jf_nezumi'" in error_of(response)
