@@ -27,8 +27,9 @@ the one :func:`bind_deadline` put in the calling task's context
 Each binding is also the owner of the request's calls in the process's
 in-flight limit (``max_inflight``): freed places go to the waiting requests in
 turn (:class:`~handler.fair_slots.FairSlots`), so one request that starts many
-calls at once does not queue them all ahead of the others'. Calls made outside
-any binding (live sessions) share one owner.
+calls at once does not queue them all ahead of the others'. Each model call of
+a live session binds its own (its time limit); calls made outside any binding
+share one owner.
 """
 
 from __future__ import annotations
