@@ -157,6 +157,7 @@ def test_both_failing_is_503_timestamps_unavailable(
                            json={"model": "kokoro", "turns": TURNS})
     assert response.status_code == 503
     assert response.json()["code"] == "timestamps_unavailable"
+    assert int(response.headers["retry-after"]) >= 1  # a 503 says when to try again
 
 
 def test_with_timestamps_validates_like_the_plain_endpoint(client: TestClient) -> None:

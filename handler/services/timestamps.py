@@ -71,6 +71,7 @@ async def _turn_words(
         raise TimestampsUnavailable(
             f"turn {plan.index}: neither alignment nor speech recognition produced timestamps",
             turn_index=plan.index,
+            headers={"Retry-After": str(ctx.settings.retry_after_s)},
         ) from error
     ctx.record.turn(plan.index, "transcribe", started, words=len(words))
     warning = f"turn {plan.index}: forced alignment failed; word timestamps come from ASR"
