@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from handler.audio import NonFiniteAudioError, require_finite
 from handler.errors import InferenceError, InvalidRequest, ValidationItem
 from handler.triton import TritonClient
 
@@ -33,12 +34,13 @@ def model_audio(model_id: str, audio: np.ndarray) -> np.ndarray:
             to silence, and abort LAME inside the MP3 encoder).
     """
     samples = np.asarray(audio, dtype=np.float32).reshape(-1)
-    bad = int(np.count_nonzero(~np.isfinite(samples)))
-    if bad:
+    try:
+        require_finite(samples)
+    except NonFiniteAudioError as error:
         raise InferenceError(
             f"model {model_id!r} returned invalid audio (NaN or infinite samples)",
-            detail=f"model {model_id!r}: {bad} of {samples.size} AUDIO samples not finite",
-        )
+            detail=f"model {model_id!r} AUDIO: {error}",
+        ) from error
     return samples
 
 
