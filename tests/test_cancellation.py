@@ -167,6 +167,15 @@ def test_the_api_deadline_reaches_the_csm_frame_loop_inside_the_ensemble(
 
 
 def test_a_grpc_cancel_stops_the_loop_inside_triton(server: LocalTriton) -> None:
+    """A cancel that reaches Triton while the loop runs stops it short of ``FULL_RUN``.
+
+    The tiny author's whole loop takes about 0.2 s, and on a busy machine the
+    cancel can reach Triton only after the loop has ended; such a try shows
+    nothing either way. Up to five tries are made: a loop that ignored
+    cancellation would run every step in all of them.
+    """
+    tries = 5
+
     async def call() -> None:
         client = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
         try:
@@ -179,9 +188,15 @@ def test_a_grpc_cancel_stops_the_loop_inside_triton(server: LocalTriton) -> None
         finally:
             await client.close()
 
-    before = settled_steps(server)
-    asyncio.run(call())
-    assert 0 < settled_steps(server) - before < FULL_RUN
+    steps_run = []
+    for _ in range(tries):
+        before = settled_steps(server)
+        asyncio.run(call())
+        steps_run.append(settled_steps(server) - before)
+        if steps_run[-1] < FULL_RUN:
+            break
+    assert all(0 < steps <= FULL_RUN for steps in steps_run), steps_run
+    assert steps_run[-1] < FULL_RUN, steps_run
 
 
 def test_closing_the_http_connection_does_not_stop_the_loop(server: LocalTriton) -> None:
