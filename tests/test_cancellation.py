@@ -121,12 +121,21 @@ def test_the_api_deadline_stops_the_loop_inside_triton(server: LocalTriton) -> N
         started = time.monotonic()
         asyncio.run(call(None))
         unstopped_s.append(time.monotonic() - started)
+    # Measuring runs slowed by other work give a deadline a fast run can beat; such a
+    # try is made again with half the deadline (a loop ignoring it finishes every try).
     deadline_s = min(unstopped_s) / 3
-    before = settled_steps(server)
-    with pytest.raises(InferenceError) as failed:
-        asyncio.run(call(deadline_s))
-    # Stopped in the loop, or (machine busy) rejected by the queue policy before it ran.
-    assert re.search(r"ran past its timeout|Request timeout expired", failed.value.detail)
+    for _ in range(4):
+        before = settled_steps(server)
+        try:
+            asyncio.run(call(deadline_s))
+        except InferenceError as failed:
+            # Stopped in the loop, or (machine busy) rejected by the queue policy before it ran.
+            assert re.search(r"ran past its timeout|Request timeout expired", failed.detail)
+            break
+        assert settled_steps(server) - before == FULL_RUN
+        deadline_s /= 2
+    else:
+        pytest.fail("every try ran all its steps past the deadline")
     assert settled_steps(server) - before < FULL_RUN
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -224,14 +225,33 @@ def test_sampling_is_reproducible_with_a_seed(tiny_triton: TinyTriton) -> None:
     assert len({reply(seed) for seed in range(4)}) > 1
 
 
+def settled_chat_lm_steps(server: LocalTriton) -> int:
+    """``chat_lm_steps`` once it stops growing (bounded wait, no speed asserted)."""
+    settled = chat_lm_steps(server)
+    for _ in range(50):
+        time.sleep(0.2)
+        now = chat_lm_steps(server)
+        if now == settled:
+            break
+        settled = now
+    return settled
+
+
 @pytest.mark.triton
 def test_cancelling_the_consumer_stops_decoding_in_triton(tiny_triton: TinyTriton) -> None:
+    """A cancel that reaches Triton while the reply is written stops it early.
+
+    The tiny model writes the whole reply in a fraction of a second, and on a
+    busy machine the cancel can reach Triton only after most of it; such a try
+    shows nothing either way. Up to five tries are made: a loop that ignored
+    cancellation would run every step in all of them.
+    """
     server = tiny_triton.server
     model = TritonChatModel(server.grpc_url)
 
-    before = chat_lm_steps(server)
+    before = settled_chat_lm_steps(server)
     full = asyncio.run(collect(model.stream(MESSAGES, [], **LONG_REPLY)))
-    full_steps = chat_lm_steps(server) - before
+    full_steps = settled_chat_lm_steps(server) - before
     assert full_steps > 500, "the uncancelled reply must be long for this test to mean anything"
     assert full
 
@@ -241,16 +261,15 @@ def test_cancelling_the_consumer_stops_decoding_in_triton(tiny_triton: TinyTrito
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    before = chat_lm_steps(server)
-    asyncio.run(cancel_after_two_pieces())
-    settled = chat_lm_steps(server)
-    for _ in range(50):  # wait until Triton has stopped (bounded, no speed asserted)
-        asyncio.run(asyncio.sleep(0.2))
-        now = chat_lm_steps(server)
-        if now == settled:
+    steps_run = []
+    for _ in range(5):
+        before = settled_chat_lm_steps(server)
+        asyncio.run(cancel_after_two_pieces())
+        steps_run.append(settled_chat_lm_steps(server) - before)
+        if steps_run[-1] < full_steps // 2:
             break
-        settled = now
-    assert settled - before < full_steps // 2
+    assert all(0 < steps <= full_steps for steps in steps_run), (steps_run, full_steps)
+    assert steps_run[-1] < full_steps // 2, (steps_run, full_steps)
 
 
 @pytest.mark.triton

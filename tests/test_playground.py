@@ -166,8 +166,9 @@ def test_the_microphone_streams_once_and_stops_and_stalled_audio_never_overlaps(
             page.wait_for_timeout(1000)
             sent_while_off.append(page.evaluate("window.spy.sentBytes") - stopped)
         starts = page.evaluate(_STALLED_REPLY)
-    # 20 ms messages: a share of a message's samples may still be pending at either end.
-    assert all(0.8 < rate < 1.2 for rate in rates), rates
+    # One stream sends at about 1.0 and two at about 2.0; the band leaves room for
+    # 20 ms messages pending at either reading and for a page thread slowed by load.
+    assert all(0.6 < rate < 1.4 for rate in rates), rates
     assert sent_while_off == [0, 0]
     _, second, third = starts
     assert second["when"] >= second["at"]

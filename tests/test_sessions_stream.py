@@ -390,10 +390,10 @@ def test_idle_socket_ends_the_session(triton_url: str, factory: Factory) -> None
 
 
 def test_maximum_session_length_ends_the_session(triton_url: str, factory: Factory) -> None:
-    with app_client(triton_url, factory, session_max_duration_s=0.5) as api:
+    with app_client(triton_url, factory, session_max_duration_s=2.0) as api:
         session_id = new_session(api)
         with api.websocket_connect(path(session_id), headers=AUTH) as ws:
-            ws.receive_json()
+            assert ws.receive_json()["type"] == "session.started"
             ended = ws.receive_json()
             with pytest.raises(WebSocketDisconnect) as closed:
                 ws.receive_json()
@@ -643,7 +643,7 @@ async def stuck_factory(record: SessionRecord, params: SessionParams,
 def test_a_conversation_stuck_stopping_still_ends_the_session_and_closes_the_socket(
     triton_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(transport, "CLEANUP_S", 0.3)
+    monkeypatch.setattr(transport, "CLEANUP_S", 2.0)
     with app_client(triton_url, stuck_factory) as api:
         session_id = new_session(api)
         ended, code = ended_by_the_conversation(api, session_id)
