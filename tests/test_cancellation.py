@@ -231,13 +231,18 @@ def test_closing_the_http_connection_does_not_stop_the_loop(server: LocalTriton)
 def test_a_client_that_goes_away_stops_its_authoring_inside_triton(triton: LocalTriton) -> None:
     """``CONVERSE_TRITON_PROTOCOL=grpc``: a disconnect cancels the author call and its loop.
 
-    The same greedy request is first run to its end for the step count it takes.
+    The same greedy request is first run to its end for the step count it takes
+    (18 here, under a second). The client leaves once two steps have run; on a
+    busy machine its cancel can reach Triton only after the loop has ended, a try
+    that shows nothing either way, so up to three tries are made: a loop that
+    ignored the cancel would run every step in all of them.
     """
     app = create_app(make_settings(triton_url=triton.http_url, triton_grpc_url=triton.grpc_url,
                                    triton_protocol="grpc"))
     body = {"conversation": [{"speaker": "0", "text": "So, how was the trip to the coast?"},
                              {"speaker": "1"}],
             "params": {"temperature": 0.0, "max_new_tokens": 128}}
+    before = 0
 
     async def never_gone(sent: list[dict[str, Any]]) -> None:
         await asyncio.Event().wait()
@@ -245,22 +250,37 @@ def test_a_client_that_goes_away_stops_its_authoring_inside_triton(triton: Local
     async def once_authoring(sent: list[dict[str, Any]]) -> None:
         await steps_past(triton, before + 1)
 
-    async def scenario() -> tuple[int, int, list[dict[str, Any]]]:
+    async def full_run() -> int:
+        answered = await post_then_disconnect(app, "/v1/converse", body, never_gone)
+        assert answered[0]["status"] == 200
+        return await asyncio.to_thread(settled_steps, triton) - before
+
+    async def gone_run() -> tuple[int, int, list[dict[str, Any]]]:
+        voiced = lm_steps(triton, "kokoro_network")
+        sent = await post_then_disconnect(app, "/v1/converse", body, once_authoring)
+        steps = await asyncio.to_thread(settled_steps, triton) - before
+        return steps, lm_steps(triton, "kokoro_network") - voiced, sent
+
+    async def scenario() -> tuple[int, list[tuple[int, int, list[dict[str, Any]]]]]:
         nonlocal before
         try:
-            answered = await post_then_disconnect(app, "/v1/converse", body, never_gone)
-            assert answered[0]["status"] == 200
-            full_run = await asyncio.to_thread(settled_steps, triton)
-            voiced = lm_steps(triton, "kokoro_network")
-            before = full_run
-            sent = await post_then_disconnect(app, "/v1/converse", body, once_authoring)
-            return full_run, voiced, sent
+            before = settled_steps(triton)
+            full_steps = await full_run()
+            tries = []
+            for _ in range(3):
+                before = settled_steps(triton)
+                tries.append(await gone_run())
+                if tries[-1][0] < full_steps:
+                    break
+            return full_steps, tries
         finally:
             await app.state.triton.close()
 
-    before = start = settled_steps(triton)
-    after_full_run, voiced, sent = asyncio.run(scenario())
-    assert 2 <= settled_steps(triton) - after_full_run < after_full_run - start
-    assert lm_steps(triton, "kokoro_network") == voiced  # nothing voiced for the gone client
+    full_steps, tries = asyncio.run(scenario())
+    assert full_steps > 2
+    assert all(2 <= steps <= full_steps for steps, _, _ in tries), (tries, full_steps)
+    steps, voiced, sent = tries[-1]
+    assert steps < full_steps, [t[0] for t in tries]
+    assert voiced == 0  # nothing voiced for the gone client
     assert not any(message.get("status") == 200 for message in sent)
     assert (app.state.admission.active, app.state.admission.waiting) == (0, 0)
