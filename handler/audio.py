@@ -22,6 +22,11 @@ import soxr
 # these bitrates in kbps (ISO/IEC 13818-3, table of bitrate_index values).
 MPEG2_LAYER3_BITRATES_KBPS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
 _SILENCE_FLOOR = 1e-9
+# Sample rates a WAV clip may have, Hz: 8 kHz is telephone speech (G.711), 192 kHz the
+# highest rate of common recorders. Outside them a small file stands for enormous audio
+# once resampled (20,000 samples at 1 Hz are 320 million at 16 kHz).
+MIN_WAV_SAMPLE_RATE = 8_000
+MAX_WAV_SAMPLE_RATE = 192_000
 
 
 class AudioDecodeError(ValueError):
@@ -67,18 +72,37 @@ def to_mono(frames: np.ndarray) -> np.ndarray:
 
 
 def decode_wav(data: bytes) -> DecodedAudio:
-    """Decode a WAV file of any sample rate and channel count to float32 mono.
+    """Decode a WAV file of any channel count to float32 mono.
+
+    The sample rate is checked before any sample is read: it must lie within
+    :data:`MIN_WAV_SAMPLE_RATE`..:data:`MAX_WAV_SAMPLE_RATE` Hz.
 
     Raises:
-        AudioDecodeError: if ``data`` is not a decodable WAV file or has no samples.
+        AudioDecodeError: if ``data`` is not a decodable WAV file, has no
+            samples, or has a sample rate outside those bounds.
     """
     try:
         with sf.SoundFile(io.BytesIO(data)) as handle:
             if handle.format != "WAV":
                 raise AudioDecodeError(f"expected a WAV file, got {handle.format}")
-            frames = handle.read(dtype="float32", always_2d=True)
             sample_rate = int(handle.samplerate)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+            if not MIN_WAV_SAMPLE_RATE <= sample_rate <= MAX_WAV_SAMPLE_RATE:
+                raise AudioDecodeError(
+                    f"the WAV file's sample rate {sample_rate} Hz is outside "
+                    f"{MIN_WAV_SAMPLE_RATE}-{MAX_WAV_SAMPLE_RATE} Hz"
+                )
+            frames = handle.read(dtype="float32", always_2d=True)
+    except AudioDecodeError:
+        raise
+    except sf.LibsndfileError as error:
+        raise AudioDecodeError(f"not a decodable WAV file ({error.error_string})") from error
+    except ValueError as error:
+        # libsndfile opens some codecs (GSM 6.10, G.721, NMS ADPCM) whose frames
+        # soundfile cannot count to read them.
+        raise AudioDecodeError(
+            "not a decodable WAV file (its encoding cannot be read; send 16-bit PCM)"
+        ) from error
+    except (RuntimeError, TypeError) as error:
         raise AudioDecodeError(f"not a decodable WAV file ({error})") from error
     if frames.shape[0] == 0:
         raise AudioDecodeError("the WAV file has no samples")

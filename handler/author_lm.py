@@ -105,7 +105,7 @@ async def author_turn(
                 "TEMPERATURE": np.array([params.temperature], dtype=np.float32),
                 "TOP_K": np.array([params.top_k], dtype=np.int32),
                 "MAX_NEW_TOKENS": np.array([params.max_new_tokens], dtype=np.int32),
-                "SEED": np.array([params.seed + attempt], dtype=np.int64),
+                "SEED": np.array([(params.seed + attempt) % 2**63], dtype=np.int64),
             },
             ["TEXT"],
         )

@@ -156,6 +156,25 @@ def test_audio_only_history_is_transcribed_for_authoring(real_client: TestClient
     assert response.json()["usage"]["input_audio_seconds"] > 1.0
 
 
+def test_the_highest_seed_still_gets_its_retries(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retry's seed wraps inside int64 instead of overflowing past 2**63 - 1."""
+    import handler.author_lm as author_lm
+
+    attempts: list[str] = []
+
+    def first_line_unusable(raw: str) -> str | None:
+        attempts.append(raw)
+        return None if len(attempts) == 1 else clean_turn(raw)
+
+    monkeypatch.setattr(author_lm, "clean_turn", first_line_unusable)
+    response = client.post("/v1/converse", headers=AUTH,
+                           json={"conversation": RECIPE, "params": {"seed": 2**63 - 1}})
+    assert response.status_code == 200, response.text
+    assert len(attempts) == 2
+
+
 @pytest.mark.parametrize(
     "params", [{"max_new_tokens": 500}, {"temperature": 3}, {"quantizers": 8}]
 )

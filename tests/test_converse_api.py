@@ -92,6 +92,14 @@ OPEN = {"speaker": "0", "text": "Hello."}
 AUDIO = wav_b64(tone(0.2), 24_000)
 
 
+def encoded_wav(sample_rate: int, subtype: str = "PCM_16") -> str:
+    """Base64 of a 2,000-sample WAV file at ``sample_rate`` Hz in ``subtype``."""
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(2000 / sample_rate, sample_rate), sample_rate, format="WAV",
+             subtype=subtype)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
@@ -110,6 +118,11 @@ AUDIO = wav_b64(tone(0.2), 24_000)
          "base64"),
         ({"conversation": [{"speaker": "0", "audio_wav_b64": "UklGRiQAAABXQVZF"}, OPEN]}, 400,
          "conversation[0]"),
+        # 2,000 samples at 1 Hz would resample to 32 million at 16 kHz: refused unread.
+        ({"conversation": [{"speaker": "0", "audio_wav_b64": encoded_wav(1)}, OPEN]}, 400,
+         "sample rate 1 Hz"),
+        ({"conversation": [{"speaker": "0", "audio_wav_b64": encoded_wav(8000, "GSM610")},
+                           OPEN]}, 400, "encoding cannot be read"),
         ({"conversation": [OPEN], "model": "nope"}, 400, "unknown model"),
         ({"conversation": [OPEN], "params": {"temperature": 0.5}}, 400, "temperature"),
         ({"conversation": [OPEN], "params": {"speed": 3.0}}, 400, "speed"),
@@ -121,6 +134,52 @@ AUDIO = wav_b64(tone(0.2), 24_000)
 def test_invalid_requests(client: TestClient, body: Any, status: int, needle: str) -> None:
     error = assert_kalpa_error(post(client, body), status, "invalid_request")
     assert needle.lower() in error["message"].lower()
+
+
+def test_history_audio_at_every_supported_rate_and_encoding_is_heard(client: TestClient) -> None:
+    """Any sample rate in 8-192 kHz and any encoding soundfile reads are accepted."""
+    readable = ["PCM_16", "PCM_24", "PCM_32", "PCM_U8", "FLOAT", "DOUBLE", "ULAW", "ALAW",
+                "IMA_ADPCM", "MS_ADPCM"]
+    history = [{"speaker": "0", "text": "Hi.", "audio_wav_b64": encoded_wav(rate, subtype)}
+               for rate, subtype in [(8000, "PCM_16"), (192_000, "PCM_16"),
+                                     *((16_000, s) for s in readable)]]
+    response = post(client, {"conversation": [*history, OPEN]})
+    assert response.status_code == 200, response.text
+
+
+def test_a_blank_text_beside_audio_is_replaced_by_the_transcript(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """History text of only spaces counts as none: the audio's transcript is what is heard."""
+    import handler.services.converse as service
+
+    async def transcribe(triton: Any, samples: np.ndarray) -> tuple[str, list[Any]]:
+        return "the bridge is closed", []
+
+    prompts: list[list[tuple[str, str]]] = []
+
+    async def author_turn(triton: Any, history: list[tuple[str, str]], speaker: str,
+                          params: Any) -> str:
+        prompts.append(history)
+        return "Oh no."
+
+    monkeypatch.setattr(service, "transcribe", transcribe)
+    monkeypatch.setattr(service, "author_turn", author_turn)
+    spoken = {"speaker": "0", "text": "   ", "audio_wav_b64": wav_b64(tone(1.0), 24_000)}
+    response = post(client, {"conversation": [spoken, {"speaker": "1"}]})
+    assert response.status_code == 200, response.text
+    assert prompts == [[("0", "the bridge is closed")]]
+
+
+def test_base64_wrapped_into_mime_lines_is_accepted_up_to_the_cap() -> None:
+    from handler.schemas.converse import MAX_TURN_AUDIO_BYTES, Turn
+    from handler.services.turn_input import decode_turn_audio
+
+    header = base64.b64decode(wav_b64(np.zeros(1, np.float32), 24_000))[:44]
+    wrapped = base64.encodebytes(header + bytes(MAX_TURN_AUDIO_BYTES - len(header))).decode()
+    wrapped = wrapped.replace("\n", "\r\n")
+    turn = Turn(speaker="0", audio_wav_b64=wrapped)
+    assert decode_turn_audio(str(turn.audio_wav_b64), 0).samples.size > 0
 
 
 def test_audio_cap_is_checked_on_base64_length() -> None:

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
+import anyio
 import numpy as np
 
 from handler.audio import resample
@@ -163,8 +164,8 @@ class CsmEngine:
         """
         warnings: list[str] = []
 
-        async def chunks() -> AsyncGenerator[np.ndarray, None]:
-            segments = [
+        def segments() -> list[Segment]:
+            return [
                 Segment(
                     turn.speaker,
                     " ".join(turn.text.split()),
@@ -174,7 +175,12 @@ class CsmEngine:
                 )
                 for turn in [*history, open_turn]
             ]
-            result = await self.generate(triton, segments, params)
+
+        async def chunks() -> AsyncGenerator[np.ndarray, None]:
+            # Resampling minutes of history audio takes a while: off the event loop.
+            result = await self.generate(
+                triton, await anyio.to_thread.run_sync(segments), params
+            )
             if result.dropped_turns:
                 warnings.append(
                     f"the conversation is longer than {self.model_id!r} can attend to "

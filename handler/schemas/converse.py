@@ -14,8 +14,10 @@ from handler.settings import MIB
 MAX_TURNS = 64
 MAX_TURN_CHARS = 8000
 MAX_TURN_AUDIO_BYTES = 25 * MIB
-# base64 of 25 MiB, plus room for a "data:audio/wav;base64," prefix.
-MAX_AUDIO_B64_CHARS = (MAX_TURN_AUDIO_BYTES + 2) // 3 * 4 + 256
+# base64 of 25 MiB wrapped into 76-character lines with CRLF (RFC 2045, section 6.8: what
+# MIME encoders write), plus room for a "data:audio/wav;base64," prefix. The exact
+# 25 MiB cap is checked on the decoded size (handler.services.turn_input).
+MAX_AUDIO_B64_CHARS = (MAX_TURN_AUDIO_BYTES + 2) // 3 * 4 * 78 // 76 + 256
 
 
 class Turn(BaseModel):

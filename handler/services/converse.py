@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from handler.audio import DecodedAudio, encode_pcm, encode_wav, resample
 from handler.author_lm import AUTHOR_RULES, AuthorParams, author_turn
@@ -73,7 +74,7 @@ async def _history_clips(request: ConverseRequest, ctx: RequestContext) -> dict[
                 turn_index=index,
             )
         if turn.audio_wav_b64:
-            clips[index] = decode_turn_audio(turn.audio_wav_b64, index)
+            clips[index] = await run_in_threadpool(decode_turn_audio, turn.audio_wav_b64, index)
         elif turn.audio_id:
             clips[index] = await load_uploaded_audio(ctx, turn.audio_id, index)
     return clips
@@ -164,9 +165,10 @@ async def _history(
     async def transcribed(index: int) -> tuple[str, list[TimedWord]]:
         started = time.monotonic()
         clip = plan.clips[index]
-        result = await transcribe(
-            ctx.triton, resample(clip.samples, clip.sample_rate, SPEECH_SAMPLE_RATE)
+        speech = await run_in_threadpool(
+            resample, clip.samples, clip.sample_rate, SPEECH_SAMPLE_RATE
         )
+        result = await transcribe(ctx.triton, speech)
         ctx.record.turn(index, "transcribe", started, audio_seconds=round(clip.duration_s, 3))
         return result
 
@@ -178,7 +180,7 @@ async def _history(
         turns.append(
             TurnInContext(
                 speaker=turn.speaker,
-                text=turn.text or heard.get(index, ""),
+                text=turn.text if turn.text and turn.text.strip() else heard.get(index, ""),
                 audio=clip.samples if clip else None,
                 sample_rate=clip.sample_rate if clip else 0,
             )

@@ -86,6 +86,6 @@ async def load_uploaded_audio(ctx: RequestContext, audio_id: str, turn_index: in
     if data is None:
         raise InvalidRequest(f"{where}: no upload {audio_id!r}", turn_index=turn_index)
     try:
-        return decode_wav(data)
+        return await run_in_threadpool(decode_wav, data)
     except AudioDecodeError as error:
         raise InvalidRequest(f"{where}: {error}", turn_index=turn_index) from error
