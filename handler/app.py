@@ -109,9 +109,12 @@ class RequestMiddleware:
 
         try:
             await self.app(scope, receive, send_with_headers)
-        except Exception:
+        except Exception as error:
+            # The app's Exception handler answers the client only after this line is
+            # logged (it runs in the outermost middleware), so the detail is set here.
             record.status = record.status or 500
             record.error_code = record.error_code or "internal_error"
+            record.error_detail = record.error_detail or internal_error(error).detail
             raise
         finally:
             record.route = str(getattr(scope.get("route"), "path", ""))

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 _APPLIED = False
 _SCALING_TAGS: dict[str, dict[str, str]] = {}
 
@@ -110,3 +112,22 @@ def _application_autoscaling_tags() -> None:
     Response.list_tags_for_resource = list_tags_for_resource  # type: ignore[attr-defined]
     Response.tag_resource = tag_resource  # type: ignore[attr-defined]
     Response.untag_resource = untag_resource  # type: ignore[attr-defined]
+
+
+def refuse_long_sort_keys(params: dict[str, Any], model: Any, **_: Any) -> None:
+    """A botocore hook: DynamoDB refuses a sort key over 1024 bytes on every call.
+
+    moto checks the length only on PutItem.
+
+    Register it on a DynamoDB client's ``provide-client-params.dynamodb.*`` event.
+
+    Raises:
+        ClientError: ``ValidationException``, AWS's answer, for a longer ``Key.id``.
+    """
+    sort_key = params.get("Key", {}).get("id", "")  # a Table passes plain values
+    if isinstance(sort_key, dict):
+        sort_key = sort_key.get("S", "")
+    if len(sort_key.encode()) > 1024:
+        raise ClientError({"Error": {"Code": "ValidationException", "Message": "Aggregated "
+                           "size of all range keys has exceeded the size limit of 1024 bytes"}},
+                          model.name)

@@ -47,6 +47,21 @@ def test_error_detail_goes_to_the_log_not_the_client(capsys: pytest.CaptureFixtu
     assert line["request_id"] == response.json()["error"]["request_id"]
 
 
+def test_an_unhandled_error_is_detailed_in_the_log_not_the_client(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with fake_client(FakeTriton()) as client:
+        def broken(key_id: str) -> None:
+            raise RuntimeError("usage table went away")
+
+        client.app.state.storage.get_usage = broken  # type: ignore[attr-defined]
+        response = client.get("/v1/usage", headers=AUTH)
+    (line,) = request_lines(capsys.readouterr().out)
+    assert response.status_code == 500 and "went away" not in response.text
+    assert (line["status"], line["error_code"]) == (500, "internal_error")
+    assert line["error_detail"] == "RuntimeError('usage table went away')"
+
+
 def test_log_lines_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
     with fake_client(FakeTriton(), log_requests=False) as client:
         client.get("/health")

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
 
+import boto3
 import numpy as np
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
+from moto import mock_aws
 
 from handler.app import create_app
+from handler.storage.dynamodb import DynamoDBStorage
 from tests.helpers import AUTH, make_settings, tone, wav_b64
+from tests.moto_shims import refuse_long_sort_keys
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,10 @@ def test_voice_crud_and_pagination(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "query", ["limit=0", "limit=201", "limit=abc", "cursor=not-a-cursor"]
+    "query",
+    ["limit=0", "limit=201", "limit=abc", "cursor=not-a-cursor",
+     "limit=%C2%B9",  # superscript one: str.isdigit() says yes, int() says no
+     "limit=" + "9" * 5000],  # past int()'s 4300-digit limit
 )
 def test_bad_listing_queries(client: TestClient, query: str) -> None:
     response = client.get(f"/v1/voices?{query}", headers=AUTH)
@@ -73,6 +81,45 @@ def test_bad_listing_queries(client: TestClient, query: str) -> None:
 def test_bad_voices_are_rejected(client: TestClient, body: dict[str, Any]) -> None:
     response = client.post("/v1/voices", json=body, headers=AUTH)
     assert response.status_code == 400, response.text
+
+
+def test_a_saved_blend_with_a_tiny_weight_can_be_used(client: TestClient) -> None:
+    saved = client.post("/v1/voices", headers=AUTH,
+                        json={"name": "faint", "voice": "jf_alpha+jm_kumo*0.0000001"})
+    assert saved.status_code == 201, saved.text
+    body = {"turns": [{"voiceId": saved.json()["id"], "text": "Hello."}], "output": "pcm"}
+    response = client.post("/v1/audio/conversation", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert saved.json()["voice"] == "jf_alpha*1+jm_kumo*0.0000001"
+
+
+@pytest.fixture
+def dynamodb_client(triton_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """The API on DynamoDB (moto) that refuses sort keys over 1024 bytes, as AWS does."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    settings = make_settings(triton_url=triton_url, storage_backend="dynamodb")
+    with mock_aws():
+        DynamoDBStorage.create_tables(
+            boto3.resource("dynamodb"), settings.dynamodb_voices_table,
+            settings.dynamodb_usage_table, settings.dynamodb_rate_table,
+            settings.dynamodb_sessions_table)
+        app = create_app(settings)
+        app.state.storage.voices.meta.client.meta.events.register(
+            "provide-client-params.dynamodb.*", refuse_long_sort_keys)
+        with TestClient(app, raise_server_exceptions=False) as test_client:
+            yield test_client
+
+
+def test_ids_that_cannot_be_voice_ids_are_not_found(dynamodb_client: TestClient) -> None:
+    long_id = "a" * 1025
+    for method in ("GET", "DELETE"):
+        response = dynamodb_client.request(method, f"/v1/voices/{long_id}", headers=AUTH)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["type"] == "not_found"
+    saved = dynamodb_client.post("/v1/voices", json={"name": "n", "voice": "jf_alpha"},
+                                 headers=AUTH)
+    assert dynamodb_client.get(f"/v1/voices/{saved.json()['id']}", headers=AUTH).json() == (
+        saved.json())
 
 
 def test_saved_and_inline_voices_mix_in_one_conversation(client: TestClient) -> None:

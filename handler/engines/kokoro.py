@@ -17,6 +17,7 @@ much silence; with 0, consecutive sentences share one call while they fit
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import (
     AsyncGenerator,
@@ -27,6 +28,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
+from decimal import Decimal
 
 import numpy as np
 
@@ -53,15 +55,27 @@ class VoiceSpecError(ValueError):
     """A voice or blend spec that names unknown voices or has bad weights."""
 
 
+def _weight_text(weight: float) -> str:
+    """``weight`` to 6 significant digits in plain decimal notation (``1e-07`` -> ``0.0000001``).
+
+    A canonical spec is parsed again on every use, and ``_VOICE_TERM`` has no exponents.
+    """
+    return format(Decimal(f"{weight:.6g}"), "f")
+
+
 def parse_voice_spec(spec: str, voices: frozenset[str]) -> str:
     """Validate a voice or blend and return its canonical form for the frontend.
 
     ``"jf_alpha"`` -> ``"jf_alpha*1"``; ``"jf_alpha*0.5+jm_kumo*1.5"`` ->
     ``"jf_alpha*0.25+jm_kumo*0.75"`` (weights normalised to sum to 1, as in
-    kokoro-onnx's blends, so a blend keeps the level of a single voice).
+    kokoro-onnx's blends, so a blend keeps the level of a single voice; each
+    written to 6 significant digits without an exponent, so the canonical form
+    is itself a valid spec).
 
     Raises:
-        VoiceSpecError: empty spec, unknown voice, repeated voice, or a weight <= 0.
+        VoiceSpecError: empty spec, unknown voice, repeated voice, a weight <= 0
+            or too large for a float, or a weight whose share of the blend is
+            too small to represent.
     """
     terms = spec.split("+")
     weights: dict[str, float] = {}
@@ -77,9 +91,18 @@ def parse_voice_spec(spec: str, voices: frozenset[str]) -> str:
         weight = float(weight_text) if weight_text is not None else 1.0
         if weight <= 0:
             raise VoiceSpecError(f"weight of {name!r} must be > 0")
+        if not math.isfinite(weight):
+            raise VoiceSpecError(f"weight of {name!r} is too large")
         weights[name] = weight
     total = sum(weights.values())
-    return "+".join(f"{name}*{weight / total:.6g}" for name, weight in weights.items())
+    if not math.isfinite(total):
+        raise VoiceSpecError("blend weights are too large")
+    shares = {name: weight / total for name, weight in weights.items()}
+    for name, share in shares.items():
+        # Underflow: a saved 0 would be refused (weight <= 0) on every later use.
+        if share == 0.0:
+            raise VoiceSpecError(f"weight of {name!r} is too small next to the others")
+    return "+".join(f"{name}*{_weight_text(share)}" for name, share in shares.items())
 
 
 def _split_long(piece: str, limit: int) -> list[str]:

@@ -93,20 +93,42 @@ class RateDecision:
 
 def token_bucket(
     tokens: float, updated_at: float, now: float, capacity: int, refill_per_s: float
-) -> tuple[float, RateDecision]:
+) -> tuple[float, float, RateDecision]:
     """Refill a token bucket to ``now`` and try to take one token.
 
+    Classic token bucket: ``capacity`` burst, ``refill_per_s`` tokens per second.
+
+    Args:
+        tokens: tokens stored with the bucket.
+        updated_at: the bucket's stored time, Unix seconds.
+        now: when the request arrived, Unix seconds; may be before ``updated_at``
+            when a request reaches storage after a later one.
+        capacity: burst size (tokens).
+        refill_per_s: tokens added per second.
+
     Returns:
-        (tokens left, decision). Classic token bucket: ``capacity`` burst,
-        ``refill_per_s`` tokens per second.
+        (tokens left, the bucket's new time, decision). The new time is
+        ``max(now, updated_at)`` and is what must be stored: storing an earlier
+        ``now`` would credit the refill since then a second time.
     """
-    available = min(float(capacity), tokens + max(0.0, now - updated_at) * refill_per_s)
+    now = max(now, updated_at)
+    available = min(float(capacity), tokens + (now - updated_at) * refill_per_s)
     allowed = available >= 1.0
     left = available - 1.0 if allowed else available
     reset_s = (capacity - left) / refill_per_s
     retry_after = 0.0 if allowed else (1.0 - left) / refill_per_s
     decision = RateDecision(allowed, capacity, math.floor(left), reset_s, retry_after)
-    return left, decision
+    return left, now, decision
+
+
+_VOICE_ID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # str(uuid.uuid4())
+_VOICE_ID_PATTERN = re.compile(_VOICE_ID)
+_SORT_KEY_PATTERN = re.compile(f"[0-9]{{20}}#{_VOICE_ID}")  # SavedVoice.sort_key
+
+
+def is_voice_id(text: str) -> bool:
+    """True when ``text`` has the shape of a saved voice's id (a lower-case UUID string)."""
+    return _VOICE_ID_PATTERN.fullmatch(text) is not None
 
 
 def encode_cursor(sort_key: str) -> str:
@@ -118,13 +140,15 @@ def decode_cursor(cursor: str) -> str:
     """Sort key of a cursor.
 
     Raises:
-        ValueError: not a cursor this service issued.
+        ValueError: not a cursor this service issued (it does not decode to a
+            :attr:`SavedVoice.sort_key`: 20 digits, ``#``, a voice id).
     """
     try:
         sort_key = base64.urlsafe_b64decode(cursor.encode()).decode()
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError("invalid cursor") from error
-    if "#" not in sort_key or not sort_key.split("#", 1)[0].isdigit():
+    # Only a key of the stored shape reaches storage: DynamoDB refuses keys over 1024 bytes.
+    if _SORT_KEY_PATTERN.fullmatch(sort_key) is None:
         raise ValueError("invalid cursor")
     return sort_key
 
@@ -355,4 +379,8 @@ class Storage(SessionStore):
     def take_token(
         self, key_id: str, capacity: int, refill_per_s: float, now: float
     ) -> RateDecision:
-        """Atomically take one token from the key's bucket (see :func:`token_bucket`)."""
+        """Atomically take one token from the key's bucket (see :func:`token_bucket`).
+
+        ``now`` is when the request arrived (Unix seconds); one stamped before the
+        bucket's stored time refills nothing and leaves that time as it is.
+        """

@@ -44,6 +44,7 @@ from handler.storage.base import (
 VOICE_INDEX = "by_sort_key"
 TTL_ATTRIBUTE = "expires_at"  # terraform/modules/data/main.tf: the sessions table's TTL
 _MAX_CAS_ATTEMPTS = 50
+MAX_SORT_KEY_BYTES = 1024  # DynamoDB's limit; a longer key is a ValidationException
 
 
 def _number(value: float) -> Decimal:
@@ -63,6 +64,11 @@ def _voice_item(voice: SavedVoice) -> dict[str, Any]:
         if getattr(voice, field) is not None:
             item[field] = getattr(voice, field)
     return item
+
+
+def _fits_sort_key(value: str) -> bool:
+    """True when ``value`` can be a sort key: DynamoDB refuses one over 1024 bytes (UTF-8)."""
+    return len(value.encode()) <= MAX_SORT_KEY_BYTES
 
 
 def _optional_float(value: Any) -> float | None:
@@ -211,26 +217,39 @@ class DynamoDBStorage(Storage):
         self.voices.put_item(Item=_voice_item(voice))
 
     def get_voice(self, key_id: str, voice_id: str) -> SavedVoice | None:
-        """The key's voice with this id, or None."""
-        item = self.voices.get_item(Key={"key_id": key_id, "id": voice_id}).get("Item")
+        """The key's voice with this id, or None (strongly consistent, as SQLite reads are)."""
+        if not _fits_sort_key(voice_id):
+            return None
+        item = self.voices.get_item(
+            Key={"key_id": key_id, "id": voice_id}, ConsistentRead=True
+        ).get("Item")
         return _voice(item) if item else None
 
     def delete_voice(self, key_id: str, voice_id: str) -> bool:
         """Delete the key's voice; False if it did not exist."""
+        if not _fits_sort_key(voice_id):
+            return False
         answer = self.voices.delete_item(
             Key={"key_id": key_id, "id": voice_id}, ReturnValues="ALL_OLD"
         )
         return "Attributes" in answer
 
     def list_voices(self, key_id: str, limit: int, after: str | None) -> VoicePage:
-        """Up to ``limit`` voices in creation order, after the sort key ``after``."""
+        """Up to ``limit`` voices in creation order, after the sort key ``after``.
+
+        Strongly consistent (a local secondary index allows it), as SQLite reads are.
+        """
         from boto3.dynamodb.conditions import Key
 
         condition = Key("key_id").eq(key_id)
         if after:
             condition = condition & Key("sort_key").gt(after)
         items: list[dict[str, Any]] = []
-        query: dict[str, Any] = {"IndexName": VOICE_INDEX, "KeyConditionExpression": condition}
+        query: dict[str, Any] = {
+            "IndexName": VOICE_INDEX,
+            "KeyConditionExpression": condition,
+            "ConsistentRead": True,
+        }
         while len(items) <= limit:
             answer = self.voices.query(**query, Limit=limit + 1 - len(items))
             items.extend(answer.get("Items", []))
@@ -292,13 +311,13 @@ class DynamoDBStorage(Storage):
                 version = int(item["version"])
             else:
                 tokens, updated_at, version = float(capacity), now, 0
-            left, decision = token_bucket(tokens, updated_at, now, capacity, refill_per_s)
+            left, stamp, decision = token_bucket(tokens, updated_at, now, capacity, refill_per_s)
             try:
                 self.rates.put_item(
                     Item={
                         "key_id": key_id,
                         "tokens": _number(left),
-                        "updated_at": _number(now),
+                        "updated_at": _number(stamp),
                         "version": version + 1,
                     },
                     ConditionExpression="attribute_not_exists(key_id) OR version = :seen",
@@ -407,18 +426,46 @@ class DynamoDBStorage(Storage):
                 raise
 
     def put_turn(self, key_id: str, session_id: str, turn: TurnRecord) -> None:
-        """Insert or replace (same ``turn_id``); after the end it takes the session's expiry."""
+        """Insert or replace (same ``turn_id``) with the session's ``expires_at``.
+
+        The session is read again after the write: a session ended meanwhile had its
+        turns' expiry set before this one existed, so the turn takes it here.
+        """
         item: dict[str, Any] = {
             "key_id": key_id,
             "id": f"{_turn_prefix(session_id)}{turn.sort_key}",
             "data": turn_to_json(turn),
         }
-        session = self.sessions.get_item(
-            Key={"key_id": key_id, "id": session_id}, ConsistentRead=True
-        ).get("Item")
-        if session is not None and TTL_ATTRIBUTE in session:
-            item[TTL_ATTRIBUTE] = session[TTL_ATTRIBUTE]
+        expires = self._session_expiry(key_id, session_id)
+        if expires is not None:
+            item[TTL_ATTRIBUTE] = expires
         self.sessions.put_item(Item=item)
+        # An end_session between the read and the put set the session's new expiry
+        # on the turns it found, which did not include this one yet: copy it now.
+        latest = self._session_expiry(key_id, session_id)
+        if latest is None or latest == expires:
+            return
+        try:
+            self.sessions.update_item(
+                Key={"key_id": key_id, "id": item["id"]},
+                UpdateExpression="SET #ttl = :expires",
+                ConditionExpression="attribute_exists(id)",
+                ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
+                ExpressionAttributeValues={":expires": latest},
+            )
+        except ClientError as error:
+            # Gone already (TTL deleted it): an update must not recreate it without data.
+            if error.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+
+    def _session_expiry(self, key_id: str, session_id: str) -> Decimal | None:
+        session = self.sessions.get_item(
+            Key={"key_id": key_id, "id": session_id},
+            ConsistentRead=True,
+            ProjectionExpression="#ttl",
+            ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
+        ).get("Item")
+        return None if session is None else session.get(TTL_ATTRIBUTE)
 
     def list_turns(self, key_id: str, session_id: str) -> list[TurnRecord]:
         """The session's turns ordered by ``n`` ([] past retention)."""

@@ -210,8 +210,10 @@ class SQLiteStorage(Storage):
                 "SELECT tokens, updated_at FROM rate_buckets WHERE key_id = ?", (key_id,)
             ).fetchone()
             tokens, updated_at = row if row else (float(capacity), now)
-            left, decision = token_bucket(tokens, updated_at, now, capacity, refill_per_s)
-            db.execute("INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?)", (key_id, left, now))
+            left, stamp, decision = token_bucket(tokens, updated_at, now, capacity, refill_per_s)
+            db.execute(
+                "INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?)", (key_id, left, stamp)
+            )
         return decision
 
     def put_session(self, record: SessionRecord) -> None:
