@@ -8,10 +8,14 @@
 
 locals {
   triton_port = 8000
-  # Settings the Lambda and the sessions service share (handler/settings.py).
+  # Settings the Lambda and the sessions service share (handler/settings.py). The
+  # timeouts are among them: settings refuse to load unless triton < lambda < gateway
+  # timeouts, in the sessions service too.
   app_environment = {
     CONVERSE_TRITON_URL              = "${module.triton.alb_dns_name}:${local.triton_port}"
     CONVERSE_TRITON_TIMEOUT_S        = tostring(var.triton_client_timeout_s)
+    CONVERSE_LAMBDA_TIMEOUT_S        = tostring(var.lambda_timeout_s)
+    CONVERSE_GATEWAY_TIMEOUT_S       = tostring(var.gateway_timeout_ms / 1000)
     CONVERSE_STORAGE_BACKEND         = "dynamodb"
     CONVERSE_DYNAMODB_VOICES_TABLE   = module.data.voices_table_name
     CONVERSE_DYNAMODB_USAGE_TABLE    = module.data.usage_table_name
@@ -124,4 +128,5 @@ module "sessions" {
   min_tasks            = var.min_session_tasks
   max_tasks            = var.max_session_tasks
   connections_per_task = var.connections_per_session_task
+  max_live_per_task    = var.max_live_sessions_per_task
 }

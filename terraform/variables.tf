@@ -161,7 +161,17 @@ variable "max_session_tasks" {
 }
 
 variable "connections_per_session_task" {
-  description = "Target concurrent client connections per sessions task (scaling)."
+  description = "Target concurrent client connections per sessions task (scaling); below max_live_sessions_per_task."
   type        = number
   default     = 50
+}
+
+variable "max_live_sessions_per_task" {
+  description = "Live session sockets one sessions task serves (CONVERSE_SESSION_MAX_LIVE); one more is closed with 4503."
+  type        = number
+  default     = 64
+  validation {
+    condition     = var.max_live_sessions_per_task >= 1
+    error_message = "max_live_sessions_per_task must be at least 1."
+  }
 }

@@ -161,6 +161,11 @@ TFVARS = {
     "api_image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/converse-api:test",
     "triton_image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/converse-triton:test",
     "min_gpu_instances": 0,  # scale-from-zero path included
+    # Ordered timeouts, none of them the settings' defaults (25 s / 29 s), which a
+    # service left without them would fall back to and refuse to start with.
+    "triton_client_timeout_s": 26,
+    "lambda_timeout_s": 28,
+    "gateway_timeout_ms": 29_500,
 }
 
 
@@ -176,6 +181,11 @@ def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -
     bad = _run([terraform, "plan", "-no-color", "-var", "lambda_timeout_s=40"], work, env, 300)
     assert bad.returncode != 0
     assert "Timeouts must be ordered" in bad.stdout + bad.stderr
+    # A scaling target a task never reaches (it refuses sockets past its limit) fails too.
+    bad = _run([terraform, "plan", "-no-color", "-var", "connections_per_session_task=64"],
+               work, env, 300)
+    assert bad.returncode != 0
+    assert "never scales out" in bad.stdout + bad.stderr
 
     started = time.monotonic()
     applied = _run([terraform, "apply", "-auto-approve", "-no-color", "-parallelism=20"],
@@ -262,6 +272,25 @@ def _check_triton_grpc(endpoint: str) -> None:
     function = _client(endpoint, "lambda").get_function_configuration(FunctionName="converse-api")
     assert "CONVERSE_TRITON_GRPC_URL" not in function["Environment"]["Variables"]
     assert "CONVERSE_TRITON_PROTOCOL" not in function["Environment"]["Variables"]
+    _check_both_services_load_their_settings(environment, function["Environment"]["Variables"])
+
+
+def _check_both_services_load_their_settings(sessions: dict[str, str],
+                                             function: dict[str, str]) -> None:
+    """The settings each service gets from terraform load (they refuse unordered timeouts)."""
+    from handler.settings import Settings
+
+    def load(environment: dict[str, str]) -> Settings:
+        return Settings(**{name.removeprefix("CONVERSE_").lower(): value
+                           for name, value in environment.items()
+                           if name.startswith("CONVERSE_")})
+
+    for environment in (sessions, function):
+        settings = load(environment)
+        assert (settings.triton_timeout_s, settings.lambda_timeout_s,
+                settings.gateway_timeout_s) == (26, 28, 29.5)
+    # A task serves more sockets than the scaling target, so it can reach the target.
+    assert load(sessions).session_max_live == 64 > 50
 
 
 def _empty_versioned_buckets(endpoint: str) -> None:

@@ -172,10 +172,7 @@ resource "aws_lambda_function" "api" {
     mode = "Active"
   }
   environment {
-    variables = merge(var.environment, {
-      CONVERSE_LAMBDA_TIMEOUT_S  = tostring(var.lambda_timeout_s)
-      CONVERSE_GATEWAY_TIMEOUT_S = tostring(var.gateway_timeout_ms / 1000)
-    })
+    variables = var.environment
   }
   depends_on = [aws_cloudwatch_log_group.lambda]
   lifecycle {

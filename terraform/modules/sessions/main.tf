@@ -44,6 +44,10 @@ variable "connections_per_task" {
   description = "Target concurrent client connections per task."
   type        = number
 }
+variable "max_live_per_task" {
+  description = "Live session sockets one task serves (CONVERSE_SESSION_MAX_LIVE)."
+  type        = number
+}
 
 locals {
   port          = 8080
@@ -392,6 +396,7 @@ locals {
     CONVERSE_DYNAMODB_SESSIONS_TABLE = var.sessions_table_name
     CONVERSE_PUBLIC_STREAM_URL       = local.stream_url
     CONVERSE_SESSION_IDLE_TIMEOUT_S  = tostring(var.idle_timeout_s)
+    CONVERSE_SESSION_MAX_LIVE        = tostring(var.max_live_per_task)
   })
 }
 
@@ -522,6 +527,13 @@ resource "aws_appautoscaling_policy" "connections" {
         label       = "client connections per task"
         return_data = true
       }
+    }
+  }
+  lifecycle {
+    # A task refusing sockets past its limit never reaches a higher target: no scale-out.
+    precondition {
+      condition     = var.connections_per_task < var.max_live_per_task
+      error_message = "connections_per_session_task must be below max_live_sessions_per_task, or the sessions service never scales out."
     }
   }
 }
