@@ -7,13 +7,16 @@ README's configuration table is checked against this class by a test.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
 
@@ -22,6 +25,7 @@ class Settings(BaseSettings):
     """Configuration of the API service (see the README table)."""
 
     model_config = SettingsConfigDict(env_prefix="CONVERSE_", extra="ignore")
+    _key_digests: frozenset[str] | None = PrivateAttr(None)
 
     triton_url: str = Field(
         "127.0.0.1:8000", description="Triton HTTP endpoint as host:port (no scheme)."
@@ -232,18 +236,34 @@ class Settings(BaseSettings):
             self.api_keys = ""
         return self
 
-    @cached_property
+    @property
     def key_digests(self) -> frozenset[str]:
-        """Hex SHA-256 digests of every accepted API key (``api_keys`` were hashed at load)."""
+        """Hex SHA-256 digests of every accepted API key (``api_keys`` were hashed at load).
+
+        The Secrets Manager secret is read once, on first use. A secret without a
+        value (terraform creates it empty; docs/deploy.md puts the digests in
+        later) adds no digest, so every key gets 401, and it is read again on the
+        next use instead of being kept.
+
+        Raises:
+            botocore.exceptions.ClientError: Secrets Manager refused the read for
+                another reason (permissions, throttling).
+        """
+        if self._key_digests is not None:
+            return self._key_digests
         digests = {d.strip().lower() for d in self.api_key_sha256.split(",") if d.strip()}
         if self.api_keys_secret_arn:
             import boto3
 
-            secret = boto3.client("secretsmanager").get_secret_value(
-                SecretId=self.api_keys_secret_arn
-            )
+            client = boto3.client("secretsmanager")
+            try:
+                secret = client.get_secret_value(SecretId=self.api_keys_secret_arn)
+            except client.exceptions.ResourceNotFoundException:
+                logger.warning("the API keys secret has no value yet: no key is accepted")
+                return frozenset(digests)
             digests |= {d.strip().lower() for d in secret["SecretString"].split(",") if d.strip()}
-        return frozenset(digests)
+        self._key_digests = frozenset(digests)
+        return self._key_digests
 
     @cached_property
     def signing_secret(self) -> bytes:
