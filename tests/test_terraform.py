@@ -181,6 +181,20 @@ def test_sessions_reach_triton_grpc_through_the_nlb() -> None:
     assert "GRPC" not in modules["api"]["environment"]
 
 
+def test_triton_closes_grpc_connections_before_the_nlb_idles_them_out() -> None:
+    """Clients keep one gRPC connection; a bounded age spreads them over new hosts too."""
+    blocks = parse(TERRAFORM / "modules/triton/main.tf")["locals"]
+    locals_ = {k: v for block in blocks for k, v in block.items()}
+    age_ms = int(locals_["grpc_max_connection_age_ms"])
+    nlb_tcp_idle_timeout_ms = 350_000  # AWS's default; the listener does not change it
+    assert "tcp_idle_timeout_seconds" not in resources("triton", "aws_lb_listener")["grpc"]
+    assert 0 < age_ms < nlb_tcp_idle_timeout_ms
+    task = resources("triton", "aws_ecs_task_definition")["triton"]
+    text = json.dumps(task["container_definitions"])
+    assert "--grpc-max-connection-age=${local.grpc_max_connection_age_ms}" in text
+    assert "--grpc-max-connection-age-grace=" in text
+
+
 def test_every_log_group_has_retention_and_kms() -> None:
     count = 0
     for module in ("network", "triton", "api", "sessions"):

@@ -40,9 +40,11 @@ variable "scale_from_zero" {
 }
 
 locals {
-  grpc_port         = 8001 # tritonserver's default --grpc-port
-  metrics_port      = 8002
-  metrics_namespace = "${var.name}/Triton"
+  grpc_port = 8001 # tritonserver's default --grpc-port
+  # Below the NLB's default 350 s TCP idle timeout (AWS docs, "Network Load Balancers").
+  grpc_max_connection_age_ms = 300000
+  metrics_port               = 8002
+  metrics_namespace          = "${var.name}/Triton"
 }
 
 resource "aws_ecr_repository" "triton" {
@@ -281,6 +283,12 @@ resource "aws_ecs_task_definition" "triton" {
         "--strict-readiness=true",
         "--allow-metrics=true",
         "--allow-gpu-metrics=true",
+        # gRPC clients keep one connection, and the NLB balances connections: closing
+        # each after 5 minutes (GOAWAY; calls in flight get a minute to end) lets
+        # clients reconnect to hosts added since, and ends idle connections before
+        # the NLB's 350 s TCP idle timeout drops them without a word.
+        "--grpc-max-connection-age=${local.grpc_max_connection_age_ms}",
+        "--grpc-max-connection-age-grace=60000",
       ]
       environment          = [{ name = "AWS_DEFAULT_REGION", value = var.region }]
       resourceRequirements = [{ type = "GPU", value = "1" }]
