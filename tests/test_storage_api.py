@@ -122,6 +122,14 @@ def test_ids_that_cannot_be_voice_ids_are_not_found(dynamodb_client: TestClient)
         saved.json())
 
 
+def test_session_ids_that_were_never_issued_are_not_found(dynamodb_client: TestClient) -> None:
+    long_id = "conv_" + "a" * 1100
+    for method in ("GET", "DELETE"):
+        response = dynamodb_client.request(method, f"/v1/conversations/{long_id}", headers=AUTH)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["type"] == "not_found"
+
+
 def test_saved_and_inline_voices_mix_in_one_conversation(client: TestClient) -> None:
     saved = client.post("/v1/voices", json={"name": "host", "voice": "jm_kumo"}, headers=AUTH)
     voice_id = saved.json()["id"]

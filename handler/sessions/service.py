@@ -30,6 +30,7 @@ from handler.services.context import RequestContext
 from handler.storage.base import SessionRecord, SessionStore
 
 SESSION_ID_PREFIX = "conv_"
+SESSION_ID_PATTERN = re.compile(f"{SESSION_ID_PREFIX}[0-9a-f]{{32}}")  # prefix + uuid4().hex
 STREAM_PATH = "/v1/conversations/{session_id}/stream"
 _ISO_639_1 = re.compile(r"^[a-z]{2}$")
 # Languages a session can hold, by voice engine. Speech recognition (Whisper) is
@@ -154,8 +155,11 @@ async def current(
 
     Its ``ended_reason`` is then ``max_duration`` and it ended (``ended_at``, the
     start of its retention) at ``created_at + max_duration_s``, however much
-    later it is read; None when there is no such session.
+    later it is read; None when there is no such session (or the id is not one
+    this service issues).
     """
+    if SESSION_ID_PATTERN.fullmatch(session_id) is None:
+        return None  # never issued; DynamoDB would refuse a key over 1 KiB with an error
     record = await run_in_threadpool(storage.get_session, key_id, session_id)
     if record is None or record.status != "active":
         return record
