@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -128,6 +129,25 @@ def test_session_ids_that_were_never_issued_are_not_found(dynamodb_client: TestC
         response = dynamodb_client.request(method, f"/v1/conversations/{long_id}", headers=AUTH)
         assert response.status_code == 404, response.text
         assert response.json()["error"]["type"] == "not_found"
+
+
+def test_a_write_that_outlasts_the_deadline_is_answered_not_refused(triton_url: str) -> None:
+    """A 504 would leave the voice stored and a retry would store a second one."""
+    settings = make_settings(triton_url=triton_url, triton_timeout_s=1.0, lambda_timeout_s=2.0,
+                             gateway_timeout_s=3.0)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+        storage = api.app.state.storage  # type: ignore[attr-defined]
+        put_voice = storage.put_voice
+
+        def slow_put_voice(voice: Any) -> None:  # e.g. SQLite waiting on a busy database
+            time.sleep(1.5)
+            put_voice(voice)
+
+        storage.put_voice = slow_put_voice
+        created = api.post("/v1/voices", json={"name": "slow", "voice": "jf_alpha"}, headers=AUTH)
+        listed = api.get("/v1/voices", headers=AUTH).json()["data"]
+    assert created.status_code == 201, created.text
+    assert [v["id"] for v in listed] == [created.json()["id"]]
 
 
 def test_saved_and_inline_voices_mix_in_one_conversation(client: TestClient) -> None:

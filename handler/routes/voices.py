@@ -25,9 +25,14 @@ _LIMIT = re.compile(r"0*([0-9]{1,9})")  # leading zeros were always accepted ("0
     openapi_extra=json_body(VoiceCreate),
 )
 async def create_voice(request: Request, settings: SettingsDep, ctx: ContextDep) -> Voice:
-    """Save a bundled voice or blend under a name; its id is a ``voiceId``."""
+    """Save a bundled voice or blend under a name; its id is a ``voiceId``.
+
+    Validation runs under the request's deadline; the write after it does not,
+    so a 504 never leaves a stored voice behind (a retry would store a second).
+    """
     body = await parse_body(request, VoiceCreate, settings.max_request_bytes)
-    return await within_deadline(voices.create_voice(body, ctx), ctx.deadline)
+    voice = await within_deadline(voices.new_voice(body, ctx), ctx.deadline)
+    return await voices.save_voice(voice, ctx)
 
 
 @router.get("/voices", response_model=VoiceList)

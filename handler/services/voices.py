@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -27,8 +28,8 @@ def public(voice: SavedVoice) -> Voice:
     )
 
 
-async def create_voice(body: VoiceCreate, ctx: RequestContext) -> Voice:
-    """Validate and store a voice for the caller's key.
+async def new_voice(body: VoiceCreate, ctx: RequestContext) -> SavedVoice:
+    """Validate a voice for the caller's key; not yet stored (:func:`save_voice`).
 
     A Kokoro voice is a bundled voice or blend (``voice``); reference clips
     (``reference_audio_id`` + ``transcript``) need a model that clones voices,
@@ -36,6 +37,7 @@ async def create_voice(body: VoiceCreate, ctx: RequestContext) -> Voice:
 
     Raises:
         InvalidRequest: unknown model, bad voice spec, or a clip for a model without cloning.
+        ServiceUnavailable: Triton unreachable (the served models are read from it).
     """
     model = await ctx.catalog.resolve(body.model, ["model"])
     if body.reference_audio_id is not None or body.transcript is not None:
@@ -59,7 +61,16 @@ async def create_voice(body: VoiceCreate, ctx: RequestContext) -> Voice:
         transcript=None,
         created_at=time.time(),
     )
-    await run_in_threadpool(ctx.storage.put_voice, voice)
+    return voice
+
+
+async def save_voice(voice: SavedVoice, ctx: RequestContext) -> Voice:
+    """Store ``voice`` and return its public form.
+
+    The write runs to its end even if the caller is cancelled meanwhile, so a
+    request is never refused after its voice was stored.
+    """
+    await asyncio.shield(run_in_threadpool(ctx.storage.put_voice, voice))
     return public(voice)
 
 
