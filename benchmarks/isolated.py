@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from devtools.local_stack import stop_on_signals
+from devtools.signals import stop_on_signals
 
 
 def isolate(prefix: str, deadline_s: float | None = None) -> Path:

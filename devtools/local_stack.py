@@ -10,11 +10,9 @@ serve``) a watcher thread restarts a tritonserver that died (see
 from __future__ import annotations
 
 import secrets
-import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Literal
 
 from devtools.api_server import ApiServer
@@ -22,25 +20,6 @@ from devtools.local_triton import LocalTriton, TritonStartError, free_port
 from devtools.service import Service
 from handler.app import create_app
 from handler.settings import Settings
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """Turn the first SIGINT/SIGTERM into KeyboardInterrupt; ignore repeats while stopping."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def stop_on_signals() -> None:
-    """Make SIGTERM (docker, systemd, CI, ``kill``) stop the process as Ctrl-C does.
-
-    Python's default SIGTERM ends the process at once, skipping every ``with``
-    block: a :class:`LocalStack` entered then would leave its tritonserver and
-    python stubs running. Raised as ``KeyboardInterrupt``, the signal unwinds
-    the stack, which stops its whole process tree on the way out.
-    """
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
 
 
 class Supervisor:

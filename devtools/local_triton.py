@@ -41,6 +41,7 @@ import psutil
 
 from devtools import REPOSITORY
 from devtools.service import Service
+from devtools.signals import stop_on_signals
 
 
 class TritonStartError(RuntimeError):
@@ -282,10 +283,11 @@ class LocalTriton(Service):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve a repository in the foreground until Ctrl-C."""
+    """Serve a repository in the foreground until Ctrl-C, SIGTERM or SIGHUP."""
     parser = argparse.ArgumentParser(prog="python -m devtools.local_triton")
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     args = parser.parse_args(argv)
+    stop_on_signals()
     with LocalTriton(args.repository) as triton:
         print(f"tritonserver ready at http://{triton.http_url} (Ctrl-C stops it)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

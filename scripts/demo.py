@@ -25,6 +25,7 @@ import soundfile as sf
 from devtools import REPOSITORY
 from devtools.local_stack import LocalStack
 from devtools.session_client import rendered_speech, spoken_exchange
+from devtools.signals import stop_on_signals
 from handler.routes.openapi import CONVERSE_EXAMPLES
 from handler.routes.openapi import WEEKEND as DIALOGUE_WEEKEND
 
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    stop_on_signals()
     with LocalStack(args.repository) as stack:
         headers = {"Authorization": f"Bearer {stack.api_key}"}
         with httpx.Client(base_url=stack.base_url, headers=headers, timeout=120) as client:

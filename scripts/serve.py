@@ -14,7 +14,8 @@ import signal
 from pathlib import Path
 
 from devtools import REPOSITORY
-from devtools.local_stack import LocalStack, stop_on_signals
+from devtools.local_stack import LocalStack
+from devtools.signals import stop_on_signals
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from hypothesis import settings
 
 from devtools import REPOSITORY
 from devtools.fake_triton import FakeTriton
-from devtools.local_stack import stop_on_signals
 from devtools.local_triton import LocalTriton
+from devtools.signals import stop_on_signals
 from devtools.tiny_models import make_tiny_csm, make_tiny_gemma, make_tiny_llama
 from export.__main__ import main as export_main
 from export.repository import COMMON

@@ -155,6 +155,34 @@ def test_killed_tritonserver_is_replaced_its_stubs_killed_and_sigterm_stops_all(
     _stop_and_count(served, signal.SIGTERM)
 
 
-def test_sigint_stops_the_api_and_the_whole_triton_tree(served: Served) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_sigint_or_hangup_stops_the_api_and_the_whole_triton_tree(
+    served: Served, signum: signal.Signals,
+) -> None:
     _wait(lambda: served.ready() == 200, "the stack is ready")
-    _stop_and_count(served, signal.SIGINT)
+    _stop_and_count(served, signum)
+
+
+def test_sigterm_stops_a_foreground_local_triton_and_its_stubs(
+    tiny_repository: TinyRepository,
+) -> None:
+    """``python -m devtools.local_triton``: its server runs in a session of its own."""
+    command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "devtools.local_triton",
+               "--repository", str(tiny_repository.repository)]
+    if not Path(command[0]).exists():
+        command[0] = sys.executable
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    foreground = Served(process, "", "")
+    try:
+        assert process.stdout is not None
+        started = next((line for line in process.stdout
+                        if line.startswith("tritonserver ready")), None)
+        assert started, "the server exited before it was ready"
+        _stop_and_count(foreground, signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            for leftover in foreground.tree():
+                leftover.kill()
+            process.wait()
