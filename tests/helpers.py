@@ -178,3 +178,9 @@ def unserved_saved_voice(voice: str) -> Iterator[tuple[FakeTriton, TestClient, s
             name for name in voices["string_value"].split(",") if name != voice
         )
         yield double, client, saved.json()["id"]
+
+
+# Digits and amounts expand to several phonemes a character: 174 characters, over 510 tokens.
+AMOUNTS = ("Sales rose to $1,234,567 in 2021. Costs fell to $987,654 in 2022. "
+           "Profit hit $246,913 in 2023. We expect $1,500,000 in 2024. "
+           "Staff grew to 1,250 in 2025. Offices: 37 in 2026.")

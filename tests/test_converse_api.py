@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from devtools.fake_triton import FakeTriton
 from handler.app import create_app
-from tests.helpers import AUTH, make_settings, tone, wav_b64
+from tests.helpers import AMOUNTS, AUTH, make_settings, tone, wav_b64
 
 HISTORY = [
     {"speaker": "0", "text": "Welcome back to the show."},
@@ -180,6 +180,13 @@ def test_base64_wrapped_into_mime_lines_is_accepted_up_to_the_cap() -> None:
     wrapped = wrapped.replace("\n", "\r\n")
     turn = Turn(speaker="0", audio_wav_b64=wrapped)
     assert decode_turn_audio(str(turn.audio_wav_b64), 0).samples.size > 0
+
+
+def test_amounts_and_years_over_the_voices_token_limit_are_voiced(client: TestClient) -> None:
+    """174 characters that Kokoro's frontend turns into more than its 510 phoneme tokens."""
+    response = post(client, {"conversation": [{"speaker": "0", "text": AMOUNTS}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["output_audio_seconds"] > 5.0
 
 
 def test_audio_cap_is_checked_on_base64_length() -> None:

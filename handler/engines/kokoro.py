@@ -41,6 +41,7 @@ from handler.engines.base import (
     is_speakable,
     model_audio,
 )
+from handler.errors import InferenceError
 from handler.triton import TritonClient
 
 # English phoneme strings run close to one symbol per letter; 240 characters
@@ -48,6 +49,9 @@ from handler.triton import TritonClient
 MAX_PIECE_CHARS = 240
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
 _CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")
+_WORD_GAP = re.compile(r"\s+")
+# The frontend's error for a piece whose phonemes exceed the network's 510 tokens.
+TOO_MANY_TOKENS = "too_many_tokens:"
 _VOICE_TERM = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\*\s*([0-9]*\.?[0-9]+)\s*)?$")
 
 
@@ -126,6 +130,21 @@ def _split_long(piece: str, limit: int) -> list[str]:
     if current:
         parts.append(current)
     return parts
+
+
+def halves(text: str) -> tuple[str, str] | None:
+    """``text`` cut in two at the boundary nearest its middle, None for a single word.
+
+    A sentence end is preferred, then a clause end, then any space; both parts
+    are stripped and non-empty.
+    """
+    middle = len(text.strip()) / 2
+    for boundary in (_SENTENCE_END, _CLAUSE_END, _WORD_GAP):
+        cuts = list(boundary.finditer(text.strip()))
+        if cuts:
+            cut = min(cuts, key=lambda match: abs(match.start() - middle))
+            return text.strip()[: cut.start()], text.strip()[cut.end() :]
+    return None
 
 
 def sentence_pieces(text: str, limit: int = MAX_PIECE_CHARS) -> list[list[str]]:
@@ -346,19 +365,37 @@ class KokoroEngine:
     ) -> np.ndarray:
         """One Triton call: float32 mono [n] at ``sample_rate``, every sample finite.
 
+        Digits, amounts and abbreviations expand to several phonemes per
+        character, so a piece within :data:`MAX_PIECE_CHARS` can still exceed the
+        network's 510 tokens; the frontend then refuses it (``too_many_tokens:``)
+        and the piece is voiced in two calls, cut by :func:`halves` (again if
+        needed), their audio joined.
+
         Raises:
-            ServiceUnavailable, InferenceError: from the Triton client.
+            ServiceUnavailable, InferenceError: from the Triton client (a single
+                word over the token limit included).
             InferenceError: NaN or infinite samples (:func:`model_audio`).
         """
-        outputs = await triton.infer(
-            self.model_id,
-            {
-                "TEXT": np.array([text.encode("utf-8")], dtype=np.object_),
-                "VOICE": np.array([voice.encode("utf-8")], dtype=np.object_),
-                "SPEED": np.array([speed], dtype=np.float32),
-            },
-            ["AUDIO"],
-        )
+        try:
+            outputs = await triton.infer(
+                self.model_id,
+                {
+                    "TEXT": np.array([text.encode("utf-8")], dtype=np.object_),
+                    "VOICE": np.array([voice.encode("utf-8")], dtype=np.object_),
+                    "SPEED": np.array([speed], dtype=np.float32),
+                },
+                ["AUDIO"],
+            )
+        except InferenceError as error:
+            parts = halves(text) if TOO_MANY_TOKENS in error.detail else None
+            if parts is None:
+                raise
+            voiced = [
+                await self._synthesize_piece(triton, part, voice, speed)
+                for part in parts
+                if is_speakable(part)
+            ]
+            return np.concatenate(voiced) if voiced else silence(0)
         return model_audio(self.model_id, outputs["AUDIO"])
 
 
