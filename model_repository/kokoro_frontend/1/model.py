@@ -56,7 +56,7 @@ class TritonPythonModel:
         if not ids:
             raise ValueError(f"text has no speakable content: {text[:80]!r}")
         if len(ids) > self.max_tokens:
-            # The marker lets the API cut the text and voice it in parts (handler/engines/kokoro.py).
+            # The marker lets the API voice the text in parts (handler/engines/kokoro.py).
             raise ValueError(
                 f"too_many_tokens: text gives {len(ids)} phoneme tokens; limit {self.max_tokens}"
             )
