@@ -40,13 +40,13 @@ def transcribe(asr: Any, seconds: float, decodings: list[str]) -> tuple[str, lis
     model.min_window_s = 30.0  # the full window: no second pass for the padding
     calls: list[dict[str, Any]] = []
 
-    def decode(audio: np.ndarray, language: str, window_frames: int,
+    def decode(budget: Any, audio: np.ndarray, language: str, window_frames: int,
                no_repeat_ngram_size: int = 0) -> tuple[str, list[Any]]:
         calls.append({"window": window_frames, "no_repeat": no_repeat_ngram_size})
         return decodings[len(calls) - 1], []
 
     model._decode = decode
-    text, _ = model._transcribe(np.zeros(int(seconds * RATE), np.float32), "en")
+    text, _ = model._transcribe(None, np.zeros(int(seconds * RATE), np.float32), "en")
     return text, calls
 
 
@@ -68,3 +68,30 @@ def test_a_second_decoding_that_is_empty_or_no_shorter_is_not_kept(asr: Any, sec
     looped = "jo" * 200
     text, calls = transcribe(asr, 2.0, [looped, second])
     assert text == looped and len(calls) == 2
+
+
+def test_decoding_stops_between_windows_once_the_request_is_cancelled(asr: Any) -> None:
+    """faster-whisper yields a segment per window; a cancelled request stops the next one."""
+    windows_decoded: list[int] = []
+
+    def segments() -> Any:
+        for window in range(10):
+            windows_decoded.append(window)
+            yield types.SimpleNamespace(text=f" word{window}", words=[])
+
+    class CancelledAfterTwoChecks:
+        """Stands in for ``converse_backend.Budget``: cancelled after the first window."""
+
+        checks = 0
+
+        def check(self) -> None:
+            self.checks += 1
+            if self.checks > 2:
+                raise asr.backend.Cancelled("the request was cancelled")
+
+    model = asr.TritonPythonModel()
+    model.model = types.SimpleNamespace(window_frames=0,
+                                        transcribe=lambda audio, **_: (segments(), None))
+    with pytest.raises(asr.backend.Cancelled):
+        model._decode(CancelledAfterTwoChecks(), np.zeros(RATE, np.float32), "en", 3000)
+    assert windows_decoded == [0, 1]

@@ -175,6 +175,29 @@ def test_the_api_deadline_reaches_the_csm_frame_loop_inside_the_ensemble(
     assert settled_steps(server, backbone) - before < frames
 
 
+def test_the_api_deadline_stops_a_long_transcription_inside_triton(triton: LocalTriton) -> None:
+    """Whisper decodes 30 s windows one at a time and stops between them at the deadline.
+
+    Four minutes of noise take seconds to transcribe on this machine; the
+    deadline is half a second.
+    """
+    rng = np.random.default_rng(0)
+    clip = (0.1 * rng.standard_normal(240 * 16_000)).astype(np.float32)
+
+    async def call() -> None:
+        client = TritonClient(triton.http_url)
+        token = bind_deadline(asyncio.get_running_loop().time() + 0.5)
+        try:
+            await client.infer("whisper_asr", {"AUDIO": clip}, ["TEXT", "WORDS"])
+        finally:
+            unbind_deadline(token)
+            await client.close()
+
+    with pytest.raises(InferenceError) as failed:
+        asyncio.run(call())
+    assert re.search(r"ran past its timeout|Request timeout expired", failed.value.detail)
+
+
 def test_a_grpc_cancel_stops_the_loop_inside_triton(server: LocalTriton) -> None:
     """A cancel that reaches Triton while the loop runs stops it short of ``FULL_RUN``.
 

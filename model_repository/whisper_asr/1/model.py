@@ -26,6 +26,12 @@ with CTranslate2's ``no_repeat_ngram_size`` :data:`LOOP_NGRAM` (full
 window), which is kept if it is shorter and not empty. Only then: the option
 also thins out repetitions that were really said ("yes, yes, yes, yes" ->
 "yes, yes, yes").
+
+Cancellation: faster-whisper decodes a clip lazily, one 30 s window at a time,
+so a request that its gRPC client cancelled or whose ``timeout`` passed
+(``converse_backend.Budget``) stops after the window in progress and fails
+with CANCELLED; a 13-minute history clip no longer holds the one instance for
+minutes after its client has gone.
 """
 
 import json
@@ -95,23 +101,27 @@ class TritonPythonModel:
             cpu_threads=int(parameter["cpu_threads"]),
         )
 
-    def _decode(self, audio, language, window_frames, no_repeat_ngram_size=0):
+    def _decode(self, budget, audio, language, window_frames, no_repeat_ngram_size=0):
         self.model.window_frames = window_frames
+        budget.check()
         segments, _ = self.model.transcribe(
             audio, language=language, beam_size=1, temperature=0.0, word_timestamps=True,
             vad_filter=False, no_repeat_ngram_size=no_repeat_ngram_size,
         )
-        segments = list(segments)
-        text = "".join(segment.text for segment in segments).strip()
-        return text, [w for segment in segments for w in segment.words or []]
+        decoded = []
+        for segment in segments:  # decoded lazily, one window at a time
+            decoded.append(segment)
+            budget.check()
+        text = "".join(segment.text for segment in decoded).strip()
+        return text, [w for segment in decoded for w in segment.words or []]
 
-    def _transcribe(self, audio, language):
+    def _transcribe(self, budget, audio, language):
         window = encoder_window_frames(len(audio), self.min_window_s)
-        text, words = self._decode(audio, language, window)
+        text, words = self._decode(budget, audio, language, window)
         if window < FULL_WINDOW_FRAMES and any(w.end - w.start < MIN_WORD_S for w in words):
-            text, words = self._decode(audio, language, FULL_WINDOW_FRAMES)
+            text, words = self._decode(budget, audio, language, FULL_WINDOW_FRAMES)
         if len(text) > MAX_CHARS_PER_S * len(audio) / SAMPLE_RATE + SLACK_CHARS:
-            again = self._decode(audio, language, FULL_WINDOW_FRAMES,
+            again = self._decode(budget, audio, language, FULL_WINDOW_FRAMES,
                                  no_repeat_ngram_size=LOOP_NGRAM)
             if again[0] and len(again[0]) < len(text):
                 text, words = again
@@ -130,7 +140,10 @@ class TritonPythonModel:
             language = pb_utils.get_input_tensor_by_name(request, "LANGUAGE")
             code = "en" if language is None else language.as_numpy().reshape(-1)[0].decode()
             try:
-                text, words = self._transcribe(audio, code)
+                text, words = self._transcribe(backend.Budget(request), audio, code)
+            except backend.Cancelled as error:
+                responses.append(backend.cancelled_response(error))
+                continue
             except (RuntimeError, ValueError) as error:
                 responses.append(backend.error_response(error))
                 continue
