@@ -6,6 +6,7 @@ import asyncio
 import base64
 import difflib
 import io
+import itertools
 import re
 from typing import Any
 
@@ -129,6 +130,47 @@ def test_aligned_starts_agree_with_whisper(real_client: TestClient, triton: Loca
     assert len(differences) >= 0.8 * len(aligned)
     print(f"mean |aligned start - whisper start| = {np.mean(differences) * 1000:.0f} ms")
     assert np.mean(differences) < 0.100
+
+
+@pytest.mark.triton
+def test_an_empty_clip_fails_alone_and_the_aligner_keeps_working(
+    real_client: TestClient, triton: LocalTriton,
+) -> None:
+    """An utterance left open by a failed clip used to fail every later alignment."""
+    text = "Hello there, how was the trip to the coast?"
+    audio = speak(real_client, "1", text)
+
+    async def empty_then_speech() -> tuple[InferenceError, Any]:
+        triton_client = TritonClient(triton.http_url)
+        try:
+            with pytest.raises(InferenceError) as empty:
+                await align(triton_client, np.zeros(0, np.float32), text)
+            return empty.value, await align(triton_client, audio, text)
+        finally:
+            await triton_client.close()
+
+    empty, aligned = asyncio.run(empty_then_speech())
+    assert "too few to align" in empty.detail
+    assert [normalise(w.text) for w in aligned] == [normalise(w) for w in text.split()]
+
+
+@pytest.mark.triton
+def test_words_missing_from_the_dictionary_are_added_together_and_aligned(
+    real_client: TestClient, triton: LocalTriton,
+) -> None:
+    text = "Zubrowski met Quillandra and Brexenthal at the harbour."
+    audio = speak(real_client, "0", text)
+
+    async def aligned() -> Any:
+        triton_client = TritonClient(triton.http_url)
+        try:
+            return await align(triton_client, audio, text)
+        finally:
+            await triton_client.close()
+
+    words = asyncio.run(aligned())
+    assert [normalise(w.text) for w in words] == [normalise(w) for w in text.split()]
+    assert all(a.end <= b.start + 1e-6 for a, b in itertools.pairwise(words))
 
 
 @pytest.mark.triton
