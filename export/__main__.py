@@ -68,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     csm.add_argument(
         "--checkpoint",
         required=True,
-        help="transformers CsmForConditionalGeneration directory (or a hub id where a hub "
-        "is reachable)",
+        help="transformers CsmForConditionalGeneration directory on this machine",
     )
     csm.add_argument("--name", default="csm", help="model id served by the API")
     csm.add_argument("--precision", choices=PRECISIONS, default="fp32")

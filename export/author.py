@@ -28,6 +28,7 @@ from export.repository import (
     SOURCE_REPOSITORY,
     ExportOptions,
     assemble_parts,
+    checkpoint_directory,
     export_entry,
     source_digests,
 )
@@ -56,7 +57,7 @@ class AuthorExportOptions(ExportOptions):
             RuntimeError: the bundled GGUF's digest differs from the package's.
         """
         if self.checkpoint is not None:
-            return LMSource(self.checkpoint, None, self.checkpoint.name)
+            return LMSource(checkpoint_directory(self.checkpoint), None, self.checkpoint.name)
         return bundled_gemma(self.cache)
 
 

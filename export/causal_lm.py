@@ -88,7 +88,9 @@ def load_lm(source: LMSource, label: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress(f"{label}: loading {source.display_name} with transformers (slow for GGUF)")
-    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         source.directory, dtype=torch.float32, attn_implementation="eager", **kwargs

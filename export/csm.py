@@ -40,6 +40,7 @@ from export.repository import (
     COMMON,
     SOURCE_REPOSITORY,
     ExportOptions,
+    checkpoint_directory,
     export_entry,
     place_onnxruntime_model,
     progress,
@@ -70,15 +71,16 @@ class CsmExportOptions(ExportOptions):
     """Options of ``python -m export csm`` (``out`` and ``target``: :class:`ExportOptions`).
 
     Attributes:
-        checkpoint: transformers ``CsmForConditionalGeneration`` directory (or a
-            hub id where a hub is reachable).
+        checkpoint: transformers ``CsmForConditionalGeneration`` directory on this
+            machine (a hub is never asked).
         name: the model id served by the API; the models are ``name`` and
             ``name_<role>``.
         precision: weight precision, one of :data:`PRECISIONS`.
         tensorrt: build TensorRT engines (needs a CUDA GPU).
 
     Raises:
-        ValueError: unknown target or precision, or a name that is not a valid model id.
+        ValueError: unknown target or precision, a name that is not a valid model
+            id, or a checkpoint that is not a local transformers directory.
     """
 
     checkpoint: str
@@ -88,6 +90,7 @@ class CsmExportOptions(ExportOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        checkpoint_directory(self.checkpoint)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -389,16 +392,15 @@ def _load(options: CsmExportOptions) -> tuple[Any, Any, Any]:
         options.precision
     ]
     model = CsmForConditionalGeneration.from_pretrained(
-        options.checkpoint, dtype=torch.float32, attn_implementation="eager"
+        options.checkpoint, dtype=torch.float32, attn_implementation="eager",
+        local_files_only=True,
     ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(options.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(options.checkpoint, local_files_only=True)
     return model.to(dtype), tokenizer, dtype
 
 
 def _source_fingerprint(checkpoint: str) -> dict[str, Any]:
     path = Path(checkpoint)
-    if not path.is_dir():
-        return {"hub_id": checkpoint}
     files = sorted(p for p in path.iterdir() if p.is_file())
     return {
         "directory": str(path.resolve()),

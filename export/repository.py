@@ -127,6 +127,23 @@ class Manifest:
         self.models[entry] = {"inputs": inputs, "outputs": files}
 
 
+def checkpoint_directory(path: Path | str, flag: str = "--checkpoint") -> Path:
+    """``path`` as a transformers checkpoint directory on this machine.
+
+    Exports read weights from disk only (``local_files_only``): a model hub is
+    never asked, so a mistyped path is an error here, not a download attempt.
+
+    Raises:
+        ValueError: ``path`` is not a directory holding a ``config.json``.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: no such directory (a local checkpoint is needed)")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{flag} {str(path)!r}: no config.json; not a transformers checkpoint")
+    return directory
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Create ``path`` through ``write(tmp_path)`` then rename, so no half file is left."""
     path.parent.mkdir(parents=True, exist_ok=True)

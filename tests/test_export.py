@@ -121,3 +121,23 @@ def test_an_export_waits_for_one_already_running_on_the_repository(tmp_path: Pat
     assert waiting.wait(timeout=120) == 0
     assert Manifest.load(repository).is_current(
         "aligner", Manifest.load(repository).models["aligner"]["inputs"])
+
+
+@pytest.mark.parametrize("family", ["csm", "author", "chat"])
+@pytest.mark.parametrize("checkpoint", ["missing", "sesame/csm-1b", "empty", "file"])
+def test_a_checkpoint_that_is_not_a_local_directory_is_refused_before_any_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], family: str, checkpoint: str,
+) -> None:
+    """A mistyped path or a hub id is an error on the command line, never a download."""
+    from export.__main__ import main
+
+    paths = {"missing": tmp_path / "no-such-checkpoint", "sesame/csm-1b": Path("sesame/csm-1b"),
+             "empty": tmp_path / "empty", "file": tmp_path / "weights.safetensors"}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    status = main([family, "--checkpoint", str(paths[checkpoint]),
+                   "--out", str(tmp_path / "repository")])
+    assert status == 2
+    message = capsys.readouterr().err
+    assert "--checkpoint" in message and str(paths[checkpoint]) in message
+    assert not (tmp_path / "repository").exists()
