@@ -53,7 +53,8 @@ def variable_default(name: str) -> Any:
 
 def test_terraform_fmt_is_clean() -> None:
     terraform = shutil.which("terraform")
-    assert terraform, "terraform binary not found on PATH"
+    if terraform is None:
+        pytest.skip("terraform is not installed on this machine")
     result = subprocess.run(
         [terraform, "fmt", "-check", "-recursive", str(TERRAFORM)],
         capture_output=True, text=True, check=False,
