@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from export.author import AuthorExportOptions, export_author
 from export.chat import ChatExportOptions, export_chat
 from export.csm import PRECISIONS, CsmExportOptions, export_csm
 from export.kokoro import KokoroExportOptions, export_kokoro
-from export.repository import DEFAULT_OUT, TARGETS, ExportOptions
+from export.repository import DEFAULT_OUT, TARGETS, ExportOptions, Manifest, progress
 from export.speech import export_aligner, export_asr
 from export.vad import export_vad
 
@@ -104,13 +104,41 @@ def _options(kind: type[ExportOptions], args: argparse.Namespace) -> ExportOptio
     return kind(**{f.name: getattr(args, f.name) for f in fields(kind) if hasattr(args, f.name)})
 
 
+def kept_checkpoint(options: ExportOptions, family: str) -> ExportOptions:
+    """``options`` for ``family`` under ``all``: a user checkpoint exported before is kept.
+
+    ``python -m export author --checkpoint DIR`` (or ``chat``) records ``DIR`` in
+    the manifest; ``all``, which every make target runs, has no ``--checkpoint``
+    and would put the bundled LM back over it. It exports from the recorded
+    directory instead (nothing to do while that is unchanged); ``python -m
+    export author`` without ``--checkpoint`` goes back to the bundled LM.
+    """
+    if not isinstance(options, AuthorExportOptions | ChatExportOptions):
+        return options
+    if options.checkpoint is not None:
+        return options
+    record = Manifest.load(options.out).models.get(family, {})
+    source = record.get("inputs", {}).get("source", {})
+    if source.get("gguf_file") is not None or "directory" not in source:
+        return options  # the bundled LM (a GGUF) or no export yet
+    directory = Path(source["directory"])
+    if not (directory / "config.json").is_file():
+        progress(f"{family}: the checkpoint it was exported from, {directory}, is gone; "
+                 "exporting the bundled LM")
+        return options
+    progress(f"{family}: keeping the checkpoint it was exported from, {directory} "
+             f"('python -m export {family}' goes back to the bundled LM)")
+    return replace(options, checkpoint=directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the export CLI; returns the process exit status (2: refused or failed export)."""
     args = build_parser().parse_args(argv)
     try:
         for family in BUNDLED if args.family == "all" else (args.family,):
             exporter, kind = FAMILIES[family]
-            exporter(_options(kind, args))
+            options = _options(kind, args)
+            exporter(kept_checkpoint(options, family) if args.family == "all" else options)
     except (RuntimeError, ValueError) as error:
         print(f"python -m export {args.family}: {error}", file=sys.stderr)
         return 2

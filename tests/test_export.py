@@ -141,3 +141,33 @@ def test_a_checkpoint_that_is_not_a_local_directory_is_refused_before_any_load(
     message = capsys.readouterr().err
     assert "--checkpoint" in message and str(paths[checkpoint]) in message
     assert not (tmp_path / "repository").exists()
+
+
+@pytest.mark.parametrize("family", ["author", "chat"])
+def test_export_all_keeps_a_user_checkpoint_and_single_export_goes_back_to_the_bundled_lm(
+    tmp_path: Path, family: str,
+) -> None:
+    """Every make target runs ``export all``: it must not put the bundled LM back silently."""
+    from export.__main__ import FAMILIES, kept_checkpoint
+    from export.causal_lm import LMSource
+
+    checkpoint = tmp_path / "my-lm"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    manifest = Manifest.load(repository)
+    _, kind = FAMILIES[family]
+    bundled = kind(out=repository)  # type: ignore[call-arg]
+    assert kept_checkpoint(bundled, family) == bundled  # nothing exported yet
+
+    manifest.record(family, {"source": LMSource(checkpoint, None, "my-lm").fingerprint()}, [])
+    manifest.save()
+    kept = kept_checkpoint(bundled, family)
+    assert kept.checkpoint == checkpoint  # type: ignore[attr-defined]
+
+    (checkpoint / "config.json").unlink()  # the checkpoint is gone: the bundled LM again
+    assert kept_checkpoint(bundled, family) == bundled
+    manifest.record(family, {"source": {"directory": str(tmp_path), "gguf_file": "lm.gguf"}}, [])
+    manifest.save()
+    assert kept_checkpoint(bundled, family) == bundled
