@@ -8,7 +8,8 @@ import difflib
 import io
 import itertools
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from handler.services import timestamps as timestamps_service
 from handler.transcription import align, transcribe
 from handler.triton import TritonClient
 from tests.helpers import AUTH, speak
+
+T = TypeVar("T")
 
 
 def word_error_rates(client: TestClient, triton: LocalTriton) -> dict[str, float]:
@@ -104,19 +107,28 @@ def test_timestamps_off_skips_them(client: TestClient) -> None:
     assert post_timed(client, timestamps="off")["timestamps"] == []
 
 
+def with_triton_client(triton: LocalTriton,
+                       work: Callable[[TritonClient], Awaitable[T]]) -> T:
+    """``work`` run with a :class:`TritonClient` on ``triton``, closed afterwards."""
+    async def run() -> T:
+        triton_client = TritonClient(triton.http_url)
+        try:
+            return await work(triton_client)
+        finally:
+            await triton_client.close()
+
+    return asyncio.run(run())
+
+
 @pytest.mark.triton
 def test_aligned_starts_agree_with_whisper(real_client: TestClient, triton: LocalTriton) -> None:
     text = "The weather was lovely, so we walked along the river for an hour."
     audio = speak(real_client, "1", text)
 
-    async def both() -> tuple[Any, Any]:
-        triton_client = TritonClient(triton.http_url)
-        try:
-            return await align(triton_client, audio, text), await transcribe(triton_client, audio)
-        finally:
-            await triton_client.close()
+    async def both(triton_client: TritonClient) -> tuple[Any, Any]:
+        return await align(triton_client, audio, text), await transcribe(triton_client, audio)
 
-    aligned, (_, heard) = asyncio.run(both())
+    aligned, (_, heard) = with_triton_client(triton, both)
     # Pair words in order (difflib's longest matching blocks), not by first occurrence.
     matcher = difflib.SequenceMatcher(
         a=[normalise(w.text) for w in aligned], b=[normalise(w.text) for w in heard],
@@ -133,42 +145,23 @@ def test_aligned_starts_agree_with_whisper(real_client: TestClient, triton: Loca
 
 
 @pytest.mark.triton
-def test_an_empty_clip_fails_alone_and_the_aligner_keeps_working(
+def test_an_empty_clip_fails_alone_and_missing_words_are_added_and_aligned(
     real_client: TestClient, triton: LocalTriton,
 ) -> None:
-    """An utterance left open by a failed clip used to fail every later alignment."""
-    text = "Hello there, how was the trip to the coast?"
-    audio = speak(real_client, "1", text)
+    """An utterance left open by a failed clip used to fail every later alignment.
 
-    async def empty_then_speech() -> tuple[InferenceError, Any]:
-        triton_client = TritonClient(triton.http_url)
-        try:
-            with pytest.raises(InferenceError) as empty:
-                await align(triton_client, np.zeros(0, np.float32), text)
-            return empty.value, await align(triton_client, audio, text)
-        finally:
-            await triton_client.close()
-
-    empty, aligned = asyncio.run(empty_then_speech())
-    assert "too few to align" in empty.detail
-    assert [normalise(w.text) for w in aligned] == [normalise(w) for w in text.split()]
-
-
-@pytest.mark.triton
-def test_words_missing_from_the_dictionary_are_added_together_and_aligned(
-    real_client: TestClient, triton: LocalTriton,
-) -> None:
+    The sentence after it has three words the dictionary lacks, added together.
+    """
     text = "Zubrowski met Quillandra and Brexenthal at the harbour."
     audio = speak(real_client, "0", text)
 
-    async def aligned() -> Any:
-        triton_client = TritonClient(triton.http_url)
-        try:
-            return await align(triton_client, audio, text)
-        finally:
-            await triton_client.close()
+    async def empty_then_speech(triton_client: TritonClient) -> tuple[InferenceError, Any]:
+        with pytest.raises(InferenceError) as empty:
+            await align(triton_client, np.zeros(0, np.float32), text)
+        return empty.value, await align(triton_client, audio, text)
 
-    words = asyncio.run(aligned())
+    empty, words = with_triton_client(triton, empty_then_speech)
+    assert "too few to align" in empty.detail
     assert [normalise(w.text) for w in words] == [normalise(w) for w in text.split()]
     assert all(a.end <= b.start + 1e-6 for a, b in itertools.pairwise(words))
 
