@@ -138,12 +138,12 @@ def halves(text: str) -> tuple[str, str] | None:
     A sentence end is preferred, then a clause end, then any space; both parts
     are stripped and non-empty.
     """
-    middle = len(text.strip()) / 2
+    stripped = text.strip()
     for boundary in (_SENTENCE_END, _CLAUSE_END, _WORD_GAP):
-        cuts = list(boundary.finditer(text.strip()))
+        cuts = list(boundary.finditer(stripped))
         if cuts:
-            cut = min(cuts, key=lambda match: abs(match.start() - middle))
-            return text.strip()[: cut.start()], text.strip()[cut.end() :]
+            cut = min(cuts, key=lambda match: abs(match.start() - len(stripped) / 2))
+            return stripped[: cut.start()], stripped[cut.end() :]
     return None
 
 
