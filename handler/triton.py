@@ -20,8 +20,12 @@ measured with tritonserver 2.51 in ``tests/test_cancellation.py``). So every
 call also carries the request's remaining time as Triton's ``timeout`` request
 parameter (microseconds): a model with a dynamic-batching queue policy drops
 it from its queue once the time is spent, and the BLS generation loops
-(``author``, CSM generators) stop at it with a CANCELLED error. The deadline is
-the one :func:`bind_deadline` put in the calling task's context
+(``author``, CSM generators, Whisper) stop at it with a CANCELLED error. A
+model's loop can start only after the request waited in Triton's queue, so the
+same deadline also goes as an absolute time, :data:`DEADLINE_PARAMETER`
+(Unix microseconds), which the loops prefer: work stops at the request's
+deadline, not a whole ``timeout`` after it left the queue. The deadline is the
+one :func:`bind_deadline` put in the calling task's context
 (``handler.services.deadline`` does that).
 
 Each binding is also the owner of the request's calls in the process's
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +55,8 @@ from handler.errors import InferenceError, ServiceUnavailable, Upstream
 from handler.fair_slots import FairSlots
 
 PROVIDER = "triton"
+# Request parameter: the request's deadline, Unix microseconds (converse_backend.Budget).
+DEADLINE_PARAMETER = "converse_deadline_unix_us"
 
 
 @dataclass(eq=False)  # compared by identity: one binding, one owner of in-flight places
@@ -104,6 +111,17 @@ def _timeout_us() -> int | None:
     if binding is None or binding.deadline is None:
         return None
     return max(1, int((binding.deadline - asyncio.get_running_loop().time()) * 1e6))
+
+
+def deadline_parameters(timeout_us: int | None) -> dict[str, int] | None:
+    """The request parameter :data:`DEADLINE_PARAMETER`: ``timeout_us`` from now, Unix µs.
+
+    Read by ``converse_backend.Budget`` in the python models (one clock across
+    hosts is assumed: NTP keeps AWS hosts within milliseconds).
+    """
+    if timeout_us is None:
+        return None
+    return {DEADLINE_PARAMETER: int(time.time() * 1e6) + timeout_us}
 
 
 def _inference_error(model: str, error: InferenceServerException) -> InferenceError:
@@ -258,9 +276,11 @@ class TritonClient:
         request_inputs = infer_inputs(transport.InferInput, inputs)
         requested = [transport.InferRequestedOutput(name) for name in outputs]
         async with slots.slot(_BINDING.get()):
+            timeout_us = _timeout_us()
             try:
                 result = await client.infer(
-                    model, request_inputs, outputs=requested, timeout=_timeout_us()
+                    model, request_inputs, outputs=requested, timeout=timeout_us,
+                    parameters=deadline_parameters(timeout_us),
                 )
             # A payload cut short: Triton stopped (crashed, restarted) while it answered.
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as error:

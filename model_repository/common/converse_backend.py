@@ -44,14 +44,21 @@ class Cancelled(Exception):
     """The request was cancelled by its client or ran past its timeout; stop working on it."""
 
 
+# Request parameter the API sends: the request's deadline, Unix microseconds
+# (handler/triton.py, DEADLINE_PARAMETER).
+DEADLINE_PARAMETER = "converse_deadline_unix_us"
+
+
 class Budget:
     """When a generation loop must stop: client cancellation or the request's own timeout.
 
     Triton marks a request cancelled when its gRPC client cancels the call
     (Triton docs, "Request Cancellation", r23.10+); its HTTP endpoint does not
-    (a closed connection leaves the request running). The HTTP client's
-    ``timeout`` request parameter (microseconds, 0 = none) is therefore also
-    honoured here as the whole request's budget, counted from ``execute``.
+    (a closed connection leaves the request running). The request's deadline
+    is therefore also honoured here: :data:`DEADLINE_PARAMETER` (Unix
+    microseconds, from the API) when the request carries it, which counts the
+    time it waited in Triton's queue; else the ``timeout`` request parameter
+    (microseconds, 0 = none) as the whole budget, counted from ``execute``.
 
     Args:
         request: the ``pb_utils.InferenceRequest`` being generated for.
@@ -59,8 +66,14 @@ class Budget:
 
     def __init__(self, request):
         self.request = request
+        deadline_us = _deadline_us(request)
         timeout_us = int(request.timeout() or 0)
-        self.ends = time.monotonic() + timeout_us / 1e6 if timeout_us > 0 else None
+        if deadline_us is not None:
+            self.ends = time.monotonic() + deadline_us / 1e6 - time.time()
+        elif timeout_us > 0:
+            self.ends = time.monotonic() + timeout_us / 1e6
+        else:
+            self.ends = None
 
     def check(self):
         """Raise :class:`Cancelled` if the request was cancelled or its timeout has passed."""
@@ -68,6 +81,15 @@ class Budget:
             raise Cancelled("the request was cancelled")
         if self.ends is not None and time.monotonic() > self.ends:
             raise Cancelled("the request ran past its timeout")
+
+
+def _deadline_us(request):
+    """The request's :data:`DEADLINE_PARAMETER`, or None when it has none (or not an int)."""
+    try:
+        value = json.loads(request.parameters() or "{}").get(DEADLINE_PARAMETER)
+    except (AttributeError, ValueError):  # a request without parameters(), or bad JSON
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def cancelled_response(error):
