@@ -9,7 +9,12 @@ Quirks of that binary (tritonserver 2.51) handled here:
     ``libpython`` it loads: both directories go on ``LD_LIBRARY_PATH``;
   * the stub ignores ``PYTHONPATH``: the python models read this project's
     site-packages from ``CONVERSE_SITE_PACKAGES`` instead (and so get numpy
-    1.26; with numpy 2 the stub returns empty tensors).
+    1.26; with numpy 2 the stub returns empty tensors);
+  * a server that is killed (SIGKILL) leaves its python backend's shared-memory
+    regions in ``/dev/shm``, which is RAM: each server gets its own region
+    prefix, and the regions of a killed one are removed;
+  * a server outlives a parent that is killed: it gets SIGTERM when its
+    parent dies (``parent_death_signal``), and shuts down as on ``stop``.
 
 Usage::
 
@@ -41,7 +46,10 @@ import psutil
 
 from devtools import REPOSITORY
 from devtools.service import Service
-from devtools.signals import stop_on_signals
+from devtools.signals import parent_death_signal, stop_on_signals
+
+# Where POSIX shared memory (shm_open(3)) lives on Linux.
+SHARED_MEMORY_DIR = Path("/dev/shm")
 
 
 class TritonStartError(RuntimeError):
@@ -85,6 +93,7 @@ class LocalTriton(Service):
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._backends: Path | None = None
+        self._shm_prefix = ""
         self._abort = threading.Event()
 
     @property
@@ -129,6 +138,9 @@ class LocalTriton(Service):
         self._workdir = tempfile.TemporaryDirectory(prefix="converse-triton-")
         workdir = Path(self._workdir.name)
         self._backends = self._prepare_backends(workdir)
+        # The python backend names its regions <prefix><uuid>; the default prefix is
+        # shared by every server on the machine, this one is not.
+        self._shm_prefix = "converse_" + workdir.name.removeprefix("converse-triton-") + "_"
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.log_path = self.log_path or workdir / "tritonserver.log"
         try:
@@ -180,10 +192,12 @@ class LocalTriton(Service):
             "--allow-metrics=false",
             "--exit-on-error=true",
             "--log-verbose=0",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
         with self.log_path.open("ab") as log:
             # start_new_session: the server and its python stubs form one
             # process group (and session) that _kill_tree signals as a whole.
+            # A restart runs on the Supervisor's thread, which lives until the stack stops.
             self._process = subprocess.Popen(
                 command,
                 stdout=log,
@@ -191,6 +205,7 @@ class LocalTriton(Service):
                 env=self._environment(),
                 cwd=self._backends.parent,
                 start_new_session=True,
+                preexec_fn=parent_death_signal(signal.SIGTERM),
             )
         self._wait_ready()
 
@@ -268,6 +283,18 @@ class LocalTriton(Service):
         if process is not None:
             process.wait()
         self._process = None
+        self._remove_shared_memory()
+
+    def shared_memory_regions(self) -> list[Path]:
+        """This server's python-backend shared-memory regions in ``/dev/shm``."""
+        if not self._shm_prefix:
+            return []
+        return sorted(SHARED_MEMORY_DIR.glob(self._shm_prefix + "*"))
+
+    def _remove_shared_memory(self) -> None:
+        """Unlink the regions a killed tree left (a server that shut down removed its own)."""
+        for region in self.shared_memory_regions():
+            region.unlink(missing_ok=True)
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the server's process group, SIGKILL its whole tree after ``grace_s``; idempotent.

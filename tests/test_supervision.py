@@ -4,11 +4,14 @@ Each test runs ``scripts/serve.py`` exactly as ``make serve`` does (the venv's
 python, in the repository root) on the tiny repository, and counts processes
 with psutil: the script's process tree, plus every process whose executable
 names the server's private ``converse-triton-*`` directory (python-backend
-stubs are reparented to PID 1 when their server dies, so they leave the tree).
+stubs are reparented to PID 1 when their server dies, so they leave the tree),
+and the python backend's shared-memory regions in ``/dev/shm`` (RAM that a
+killed server does not give back by itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -16,14 +19,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from devtools.local_triton import free_port
+from devtools.local_triton import SHARED_MEMORY_DIR, free_port
 from tests.helpers import TINY_CSM, TinyRepository
 
 pytestmark = pytest.mark.triton
@@ -37,11 +40,16 @@ STUB = "triton_python_backend_stub"
 
 @dataclass
 class Served:
-    """A running ``scripts/serve.py``: its process, API URL and key."""
+    """A running ``scripts/serve.py``: its process, API URL and key.
+
+    ``workdirs`` collects the private server directories a test has seen, so
+    that cleanup after a failure can find stubs that left the tree.
+    """
 
     process: subprocess.Popen[str]
     url: str
     key: str
+    workdirs: set[Path] = field(default_factory=set)
 
     def tree(self) -> list[psutil.Process]:
         """The script and its descendants (tritonserver, its stubs)."""
@@ -79,6 +87,35 @@ def _leftovers(workdirs: set[Path]) -> list[psutil.Process]:
     return found
 
 
+def _regions(processes: list[psutil.Process]) -> set[Path]:
+    """Shared-memory regions the python-backend stubs among ``processes`` were started with."""
+    stubs = [p for p in processes if p.name() == STUB]
+    assert stubs, "no python-backend stub was running"
+    named = {SHARED_MEMORY_DIR / argument for stub in stubs for argument in stub.cmdline()[1:]
+             if "/" not in argument}
+    regions = {path for path in named if path.is_file()}
+    assert regions, "the stubs named no shared-memory region"
+    return regions
+
+
+def _workdirs(processes: list[psutil.Process]) -> set[Path]:
+    """Private server directories of the stubs among ``processes``."""
+    # .../converse-triton-XXXX/backends/python/triton_python_backend_stub
+    return {Path(p.exe()).parents[2] for p in processes if p.name() == STUB}
+
+
+def _kill_all(served: Served) -> None:
+    """Kill what a failed test left: the script's tree and any process of its ``workdirs``."""
+    if served.process.poll() is None:
+        for leftover in served.tree():
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+        served.process.wait()
+    for leftover in _leftovers(served.workdirs):
+        with contextlib.suppress(psutil.Error):
+            leftover.kill()
+
+
 @pytest.fixture
 def served(tiny_repository: TinyRepository) -> Iterator[Served]:
     """``scripts/serve.py`` on the tiny repository, ready; killed (group) if a test left it."""
@@ -91,6 +128,7 @@ def served(tiny_repository: TinyRepository) -> Iterator[Served]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
+    served = Served(process, f"http://127.0.0.1:{port}", "")
     try:
         assert process.stdout is not None
         lines = []
@@ -100,26 +138,24 @@ def served(tiny_repository: TinyRepository) -> Iterator[Served]:
                 break
         match = re.search(r"sk-local-\w+", "".join(lines))
         assert match, "".join(lines)
-        yield Served(process, f"http://127.0.0.1:{port}", match.group(0))
+        served.key = match.group(0)
+        yield served
     finally:
-        if process.poll() is None:
-            for leftover in Served(process, "", "").tree():
-                leftover.kill()
-            process.wait()
+        _kill_all(served)
 
 
 def _stop_and_count(served: Served, signum: signal.Signals) -> None:
-    """Send ``signum``; the script exits 0 and no process of its tree or Triton's is left."""
+    """Send ``signum``; the script exits 0; no process or region of its tree or Triton's is left."""
     tree = served.tree()
-    stubs = [p for p in tree if p.name() == STUB]
-    assert stubs, "no python-backend stub was running"
-    # .../converse-triton-XXXX/backends/python/triton_python_backend_stub
-    workdirs = {Path(p.exe()).parents[2] for p in stubs}
+    workdirs = _workdirs(tree)
+    served.workdirs.update(workdirs)
+    regions = _regions(tree)
     served.process.send_signal(signum)
     assert served.process.wait(timeout=EXIT_WAIT_S) == 0
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert alive == []
     assert _leftovers(workdirs) == []
+    assert {region for region in regions if region.exists()} == set()
 
 
 def _speak(served: Served) -> httpx.Response:
@@ -129,13 +165,14 @@ def _speak(served: Served) -> httpx.Response:
     return httpx.post(f"{served.url}/v1/converse", json=body, headers=headers, timeout=120)
 
 
-def test_killed_tritonserver_is_replaced_its_stubs_killed_and_sigterm_stops_all(
+def test_killed_tritonserver_is_replaced_its_stubs_and_shared_memory_gone_and_sigterm_stops_all(
     served: Served,
 ) -> None:
     _wait(lambda: served.ready() == 200, "the stack is ready")
     old_server = served.tritonserver()
     old_tree = [p for p in served.tree() if p.pid != served.process.pid]
-    assert any(STUB in " ".join(p.cmdline()) for p in old_tree)
+    served.workdirs.update(_workdirs(old_tree))
+    old_regions = _regions(old_tree)
 
     old_server.kill()
     old_server.wait(timeout=10)
@@ -148,6 +185,7 @@ def test_killed_tritonserver_is_replaced_its_stubs_killed_and_sigterm_stops_all(
     _wait(lambda: served.ready() == 200, "the restarted stack is ready")
     _, alive = psutil.wait_procs(old_tree, timeout=1)
     assert alive == [], "processes of the killed server are still running"
+    assert {region for region in old_regions if region.exists()} == set()
     assert served.tritonserver().pid != old_server.pid
     response = _speak(served)
     assert response.status_code == 200, response.text
@@ -163,10 +201,10 @@ def test_sigint_or_hangup_stops_the_api_and_the_whole_triton_tree(
     _stop_and_count(served, signum)
 
 
-def test_sigterm_stops_a_foreground_local_triton_and_its_stubs(
-    tiny_repository: TinyRepository,
-) -> None:
-    """``python -m devtools.local_triton``: its server runs in a session of its own."""
+@pytest.fixture
+def foreground(tiny_repository: TinyRepository) -> Iterator[Served]:
+    """``python -m devtools.local_triton`` on the tiny repository, ready; its server runs
+    in a session of its own."""
     command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "devtools.local_triton",
                "--repository", str(tiny_repository.repository)]
     if not Path(command[0]).exists():
@@ -174,15 +212,31 @@ def test_sigterm_stops_a_foreground_local_triton_and_its_stubs(
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
-    foreground = Served(process, "", "")
+    served = Served(process, "", "")
     try:
         assert process.stdout is not None
         started = next((line for line in process.stdout
                         if line.startswith("tritonserver ready")), None)
         assert started, "the server exited before it was ready"
-        _stop_and_count(foreground, signal.SIGTERM)
+        yield served
     finally:
-        if process.poll() is None:
-            for leftover in foreground.tree():
-                leftover.kill()
-            process.wait()
+        _kill_all(served)
+
+
+def test_sigterm_stops_a_foreground_local_triton_and_its_stubs(foreground: Served) -> None:
+    _stop_and_count(foreground, signal.SIGTERM)
+
+
+def test_a_parent_killed_outright_takes_its_tritonserver_stubs_and_shared_memory_along(
+    foreground: Served,
+) -> None:
+    """SIGKILL leaves the parent no cleanup: the server's parent-death signal must do it."""
+    tree = foreground.tree()
+    foreground.workdirs.update(_workdirs(tree))
+    regions = _regions(tree)
+    foreground.process.kill()
+    foreground.process.wait()
+    _, alive = psutil.wait_procs(tree, timeout=EXIT_WAIT_S)
+    assert alive == [], "processes of the killed parent's server are still running"
+    assert _leftovers(foreground.workdirs) == []
+    assert {region for region in regions if region.exists()} == set()
