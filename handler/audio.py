@@ -21,7 +21,13 @@ import soxr
 # MPEG-2 Layer III (the MP3 flavour for 16/22.05/24 kHz audio) allows exactly
 # these bitrates in kbps (ISO/IEC 13818-3, table of bitrate_index values).
 MPEG2_LAYER3_BITRATES_KBPS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
-_SILENCE_FLOOR = 1e-9
+# One step of 16-bit PCM, full scale 1.0: the range [-1, 1) in 2**16 steps, 2**-15
+# = -90.3 dBFS. peak_normalize leaves audio whose peak is below it as it is: to_pcm16
+# encodes it as codes -1, 0 and +1 only, the output format's own quantisation noise,
+# so it is silence carrying numerical residue (a model's float noise, a resampler's
+# ringing) that a peak gain would lift into loud noise (a 1e-7 peak to -16 dBFS is
+# +124 dB).
+PCM16_LSB = 2.0**-15
 # Sample rates a WAV clip may have, Hz: 8 kHz is telephone speech (G.711), 192 kHz the
 # highest rate of common recorders. Outside them a small file stands for enormous audio
 # once resampled (20,000 samples at 1 Hz are 320 million at 16 kHz).
@@ -124,7 +130,10 @@ def peak_normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
         target_dbfs: peak target in dBFS (0 = full scale), e.g. -16.0.
 
     Returns:
-        float32 array, same shape; silence is returned unchanged.
+        float32 array, same shape. Audio whose peak is below :data:`PCM16_LSB`
+        (one 16-bit step, -90.3 dBFS; digital silence included) is returned
+        unchanged: it encodes as silence, and a gain would only make its
+        numerical noise audible.
 
     Raises:
         ValueError: if ``target_dbfs`` > 0.
@@ -137,7 +146,7 @@ def peak_normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
         raise ValueError(f"target_dbfs must be <= 0, got {target_dbfs}")
     require_finite(samples)
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
-    if peak <= _SILENCE_FLOOR:
+    if peak < PCM16_LSB:
         return samples
     gain = (10.0 ** (target_dbfs / 20.0)) / peak
     return np.asarray(samples * gain, dtype=np.float32)

@@ -60,6 +60,37 @@ def test_peak_normalize_leaves_silence_and_rejects_positive_target() -> None:
         audio.peak_normalize(tone(0.1), 1.0)
 
 
+ONE_PCM16_STEP = 2.0**-15  # 16-bit PCM: [-1, 1) in 2**16 steps; -90.3 dBFS
+
+
+def pcm16_codes(samples: np.ndarray) -> np.ndarray:
+    """The int16 codes a WAV of ``samples`` holds, read back by libsndfile."""
+    return sf.read(io.BytesIO(audio.encode_wav(samples, 24_000)), dtype="int16")[0]
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [
+        np.random.default_rng(3).uniform(-1e-7, 1e-7, 2_400).astype(np.float32),  # -140 dBFS
+        tone(0.1, amplitude=0.99 * ONE_PCM16_STEP),
+    ],
+    ids=["float-residue", "just-under-one-step"],
+)
+def test_peak_normalize_leaves_audio_under_one_16_bit_step_as_it_is(samples: np.ndarray) -> None:
+    # Such a turn encodes as codes -1..1, i.e. silence; boosted to -16 dBFS its
+    # numerical noise would peak at 5,193 codes (a +124 dB gain for the residue).
+    assert np.max(np.abs(pcm16_codes(samples))) <= 1
+    levelled = audio.peak_normalize(samples, -16.0)
+    assert np.array_equal(levelled, samples)
+    assert np.max(np.abs(pcm16_codes(levelled))) <= 1
+
+
+def test_peak_normalize_levels_audio_from_one_16_bit_step_up() -> None:
+    quiet = tone(0.1, amplitude=2 * ONE_PCM16_STEP)  # two steps, -84.3 dBFS
+    levelled = audio.peak_normalize(quiet, -16.0)
+    assert abs(20 * np.log10(np.max(np.abs(levelled))) + 16.0) < 0.01
+
+
 def test_stitch_inserts_exact_gap() -> None:
     a, b = np.ones(100, np.float32), np.full(50, 0.5, np.float32)
     gap = audio.ms_to_samples(500, 24_000)

@@ -4,7 +4,10 @@ Everything is validated before any synthesis (one bad turn fails the whole
 request). Turns are then synthesised concurrently; output order follows the
 request. Each turn is peak-normalised to ``volumeDbfs`` on its own, then
 turns are joined with ``gapMs`` of silence. Under ``split`` each segment is
-exactly the samples that turn contributes to the stitched file.
+exactly the samples that turn contributes to the stitched file. Voicing
+(:func:`voice_dialogue`) and levelling (:func:`level_dialogue`) are separate
+steps so that ``/with-timestamps`` aligns words between them, on the models'
+own audio.
 
 Normalising, stitching, encoding and base64 run in worker threads: for a long
 turn they take seconds of CPU, during which the event loop must go on serving
@@ -170,6 +173,22 @@ async def plan_turns(request: DialogueRequest, ctx: RequestContext) -> list[Turn
 
 
 @dataclass(frozen=True)
+class VoicedDialogue:
+    """Every turn voiced, as the models produced it (before peak normalisation).
+
+    Attributes:
+        plans: the validated turns, in request order.
+        turns: float32 mono audio per turn at ``sample_rate`` Hz, shape
+            [n_samples], at the model's own level.
+        sample_rate: Hz.
+    """
+
+    plans: list[TurnPlan]
+    turns: list[np.ndarray]
+    sample_rate: int
+
+
+@dataclass(frozen=True)
 class SynthesizedDialogue:
     """Every turn voiced and peak-normalised, before encoding.
 
@@ -204,10 +223,8 @@ class SynthesizedDialogue:
         return offsets
 
 
-async def synthesize_dialogue(
-    request: DialogueRequest, ctx: RequestContext
-) -> SynthesizedDialogue:
-    """Validate, synthesise every turn concurrently, peak-normalise.
+async def voice_dialogue(request: DialogueRequest, ctx: RequestContext) -> VoicedDialogue:
+    """Validate, moderate and synthesise every turn concurrently; no levelling yet.
 
     Each turn's synthesis is a child event of the request's log record. Usage
     is not recorded here: the caller meters the request once it has succeeded.
@@ -234,12 +251,49 @@ async def synthesize_dialogue(
         return audio
 
     turns = await gather_or_cancel(*(voiced(plan) for plan in plans))
+    return VoicedDialogue(plans, turns, sample_rate)
+
+
+async def level_dialogue(request: DialogueRequest, voiced: VoicedDialogue) -> SynthesizedDialogue:
+    """Peak-normalise each turn on its own, in a worker thread.
+
+    Args:
+        request: gives ``volumeDbfs`` (peak target, dBFS, -60..0) and ``gapMs``.
+        voiced: float32 turns at the models' own level, [n_samples] each.
+
+    Returns:
+        The same turns, float32 and of the same lengths (a gain moves no
+        sample, so times measured on ``voiced`` hold), each peaking at
+        ``volumeDbfs`` unless it is below one 16-bit step
+        (:data:`handler.audio.PCM16_LSB`), and ``gapMs`` as samples.
+
+    Raises:
+        NonFiniteAudioError: a NaN or infinite sample (the engines refuse
+            such model output first).
+    """
     normalised = await run_in_threadpool(
-        lambda: [peak_normalize(audio, request.volumeDbfs) for audio in turns]
+        lambda: [peak_normalize(audio, request.volumeDbfs) for audio in voiced.turns]
     )
     return SynthesizedDialogue(
-        plans, normalised, sample_rate, ms_to_samples(request.gapMs, sample_rate)
+        voiced.plans,
+        normalised,
+        voiced.sample_rate,
+        ms_to_samples(request.gapMs, voiced.sample_rate),
     )
+
+
+async def synthesize_dialogue(
+    request: DialogueRequest, ctx: RequestContext
+) -> SynthesizedDialogue:
+    """Validate, synthesise every turn concurrently, peak-normalise.
+
+    See :func:`voice_dialogue` and :func:`level_dialogue`.
+
+    Raises:
+        InvalidRequest: validation failed (nothing was synthesised).
+        ServiceUnavailable, InferenceError: from Triton.
+    """
+    return await level_dialogue(request, await voice_dialogue(request, ctx))
 
 
 def _encoder(
