@@ -7,6 +7,9 @@ python-backend stubs included). Finally SIGTERM the script and count every
 process of its tree left running.
 
     python -m benchmarks.restart [--kills 3] [--repository DIR]
+
+A repository without Kokoro (the tests' tiny one) is ready only with its own
+default model: ``CONVERSE_DEFAULT_MODEL=<its CSM name>`` in the environment.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class RequestMiddleware:
             if self.log is not None:
                 self.log.info(record.line())
             if self.metrics is not None:
-                self.metrics.observe(record, self.admission.active, self.admission.waiting)
+                self.metrics.observe(record)
 
 
 def _error_response(request: Request, error: ApiError) -> Response:
@@ -167,7 +167,7 @@ def create_app(
         settings.admission_key_share,
         settings.retry_after_s,
     )
-    metrics = Metrics() if settings.metrics_enabled else None
+    metrics = Metrics(admission) if settings.metrics_enabled else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -200,9 +200,11 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
         if error.status_code == 405:
-            return _error_response(
-                request, MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-            )
+            # Starlette's error carries the route's methods as Allow (RFC 9110, 15.5.6: a
+            # 405 must list them).
+            not_allowed = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}",
+                                           headers=dict(error.headers or {}))
+            return _error_response(request, not_allowed)
         if error.status_code == 404:
             return _error_response(request, NotFound(f"no route {request.url.path}"))
         return _error_response(request, ApiError(str(error.detail)))

@@ -18,6 +18,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+async def _in_group(coroutines: tuple[Coroutine[Any, Any, T], ...]) -> list[T]:
+    """Run ``coroutines`` in one ``asyncio.TaskGroup``; their results in order."""
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    return [task.result() for task in tasks]
+
+
 async def gather_or_cancel(*coroutines: Coroutine[Any, Any, T]) -> list[T]:
     """Run ``coroutines`` concurrently; their results in order.
 
@@ -25,16 +32,28 @@ async def gather_or_cancel(*coroutines: Coroutine[Any, Any, T]) -> list[T]:
     ``asyncio.TaskGroup``), then that failure is raised as itself, not inside
     an ``ExceptionGroup``, so an ``ApiError`` still becomes its HTTP answer.
 
+    A cancel of the caller wins over failures of the coroutines: a coroutine
+    that fails while it is being cancelled (its cleanup raised), or in the same
+    moment, would otherwise turn the caller's cancel into that failure, and a
+    client that left would be answered as if the model had failed. Those
+    failures are logged. The group runs in a task of its own because a
+    TaskGroup cancels its parent task to stop it, and on Python 3.11 that
+    cancel still counts in the parent's ``cancelling()`` afterwards: counted
+    on the caller, it could not be told from the caller's own cancel.
+
     Raises:
         Exception: the first exception a coroutine raised.
         asyncio.CancelledError: the caller was cancelled (the coroutines are too).
     """
+    current = asyncio.current_task()
+    cancellations = current.cancelling() if current is not None else 0
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+        return await asyncio.create_task(_in_group(coroutines))
     except ExceptionGroup as failures:
+        if current is not None and current.cancelling() > cancellations:
+            logger.warning("tasks failed while their caller was cancelled", exc_info=failures)
+            raise asyncio.CancelledError from None
         raise failures.exceptions[0] from None
-    return [task.result() for task in tasks]
 
 
 async def stop(task: asyncio.Task[Any]) -> None:

@@ -215,7 +215,11 @@ def test_auth_errors(client: TestClient) -> None:
 
 def test_unknown_route_and_method(client: TestClient) -> None:
     assert_kalpa_error(client.get("/v1/nothing", headers=AUTH), 404, "not_found")
-    assert_kalpa_error(client.get("/v1/converse", headers=AUTH), 405, "method_not_allowed")
+    not_allowed = client.get("/v1/converse", headers=AUTH)
+    assert_kalpa_error(not_allowed, 405, "method_not_allowed")
+    assert not_allowed.headers["Allow"] == "POST"
+    problem = client.get("/v1/audio/conversation", headers=AUTH)
+    assert problem.status_code == 405 and problem.headers["Allow"] == "POST"
 
 
 def test_health_needs_no_key(client: TestClient) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 
+from handler.services.admission import Admission
+from handler.services.telemetry import Metrics
 from tests.helpers import API_KEY, AUTH
 from tests.robust_fakes import FakeTriton, fake_client
 
@@ -90,3 +94,48 @@ def test_liveness_and_readiness() -> None:
         assert client.get("/health").status_code == 200
     assert not_ready.status_code == 503 and "retry-after" in not_ready.headers
     assert not_ready.json()["error"]["type"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("served", [(), ("whisper_asr",), ("kokoro",)])
+def test_a_triton_without_the_default_model_is_not_ready(served: tuple[str, ...]) -> None:
+    """Requests that name no model would fail there: 503 with Retry-After, saying why."""
+    fake = FakeTriton(extra_models=("whisper_asr",))
+    fake.configs = {name: config for name, config in fake.configs.items() if name in served}
+    with fake_client(fake, default_model="tiny-csm") as client:
+        not_ready = client.get("/ready")
+    assert not_ready.status_code == 503 and "retry-after" in not_ready.headers
+    message = not_ready.json()["error"]["message"]
+    assert "default model 'tiny-csm' is not served" in message
+    assert message.endswith(f"served: {'kokoro' if 'kokoro' in served else 'none'})")
+
+
+def gauges(metrics: Metrics) -> tuple[str, str]:
+    """The exposition's admission gauge lines: (running, waiting)."""
+    lines = metrics.exposition().decode().splitlines()
+    running, = [line for line in lines if line.startswith("converse_admission_running ")]
+    waiting, = [line for line in lines if line.startswith("converse_admission_waiting ")]
+    return running, waiting
+
+
+def test_a_scrape_shows_the_requests_running_and_waiting_at_that_moment() -> None:
+    """Before any request has ended, the gauges already count the ones in flight."""
+    async def scenario() -> None:
+        admission = Admission(1, 2, 1.0, 5)
+        metrics = Metrics(admission)
+        gate = asyncio.Event()
+
+        async def hold() -> None:
+            async with admission.slot("key", time.monotonic() + 60):
+                await gate.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        while admission.waiting < 1:
+            await asyncio.sleep(0)
+        assert gauges(metrics) == ("converse_admission_running 1.0",
+                                   "converse_admission_waiting 1.0")
+        gate.set()
+        await asyncio.gather(*holders)
+        assert gauges(metrics) == ("converse_admission_running 0.0",
+                                   "converse_admission_waiting 0.0")
+
+    asyncio.run(scenario())

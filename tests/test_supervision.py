@@ -125,7 +125,8 @@ def served(tiny_repository: TinyRepository) -> Iterator[Served]:
     if not Path(command[0]).exists():
         command[0] = sys.executable
     # PYTHONPATH: this checkout's packages, whichever checkout the venv was installed from.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The tiny repository serves no Kokoro: its CSM is the default model (else never ready).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CONVERSE_DEFAULT_MODEL": TINY_CSM}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
     served = Served(process, f"http://127.0.0.1:{port}", "")

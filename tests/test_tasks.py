@@ -49,6 +49,40 @@ def test_the_first_failure_is_raised_as_itself_and_the_others_stop() -> None:
     assert all(s.cancelled for s in long_ones)
 
 
+async def fails_when_cancelled() -> int:
+    """Waits; its cleanup fails when it is cancelled."""
+    try:
+        await asyncio.sleep(3600.0)
+    except asyncio.CancelledError:
+        raise InferenceError("cleanup failed") from None
+    return 0
+
+
+@pytest.mark.parametrize("child", ["fails when cancelled", "fails at the same moment"])
+def test_the_callers_cancel_wins_over_a_coroutine_failing_then(child: str) -> None:
+    """The caller sees CancelledError (a client that left is a 499), not the failure (a 502)."""
+    async def failing_now(started: asyncio.Event) -> int:
+        started.set()
+        await asyncio.sleep(0)
+        raise InferenceError("the voice model failed")
+
+    async def run() -> None:
+        started = asyncio.Event()
+        other = Sibling(1, 3600.0)
+        first = fails_when_cancelled() if child == "fails when cancelled" else failing_now(started)
+        caller = asyncio.create_task(gather_or_cancel(first, other.run()))
+        if child == "fails when cancelled":
+            await asyncio.sleep(0.01)
+        else:
+            await started.wait()  # the failure is raised at the next step, with the cancel
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert caller.cancelled() and other.cancelled
+
+    asyncio.run(run())
+
+
 def test_cancelling_the_caller_cancels_every_coroutine() -> None:
     long_ones = [Sibling(n, 3600.0) for n in range(2)]
 

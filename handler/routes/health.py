@@ -25,11 +25,16 @@ async def health() -> Liveness:
 
 @router.get("/ready", response_model=Readiness)
 async def ready(triton: TritonDep, catalog: CatalogDep, settings: SettingsDep) -> Readiness:
-    """Readiness: 200 when Triton is ready and the model catalogue loads.
+    """Readiness: 200 when Triton is ready and serves the default model.
+
+    A Triton that serves none of the API's models, or not ``default_model`` (what
+    a request that names no model gets), would fail requests that are fine: such
+    an instance is not ready, and the message says which.
 
     Raises:
-        ServiceUnavailable: Triton not ready or unreachable, or the catalogue did
-            not load within ``ready_timeout_s`` (503 with ``Retry-After``).
+        ServiceUnavailable: Triton not ready or unreachable, the catalogue did
+            not load within ``ready_timeout_s``, or it lacks the default model
+            (503 with ``Retry-After``).
     """
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:
@@ -47,6 +52,12 @@ async def ready(triton: TritonDep, catalog: CatalogDep, settings: SettingsDep) -
         raise ServiceUnavailable(
             "the model catalogue did not load", headers=retry, detail=error.detail or error.message
         ) from error
+    if settings.default_model not in models:
+        raise ServiceUnavailable(
+            f"the default model {settings.default_model!r} is not served "
+            f"(CONVERSE_DEFAULT_MODEL; served: {', '.join(sorted(models)) or 'none'})",
+            headers=retry,
+        )
     return Readiness(status="ready", models=sorted(models))
 
 

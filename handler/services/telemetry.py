@@ -19,6 +19,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from handler.services.admission import Admission
+
 REQUEST_LOGGER = "converse.requests"
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 
@@ -112,9 +114,16 @@ def request_logger() -> logging.Logger:
 
 
 class Metrics:
-    """Prometheus request metrics of one app (own registry, so apps do not share counters)."""
+    """Prometheus request metrics of one app (own registry, so apps do not share counters).
 
-    def __init__(self) -> None:
+    Args:
+        admission: the app's admission control; its running and waiting counts
+            are read when the metrics are scraped, so a scrape sees the load of
+            that moment (requests still running included), not the load when
+            the last request ended.
+    """
+
+    def __init__(self, admission: Admission) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "converse_requests",
@@ -143,16 +152,16 @@ class Metrics:
             "Inference requests waiting for a slot.",
             registry=self.registry,
         )
+        self.running.set_function(lambda: admission.active)
+        self.waiting.set_function(lambda: admission.waiting)
 
-    def observe(self, record: RequestRecord, running: int, waiting: int) -> None:
-        """Count one answered request and sample the admission gauges."""
+    def observe(self, record: RequestRecord) -> None:
+        """Count one answered request."""
         route = record.route or "unmatched"
         self.requests.labels(route, str(record.status)).inc()
         self.latency.labels(route).observe(time.monotonic() - record.started)
         self.characters.inc(record.characters)
         self.audio.inc(record.output_audio_s)
-        self.running.set(running)
-        self.waiting.set(waiting)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format."""
