@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
+from sse_starlette.sse import AppStatus
 
 from handler.app import create_app
 from handler.engines.catalog import ModelCatalog
@@ -58,9 +59,9 @@ async def no_audio(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {}  # Triton answered without the AUDIO output
 
 
-def app_over(fake: FakeTriton) -> Any:
+def app_over(fake: FakeTriton, **overrides: Any) -> Any:
     """An app whose Triton is ``fake``, voicing each sentence in a call of its own."""
-    settings = make_settings(sentence_pause_ms=50)
+    settings = make_settings(sentence_pause_ms=50, **overrides)
     app = create_app(settings)
     app.state.triton = fake
     app.state.catalog = ModelCatalog(settings, fake)  # type: ignore[arg-type]
@@ -94,6 +95,20 @@ async def stream_reply(
 
 async def never_gone() -> None:
     await asyncio.Event().wait()
+
+
+def stops_reading_after_audio(
+    sent: list[dict[str, Any]],
+) -> Callable[[dict[str, Any]], Awaitable[None]]:
+    """A client's ``send`` that takes messages into ``sent`` up to the first audio event.
+
+    Every later message waits forever (its buffers are full), and the client never closes.
+    """
+    async def send(message: dict[str, Any]) -> None:
+        if any(b"event: audio" in m.get("body", b"") for m in sent):
+            await asyncio.Event().wait()
+        sent.append(message)
+    return send
 
 
 def test_stream_chunks_concatenate_to_the_json_reply(client: TestClient) -> None:
@@ -320,13 +335,10 @@ def test_a_client_that_stops_reading_is_let_go_and_its_slot_released(
     app = app_over(FakeTriton())
     sent: list[dict[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
-        if any(b"event: audio" in m.get("body", b"") for m in sent):
-            await asyncio.Event().wait()  # its buffers are full: nothing more is taken
-        sent.append(message)
-
     async def run() -> tuple[RequestRecord, int, int]:
-        record = await stream_reply(app, "Hello. Then more. Bye.", send, never_gone)
+        record = await stream_reply(
+            app, "Hello. Then more. Bye.", stops_reading_after_audio(sent), never_gone
+        )
         return record, app.state.admission.active, app.state.admission.waiting
 
     record, active, waiting = asyncio.run(run())
@@ -336,3 +348,78 @@ def test_a_client_that_stops_reading_is_let_go_and_its_slot_released(
     assert sent[0]["status"] == 200
     assert record.error_code == "client_closed_request"
     assert "0.3 s" in record.error_detail  # a stall, told apart from a disconnect
+
+
+@pytest.mark.parametrize("ping_s", [None, 0.2], ids=["event", "event-and-ping"])
+def test_a_client_that_stops_reading_is_let_go_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, ping_s: float | None,
+) -> None:
+    """The deadline comes before STALLED_CLIENT_S: the sends waiting on the client end there.
+
+    Triton is still voicing a later piece when the client stops reading: it is cancelled.
+    With frequent pings, a ping waits on the client too, and both sends end at once.
+    """
+    if ping_s is not None:
+        monkeypatch.setattr(converse_routes, "PING_S", ping_s)
+    fake = FakeTriton()
+    fake.behaviours["kokoro"] = by_text({"Stall": never})
+    app = app_over(fake, triton_timeout_s=2.0)
+    sent: list[dict[str, Any]] = []
+
+    async def run() -> tuple[RequestRecord, bool, int, int]:
+        record = await stream_reply(
+            app, "Hello. Then more. Stall here.", stops_reading_after_audio(sent), never_gone
+        )
+        admission = app.state.admission
+        return record, "kokoro" in fake.cancelled, admission.active, admission.waiting
+
+    # Checked before the loop closes: its shutdown would close the voicing anyway.
+    record, cancelled, active, waiting = asyncio.run(run())
+    assert (cancelled, active, waiting) == (True, 0, 0)
+    assert app.state.admission.run_s is None
+    assert record.error_code == "client_closed_request"
+    assert "deadline" in record.error_detail
+
+
+@pytest.mark.parametrize("headers_stuck", [False, True], ids=["after-audio", "headers-pending"])
+def test_a_stream_cut_by_server_shutdown_ends_with_a_service_unavailable_event(
+    monkeypatch: pytest.MonkeyPatch, headers_stuck: bool,
+) -> None:
+    """The server shuts down while the reply waits on Triton: the client is told to retry.
+
+    With ``headers_stuck`` the shutdown comes while the headers wait on a slow client:
+    the cut cancels that send, so the headers go out with the error event.
+    """
+    fake = FakeTriton()
+    fake.behaviours["kokoro"] = by_text({"Stall": never})
+    app = app_over(fake, retry_after_s=7)
+    monkeypatch.setattr(AppStatus, "should_exit", False)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if headers_stuck and not sent and not AppStatus.should_exit:
+            monkeypatch.setattr(AppStatus, "should_exit", True)  # what uvicorn's SIGTERM sets
+            await asyncio.Event().wait()  # the first try at the headers never completes
+        sent.append(message)
+        if b"event: audio" in message.get("body", b""):
+            monkeypatch.setattr(AppStatus, "should_exit", True)
+
+    async def run() -> tuple[RequestRecord, bool, int, int]:
+        record = await stream_reply(app, "Hello. Stall here. Bye.", send, never_gone)
+        admission = app.state.admission
+        return record, "kokoro" in fake.cancelled, admission.active, admission.waiting
+
+    record, cancelled, active, waiting = asyncio.run(run())
+    assert (cancelled, active, waiting) == (True, 0, 0)
+    assert app.state.admission.run_s is None
+    assert (sent[0]["type"], sent[0]["status"]) == ("http.response.start", 200)
+    streamed = b"".join(message.get("body", b"") for message in sent).decode()
+    stream = sse_events(streamed)
+    before = [] if headers_stuck else ["metadata", "audio"]
+    assert [name for name, _ in stream] == [*before, "error"]
+    error = stream[-1][1]["error"]
+    assert error["type"] == "service_unavailable"
+    assert "retry in 7 s" in error["message"]
+    assert "retry: 7000" in streamed  # the SSE reconnection time, milliseconds
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert record.error_code == "service_unavailable"
