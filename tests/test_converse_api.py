@@ -128,6 +128,9 @@ def encoded_wav(sample_rate: int, subtype: str = "PCM_16") -> str:
         ({"conversation": [OPEN], "params": {"speed": 3.0}}, 400, "speed"),
         ({"conversation": [OPEN], "params": {"top_k": 0}}, 400, "top_k"),
         ({"conversation": [OPEN], "extra": 1}, 400, "extra"),
+        # JSON types are kept: no string read as a number, no boolean as an integer.
+        ({"conversation": [OPEN], "params": {"speed": "1.1"}}, 400, "speed"),
+        ({"conversation": [OPEN], "stream": 1}, 400, "stream"),
         ({"conversation": [{"speaker": "0", "text": 5}]}, 400, "text"),
     ],
 )

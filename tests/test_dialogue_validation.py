@@ -72,6 +72,22 @@ def test_output_errors_name_the_request_fields(
     assert [item["path"] for item in error["validation"]] == [where]
 
 
+@pytest.mark.parametrize("path", [PLAIN, TIMED])
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [({"gapMs": "100"}, ["gapMs"]), ({"gapMs": True}, ["gapMs"]),
+     ({"volumeDbfs": "-20"}, ["volumeDbfs"]), ({"split": 1}, ["split"]),
+     ({"output": {"format": "mp3", "bitrate": "64"}}, ["output", "bitrate"])],
+)
+def test_values_of_the_wrong_json_type_are_refused(
+    client: TestClient, path: str, fields: dict[str, Any], where: list[str]
+) -> None:
+    """No string read as a number, no boolean or number as another type."""
+    body = {"turns": [GOOD], **fields}
+    error = problem(client.post(path, json=body, headers=AUTH), 400, "validation_error")
+    assert [item["path"] for item in error["validation"]] == [where]
+
+
 @pytest.mark.parametrize(
     ("output", "audio_format", "kbps"),
     [

@@ -119,6 +119,8 @@ def error_of(response: Any) -> str:
         ({"tools": [{"type": "function", "function": {**WEATHER["function"], "strict": "yes"}}]},
          "tools.0.function.strict"),
         ({"context_window": 0}, "context_window"),
+        ({"context_window": True}, "context_window"),
+        ({"max_turns": "5"}, "max_turns"),
         ({"max_turns": 0}, "max_turns"),
         ({"system_prompt": ""}, "system_prompt"),
     ],

@@ -65,6 +65,10 @@ def test_client_events_parse_by_type_and_reject_unknown_fields() -> None:
     assert event.type == "tool.result"
     with pytest.raises(ValidationError):
         CLIENT_EVENTS.validate_json('{"type":"response.cancel","extra":1}')
+    with pytest.raises(ValidationError):
+        CLIENT_EVENTS.validate_json('{"type":"playback.position","turn_id":"t","played_ms":true}')
+    with pytest.raises(ValidationError):
+        CLIENT_EVENTS.validate_json('{"type":"tool.result","call_id":"c1","output":{"a":1}}')
     server = SERVER_EVENTS.validate_python({"type": "session.ended", "turn_id": None,
                                             "reason": "deleted"})
     assert server.type == "session.ended"

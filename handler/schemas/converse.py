@@ -7,8 +7,9 @@ per 3 bytes) and again after decoding, in the service.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from handler.schemas import REQUEST_CONFIG
 from handler.settings import MIB
 
 MAX_TURNS = 64
@@ -23,7 +24,7 @@ MAX_AUDIO_B64_CHARS = (MAX_TURN_AUDIO_BYTES + 2) // 3 * 4 * 78 // 76 + 256
 class Turn(BaseModel):
     """One turn: a speaker label with text and/or base64 16-bit PCM WAV audio."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     speaker: str = Field(min_length=1, max_length=32, description='Speaker label, e.g. "0".')
     text: str | None = Field(None, max_length=MAX_TURN_CHARS)
@@ -50,7 +51,7 @@ class ConverseParams(BaseModel):
     author LM: sampling, ``max_new_tokens`` as tokens).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     depth_temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -66,7 +67,7 @@ class ConverseParams(BaseModel):
 class ConverseRequest(BaseModel):
     """A conversation, oldest turn first; the last turn is the open turn to complete."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     model: str | None = Field(None, description="Model id from GET /v1/models; default if absent.")
     conversation: list[Turn] = Field(min_length=1, max_length=MAX_TURNS)

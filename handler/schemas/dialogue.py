@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, field_validator
+from pydantic import BaseModel, Field, PlainValidator, TypeAdapter, field_validator
 
+from handler.schemas import REQUEST_CONFIG
 from handler.schemas.converse import MAX_TURN_CHARS, MAX_TURNS
 from handler.settings import MIB
 
@@ -38,7 +39,7 @@ MAX_BODY_BYTES = MAX_TURNS * MAX_TURN_BODY_BYTES + MIB
 class DialogueTurn(BaseModel):
     """One turn: text plus a voice reference (inline ``voice`` or saved ``voiceId``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     text: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     voice: str | None = Field(None, min_length=1, max_length=MAX_VOICE_CHARS)
@@ -51,7 +52,7 @@ class DialogueTurn(BaseModel):
 class Mp3Output(BaseModel):
     """``{"format": "mp3", "bitrate": 96}``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     format: Literal["mp3"]
     bitrate: int = Field(96, description="kbps")
@@ -84,7 +85,7 @@ Output = Annotated[
 class DialogueRequest(BaseModel):
     """Many turns, many voices, one stitched file (or per-turn segments with ``split``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_CHARS)
     turns: list[DialogueTurn] = Field(min_length=1, max_length=MAX_TURNS)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from handler.schemas import REQUEST_CONFIG
 
 MAX_TOOLS = 64
 MAX_SYSTEM_PROMPT_CHARS = 20_000
@@ -18,7 +20,7 @@ MAX_SYSTEM_PROMPT_CHARS = 20_000
 class FunctionDefinition(BaseModel):
     """One callable function: name, what it does, and its arguments' JSON Schema."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     name: str = Field(
         min_length=1,
@@ -43,7 +45,7 @@ class FunctionDefinition(BaseModel):
 class Tool(BaseModel):
     """A tool the assistant may call mid-conversation (answered by the client)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     type: Literal["function"] = "function"
     function: FunctionDefinition
@@ -52,7 +54,7 @@ class Tool(BaseModel):
 class ConversationCreate(BaseModel):
     """``POST /v1/conversations/create``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     voice_id: str = Field(
         min_length=1,

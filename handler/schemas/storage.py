@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from handler.schemas import REQUEST_CONFIG
 
 
 class VoiceCreate(BaseModel):
     """``POST /v1/voices``: a bundled voice or blend, or a reference clip + transcript."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     name: str = Field(min_length=1, max_length=100)
     model: str | None = Field(None, description="Model id; the default model when absent.")

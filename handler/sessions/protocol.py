@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from handler.schemas import REQUEST_CONFIG
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "session-events.schema.json"
 ENCODINGS = ("pcm16", "mulaw", "opus")
 SAMPLE_RATES = (8000, 16000, 24000, 48000)
@@ -204,7 +206,7 @@ def _type_required(schema: dict[str, Any]) -> None:
 
 
 class _ClientEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_type_required)
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra=_type_required)
 
 
 class ToolResult(_ClientEvent):
