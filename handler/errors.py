@@ -167,15 +167,50 @@ class ContentBlocked(ApiError):
     """422 ``content_moderation_blocked``, rendered as speechbase's moderation body.
 
     Body: ``{"error": {"code", "message", "reason": {"type", "detail"}}}``
-    (speechbase-conversation-reference.md).
+    (speechbase-conversation-reference.md). ``reason_type`` and
+    ``reason_detail`` are what the client reads (a generic sentence); what
+    matched, or why the policy failed, is ``detail`` (logged only).
     """
 
     status, type, code, title = 422, "invalid_request", "content_moderation_blocked", "Blocked"
 
-    def __init__(self, message: str, reason_type: str, reason: str, turn_index: int) -> None:
-        super().__init__(message, turn_index=turn_index)
+    def __init__(
+        self,
+        message: str,
+        reason_type: str,
+        reason_detail: str,
+        turn_index: int,
+        *,
+        detail: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, turn_index=turn_index, detail=detail, headers=headers)
         self.reason_type = reason_type
-        self.reason = reason
+        self.reason_detail = reason_detail
+
+
+class ModerationUnavailable(ContentBlocked):
+    """503 ``content_moderation_blocked``, reason ``error_fail_closed``: the policy failed.
+
+    The moderation policy raised (its service is down) and
+    ``CONVERSE_MODERATION_FAIL_MODE`` is ``closed``. The body is speechbase's
+    moderation body with its ``error_fail_closed`` reason; the status is 503
+    with ``Retry-After`` (not 422) because nothing is wrong with the text: the
+    same request may pass once moderation is back.
+    """
+
+    status, type, title = 503, "service_unavailable", "Moderation unavailable"
+    retryable = True
+
+    def __init__(self, turn_index: int, retry_after_s: int, *, detail: str = "") -> None:
+        super().__init__(
+            f"turn {turn_index} could not be moderated: moderation is unavailable",
+            "error_fail_closed",
+            "moderation is unavailable; retry later",
+            turn_index,
+            detail=detail,
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
 
 class TimestampsUnavailable(ServiceUnavailable):
@@ -250,12 +285,16 @@ def render_problem(error: ApiError, request_id: str) -> JSONResponse:
 
 
 def render_moderation(error: ContentBlocked, request_id: str) -> JSONResponse:
-    """Speechbase's moderation body (plus ``turn_index`` and ``request_id``)."""
+    """Speechbase's moderation body (plus ``turn_index`` and ``request_id``).
+
+    ``reason.detail`` is the error's generic ``reason_detail``, never its
+    operator ``detail`` (the matched term or pattern, a policy's error text).
+    """
     body = {
         "error": {
             "code": error.code,
             "message": error.message,
-            "reason": {"type": error.reason_type, "detail": error.reason},
+            "reason": {"type": error.reason_type, "detail": error.reason_detail},
             "turn_index": error.turn_index,
             "request_id": request_id,
         }

@@ -61,8 +61,15 @@ class Problem(BaseModel):
 class ModerationReason(BaseModel):
     """Why moderation blocked the turn."""
 
-    type: str = Field(description="blocked, or error_fail_closed when the policy failed.")
-    detail: str
+    type: str = Field(
+        description="blocklist (a blocked term), pattern (a blocked regular expression), "
+        "a custom policy's own type, or error_fail_closed (the policy failed and fails "
+        "closed: status 503 with Retry-After)."
+    )
+    detail: str = Field(
+        description="A generic sentence; what matched and the policy's own error text are "
+        "only in the request's log line."
+    )
 
 
 class ModerationErrorDetail(BaseModel):
@@ -76,7 +83,7 @@ class ModerationErrorDetail(BaseModel):
 
 
 class ModerationError(BaseModel):
-    """422 body when moderation blocks a turn (speechbase's own shape)."""
+    """Speechbase's own moderation body: 422 when a turn is blocked, 503 when moderation failed."""
 
     error: ModerationErrorDetail
 

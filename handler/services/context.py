@@ -78,9 +78,22 @@ class RequestContext:
         """The caller's saved voice with this id, or None."""
         return await run_in_threadpool(self.storage.get_voice, self.key_id, voice_id)
 
-    def moderate(self, texts: list[str]) -> None:
-        """Run every text through the moderation policy (see :func:`moderate`)."""
-        moderate(self.moderation, texts, self.settings.moderation_fail_mode)
+    async def moderate(self, texts: list[str]) -> None:
+        """Run every text through the moderation policy, off the event loop.
+
+        See :func:`handler.moderation.moderate`; a policy that fails closed is
+        answered with ``Retry-After: retry_after_s``.
+
+        Raises:
+            ContentBlocked: a text is blocked (422).
+            ModerationUnavailable: the policy failed and fails closed (503).
+        """
+        await moderate(
+            self.moderation,
+            texts,
+            self.settings.moderation_fail_mode,
+            self.settings.retry_after_s,
+        )
 
     def upload_key(self, upload_id: str) -> str:
         """Blob key of the caller's upload ``upload_id``."""

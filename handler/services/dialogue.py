@@ -234,7 +234,7 @@ async def voice_dialogue(request: DialogueRequest, ctx: RequestContext) -> Voice
         ServiceUnavailable, InferenceError: from Triton.
     """
     plans = await plan_turns(request, ctx)
-    ctx.moderate([plan.text for plan in plans])
+    await ctx.moderate([plan.text for plan in plans])
     ctx.record.model = ",".join(sorted({plan.model.id for plan in plans}))
     sample_rate = plans[0].engine.sample_rate
 
