@@ -100,7 +100,8 @@ DESCRIPTIONS = {
     502: "The inference server answered with an error.",
     503: "Overloaded (cannot finish before the deadline), or the inference server is "
     "unreachable or not ready; Retry-After says when to retry. On /with-timestamps also "
-    "timestamps_unavailable.",
+    "timestamps_unavailable. On /v1/audio/*, moderation failed and fails closed "
+    "(the moderation body, reason error_fail_closed).",
     504: "The request did not finish before its deadline (CONVERSE_TRITON_TIMEOUT_S).",
 }
 RETRY_AFTER = {
@@ -272,7 +273,7 @@ def _error_response(path: str, status: int) -> dict[str, Any]:
         content: dict[str, Any] = {
             "application/problem+json": {"schema": ref(Problem), "example": PROBLEM_EXAMPLE}
         }
-        if status == 422:
+        if status in (422, 503):  # moderation blocked a turn (422) or failed closed (503)
             content["application/json"] = {"schema": ref(ModerationError)}
     else:
         content = {"application/json": {"schema": ref(KalpaError), "example": KALPA_EXAMPLE}}
