@@ -28,6 +28,7 @@ import psutil
 
 from devtools import REPOSITORY
 from devtools.local_triton import free_port
+from devtools.signals import parent_death_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +55,10 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "scripts/serve.py", "--repository", str(args.repository),
                "--port", str(port)]
+    # A benchmark killed outright still stops the stack: serve.py stops it on SIGTERM.
     serve = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             preexec_fn=parent_death_signal(signal.SIGTERM))
     root = psutil.Process(serve.pid)
     try:
         print(f"first start: ready after {wait_ready(url):.1f} s")

@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from devtools.local_triton import SHARED_MEMORY_DIR, free_port
+from devtools.signals import parent_death_signal
 from tests.helpers import TINY_CSM, TinyRepository
 
 pytestmark = pytest.mark.triton
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 START_WAIT_S = 240.0
 EXIT_WAIT_S = 60.0
 STUB = "triton_python_backend_stub"
+# The scripts under test stop their stack on SIGTERM: a pytest killed outright leaves none.
+STOP_WITH_PYTEST = parent_death_signal(signal.SIGTERM)
 
 
 @dataclass
@@ -128,7 +131,7 @@ def served(tiny_repository: TinyRepository) -> Iterator[Served]:
     # The tiny repository serves no Kokoro: its CSM is the default model (else never ready).
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CONVERSE_DEFAULT_MODEL": TINY_CSM}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=STOP_WITH_PYTEST)
     served = Served(process, f"http://127.0.0.1:{port}", "")
     try:
         assert process.stdout is not None
@@ -212,7 +215,7 @@ def foreground(tiny_repository: TinyRepository) -> Iterator[Served]:
         command[0] = sys.executable
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=STOP_WITH_PYTEST)
     served = Served(process, "", "")
     try:
         assert process.stdout is not None
