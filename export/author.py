@@ -30,6 +30,7 @@ from export.repository import (
     assemble_parts,
     checkpoint_directory,
     export_entry,
+    exporter_digests,
     source_digests,
 )
 
@@ -97,6 +98,7 @@ def export_author(options: AuthorExportOptions) -> bool:
         "target": options.target,
         "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
         "sources": source_digests(*sources, COMMON),
+        "exporter": exporter_digests("author.py", "causal_lm.py", "onnx_export.py"),
     }
     return export_entry(options.out, "author", inputs, lambda: _write(options, source))
 

@@ -29,6 +29,7 @@ from export.repository import (
     ExportOptions,
     checkpoint_directory,
     export_entry,
+    exporter_digests,
     source_digests,
     write_text_atomic,
 )
@@ -100,6 +101,7 @@ def export_chat(options: ChatExportOptions) -> bool:
         "concurrent_replies": CONCURRENT_REPLIES,
         "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
         "sources": source_digests(*sources, COMMON),
+        "exporter": exporter_digests("chat.py", "causal_lm.py", "onnx_export.py"),
     }
     return export_entry(options.out, "chat", inputs, lambda: _write(options, source))
 

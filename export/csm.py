@@ -42,9 +42,9 @@ from export.repository import (
     ExportOptions,
     checkpoint_directory,
     export_entry,
+    exporter_digests,
     place_onnxruntime_model,
     progress,
-    sha256_of_file,
     source_digests,
     write_atomic,
     write_model,
@@ -442,7 +442,7 @@ def export_csm(options: CsmExportOptions, build_engine: EngineBuilder | None = N
         "tensorrt": TENSORRT_VERSION if options.tensorrt else False,
         "packages": {n: metadata.version(n) for n in ("torch", "transformers")},
         "sources": source_digests(TEMPLATE, COMMON),
-        "exporter": [sha256_of_file(Path(__file__).with_name(n)) for n in exporter_files],
+        "exporter": exporter_digests(*exporter_files),
     }
     shapes: dict[str, Any] = {}
     return export_entry(

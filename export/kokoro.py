@@ -33,6 +33,7 @@ from export.repository import (
     assemble_parts,
     copy_atomic,
     export_entry,
+    exporter_digests,
     place_onnxruntime_model,
     progress,
     sha256_of_file,
@@ -144,6 +145,7 @@ def export_kokoro(options: KokoroExportOptions) -> bool:
         "packages": {name: metadata.version(name) for name in _SOURCE_PACKAGES},
         "expected_sha256": expected_sha256,
         "sources": source_digests(*(SOURCE_REPOSITORY / name for name in _MODELS), COMMON),
+        "exporter": exporter_digests("kokoro.py"),
         "options": {
             "target": options.target,
             "network_instances": options.network_instances,

@@ -30,6 +30,8 @@ from typing import Any
 from filelock import FileLock
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+# This package: the exporter modules whose digests are manifest inputs.
+EXPORT_PACKAGE = Path(__file__).resolve().parent
 COMMON = SOURCE_REPOSITORY / "common"
 # Copied next to every python model's model.py in the build.
 BACKEND_HELPERS = COMMON / "converse_backend.py"
@@ -41,6 +43,8 @@ MANIFEST_NAME = "manifest.json"
 # The python-backend model.py files live in the project's own repository folder;
 # exporting elsewhere copies them along.
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+# This package: the exporter modules whose digests are manifest inputs.
+EXPORT_PACKAGE = Path(__file__).resolve().parent
 _CHUNK_BYTES = 1 << 20
 
 
@@ -210,6 +214,22 @@ def source_digests(*sources: Path) -> dict[str, str]:
     """
     files = sorted(path for source in sources for path in source.rglob("*") if _is_source(path))
     return {path.relative_to(SOURCE_REPOSITORY).as_posix(): sha256_of_file(path) for path in files}
+
+
+def exporter_digests(*modules: str) -> dict[str, str]:
+    """SHA-256 of the exporter modules that build an entry (manifest input).
+
+    An edit to how an entry is built (its graphs, weights or files) rebuilds it
+    on the next export, as an edit to its ``model_repository/`` sources does.
+    This module is left out: it writes what the entry's own modules hand it.
+
+    Args:
+        modules: file names in this package, e.g. ``"vad.py"``.
+
+    Returns:
+        ``{file name: hex digest}``.
+    """
+    return {name: sha256_of_file(EXPORT_PACKAGE / name) for name in modules}
 
 
 def write_model(

@@ -21,6 +21,7 @@ from export.repository import (
     assemble_parts,
     copy_atomic,
     export_entry,
+    exporter_digests,
     progress,
     source_digests,
     write_model,
@@ -76,6 +77,7 @@ def export_asr(options: ExportOptions) -> bool:
         "min_encoder_window_s": min_window_s,
         "sha256": WHISPER_MODEL_SHA256,
         "sources": source_digests(source, COMMON),
+        "exporter": exporter_digests("speech.py"),
         "target": options.target,
     }
 
@@ -115,6 +117,7 @@ def export_aligner(options: ExportOptions) -> bool:
     inputs = {
         "packages": {"pocketsphinx": metadata.version("pocketsphinx")},
         "sources": source_digests(source, COMMON),
+        "exporter": exporter_digests("speech.py"),
     }
     return export_entry(
         options.out, "aligner", inputs, lambda: write_model(source, options.out / "aligner")

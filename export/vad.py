@@ -20,6 +20,7 @@ from export.repository import (
     ExportOptions,
     copy_atomic,
     export_entry,
+    exporter_digests,
     sha256_of_file,
     source_digests,
     write_model,
@@ -66,6 +67,7 @@ def export_vad(options: ExportOptions) -> bool:
         "packages": {PACKAGE: metadata.version(PACKAGE)},
         "sha256": sha256_of_file(onnx_file),
         "sources": source_digests(source, COMMON),
+        "exporter": exporter_digests("vad.py"),
         "instances": INSTANCES,
     }
 

@@ -1,9 +1,11 @@
-"""Kokoro export: checksum verification, idempotency, configs; local Triton lifecycle."""
+"""Kokoro export: checksum verification, idempotency, configs; local Triton lifecycle;
+what makes an entry stale."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,9 +14,17 @@ from pathlib import Path
 import pytest
 
 from devtools.local_triton import LocalTriton, TritonStartError
-from export import kokoro
+from export import kokoro, repository
 from export.kokoro import KokoroExportOptions, export_kokoro
-from export.repository import SOURCE_REPOSITORY, Manifest, exclusive_repository, render_template
+from export.repository import (
+    EXPORT_PACKAGE,
+    SOURCE_REPOSITORY,
+    ExportOptions,
+    Manifest,
+    exclusive_repository,
+    render_template,
+)
+from export.vad import export_vad
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +181,21 @@ def test_export_all_keeps_a_user_checkpoint_and_single_export_goes_back_to_the_b
     manifest.record(family, {"source": {"directory": str(tmp_path), "gguf_file": "lm.gguf"}}, [])
     manifest.save()
     assert kept_checkpoint(bundled, family) == bundled
+
+
+def test_an_edit_to_an_entrys_exporter_rebuilds_that_entry_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = ExportOptions(out=tmp_path / "repository", target="cpu")
+    assert export_vad(options) is True
+    assert export_vad(options) is False
+    package = tmp_path / "export"
+    shutil.copytree(EXPORT_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(repository, "EXPORT_PACKAGE", package)
+    with (package / "kokoro.py").open("a") as other:
+        other.write("# another entry's exporter\n")
+    assert export_vad(options) is False
+    with (package / "vad.py").open("a") as own:
+        own.write("# how silero_vad is built\n")
+    assert export_vad(options) is True
+    assert export_vad(options) is False
