@@ -113,11 +113,11 @@ def test_terraform_validate(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _provider_override(endpoint: str) -> str:
+def _provider_override(endpoint: str, region: str = "us-east-1") -> str:
     urls = "\n".join(f'    {name} = "{endpoint}"' for name in ENDPOINTS)
     return f"""
 provider "aws" {{
-  region                      = "us-east-1"
+  region                      = "{region}"
   access_key                  = "testing"
   secret_key                  = "testing"
   skip_credentials_validation = true
@@ -205,6 +205,7 @@ def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -
                    "module.data.aws_iam_service_linked_role.autoscaling[0]"):
         assert needed in managed, needed
     _check_triton_grpc(emulator)
+    _check_alb_log_writers(emulator)
 
     # A second plan refreshes every resource without error. (It is not empty:
     # moto drops some attributes, e.g. capacity provider strategies.)
@@ -221,6 +222,40 @@ def test_apply_and_destroy_against_the_emulator(tmp_path: Path, emulator: str) -
     assert destroyed.returncode == 0, destroyed.stdout[-6000:] + destroyed.stderr[-6000:]
     print(f"emulated apply: {len(managed)} resources in {apply_s:.0f} s, "
           f"destroy in {destroy_s:.0f} s")
+
+
+def test_plan_in_a_region_opened_after_august_2022(tmp_path: Path, emulator: str) -> None:
+    """me-central-1 has no Elastic Load Balancing account (aws_elb_service_account fails there)."""
+    terraform, plugins = _requirements()
+    env = _env(tmp_path)
+    work = _copy_config(tmp_path)
+    (work / "emulator_override.tf").write_text(_provider_override(emulator, "me-central-1"))
+    (work / "terraform.tfvars.json").write_text(json.dumps({**TFVARS, "region": "me-central-1"}))
+    _init(terraform, plugins, work, env)
+    planned = _run([terraform, "plan", "-no-color", "-out=plan.bin"], work, env, 300)
+    assert planned.returncode == 0, planned.stdout[-4000:] + planned.stderr[-4000:]
+    plan = json.loads(_run([terraform, "show", "-json", "plan.bin"], work, env, 120).stdout)
+    assert plan["variables"]["region"]["value"] == "me-central-1"
+    read = _data_sources(plan["prior_state"]["values"]["root_module"])  # read while planning
+    assert "module.data.module.logs_bucket.data.aws_caller_identity.current" in read
+    assert not [address for address in read if ".aws_elb_service_account." in address]
+
+
+def _check_alb_log_writers(endpoint: str) -> None:
+    """ELB's log delivery service and us-east-1's ELB account may write ALB logs (under alb/)."""
+    s3 = _client(endpoint, "s3")
+    (bucket,) = [b["Name"] for b in s3.list_buckets()["Buckets"]
+                 if b["Name"].startswith("converse-logs-")]
+    policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    account = _client(endpoint, "sts").get_caller_identity()["Account"]
+    writers = {json.dumps(s["Principal"]): s["Resource"] for s in policy["Statement"]
+               if s["Effect"] == "Allow" and s["Action"] == "s3:PutObject"
+               and "/alb/" in s["Resource"]}
+    prefix = f"arn:aws:s3:::{bucket}/alb/AWSLogs/{account}/*"
+    assert writers == {
+        json.dumps({"Service": "logdelivery.elasticloadbalancing.amazonaws.com"}): prefix,
+        json.dumps({"AWS": "arn:aws:iam::127311923021:root"}): prefix,
+    }
 
 
 def _client(endpoint: str, service: str) -> Any:
@@ -302,6 +337,13 @@ def _empty_versioned_buckets(endpoint: str) -> None:
                       for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
             if doomed:
                 s3.delete_objects(Bucket=bucket["Name"], Delete={"Objects": doomed, "Quiet": True})
+
+
+def _data_sources(module: dict[str, Any]) -> set[str]:
+    found = {r["address"] for r in module.get("resources", []) if r["mode"] == "data"}
+    for child in module.get("child_modules", []):
+        found |= _data_sources(child)
+    return found
 
 
 def _managed_resources(module: dict[str, object]) -> set[str]:

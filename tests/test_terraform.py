@@ -94,6 +94,109 @@ def test_buckets_block_public_access_and_use_kms() -> None:
     assert buckets and all(b["source"] == "../private_bucket" for b in buckets)
 
 
+# Regions opened since August 2022: no Elastic Load Balancing account, so
+# aws_elb_service_account fails the plan there ("unsupported AWS Region").
+NEW_REGIONS = ("me-central-1", "ap-south-2", "eu-central-2", "eu-south-2", "ap-southeast-4",
+               "il-central-1", "ca-west-1", "mx-central-1")
+ELB_LOG_DELIVERY = "logdelivery.elasticloadbalancing.amazonaws.com"
+
+
+def data_sources(module: str, kind: str) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for block in parse(TERRAFORM / "modules" / module / "main.tf").get("data", []):
+        found.update(block.get(kind, {}))
+    return found
+
+
+def locals_of(module: str) -> dict[str, Any]:
+    blocks = parse(TERRAFORM / "modules" / module / "main.tf")["locals"]
+    return {k: v for block in blocks for k, v in block.items()}
+
+
+def test_alb_access_logs_can_be_written_in_every_region() -> None:
+    """ALB log writers: ELB's log delivery service everywhere, the Region's ELB account if any."""
+    # Only the two ALBs log, under alb/ (an NLB logs TLS listeners only; the gRPC one is TCP).
+    for module, name in (("sessions", "this"), ("triton", "triton")):
+        balancer = resources(module, "aws_lb")[name]
+        assert balancer["load_balancer_type"] == "application"
+        assert balancer["access_logs"][0]["prefix"] == "alb"
+    assert "access_logs" not in resources("triton", "aws_lb")["grpc"]
+
+    policy = data_sources("private_bucket", "aws_iam_policy_document")["this"]
+    dynamic = {block["statement"]["content"][0]["sid"]: block["statement"]
+               for block in policy["dynamic"]}
+    # The service principal in every Region the log bucket is in.
+    service = dynamic["AlbAccessLogs"]
+    assert service["for_each"] == '${var.receives_access_logs ? ["alb"] : []}'
+    assert service["content"][0]["principals"] == [{"type": "Service",
+                                                    "identifiers": [ELB_LOG_DELIVERY]}]
+    assert service["content"][0]["actions"] == ["s3:PutObject"]
+    assert service["content"][0]["resources"] == ["${local.alb_log_prefix}"]
+    locals_ = locals_of("private_bucket")
+    account_id = "${data.aws_caller_identity.current.account_id}"
+    assert locals_["alb_log_prefix"] == f"${{aws_s3_bucket.this.arn}}/alb/AWSLogs/{account_id}/*"
+    # The Region's ELB account only where the data source knows it: read nowhere else.
+    count = data_sources("private_bucket", "aws_elb_service_account")["current"]["count"]
+    assert "var.receives_access_logs" in count
+    assert "contains(local.elb_account_regions, data.aws_region.current.name)" in count
+    assert "us-east-1" in locals_["elb_account_regions"]
+    assert not set(NEW_REGIONS) & set(locals_["elb_account_regions"])
+    account = dynamic["AlbAccessLogsRegionAccount"]
+    assert locals_["elb_account_arn"] == "${one(data.aws_elb_service_account.current[*].arn)}"
+    assert account["for_each"] == "${local.elb_account_arn == null ? [] : [local.elb_account_arn]}"
+    assert account["content"][0]["principals"] == [{"type": "AWS",
+                                                    "identifiers": ["${statement.value}"]}]
+    assert account["content"][0]["resources"] == ["${local.alb_log_prefix}"]
+
+
+@pytest.mark.infra
+def test_elb_account_regions_are_the_ones_the_provider_knows(tmp_path: Path) -> None:
+    """Every listed Region resolves in aws_elb_service_account; the newer ones fail the plan."""
+    from tests.test_deploy_emulated import plugin_dir
+
+    terraform = shutil.which("terraform")
+    plugins = plugin_dir()
+    if terraform is None or plugins is None:
+        pytest.skip("terraform or the hashicorp/aws provider (local plugin directory) is absent")
+    (tmp_path / "terraformrc").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TF_"))}
+    env.update({"TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1",
+                "TF_CLI_CONFIG_FILE": str(tmp_path / "terraformrc")})
+    # The data source only looks the Region up in the provider's map: no AWS call.
+    (tmp_path / "main.tf").write_text("""
+provider "aws" {
+  region                      = "us-east-1"
+  access_key                  = "testing"
+  secret_key                  = "testing"
+  skip_credentials_validation = true
+  skip_metadata_api_check     = true
+  skip_region_validation      = true
+  skip_requesting_account_id  = true
+}
+variable "regions" { type = list(string) }
+data "aws_elb_service_account" "each" {
+  for_each = toset(var.regions)
+  region   = each.key
+}
+""")
+
+    def plan(regions: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [terraform, "plan", "-no-color", "-var", f"regions={json.dumps(regions)}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    init = subprocess.run([terraform, "init", "-backend=false", f"-plugin-dir={plugins}",
+                           "-no-color"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert init.returncode == 0, init.stdout + init.stderr
+    known = plan(locals_of("private_bucket")["elb_account_regions"])
+    assert known.returncode == 0, known.stdout + known.stderr
+    unknown = plan(list(NEW_REGIONS))
+    assert unknown.returncode != 0
+    for region in NEW_REGIONS:
+        assert f"unsupported AWS Region: {region}" in unknown.stdout + unknown.stderr, region
+
+
 def _statements(module: str) -> list[dict[str, Any]]:
     found = []
     for block in parse(TERRAFORM / "modules" / module / "main.tf").get("data", []):

@@ -41,7 +41,41 @@ variable "force_destroy" {
 }
 
 data "aws_caller_identity" "current" {}
-data "aws_elb_service_account" "current" {}
+data "aws_region" "current" {}
+
+# Who may write ALB access logs (both ALBs log here; the gRPC NLB, whose
+# principal would be delivery.logs.amazonaws.com, logs nothing: see its
+# CKV_AWS_91 skip). AWS's "Enable access logs for your Application Load
+# Balancer", step 2 "Attach a policy to your S3 bucket"
+# (https://docs.aws.amazon.com/elasticloadbalancing/latest/application/enable-access-logging.html#attach-bucket-policy)
+# grants s3:PutObject to the Region's Elastic Load Balancing account in the
+# Regions available before August 2022, and to the service principal
+# logdelivery.elasticloadbalancing.amazonaws.com in the Regions since
+# (me-central-1, ap-south-2, eu-central-2, il-central-1, ca-west-1, ...),
+# which have no such account; later revisions call the account policy legacy
+# and recommend the service principal everywhere (as cited in
+# terraform-aws-modules/terraform-aws-s3-bucket#405). So: the service
+# principal in every Region, plus the account where hashicorp/aws's
+# aws_elb_service_account knows one: its map (internal/service/elb/
+# service_account_data_source.go; 5.100.0 checked) holds exactly the Regions
+# below, and it fails the plan ("unsupported AWS Region") in any other. The
+# same pair as terraform-aws-modules/s3-bucket's ELB log delivery policy
+# (its PR #219).
+locals {
+  elb_account_regions = [
+    "af-south-1", "ap-east-1", "ap-northeast-1", "ap-northeast-2", "ap-northeast-3",
+    "ap-south-1", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3", "ca-central-1",
+    "cn-north-1", "cn-northwest-1", "eu-central-1", "eu-north-1", "eu-south-1",
+    "eu-west-1", "eu-west-2", "eu-west-3", "me-south-1", "sa-east-1",
+    "us-east-1", "us-east-2", "us-gov-east-1", "us-gov-west-1", "us-west-1", "us-west-2",
+  ]
+  alb_log_prefix  = "${aws_s3_bucket.this.arn}/alb/AWSLogs/${data.aws_caller_identity.current.account_id}/*"
+  elb_account_arn = one(data.aws_elb_service_account.current[*].arn)
+}
+
+data "aws_elb_service_account" "current" {
+  count = var.receives_access_logs && contains(local.elb_account_regions, data.aws_region.current.name) ? 1 : 0
+}
 
 resource "aws_s3_bucket" "this" {
   #checkov:skip=CKV_AWS_144:objects are expiring audio, logs or a model repository rebuilt by `make upload-models`; cross-region replication buys nothing
@@ -154,10 +188,22 @@ data "aws_iam_policy_document" "this" {
     content {
       sid       = "AlbAccessLogs"
       actions   = ["s3:PutObject"]
-      resources = ["${aws_s3_bucket.this.arn}/alb/AWSLogs/${data.aws_caller_identity.current.account_id}/*"]
+      resources = [local.alb_log_prefix]
+      principals {
+        type        = "Service"
+        identifiers = ["logdelivery.elasticloadbalancing.amazonaws.com"]
+      }
+    }
+  }
+  dynamic "statement" {
+    for_each = local.elb_account_arn == null ? [] : [local.elb_account_arn]
+    content {
+      sid       = "AlbAccessLogsRegionAccount"
+      actions   = ["s3:PutObject"]
+      resources = [local.alb_log_prefix]
       principals {
         type        = "AWS"
-        identifiers = [data.aws_elb_service_account.current.arn]
+        identifiers = [statement.value]
       }
     }
   }
