@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -14,11 +15,12 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 
 from handler.engines.catalog import ModelCatalog
 from handler.errors import (
     AuthenticationError,
+    ClientClosedRequest,
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
@@ -35,6 +37,8 @@ from handler.triton import TritonClient
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+# A Content-Length in ASCII digits (str.isdigit() also takes "²", which int() refuses).
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
 
 
 def get_settings(request: Request) -> Settings:
@@ -126,6 +130,8 @@ async def require_api_key(
 
     Raises:
         AuthenticationError: no key, or a key whose digest is not configured.
+        ServiceUnavailable: the API keys secret could not be read (503,
+            ``Retry-After``; see :meth:`Settings.load_key_digests`).
         RateLimited: the key's bucket is empty (``Retry-After`` set).
     """
     key = presented_key(request)
@@ -133,7 +139,7 @@ async def require_api_key(
         raise AuthenticationError("missing API key: send Authorization: Bearer <key>")
     digest = hashlib.sha256(key.encode()).hexdigest()
     matched = False
-    for accepted in settings.key_digests:
+    for accepted in await settings.load_key_digests():
         matched |= hmac.compare_digest(digest, accepted)
     if not matched:
         raise AuthenticationError("invalid API key")
@@ -196,23 +202,73 @@ def validation_error(error: ValidationError, path: str) -> InvalidRequest:
     return InvalidRequest(summary, code=code, turn_index=turn_index, validation=items)
 
 
+def _declares_more_than(declared: str | None, max_bytes: int) -> bool:
+    """True when a ``Content-Length`` value (ASCII digits) says more than ``max_bytes``.
+
+    Anything that is no ASCII number says nothing (the body is counted as it
+    arrives); a number of more digits than ``max_bytes`` is larger without
+    being converted, so ``int()`` never meets its 4300-digit limit.
+    """
+    if declared is None or _CONTENT_LENGTH.fullmatch(declared) is None:
+        return False
+    digits = declared.lstrip("0")
+    return len(digits) > len(str(max_bytes)) or int(digits or "0") > max_bytes
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, at most ``max_bytes`` bytes, size-checked before it is kept.
+
+    A ``Content-Length`` over the limit is refused before any byte is read; a
+    body without one (chunked) or longer than it said is refused as soon as
+    the bytes read pass the limit.
+
+    Args:
+        request: the HTTP request whose body is read (once).
+        max_bytes: the most bytes accepted.
+
+    Returns:
+        The whole body.
+
+    Raises:
+        PayloadTooLarge: the body is (or says it is) larger than ``max_bytes`` (413).
+        ClientClosedRequest: the client disconnected before its body ended (499,
+            logged only).
+    """
+    if _declares_more_than(request.headers.get("content-length"), max_bytes):
+        raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
+    except ClientDisconnect as error:
+        raise ClientClosedRequest(
+            "the client closed the connection while sending its body",
+            detail=f"disconnected after {len(body)} bytes of the body",
+        ) from error
+    return bytes(body)
+
+
 async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
-    """Read the JSON body (size-checked first) and validate it against ``model``.
+    """Read the JSON body (size-checked first, see :func:`read_body`) and validate it.
+
+    Args:
+        request: the HTTP request.
+        model: the pydantic model the body must be.
+        max_bytes: the most body bytes accepted.
+
+    Returns:
+        The validated ``model``.
 
     Raises:
         PayloadTooLarge: body larger than ``max_bytes`` (413).
+        ClientClosedRequest: the client disconnected while sending it (499, logged only).
         InvalidRequest: not JSON, or not a valid ``model``.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
+    body = await read_body(request, max_bytes)
     try:
-        return model.model_validate_json(bytes(body))
+        return model.model_validate_json(body)
     except ValidationError as error:
         raise validation_error(error, request.url.path) from error
 

@@ -6,6 +6,7 @@ README's configuration table is checked against this class by a test.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -15,6 +16,9 @@ from typing import Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from handler.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +30,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CONVERSE_", extra="ignore")
     _key_digests: frozenset[str] | None = PrivateAttr(None)
+    # One read of the API keys secret at a time (see load_key_digests): the reads
+    # finished so far, and the last one's outcome (its digests, or why it failed).
+    _secret_lock: asyncio.Lock = PrivateAttr(default_factory=asyncio.Lock)
+    _secret_reads: int = PrivateAttr(0)
+    _secret_outcome: frozenset[str] | str = PrivateAttr(frozenset())
 
     triton_url: str = Field(
         "127.0.0.1:8000", description="Triton HTTP endpoint as host:port (no scheme)."
@@ -236,34 +245,96 @@ class Settings(BaseSettings):
             self.api_keys = ""
         return self
 
+    def _configured_digests(self) -> frozenset[str]:
+        """Digests from ``api_key_sha256`` (``api_keys`` were hashed into it at load)."""
+        return frozenset(d.strip().lower() for d in self.api_key_sha256.split(",") if d.strip())
+
     @property
     def key_digests(self) -> frozenset[str]:
-        """Hex SHA-256 digests of every accepted API key (``api_keys`` were hashed at load).
+        """Hex SHA-256 digests of the API keys accepted now, without I/O.
 
-        The Secrets Manager secret is read once, on first use. A secret without a
-        value (terraform creates it empty; docs/deploy.md puts the digests in
-        later) adds no digest, so every key gets 401, and it is read again on the
-        next use instead of being kept.
-
-        Raises:
-            botocore.exceptions.ClientError: Secrets Manager refused the read for
-                another reason (permissions, throttling).
+        ``api_keys`` (hashed at load) and ``api_key_sha256``, plus the Secrets
+        Manager secret's digests once :meth:`load_key_digests` has read them.
+        Requests authenticate with :meth:`load_key_digests`.
         """
         if self._key_digests is not None:
             return self._key_digests
-        digests = {d.strip().lower() for d in self.api_key_sha256.split(",") if d.strip()}
-        if self.api_keys_secret_arn:
-            import boto3
+        return self._configured_digests()
 
+    async def load_key_digests(self) -> frozenset[str]:
+        """Hex SHA-256 digests of every accepted API key, the secret's included.
+
+        The Secrets Manager secret (``api_keys_secret_arn``) is read in a worker
+        thread, never on the event loop, and one read at a time: requests that
+        arrive while it is being read wait for that read and share its outcome.
+        A value with digests is read once and kept for the process's life
+        (docs/deploy.md, "Rotate API keys"). A secret without a value yet
+        (terraform creates it empty; docs/deploy.md puts the digests in later),
+        or whose value holds no digest, adds none, so only the configured keys
+        are accepted; the next request that arrives after the read reads it again.
+
+        Returns:
+            Lowercase hex digests.
+
+        Raises:
+            ServiceUnavailable: Secrets Manager could not be read (throttled,
+                unreachable, access denied): 503 with ``Retry-After``
+                (``retry_after_s``), the error in ``detail``. Requests that
+                waited on the failed read get it too; nothing is kept, so the
+                next request reads again.
+        """
+        if self._key_digests is not None:
+            return self._key_digests
+        configured = self._configured_digests()
+        if not self.api_keys_secret_arn:
+            self._key_digests = configured
+            return configured
+        reads = self._secret_reads
+        async with self._secret_lock:
+            if self._secret_reads == reads:  # no read finished while this request waited
+                try:
+                    self._secret_outcome = await run_in_threadpool(self._read_secret)
+                except ServiceUnavailable as error:
+                    self._secret_outcome = error.detail
+                self._secret_reads += 1
+                if isinstance(self._secret_outcome, frozenset) and self._secret_outcome:
+                    self._key_digests = configured | self._secret_outcome
+            outcome = self._secret_outcome
+        if isinstance(outcome, str):  # a fresh error per request, each with its own traceback
+            raise self._secret_unavailable(outcome)
+        return configured | outcome
+
+    def _read_secret(self) -> frozenset[str]:
+        """The digests in the API keys secret; empty while it has none. Blocking (seconds).
+
+        Raises:
+            ServiceUnavailable: botocore failed to read it (``detail``: its error).
+        """
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
             client = boto3.client("secretsmanager")
-            try:
-                secret = client.get_secret_value(SecretId=self.api_keys_secret_arn)
-            except client.exceptions.ResourceNotFoundException:
-                logger.warning("the API keys secret has no value yet: no key is accepted")
-                return frozenset(digests)
-            digests |= {d.strip().lower() for d in secret["SecretString"].split(",") if d.strip()}
-        self._key_digests = frozenset(digests)
-        return self._key_digests
+            secret = client.get_secret_value(SecretId=self.api_keys_secret_arn)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise self._secret_unavailable(f"API keys secret: {error!r}") from error
+            secret = {}  # the secret has no value yet
+        except BotoCoreError as error:  # endpoint unreachable, no credentials, ...
+            raise self._secret_unavailable(f"API keys secret: {error!r}") from error
+        text = secret.get("SecretString") or ""
+        digests = frozenset(d.strip().lower() for d in text.split(",") if d.strip())
+        if not digests:
+            logger.warning("the API keys secret has no value yet: no key of it is accepted")
+        return digests
+
+    def _secret_unavailable(self, detail: str) -> ServiceUnavailable:
+        """The 503 of a failed secret read; ``detail`` (logged only) says why."""
+        return ServiceUnavailable(
+            "API keys cannot be checked right now; retry later",
+            headers={"Retry-After": str(self.retry_after_s)},
+            detail=detail,
+        )
 
     @cached_property
     def signing_secret(self) -> bytes:

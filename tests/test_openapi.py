@@ -69,8 +69,11 @@ def test_errors_are_documented_in_their_envelopes(document: dict[str, Any]) -> N
     for status in ("422", "503"):  # moderation blocked a turn, or failed closed
         assert dialogue[status]["content"]["application/json"]["schema"]["$ref"].endswith(
             "/ModerationError")
+    # 503 on every keyed route: the API keys secret may be unreadable for a while.
     assert set(paths["/v1/voices/{voice_id}"]["get"]["responses"]) == {
-        "200", "401", "404", "429", "500"}
+        "200", "401", "404", "429", "500", "503"}
+    assert set(paths["/v1/files/{key}"]["put"]["responses"]) == {
+        "204", "401", "404", "413", "500"}
     assert set(paths["/health"]["get"]["responses"]) == {"200", "500"}
     assert set(paths["/ready"]["get"]["responses"]) == {"200", "500", "503"}
     assert "HTTPValidationError" not in document["components"]["schemas"]

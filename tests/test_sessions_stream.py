@@ -30,6 +30,7 @@ from websockets.uri import parse_uri
 
 from devtools.api_server import ApiServer
 from handler.app import create_app
+from handler.errors import ServiceUnavailable
 from handler.sessions import transport
 from handler.sessions.base import AssistantAudio, ConversationFactory, Emit, SessionParams
 from handler.sessions.codecs import Decoder, Encoder
@@ -44,6 +45,7 @@ from handler.sessions.protocol import (
     SpeechStarted,
     ToolResult,
 )
+from handler.settings import Settings
 from handler.storage.base import SessionRecord, TurnRecord
 from handler.storage.sqlite import SQLiteStorage
 from tests.helpers import API_KEY, AUTH, make_settings
@@ -213,6 +215,8 @@ def test_reply_audio_comes_back_in_the_sockets_encoding(api: TestClient, encodin
     [
         ({"sample_rate": 44100}, CloseCode.BAD_SAMPLE_RATE),
         ({"sample_rate": "abc"}, CloseCode.BAD_SAMPLE_RATE),
+        ({"sample_rate": "\u00b2"}, CloseCode.BAD_SAMPLE_RATE),  # a digit to isdigit(), not int()
+        ({"sample_rate": "9" * 5000}, CloseCode.BAD_SAMPLE_RATE),  # past int()'s digit limit
         ({"encoding": "flac"}, CloseCode.BAD_ENCODING),
         ({"vad_threshold": 1.5}, CloseCode.BAD_VAD_THRESHOLD),
         ({"vad_threshold": "nan"}, CloseCode.BAD_VAD_THRESHOLD),
@@ -236,6 +240,25 @@ def test_auth_by_header_or_subprotocol(api: TestClient, caplog: pytest.LogCaptur
         assert ws.receive_json()["type"] == "session.started"
     logged = caplog.text + "".join(capsys.readouterr())
     assert API_KEY not in logged
+
+
+def test_keys_that_cannot_be_checked_close_with_4503(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API keys secret unreadable (Secrets Manager throttled): retry later, not a 4500."""
+    session_id = new_session(api)
+    settings = api.app.state.settings  # type: ignore[attr-defined]
+
+    async def unreadable(self: Settings) -> frozenset[str]:
+        raise ServiceUnavailable("API keys cannot be checked right now; retry later")
+
+    monkeypatch.setattr(Settings, "load_key_digests", unreadable)
+    with pytest.raises(WebSocketDisconnect) as closed, api.websocket_connect(
+        path(session_id), headers=AUTH
+    ) as ws:
+        ws.receive_json()
+    assert closed.value.code == CloseCode.SERVICE_BUSY
+    assert f"retry in {settings.retry_after_s} s" in closed.value.reason
 
 
 def test_a_key_out_of_rate_limit_tokens_is_closed_with_4429(triton_url: str,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import boto3
 import numpy as np
@@ -17,8 +18,10 @@ from fastapi.testclient import TestClient
 from moto import mock_aws
 
 from handler.app import create_app
+from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
+from handler.services.telemetry import RequestRecord
 from handler.storage.dynamodb import DynamoDBStorage
-from tests.helpers import AUTH, make_settings, tone, wav_b64
+from tests.helpers import AUTH, asgi_post, make_settings, tone, wav_b64
 from tests.moto_shims import refuse_long_sort_keys
 
 
@@ -250,3 +253,125 @@ def test_expired_or_unsigned_file_urls_are_refused(client: TestClient) -> None:
     assert client.get("/v1/files/responses/x/y.wav").status_code == 401
     assert client.get("/v1/files/responses/x/y.wav?expires=1&signature=00").status_code == 401
 
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+@pytest.mark.parametrize(
+    "expires",
+    ["%C2%B2",  # superscript two: str.isdigit() says yes, int() says no
+     "9" * 5000],  # past int()'s 4300-digit limit
+    ids=["superscript", "5000-digits"],
+)
+def test_file_urls_whose_expiry_is_no_ascii_number_are_refused(
+    client: TestClient, method: str, expires: str
+) -> None:
+    response = client.request(method, f"/v1/files/uploads/x.wav?expires={expires}&signature=00",
+                              content=b"RIFF" if method == "PUT" else None)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"] == {
+        "type": "authentication_error", "message": "invalid or expired file signature",
+        "request_id": response.headers["x-request-id"]}
+
+
+MIB = 1 << 20
+
+
+def no_triton_app() -> Any:
+    """The API over an address where no Triton listens: these requests never reach it."""
+    return create_app(make_settings(triton_url="127.0.0.1:9", log_requests=False))
+
+
+def send_raw(
+    app: Any, scope: dict[str, Any], chunks: Iterable[bytes], leaves: bool = False
+) -> tuple[list[dict[str, Any]], int, RequestRecord]:
+    """Send ``chunks`` as the body of ``scope``'s request, as a server would.
+
+    ``leaves``: the client disconnects after the last chunk instead of ending
+    the body. Returns the ASGI messages the app sent, the body bytes it took
+    and the request's log record.
+    """
+    source = iter(chunks)
+    taken, ended = 0, False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal taken, ended
+        chunk = None if ended else next(source, None)
+        if chunk is not None:
+            taken += len(chunk)
+            return {"type": "http.request", "body": chunk, "more_body": True}
+        if leaves or ended:
+            return {"type": "http.disconnect"}
+        ended = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent, taken, scope["state"]["record"]
+
+
+def upload_scope(app: Any, key: str, declared: int | None) -> dict[str, Any]:
+    """The ASGI scope of a signed ``PUT`` of ``key`` (``declared``: its Content-Length)."""
+    url = urlsplit(app.state.blobs.upload_url(key, 300, "http://testserver"))
+    headers = [(b"host", b"testserver"), (b"content-type", b"audio/wav")]
+    if declared is not None:
+        headers.append((b"content-length", str(declared).encode()))
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PUT",
+        "scheme": "http", "path": url.path, "raw_path": url.path.encode(),
+        "query_string": url.query.encode(), "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 1), "server": ("testserver", 80), "state": {},
+    }
+
+
+def mebibytes(count: int) -> Iterator[bytes]:
+    return (b"\0" * MIB for _ in range(count))
+
+
+def test_an_upload_declared_over_25_mib_is_413_before_its_body_is_read() -> None:
+    app = no_triton_app()
+    scope = upload_scope(app, "uploads/k/big.wav", declared=30 * MIB)
+    sent, taken, record = send_raw(app, scope, mebibytes(30))
+    assert sent[0]["status"] == 413 and taken == 0
+    assert b'"type":"invalid_request"' in sent[1]["body"]
+    assert (record.status, record.error_code) == (413, "payload_too_large")
+    assert app.state.blobs.get("uploads/k/big.wav", max_bytes=64 * MIB) is None
+
+
+def test_an_undeclared_upload_over_25_mib_is_413_once_it_passes_the_limit() -> None:
+    app = no_triton_app()
+    scope = upload_scope(app, "uploads/k/chunked.wav", declared=None)
+    sent, taken, record = send_raw(app, scope, mebibytes(30))
+    assert sent[0]["status"] == 413
+    assert taken == MAX_TURN_AUDIO_BYTES + MIB  # read up to the first chunk past the limit
+    assert (record.status, record.error_code) == (413, "payload_too_large")
+
+
+def test_an_upload_of_exactly_25_mib_is_stored() -> None:
+    app = no_triton_app()
+    scope = upload_scope(app, "uploads/k/full.wav", declared=MAX_TURN_AUDIO_BYTES)
+    sent, _, _ = send_raw(app, scope, mebibytes(MAX_TURN_AUDIO_BYTES // MIB))
+    assert sent[0]["status"] == 204
+    stored = app.state.blobs.get("uploads/k/full.wav", max_bytes=64 * MIB)
+    assert stored is not None and len(stored) == MAX_TURN_AUDIO_BYTES
+
+
+def test_a_client_that_leaves_during_an_upload_is_a_499_not_an_error() -> None:
+    app = no_triton_app()
+    scope = upload_scope(app, "uploads/k/gone.wav", declared=10 * MIB)
+    sent, _, record = send_raw(app, scope, mebibytes(2), leaves=True)  # raises nothing
+    assert sent[0]["status"] == 499
+    assert (record.status, record.error_code) == (499, "client_closed_request")
+    assert app.state.blobs.get("uploads/k/gone.wav", max_bytes=64 * MIB) is None
+
+
+@pytest.mark.parametrize("path", ["/v1/voices", "/v1/converse", "/v1/audio/conversation"])
+def test_a_client_that_leaves_while_sending_json_is_a_499_not_an_error(path: str) -> None:
+    """Every route that reads its JSON with parse_body."""
+    app = no_triton_app()
+    sent, _, record = send_raw(app, asgi_post(path, b"x" * 10_000), [b'{"turns": ['], leaves=True)
+    assert sent[0]["status"] == 499
+    assert (record.status, record.error_code) == (499, "client_closed_request")

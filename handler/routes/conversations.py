@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 
 from fastapi import APIRouter, Depends, Request, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from handler.deps import ContextDep, SettingsDep, parse_body, require_api_key
-from handler.errors import AuthenticationError, RateLimited, UpgradeRequired
+from handler.errors import AuthenticationError, RateLimited, ServiceUnavailable, UpgradeRequired
 from handler.routes.openapi import json_body
 from handler.schemas.sessions import Conversation, ConversationCreate
 from handler.services.deadline import within_deadline
@@ -62,6 +63,10 @@ async def delete_conversation(request: Request, session_id: str, ctx: ContextDep
     return ended
 
 
+# A sample rate as the query gives it: a few ASCII digits.
+_SAMPLE_RATE = re.compile(r"[0-9]{1,6}")
+
+
 class ParamError(ValueError):
     """A stream query parameter out of range, with its close code."""
 
@@ -77,7 +82,8 @@ def stream_params(query: dict[str, str]) -> SessionParams:
         ParamError: with ``BAD_SAMPLE_RATE``, ``BAD_ENCODING`` or ``BAD_VAD_THRESHOLD``.
     """
     rate_text = query.get("sample_rate", "16000")
-    if not rate_text.isdigit() or int(rate_text) not in SAMPLE_RATES:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if _SAMPLE_RATE.fullmatch(rate_text) is None or int(rate_text) not in SAMPLE_RATES:
         raise ParamError(
             CloseCode.BAD_SAMPLE_RATE,
             f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES))}",
@@ -130,6 +136,10 @@ async def _open(websocket: WebSocket, session_id: str) -> LiveSocket | None:
         return None
     except RateLimited as error:
         await websocket.close(CloseCode.RATE_LIMITED, error.message)
+        return None
+    except ServiceUnavailable as error:  # the API keys secret could not be read
+        retry_s = settings.retry_after_s
+        await websocket.close(CloseCode.SERVICE_BUSY, f"{error.message} (retry in {retry_s} s)")
         return None
     try:
         params = stream_params(dict(websocket.query_params))

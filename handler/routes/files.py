@@ -8,19 +8,23 @@ signature is the credential), like presigned URLs.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from handler.deps import BlobsDep, ContextDep, require_api_key
-from handler.errors import AuthenticationError, InvalidRequest, NotFound
+from handler.deps import BlobsDep, ContextDep, read_body, require_api_key
+from handler.errors import AuthenticationError, NotFound
 from handler.schemas.converse import MAX_TURN_AUDIO_BYTES
 from handler.schemas.storage import Upload
 from handler.storage.blobs import LocalBlobStore
 
 uploads = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 files = APIRouter(prefix="/v1")
+# Unix seconds in ASCII digits (str.isdigit() takes "²", which int() refuses), and few
+# enough that int() never meets its 4300-digit limit; anything else is no valid signature.
+_EXPIRES = re.compile(r"[0-9]{1,20}")
 
 
 @uploads.post("/uploads", status_code=201, response_model=Upload)
@@ -35,16 +39,31 @@ async def create_upload(ctx: ContextDep) -> Upload:
 def _local_store(
     blobs: object, method: str, key: str, expires: str, signature: str
 ) -> LocalBlobStore:
+    """The local blob store, once ``signature`` is valid for ``method`` on ``key``.
+
+    Raises:
+        NotFound: blobs live in the object store (S3 serves its own URLs).
+        AuthenticationError: ``expires`` is no Unix time in ASCII digits, has
+            passed, or ``signature`` does not sign it (401).
+    """
     if not isinstance(blobs, LocalBlobStore):
         raise NotFound("files are served by the object store")
-    if not (expires.isdigit() and blobs.verify(method, key, int(expires), signature, time.time())):
+    valid = _EXPIRES.fullmatch(expires) is not None and blobs.verify(
+        method, key, int(expires), signature, time.time()
+    )
+    if not valid:
         raise AuthenticationError("invalid or expired file signature")
     return blobs
 
 
 @files.get("/files/{key:path}")
 async def download(key: str, blobs: BlobsDep, expires: str = "", signature: str = "") -> Response:
-    """The object's bytes (signed local URL: ``expires`` unix seconds, ``signature``)."""
+    """The object's bytes (signed local URL: ``expires`` unix seconds, ``signature``).
+
+    Raises:
+        AuthenticationError: the signature is missing, wrong or expired (401).
+        NotFound: no such file, or blobs live in the object store (404).
+    """
     store = _local_store(blobs, "GET", key, expires, signature)
     data = store.get(key, max_bytes=1 << 31)
     if data is None:
@@ -68,12 +87,15 @@ async def download(key: str, blobs: BlobsDep, expires: str = "", signature: str 
 async def upload(
     key: str, request: Request, blobs: BlobsDep, expires: str = "", signature: str = ""
 ) -> Response:
-    """Store an upload (signed local URL: ``expires``, ``signature``); at most 25 MiB."""
+    """Store an upload (signed local URL: ``expires``, ``signature``); at most 25 MiB.
+
+    Raises:
+        AuthenticationError: the signature is missing, wrong or expired (401).
+        PayloadTooLarge: the body is (or its ``Content-Length`` says it is) over
+            25 MiB (413; a declared size is refused before the body is read).
+        ClientClosedRequest: the client disconnected while sending it (499, logged only).
+    """
     store = _local_store(blobs, "PUT", key, expires, signature)
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > MAX_TURN_AUDIO_BYTES:
-            raise InvalidRequest(f"upload exceeds {MAX_TURN_AUDIO_BYTES} bytes (25 MiB)")
-    store.put(key, bytes(body), request.headers.get("content-type", "audio/wav"))
+    body = await read_body(request, MAX_TURN_AUDIO_BYTES)
+    store.put(key, body, request.headers.get("content-type", "audio/wav"))
     return Response(status_code=204)

@@ -83,7 +83,7 @@ OPERATION_ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/voices/{voice_id}"): {404},
     ("delete", "/v1/voices/{voice_id}"): {404},
     ("get", "/v1/files/{key}"): {401, 404},
-    ("put", "/v1/files/{key}"): {400, 401, 404},
+    ("put", "/v1/files/{key}"): {401, 404, 413},
     ("post", "/v1/conversations/create"): {400, 413, 502, 503, 504},
     ("get", "/v1/conversations/{session_id}"): {404},
     ("delete", "/v1/conversations/{session_id}"): {404},
@@ -101,7 +101,8 @@ DESCRIPTIONS = {
     503: "Overloaded (cannot finish before the deadline), or the inference server is "
     "unreachable or not ready; Retry-After says when to retry. On /with-timestamps also "
     "timestamps_unavailable. On /v1/audio/*, moderation failed and fails closed "
-    "(the moderation body, reason error_fail_closed).",
+    "(the moderation body, reason error_fail_closed). On every route that takes a key, "
+    "the API keys secret could not be read.",
     504: "The request did not finish before its deadline (CONVERSE_TRITON_TIMEOUT_S).",
 }
 RETRY_AFTER = {
@@ -308,7 +309,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             statuses = set(OPERATION_ERRORS.get((method, path), set())) | {500}
             if path.startswith(AUTHENTICATED):
                 operation["security"] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
-                statuses |= {401, 429}
+                # 503: also the API keys secret unreadable (Secrets Manager throttled).
+                statuses |= {401, 429, 503}
             for status in sorted(statuses):
                 responses[str(status)] = _error_response(path, status)
             if (method, path) in BODY_EXAMPLES:
