@@ -111,7 +111,11 @@ class Settings(BaseSettings):
         False, description="Serve Prometheus request metrics at /metrics (no key needed)."
     )
     retry_after_s: int = Field(
-        5, ge=1, description="Retry-After seconds sent with 503 when Triton is unreachable."
+        5,
+        ge=1,
+        description="Retry-After seconds of a 503 (Triton unreachable, overload before a run "
+        "time is known, moderation or the API keys secret unavailable, a stream cut by "
+        "shutdown) and of 4503 socket closes.",
     )
     models_cache_s: float = Field(
         30.0, ge=0, description="How long the model list read from Triton is reused, seconds."
