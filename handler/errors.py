@@ -98,9 +98,16 @@ class UnprocessableRequest(InvalidRequest):
 
 
 class AuthenticationError(ApiError):
-    """401: missing or unknown API key."""
+    """401: missing or unknown API key (or a bad file-URL signature).
+
+    Carries ``WWW-Authenticate: Bearer``: a 401 must name the scheme it wants
+    (RFC 9110, 11.6.1; the Bearer scheme is RFC 6750's).
+    """
 
     status, type, code, title = 401, "authentication_error", "unauthorized", "Unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="converse"'})
 
 
 class NotFound(ApiError):

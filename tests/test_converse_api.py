@@ -209,7 +209,9 @@ def test_not_json_is_invalid_request(client: TestClient) -> None:
 
 def test_auth_errors(client: TestClient) -> None:
     body = {"conversation": [OPEN]}
-    assert_kalpa_error(post(client, body, headers={}), 401, "authentication_error")
+    missing = post(client, body, headers={})
+    assert_kalpa_error(missing, 401, "authentication_error")
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="converse"'
     assert_kalpa_error(
         post(client, body, headers={"Authorization": "Bearer wrong"}), 401, "authentication_error"
     )
