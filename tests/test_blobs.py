@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -28,6 +29,29 @@ def test_local_store_signs_and_verifies(tmp_path: Path) -> None:
     assert not store.verify("PUT", "responses/r1/a.wav", expires, query["signature"], 0)
     assert not store.verify("GET", "responses/r1/b.wav", expires, query["signature"], 0)
     assert not store.verify("GET", "responses/r1/a.wav", expires, query["signature"], expires + 1)
+
+
+def test_puts_of_one_key_at_once_each_land_whole(tmp_path: Path) -> None:
+    """Concurrent uploads of one key: every write succeeds, and the file is one of them."""
+    store = LocalBlobStore(tmp_path, b"secret")
+    bodies = [bytes([n]) * 200_000 for n in range(8)]
+    failures: list[BaseException] = []
+
+    def put(body: bytes) -> None:
+        try:
+            for _ in range(20):
+                store.put("uploads/k/u.wav", body, "audio/wav")
+        except Exception as error:  # collected for the assertion
+            failures.append(error)
+
+    threads = [threading.Thread(target=put, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert store.get("uploads/k/u.wav", 1 << 20) in bodies
+    assert [p.name for p in (tmp_path / "uploads/k").iterdir() if p.suffix == ".partial"] == []
 
 
 @pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a/../b", "", "sp ace"])

@@ -13,6 +13,8 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from handler.deps import BlobsDep, ContextDep, read_body, require_api_key
 from handler.errors import AuthenticationError, NotFound
@@ -65,10 +67,12 @@ async def download(key: str, blobs: BlobsDep, expires: str = "", signature: str 
         NotFound: no such file, or blobs live in the object store (404).
     """
     store = _local_store(blobs, "GET", key, expires, signature)
-    data = store.get(key, max_bytes=1 << 31)
-    if data is None:
+    path = await run_in_threadpool(store.file, key)
+    if path is None:
         raise NotFound(f"no file {key!r}")
-    return Response(content=data, media_type=store.content_type(key))
+    media_type = await run_in_threadpool(store.content_type, key)
+    # Streamed from disk in worker threads: the event loop never reads the file, nor holds it whole.
+    return FileResponse(path, media_type=media_type)
 
 
 @files.put(
@@ -97,5 +101,5 @@ async def upload(
     """
     store = _local_store(blobs, "PUT", key, expires, signature)
     body = await read_body(request, MAX_TURN_AUDIO_BYTES)
-    store.put(key, body, request.headers.get("content-type", "audio/wav"))
+    await run_in_threadpool(store.put, key, body, request.headers.get("content-type", "audio/wav"))
     return Response(status_code=204)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -69,10 +70,16 @@ class LocalBlobStore(BlobStore):
         """Write the file atomically; the content type is kept beside it."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
+        # A name of its own per write: two PUTs of one key must not write one temp file.
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         tmp.write_bytes(data)
         tmp.replace(path)
         path.with_name(path.name + ".type").write_text(content_type)
+
+    def file(self, key: str) -> Path | None:
+        """The object's file (to be streamed from disk), None if absent."""
+        path = self._path(key)
+        return path if path.is_file() else None
 
     def get(self, key: str, max_bytes: int) -> bytes | None:
         """The file's bytes, None if absent."""
