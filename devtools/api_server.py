@@ -12,9 +12,16 @@ from fastapi import FastAPI
 from devtools.local_triton import free_port
 from devtools.service import Service
 from handler.sessions.transport import CLEANUP_S
+from handler.settings import Settings
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 2 * CLEANUP_S + 5.0  # seconds
+# uvicorn's WebSocket layer (``--ws-max-size``, ``--ws-max-queue``; the sessions service's
+# terraform passes the same): a message up to twice CONVERSE_SESSION_MAX_MESSAGE_BYTES is
+# read and answered by the app (4413); a bigger one websockets refuses (1009) before it
+# holds it whole, where its default would take 16 MiB; at most this many wait unread.
+WS_MAX_QUEUE = 4
+WS_MAX_SIZE_FACTOR = 2
 logger = logging.getLogger(__name__)
 
 
@@ -28,8 +35,16 @@ class ApiServer(Service):
 
     def __init__(self, app: FastAPI, port: int | None = None) -> None:
         self.port = port or free_port()
+        settings: Settings = app.state.settings
         self._server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                ws_max_size=WS_MAX_SIZE_FACTOR * settings.session_max_message_bytes,
+                ws_max_queue=WS_MAX_QUEUE,
+            )
         )
         self._thread: threading.Thread | None = None
 

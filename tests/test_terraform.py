@@ -16,6 +16,9 @@ from typing import Any
 import hcl2
 import pytest
 
+from devtools.api_server import WS_MAX_QUEUE, WS_MAX_SIZE_FACTOR
+from handler.settings import Settings
+
 TERRAFORM = Path(__file__).resolve().parent.parent / "terraform"
 CHECKOV = Path(os.environ.get("CONVERSE_CHECKOV", ".venv-checkov/bin/checkov"))
 
@@ -297,6 +300,18 @@ def test_triton_closes_grpc_connections_before_the_nlb_idles_them_out() -> None:
     text = json.dumps(task["container_definitions"])
     assert "--grpc-max-connection-age=${local.grpc_max_connection_age_ms}" in text
     assert "--grpc-max-connection-age-grace=" in text
+
+
+def test_the_sessions_websocket_layer_refuses_oversized_messages_before_holding_them() -> None:
+    """uvicorn's limits match the local server's: twice the app's message limit, a short queue."""
+    task = resources("sessions", "aws_ecs_task_definition")["this"]
+    text = str(task["container_definitions"])
+    assert (f'"--ws-max-size", tostring({WS_MAX_SIZE_FACTOR} * local.max_message_bytes), '
+            f'"--ws-max-queue", "{WS_MAX_QUEUE}"') in text
+    default = Settings.model_fields["session_max_message_bytes"].default
+    assert locals_of("sessions")["max_message_bytes"] == (
+        '${tonumber(lookup(local.environment, "CONVERSE_SESSION_MAX_MESSAGE_BYTES", '
+        f'"{default}"))}}')
 
 
 def test_every_log_group_has_retention_and_kms() -> None:

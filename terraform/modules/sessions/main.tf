@@ -391,7 +391,9 @@ module "task_role" {
 }
 
 locals {
-  stream_url = "wss://${local.host}"
+  # CONVERSE_SESSION_MAX_MESSAGE_BYTES, where the environment sets it; else its default.
+  max_message_bytes = tonumber(lookup(local.environment, "CONVERSE_SESSION_MAX_MESSAGE_BYTES", "262144"))
+  stream_url        = "wss://${local.host}"
   environment = merge(var.environment, {
     CONVERSE_DYNAMODB_SESSIONS_TABLE = var.sessions_table_name
     CONVERSE_PUBLIC_STREAM_URL       = local.stream_url
@@ -422,6 +424,9 @@ resource "aws_ecs_task_definition" "this" {
       "--host", "0.0.0.0", "--port", tostring(local.port),
       "--proxy-headers", "--forwarded-allow-ips", "*",
       "--ws-ping-interval", "20", "--ws-ping-timeout", "20",
+      # A message over twice the app's limit is refused (1009) before it is held whole;
+      # up to the limit x 2 the app answers 4413 itself (devtools/api_server.py, the same).
+      "--ws-max-size", tostring(2 * local.max_message_bytes), "--ws-max-queue", "4",
     ]
     portMappings           = [{ containerPort = local.port, protocol = "tcp" }]
     environment            = [for key in sort(keys(local.environment)) : { name = key, value = local.environment[key] }]
