@@ -26,6 +26,7 @@ import asyncio
 import importlib
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,28 @@ logger = logging.getLogger("converse.moderation")
 # normalising, encoding and storage calls run in.
 MODERATION_THREADS = 16
 _THREADS: RunVar[anyio.CapacityLimiter] = RunVar("converse_moderation_threads")
+# Checks whose thread runs, abandoned ones included: the limiter above lets go of a
+# check its request abandoned (deadline, client gone) while ``check`` still runs, so
+# this is what bounds the threads a hung moderation service holds.
+_RUNNING = threading.BoundedSemaphore(MODERATION_THREADS)
+
+
+class ModerationSaturated(RuntimeError):
+    """Every moderation thread still runs a check (a hung service): this one was not started."""
+
+
+def _check_in_thread(policy: ModerationPolicy, text: str) -> ModerationVerdict | None:
+    """``policy.check(text)`` while a running-check place is free (worker thread).
+
+    Raises:
+        ModerationSaturated: :data:`MODERATION_THREADS` checks still run.
+    """
+    if not _RUNNING.acquire(blocking=False):
+        raise ModerationSaturated(f"all {MODERATION_THREADS} moderation threads are busy")
+    try:
+        return policy.check(text)
+    finally:
+        _RUNNING.release()
 
 # What the client reads as ``reason.detail``, by verdict type (others: DEFAULT_REASON).
 PUBLIC_REASONS = {
@@ -142,12 +165,16 @@ async def moderate(
     Raises:
         ContentBlocked: a text is blocked (422); the verdict's detail is only logged.
         ModerationUnavailable: the policy raised and ``fail_mode`` is "closed"
-            (503, reason ``error_fail_closed``); its error text is only logged.
+            (503, reason ``error_fail_closed``); its error text is only logged. So
+            does a check that could not start because :data:`MODERATION_THREADS`
+            checks still run (:class:`ModerationSaturated`: a hung service).
     """
     threads = _moderation_threads()
     checks = [
         asyncio.ensure_future(
-            anyio.to_thread.run_sync(policy.check, text, abandon_on_cancel=True, limiter=threads)
+            anyio.to_thread.run_sync(
+                _check_in_thread, policy, text, abandon_on_cancel=True, limiter=threads
+            )
         )
         for text in texts
     ]

@@ -8,6 +8,8 @@ deadline, go on while it checks.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from handler.app import create_app
-from handler.moderation import BlocklistPolicy, ModerationPolicy, ModerationVerdict
+from handler.errors import ModerationUnavailable
+from handler.moderation import (
+    MODERATION_THREADS,
+    BlocklistPolicy,
+    ModerationPolicy,
+    ModerationVerdict,
+    moderate,
+)
 from handler.schemas.errors import ModerationError, ModerationReason
 from handler.settings import Settings
 from tests.helpers import AUTH, make_settings
@@ -222,3 +231,49 @@ def test_the_deadline_answers_while_the_policy_is_still_checking(triton_url: str
     assert policy.entered.is_set()
     assert response.status_code == 504
     assert answered_while_checking
+
+
+class HungPolicy:
+    """A policy whose moderation service stopped answering; counts the checks running."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
+
+    def check(self, text: str) -> ModerationVerdict | None:
+        """Hang until released (or GATE_S seconds)."""
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            self.release.wait(GATE_S)
+        finally:
+            with self._lock:
+                self.running -= 1
+        return None
+
+
+def test_checks_their_requests_abandoned_hold_at_most_the_moderation_threads() -> None:
+    """A hung service keeps MODERATION_THREADS checks running, never more; the next
+    request then fails closed at once instead of starting another thread."""
+    policy = HungPolicy()
+
+    async def request() -> None:
+        with contextlib.suppress(TimeoutError, ModerationUnavailable):
+            async with asyncio.timeout(0.3):  # the request's deadline
+                await moderate(policy, ["Hello."] * MODERATION_THREADS, "closed", 5)
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await asyncio.gather(*(request() for _ in range(4)))
+        async with asyncio.timeout(GATE_S / 2):
+            with pytest.raises(ModerationUnavailable):
+                await moderate(policy, ["Hello."], "closed", 5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        policy.release.set()
+    assert policy.most_running == MODERATION_THREADS
