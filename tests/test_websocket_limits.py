@@ -14,10 +14,16 @@ from websockets.sync.client import connect
 from devtools.api_server import WS_MAX_SIZE_FACTOR, ApiServer
 from handler.app import create_app
 from handler.sessions.protocol import CloseCode
-from tests.helpers import AUTH, make_settings
+from tests.helpers import API_KEY, make_settings
 
 LIMIT = 4096  # CONVERSE_SESSION_MAX_MESSAGE_BYTES under test, bytes
 PERSONA = {"voice_id": "jf_alpha", "system_prompt": "Listen."}
+
+
+def auth() -> dict[str, str]:
+    """A fresh header dict: Starlette's TestClient adds its handshake headers to the dict
+    it is given (``tests.helpers.AUTH`` in other tests), which a real handshake must not send."""
+    return {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +36,11 @@ def server(triton_url: str) -> Iterator[ApiServer]:
 def close_code_after_sending(server: ApiServer, message: bytes) -> int:
     """Open a session's socket, send ``message``, return the code the server closes with."""
     created = httpx.post(f"{server.base_url}/v1/conversations/create", json=PERSONA,
-                         headers=AUTH, timeout=30)
+                         headers=auth(), timeout=30)
     assert created.status_code == 201, created.text
     url = (server.base_url.replace("http", "ws")
            + f"/v1/conversations/{created.json()['session_id']}/stream")
-    with connect(url, additional_headers=AUTH, max_size=None, open_timeout=30) as socket:
+    with connect(url, additional_headers=auth(), max_size=None, open_timeout=30) as socket:
         socket.recv(timeout=30)  # session.started
         socket.send(message)
         with pytest.raises(ConnectionClosed) as closed:
