@@ -25,6 +25,7 @@ from handler.errors import DeadlineExceeded
 from handler.sessions import protocol as events
 from handler.sessions.base import AssistantAudio, SessionParams
 from handler.sessions.runner import (
+    MAX_VAD_WINDOWS,
     ConversationModels,
     LiveConversation,
     chat_history,
@@ -42,10 +43,14 @@ TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type"
 
 
 class LoudnessVad:
-    """Speech probability 1 for a window above -40 dBFS RMS, else 0; ``before`` awaited first."""
+    """Speech probability 1 for a window above -40 dBFS RMS, else 0; ``before`` awaited first.
+
+    ``batches`` holds the number of windows of each call, in order.
+    """
 
     def __init__(self, before: Callable[[], Awaitable[None]]) -> None:
         self.before = before
+        self.batches: list[int] = []
 
     @staticmethod
     def initial_state(sample_rate: int = RATE) -> np.ndarray:
@@ -54,6 +59,7 @@ class LoudnessVad:
     async def speech_probabilities(
         self, windows: np.ndarray, state: np.ndarray, sample_rate: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(len(windows))
         await self.before()
         rms = np.sqrt(np.mean(windows.astype(np.float64) ** 2, axis=1))
         return (rms > 0.01).astype(np.float32), state
@@ -576,6 +582,34 @@ def test_a_vad_call_past_its_limit_fails_the_socket(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert session.stalls_cancelled == 1
+
+
+def test_a_vad_behind_the_socket_catches_up_in_calls_of_at_most_max_vad_windows(
+    tmp_path: Path,
+) -> None:
+    """Ten turns arrive while the first VAD call hangs (a slow Triton): the backlog,
+    about 400 windows, goes in calls of at most MAX_VAD_WINDOWS, every window once."""
+    session = Session(tmp_path, ScriptedChat([text("Ok.")]), [""] * 10)  # no replies
+    released = asyncio.Event()
+
+    async def run() -> LoudnessVad:
+        conversation = await session.connect()
+        vad = conversation.models.vad
+        assert isinstance(vad, LoudnessVad)
+        vad.before = released.wait
+        for _ in range(10):
+            await say(conversation)
+        released.set()
+        await session.until("input.speech_stopped", 10)
+        await conversation.close()
+        return vad
+
+    vad = asyncio.run(run())
+    sent = 10 * (int(0.6 * RATE) + int(0.7 * RATE))
+    assert sum(vad.batches) == sent // VAD_WINDOW
+    assert sum(vad.batches[1:]) > MAX_VAD_WINDOWS  # the backlog needed more than one call
+    assert max(vad.batches) <= MAX_VAD_WINDOWS
+    assert len(session.of_type("input.speech_started")) == 10
 
 
 def test_close_while_the_user_speaks_on_over_an_early_start_still_stops_everything(

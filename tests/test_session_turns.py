@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -361,12 +362,13 @@ def test_arguments_are_checked_with_the_draft_the_schema_names() -> None:
         checked_arguments("f", '{"x": 5}', tools)
 
 
-@given(st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=30))
+@given(st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=30),
+       st.sampled_from([1, 64, VAD_WINDOW]))
 def test_recent_audio_holds_the_last_samples_by_stream_position_and_their_arrival(
-    chunk_sizes: list[int],
+    chunk_sizes: list[int], window: int,
 ) -> None:
     capacity = 1000
-    recent = RecentAudio(capacity)
+    recent = RecentAudio(capacity, window)
     stream = np.arange(sum(chunk_sizes), dtype=np.float32)
     position = 0
     chunk_of_sample = np.zeros(len(stream), dtype=np.int64)
@@ -375,11 +377,33 @@ def test_recent_audio_holds_the_last_samples_by_stream_position_and_their_arriva
         chunk_of_sample[position : position + size] = index
         position += size
     first_kept = max(0, position - capacity)
-    for end in range(first_kept + 1, position + 1):  # when each sample held arrived
-        assert recent.arrived_at(end) == chunk_of_sample[end - 1]
+    for end in range(first_kept + 1, position + 1):
+        # When the window holding sample end - 1 was complete: exact at window ends.
+        window_end = min((end - 1) // window * window + window, position)
+        assert recent.arrived_at(end) == chunk_of_sample[window_end - 1]
+        if end % window == 0:
+            assert recent.arrived_at(end) == chunk_of_sample[end - 1]
     np.testing.assert_array_equal(recent.between(first_kept, position), stream[first_kept:])
     with pytest.raises(ValueError):
         recent.between(first_kept, position + 1)
     # A range reaching back past what is held gives the part still held.
     np.testing.assert_array_equal(recent.between(0, position), stream[first_kept:])
     assert len(recent.between(0, first_kept)) == 0
+
+
+def test_recent_audio_holds_one_arrival_time_per_window_however_small_the_messages() -> None:
+    """A flood of one-sample messages: what is held does not grow with their number."""
+    recent = RecentAudio(60 * 16_000)  # the runner's: 60 s at 16 kHz
+    one_sample = np.ones(1, np.float32)
+    recent.append(one_sample, arrived_at=0.0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(1, 20_000):
+            recent.append(one_sample, arrived_at=float(index))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 16 * 1024  # one record per message held about 2 MB here
+    assert recent.arrived_at(VAD_WINDOW) == VAD_WINDOW - 1  # the window's last sample's time
+    assert recent.arrived_at(20_000) == 19_999  # the partial last window: the last message

@@ -9,7 +9,6 @@ limits and how DELETE, idle time and a conversation's own end close the socket.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import json
 import logging
@@ -329,13 +328,79 @@ def test_sockets_past_the_live_session_limit_are_refused_and_reconnects_are_not(
             with api.websocket_connect(path(second), headers=AUTH) as again:
                 assert again.receive_json()["type"] == "session.resumed"
             hub = api.app.state.session_hub  # type: ignore[attr-defined]
-            assert set(hub.live) == {first} and +hub.reserved == {}
+            assert set(hub.live) == {first} and hub.reserved == {}
         # With the older sockets gone, the refused session connects; it stayed active.
         assert api.get(f"/v1/conversations/{third}", headers=AUTH).json()["status"] == "active"
         with api.websocket_connect(path(third), headers=AUTH) as three:
             assert three.receive_json()["type"] == "session.started"
     assert refused.value.code == CloseCode.SERVICE_BUSY
     assert "retry in 7 s" in refused.value.reason
+
+
+def test_the_hub_holds_only_the_sessions_whose_sockets_are_being_attached() -> None:
+    """Reserved places are given back whole: no entry is left per session ever served."""
+    hub = transport.SessionHub()
+    for index in range(1000):
+        assert hub.reserve(f"conv_{index}", limit=4)
+        hub.release(f"conv_{index}")
+    assert hub.reserved == {}
+    # Two sockets of one session reserving at once take one place of the limit.
+    assert hub.reserve("conv_a", 2) and hub.reserve("conv_a", 2) and hub.reserve("conv_b", 2)
+    assert not hub.reserve("conv_c", 2)
+    hub.release("conv_a")
+    assert hub.reserved == {"conv_a": 1, "conv_b": 1}
+    hub.release("conv_a")
+    hub.release("conv_b")
+    assert hub.reserved == {}
+
+
+def test_audio_budget_lets_real_time_and_catching_up_through_and_nothing_faster() -> None:
+    """The leaky bucket over a clock the test moves: seconds of audio against wall seconds."""
+    now = [0.0]
+    budget = transport.AudioBudget(rate=2.0, slack_s=10.0, clock=lambda: now[0])
+    for _ in range(180_000):  # an hour of 20 ms messages in real time
+        now[0] += 0.02
+        assert budget.take(0.02)
+    for _ in range(500):  # ten seconds at twice real time
+        now[0] += 0.01
+        assert budget.take(0.02)
+    now[0] += 10.0  # a network stall of ten seconds, then its audio at once
+    assert budget.take(10.0)
+    assert not budget.take(0.02)  # the slack is spent; a refused message is not counted
+    now[0] += 1.0  # a second drains two seconds of audio
+    assert budget.take(2.0) and not budget.take(0.02)
+    now[0] += 3600.0  # an hour of silence gives no credit beyond the slack
+    assert budget.take(10.0) and not budget.take(0.02)
+    now[0] += 100.0  # 2.1 times real time is refused within 10 / 0.1 = 100 s of audio
+    taken = 0.0
+    while budget.take(0.021):
+        now[0] += 0.01
+        taken += 0.021
+    assert taken == pytest.approx(10.0 / 0.1 * 2.1, rel=0.01)
+
+
+def test_audio_sent_faster_than_real_time_closes_the_socket_with_4429(
+    triton_url: str, factory: Factory,
+) -> None:
+    """One 256 KiB pcm16 message is 8.2 s of audio; a second at once is past the slack."""
+    message = bytes(262_144)
+    with app_client(triton_url, factory) as api:
+        session_id = new_session(api)
+        started = time.monotonic()
+        with api.websocket_connect(path(session_id), headers=AUTH) as ws:
+            ws.receive_json()
+            for _ in range(4):
+                ws.send_bytes(message)
+            error = ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+        elapsed = time.monotonic() - started
+        body = api.get(f"/v1/conversations/{session_id}", headers=AUTH).json()
+    heard_s = sum(len(chunk) for chunk in factory.made[-1].heard) / 16_000
+    assert (error["type"], error["code"], error["fatal"]) == ("error", "rate_limited", True)
+    assert closed.value.code == CloseCode.RATE_LIMITED
+    assert heard_s <= transport.AUDIO_SLACK_S + transport.AUDIO_RATE * elapsed
+    assert body["status"] == "active"
 
 
 def test_a_socket_claimed_elsewhere_closes_as_replaced(api: TestClient) -> None:
@@ -831,7 +896,7 @@ def test_a_claim_that_cannot_be_stored_closes_with_an_internal_error(tmp_path: P
     hub = transport.SessionHub()
     run_socket(socket, hub)  # returns: it does not raise
     assert client.close_code == CloseCode.INTERNAL_ERROR
-    assert hub.live == {} and +hub.reserved == collections.Counter()
+    assert hub.live == {} and hub.reserved == {}
 
 
 def test_an_end_that_cannot_be_stored_closes_with_an_internal_error(tmp_path: Path) -> None:

@@ -1,14 +1,25 @@
-"""Silero VAD in Triton: window-by-window parity with onnxruntime in-process, state carried."""
+"""Silero VAD in Triton: window-by-window parity with onnxruntime in-process, state carried.
+
+The window loop's budget checks run without Triton: the python model is
+imported with stand-ins for Triton's module, its request and the network.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
+import sys
+import time
+import types
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from devtools.local_triton import LocalTriton
+from export.repository import COMMON
 from export.vad import silero_onnx
 from handler.audio import resample
 from handler.engines.vad import SileroVad
@@ -122,3 +133,103 @@ def test_bad_windows_are_refused_before_any_call() -> None:
             await client.close()
 
     asyncio.run(run())
+
+
+class _TritonError:
+    CANCELLED = "CANCELLED"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        self.message, self.code = message, code
+
+
+class _Response:
+    def __init__(self, output_tensors: list[Any] | None = None,
+                 error: _TritonError | None = None) -> None:
+        self.outputs = dict(output_tensors or [])
+        self.error = error
+
+
+class _Request:
+    """Stands in for ``pb_utils.InferenceRequest``: inputs, deadline, cancelled from a window on."""
+
+    def __init__(self, windows: int, network: _Network, deadline_s: float = 60.0,
+                 cancelled_after: int | None = None) -> None:
+        self.inputs = {
+            "WINDOWS": np.zeros((windows, WINDOW), np.float32),
+            "STATE": np.zeros((2, 1, 128), np.float32),
+            "CONTEXT": np.zeros(SileroVad.CONTEXT[RATE], np.float32),
+            "SAMPLE_RATE": np.array([RATE], np.int64),
+        }
+        self.network, self.cancelled_after = network, cancelled_after
+        self._parameters = json.dumps(
+            {"converse_deadline_unix_us": int((time.time() + deadline_s) * 1e6)})
+
+    def timeout(self) -> int:
+        return 0
+
+    def parameters(self) -> str:
+        return self._parameters
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled_after is not None and self.network.runs >= self.cancelled_after
+
+
+class _Network:
+    """Stands in for the onnxruntime session: counts the windows it runs."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        self.runs += 1
+        return np.full((1, 1), 0.25, np.float32), feeds["state"]
+
+
+@pytest.fixture
+def vad_model(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``silero_vad``'s python model module, imported outside Triton."""
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.TritonError = _TritonError  # type: ignore[attr-defined]
+    stub.InferenceResponse = _Response  # type: ignore[attr-defined]
+    stub.Tensor = lambda name, value: (name, value)  # type: ignore[attr-defined]
+    stub.get_input_tensor_by_name = (  # type: ignore[attr-defined]
+        lambda request, name: types.SimpleNamespace(as_numpy=lambda: request.inputs[name]))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    modules = {}
+    for name, path in [("converse_backend", COMMON / "converse_backend.py"),
+                       ("silero_vad_model", COMMON.parent / "silero_vad" / "1" / "model.py")]:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        modules[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, modules[name])  # model.py imports the first
+        spec.loader.exec_module(modules[name])
+    return modules["silero_vad_model"]
+
+
+def run_model(vad_model: Any, request: _Request) -> _Response:
+    model = vad_model.TritonPythonModel()
+    model.session = request.network
+    [response] = model.execute([request])
+    return response  # type: ignore[no-any-return]
+
+
+def test_a_request_past_its_deadline_runs_no_window(vad_model: Any) -> None:
+    """Its caller gave up while it waited in Triton's queue: the instance is not held."""
+    network = _Network()
+    response = run_model(vad_model, _Request(600, network, deadline_s=-1.0))
+    assert response.error is not None and response.error.code == _TritonError.CANCELLED
+    assert network.runs == 0
+
+
+def test_a_cancelled_request_stops_within_one_check_of_windows(vad_model: Any) -> None:
+    network = _Network()
+    response = run_model(vad_model, _Request(600, network, cancelled_after=40))
+    assert response.error is not None and response.error.code == _TritonError.CANCELLED
+    assert 40 <= network.runs <= 40 + vad_model.BUDGET_CHECK_WINDOWS
+
+
+def test_a_request_within_its_budget_gets_every_windows_probability(vad_model: Any) -> None:
+    network = _Network()
+    response = run_model(vad_model, _Request(600, network))
+    assert response.error is None and network.runs == 600
+    np.testing.assert_array_equal(response.outputs["PROBABILITIES"], np.full(600, 0.25))

@@ -67,6 +67,12 @@ MAX_TOOL_ROUNDS = 4
 # User audio kept, seconds: the longest turn (MAX_SPEECH_MS) and as much again for
 # the VAD to lag behind the socket while Triton is slow.
 HEARD_S = 2 * MAX_SPEECH_MS / 1000
+# Most windows in one VAD call: 8.192 s of audio, about 18 ms of one core for the
+# silero network (0.07 ms a window, one thread, measured on a 2-core x86 CPU). A VAD
+# behind the socket (Triton was slow) catches up in calls of this size, so no call
+# holds a silero_vad instance, which every session shares, for long; it still
+# catches up at hundreds of times real time.
+MAX_VAD_WINDOWS = 256
 # Reply length cap, tokens: the bundled LM is small; short replies stay on topic.
 REPLY_MAX_NEW_TOKENS = 64
 # Sampling of replies; the bundled model's repetition penalty is set in Triton.
@@ -320,9 +326,11 @@ class LiveConversation:
     async def on_audio(self, samples: np.ndarray) -> None:
         """Take user audio (float32 [n] mono at the session rate); returns at once.
 
-        VAD runs in a task of its own on all the audio pending when it gets to
-        it, so a socket keeps being read (pings answered, audio buffered) while
-        Triton is slow, and a lagging VAD catches up in fewer, larger calls.
+        VAD runs in a task of its own on the audio pending when it gets to it
+        (at most :data:`MAX_VAD_WINDOWS` windows per call), so a socket keeps
+        being read (pings answered, audio buffered) while Triton is slow, and a
+        lagging VAD catches up in fewer, larger calls. How fast audio may come
+        is the transport's limit (``transport.AudioBudget``).
 
         Raises:
             ServiceUnavailable, InferenceError, DeadlineExceeded: an earlier VAD
@@ -334,26 +342,32 @@ class LiveConversation:
         elif self._vad_worker.done():
             self._vad_worker.result()
         at_16k = samples if self._to_vad is None else self._to_vad.resample_chunk(samples)
-        self._heard.append(at_16k.astype(np.float32), time.monotonic())
-        self._pending.append(at_16k.astype(np.float32))
+        at_16k = np.array(at_16k, dtype=np.float32)  # held: the caller's buffer may be reused
+        self._heard.append(at_16k, time.monotonic())
+        self._pending.append(at_16k)
         self._audio_arrived.set()
 
     async def _run_vad(self) -> None:
-        """Speech probabilities for every whole pending window; act on speech start/stop."""
-        carried = np.zeros(0, dtype=np.float32)
+        """Speech probabilities of the pending windows, in order; act on speech start/stop.
+
+        Each call takes the whole windows pending, at most :data:`MAX_VAD_WINDOWS`;
+        a backlog goes in calls of that size one after another.
+        """
+        backlog = np.zeros(0, dtype=np.float32)  # 16 kHz samples not yet sent to the VAD
         while True:
-            await self._audio_arrived.wait()
-            self._audio_arrived.clear()
-            audio = np.concatenate([carried, *self._pending])
-            self._pending.clear()
-            whole = len(audio) // VAD_WINDOW * VAD_WINDOW
-            carried = audio[whole:]
-            if whole == 0:
+            if len(backlog) < VAD_WINDOW:
+                await self._audio_arrived.wait()
+            if len(backlog) < MAX_VAD_WINDOWS * VAD_WINDOW:  # else the backlog fills a call
+                self._audio_arrived.clear()
+                backlog = np.concatenate([backlog, *self._pending])
+                self._pending.clear()
+            count = min(len(backlog) // VAD_WINDOW, MAX_VAD_WINDOWS)
+            if count == 0:
                 continue
+            windows = backlog[: count * VAD_WINDOW].reshape(count, VAD_WINDOW)
+            backlog = backlog[count * VAD_WINDOW :]
             probabilities, self._vad_state = await self._model_call(
-                self.models.vad.speech_probabilities(
-                    audio[:whole].reshape(-1, VAD_WINDOW), self._vad_state, VAD_SAMPLE_RATE
-                ),
+                self.models.vad.speech_probabilities(windows, self._vad_state, VAD_SAMPLE_RATE),
                 "voice activity detection",
             )
             for probability in probabilities:

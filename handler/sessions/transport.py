@@ -7,7 +7,8 @@ feeds it decoded audio and validated client events, and turns what it emits
 into numbered events and encoded audio. It closes with a
 :class:`~handler.sessions.protocol.CloseCode` when the session ends (deleted,
 idle, too long, the conversation's own end such as ``max_turns``), when a
-newer socket takes the session, on an oversized message, or on an internal
+newer socket takes the session, on an oversized message, on audio sent
+faster than real time allows (:class:`AudioBudget`), or on an internal
 error; a client that takes no message for ``session_send_timeout_s`` is
 dropped without one (the session stays active). A session is held by one
 socket: the newest one. Within a process the :class:`SessionHub` closes the
@@ -22,7 +23,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -51,11 +54,54 @@ from handler.storage.base import SessionRecord, SessionStore
 logger = logging.getLogger("converse.sessions")
 SEQ_BLOCK = 64  # sequence numbers reserved per storage write
 CLEANUP_S = 10.0  # longest a closing socket waits for the conversation to stop, seconds
+# Input audio a socket may send against the wall clock (docs/sessions.md, "Limits"):
+# sustained, AUDIO_RATE seconds of audio per second, twice real time, so a client
+# catching up after a network stall gets back to real time at one extra second of
+# audio per second; and AUDIO_SLACK_S seconds of audio ahead of that at any moment,
+# which a stall of up to that long delivers at once when the network comes back.
+# Beyond that the audio is not a microphone: the VAD's work, the audio held and the
+# turns queued for Whisper would grow with it, without limit.
+AUDIO_RATE = 2.0
+AUDIO_SLACK_S = 10.0
 # Closes that a fatal ``error`` event announces (the others have a session.ended or no reader).
 _FATAL_ERRORS = {
     CloseCode.INTERNAL_ERROR: "internal_error",
     CloseCode.MESSAGE_TOO_BIG: "message_too_big",
+    CloseCode.RATE_LIMITED: "rate_limited",  # a socket's audio ran ahead (at connect: no event)
 }
+
+
+class AudioBudget:
+    """How far a socket's input audio may run ahead of the wall clock: a leaky bucket.
+
+    Each second of audio received adds one second to the bucket; it drains at
+    ``rate`` seconds per wall-clock second and never below empty. Audio that
+    would fill it past ``slack_s`` is refused. So a client streaming in real
+    time (or up to ``rate`` times faster) never fills it, one that was silent
+    for a while gains no credit from that, and a burst of at most ``slack_s``
+    seconds (a network stall catching up) passes.
+
+    Args:
+        rate: seconds of audio per wall-clock second sustained (2.0: twice real time).
+        slack_s: seconds of audio the bucket holds.
+        clock: seconds, monotonic (``time.monotonic``).
+    """
+
+    def __init__(self, rate: float, slack_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.slack_s, self.clock = rate, slack_s, clock
+        self.level_s = 0.0  # seconds of audio received and not yet drained
+        self._since = clock()
+
+    def take(self, seconds: float) -> bool:
+        """Count ``seconds`` of audio just received; False (nothing counted) when over budget."""
+        now = self.clock()
+        self.level_s = max(0.0, self.level_s - self.rate * (now - self._since))
+        self._since = now
+        if self.level_s + seconds > self.slack_s:
+            return False
+        self.level_s += seconds
+        return True
 
 
 class SequenceNumbers:
@@ -85,9 +131,10 @@ class SequenceNumbers:
 class SessionHub:
     """This process's live sockets by session id, and the sessions about to get one.
 
-    ``reserved`` holds the sessions whose socket passed :meth:`reserve` but is
-    not attached yet (its claim on the session is being stored), so sockets that
-    connect at the same moment cannot together pass the live-session limit.
+    ``reserved`` counts, per session, the sockets that passed :meth:`reserve` but
+    are not attached yet (their claim on the session is being stored), so sockets
+    that connect at the same moment cannot together pass the live-session limit.
+    A session leaves it when its count falls to 0.
     """
 
     live: dict[str, LiveSocket] = field(default_factory=dict)
@@ -100,15 +147,19 @@ class SessionHub:
         the newer socket replaces the older. Every True must be followed by
         :meth:`release`, once the socket is attached or given up.
         """
-        sessions = set(self.live) | set(+self.reserved)
-        if session_id not in sessions and len(sessions) >= limit:
-            return False
+        if session_id not in self.live and session_id not in self.reserved:
+            # Only sockets still being attached are reserved: a short walk.
+            waiting = sum(1 for reserved in self.reserved if reserved not in self.live)
+            if len(self.live) + waiting >= limit:
+                return False
         self.reserved[session_id] += 1
         return True
 
     def release(self, session_id: str) -> None:
         """Give back one place :meth:`reserve` held for ``session_id``."""
         self.reserved[session_id] -= 1
+        if self.reserved[session_id] <= 0:
+            del self.reserved[session_id]
 
     def attach(self, socket: LiveSocket) -> LiveSocket | None:
         """Make ``socket`` its session's live socket; an older one closes (``REPLACED``).
@@ -159,6 +210,7 @@ class LiveSocket:
         self.seq = SequenceNumbers(storage, record.key_id, record.id)
         self.decoder = Decoder(params.encoding, params.sample_rate)
         self.encoder = Encoder(params.encoding, params.sample_rate)
+        self.audio_budget = AudioBudget(AUDIO_RATE, AUDIO_SLACK_S)
         self.last_turn_id: str | None = None
         self._audio_ms: dict[str, float] = {}
         self._send_lock = asyncio.Lock()
@@ -354,6 +406,12 @@ class LiveSocket:
                 except CodecError as error:
                     await self._error("invalid_audio", str(error))
                     continue
+                budget = self.audio_budget
+                if not budget.take(samples.size / self.params.sample_rate):
+                    self.stop(CloseCode.RATE_LIMITED,
+                              f"audio ran over {budget.slack_s:g} s ahead of "
+                              f"{budget.rate:g}x real time")
+                    return
                 if samples.size:
                     await conversation.on_audio(samples)
             elif text is not None:

@@ -24,7 +24,6 @@ the stream.
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,46 +162,59 @@ class RecentAudio:
 
     A ring buffer: appending costs the chunk's length, not the history's. (An
     array grown and re-copied for every 20 ms message made that copy the API
-    process's main CPU cost with several sessions open.) Each chunk's arrival
-    time is kept while any of its samples is, so a turn's figures can count
-    from when its last sample of speech reached the server.
+    process's main CPU cost with several sessions open.) Arrival times are kept
+    per ``window`` samples (a VAD window), in a second ring: the time each
+    window of the samples held was completed, so a turn's figures can count
+    from when its last sample of speech reached the server. One time per
+    window, not per message: a flood of tiny messages (one sample each) held
+    one record per message before, about 100 bytes per 2-byte message.
 
     Args:
         capacity: samples kept.
+        window: samples per arrival time (:data:`VAD_WINDOW`; positions of the
+            VAD's window ends are timed exactly).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, window: int = VAD_WINDOW) -> None:
         self._buffer = np.zeros(capacity, dtype=np.float32)
         self.end = 0
-        self._arrivals: collections.deque[tuple[int, float]] = collections.deque()
+        self.window = window
+        # When window w (samples [w * window, (w + 1) * window)) was completed, at w % size.
+        self._completed = np.zeros(capacity // window + 2, dtype=np.float64)
+        self._latest: float | None = None  # when the last non-empty chunk arrived
 
     def append(self, samples: np.ndarray, arrived_at: float) -> None:
         """Add float32 [n] samples at the stream's end; ``arrived_at``: when, any clock (s)."""
         kept = samples[-len(self._buffer) :]
         start = self.end + len(samples) - len(kept)
         self._buffer[np.arange(start, start + len(kept)) % len(self._buffer)] = kept
+        first, last = self.end // self.window, (self.end + len(samples)) // self.window
         self.end += len(samples)
         if len(samples):
-            self._arrivals.append((self.end, arrived_at))
-        while self._arrivals and self._arrivals[0][0] <= self.end - len(self._buffer):
-            self._arrivals.popleft()
+            self._latest = arrived_at
+        if last > first:  # windows [first, last) completed by this chunk
+            slots = len(self._completed)
+            self._completed[np.arange(max(first, last - slots), last) % slots] = arrived_at
 
     def arrived_at(self, end: int) -> float:
-        """When the sample just before stream position ``end`` arrived (``append``'s clock).
+        """When the window holding the sample just before stream position ``end`` was complete.
 
-        The time of the oldest chunk still held when that sample is gone.
+        ``append``'s clock, seconds. At a window boundary (``end`` a multiple of
+        ``window``, as the VAD's positions are) that is when sample ``end - 1``
+        arrived; inside a window, when the last of its samples did (the last
+        chunk's time while the window is still partial). The time of the oldest
+        window still held when that sample is gone.
 
         Raises:
             ValueError: ``end`` is past the samples received, or nothing was received.
         """
-        if end > self.end or not self._arrivals:
+        if end > self.end or self._latest is None:
             raise ValueError(f"sample {end - 1} has not arrived (have up to {self.end})")
-        arrived = self._arrivals[-1][1]
-        for chunk_end, at in reversed(self._arrivals):  # recent positions: a short walk
-            if chunk_end < end:
-                break
-            arrived = at
-        return arrived
+        window = max(end - 1, 0) // self.window
+        if window >= self.end // self.window:  # not complete yet
+            return self._latest
+        oldest = max(0, self.end - len(self._buffer)) // self.window  # the oldest held
+        return float(self._completed[max(window, oldest) % len(self._completed)])
 
     def between(self, start: int, end: int) -> np.ndarray:
         """A copy of the stream samples of ``[start, end)`` still held, float32 [k].
