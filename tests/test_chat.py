@@ -1,11 +1,15 @@
-"""Chat LM: step graph vs transformers, streamed replies through Triton, cancellation, tools."""
+"""Chat LM: step graph vs transformers, streamed replies through Triton, cancellation, tools,
+and how the ``chat`` loop fits a long conversation to its context (outside Triton)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import sys
 import time
-from collections.abc import AsyncIterator
+import types
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,8 @@ import tritonclient.http as triton_http
 
 from devtools import REPOSITORY
 from devtools.local_triton import LocalTriton
-from devtools.tiny_models import IM_END
+from devtools.tiny_models import CHATML_TEMPLATE, IM_END, IM_START
+from export.repository import COMMON
 from handler.engines.chat import (
     DEFAULT_TOP_K,
     ChatDelta,
@@ -421,3 +426,275 @@ def test_hermes_messages_describe_tools_and_wrap_calls_and_results() -> None:
                                                       '</tool_response>'}
     assert hermes_messages([ChatMessage("user", "hi")], [tool])[0]["role"] == "system"
     assert hermes_messages([ChatMessage("user", "hi")], []) == [{"role": "user", "content": "hi"}]
+
+
+# Fitting a conversation to the context: ``Prompts`` of model_repository/chat/1/model.py,
+# run outside Triton with a byte-level BPE tokenizer (the kind SmolLM2's is) trained here.
+
+CORPUS = [
+    "Could you tell me a little more about the book we discussed a moment ago?",
+    "Sure, it is a long novel about the sea, whales, and an obsessed captain named Ahab.",
+    "You are a terse librarian who answers in one short sentence.",
+    '{"temperature": 21, "sky": "clear", "city": "Paris", "wind_kmh": 12}',
+] * 20
+CONTEXT, REPLY_TOKENS = 512, 64
+
+
+@pytest.fixture(scope="module")
+def chat_loop() -> Iterator[Any]:
+    """The ``chat`` python model's module, imported outside Triton (its Triton module stubbed)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils",
+                      types.ModuleType("triton_python_backend_utils"))
+        patch.syspath_prepend(str(COMMON))
+        spec = importlib.util.spec_from_file_location(
+            "chat_model", COMMON.parent / "chat" / "1" / "model.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=[IM_START, IM_END], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tokenizer
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the characters it is given to encode."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.characters = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Any:
+        self.characters += len(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+# Templates: ChatML (the bundled model's), one that numbers messages (text changes as
+# they are dropped), and two whose message after a system message is longer or shorter
+# than after any other, so that the tokens summed message by message are too many or too
+# few and the fitting has to correct them.
+TEMPLATES = {
+    "ChatML": CHATML_TEMPLATE,
+    "numbered": "{% for m in messages %}{{ loop.index }}. {{ m['role'] }}: {{ m['content'] }}\n"
+                "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
+    "sums too many": "{% for m in messages %}{% if loop.previtem is defined and "
+                     "loop.previtem['role'] == 'system' %}{{ 'Note well. ' * 20 }}{% endif %}"
+                     "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+    "sums too few": "{% for m in messages %}{% if loop.previtem is defined and "
+                    "loop.previtem['role'] != 'system' %}{{ 'Note well. ' * 3 }}{% endif %}"
+                    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+}
+
+
+def prompts(chat_loop: Any, tokenizer: Any, template: str = CHATML_TEMPLATE) -> Any:
+    return chat_loop.Prompts(chat_loop.chat_template(template), tokenizer, {}, CONTEXT)
+
+
+def one_message_at_a_time(prompts: Any, messages: list[dict[str, str]],
+                          max_new_tokens: int) -> list[int]:
+    """The reference: drop the oldest message after the system message, render again, until it fits.
+
+    (The ``chat`` loop's rule before it was made linear, kept here as it was.)
+    """
+    budget = prompts.max_context - max_new_tokens
+    keep = 1 if messages[0]["role"] == "system" else 0
+    while True:
+        ids = list(prompts.ids(messages))
+        if len(ids) <= budget:
+            return ids
+        if len(messages) <= keep + 1:
+            raise ValueError(f"the conversation needs {len(ids)} tokens; at most {budget} "
+                             f"fit with MAX_NEW_TOKENS {max_new_tokens}")
+        messages = messages[:keep] + messages[keep + 1:]
+
+
+def turns(count: int) -> list[dict[str, str]]:
+    """``count`` user/assistant exchanges; the last ones are the same whatever ``count``."""
+    messages = []
+    for n in range(count, 0, -1):
+        messages += [{"role": "user", "content": f"Question {n}: " + CORPUS[n % 4]},
+                     {"role": "assistant", "content": f"Answer {n}. " + CORPUS[(n + 1) % 4]}]
+    return messages
+
+
+SYSTEM = {"role": "system", "content": CORPUS[2]}
+BIG = "Result: " + " ".join(CORPUS[3] for _ in range(60))  # ~4,000 characters, ~1,400 tokens
+
+
+def with_tool_results(results: int, size: int) -> list[dict[str, str]]:
+    messages = [SYSTEM]
+    for n in range(results):
+        messages += [{"role": "user", "content": f"Look {n} up."},
+                     {"role": "assistant", "content": "Checking."},
+                     {"role": "tool", "content": BIG[:size] + str(n)},
+                     {"role": "assistant", "content": "Done."}]
+    return messages
+
+
+CONVERSATIONS = {
+    "fits whole": [SYSTEM, *turns(3)],
+    "many turns": [SYSTEM, *turns(40)],
+    "no system message": turns(40),
+    "one message": [{"role": "user", "content": CORPUS[0]}],
+    "a big result in the middle": [SYSTEM, *turns(5), {"role": "tool", "content": BIG[:900]},
+                                   *turns(4)],
+    "big results": with_tool_results(6, len(BIG)),
+    "results that just fit": with_tool_results(6, 600),
+    "too big a last message": [SYSTEM, *turns(5), {"role": "tool", "content": BIG}],
+    "too big a system message": [{"role": "system", "content": BIG}, *turns(5)],
+}
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("max_new_tokens", [REPLY_TOKENS, 300])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_the_fitted_prompt_is_the_one_dropping_a_message_at_a_time_gives(
+    chat_loop: Any, bpe: Any, name: str, max_new_tokens: int, template: str,
+) -> None:
+    fitting = prompts(chat_loop, bpe, TEMPLATES[template])
+    messages = CONVERSATIONS[name]
+    try:
+        expected = one_message_at_a_time(fitting, messages, max_new_tokens)
+    except ValueError as error:
+        with pytest.raises(ValueError) as raised:
+            fitting.fit(messages, max_new_tokens, lambda: None)
+        assert str(raised.value) == str(error)
+        return
+    assert list(fitting.fit(messages, max_new_tokens, lambda: None)) == expected
+    assert len(expected) <= CONTEXT - max_new_tokens
+
+
+def test_fitting_tokenizes_what_is_kept_not_what_is_dropped(chat_loop: Any, bpe: Any) -> None:
+    """Ten times the turns before the same recent ones: the same characters are tokenized.
+
+    (Dropping one message at a time and rendering again tokenized the whole
+    conversation once per message dropped: work quadratic in its length.)
+    """
+    tokenized = []
+    for count in (100, 1000):
+        counting = CountingTokenizer(bpe)
+        ids = prompts(chat_loop, counting).fit([SYSTEM, *turns(count)], REPLY_TOKENS,
+                                               lambda: None)
+        tokenized.append((counting.characters, list(ids)))
+    assert tokenized[0] == tokenized[1]
+    kept = bpe.decode(tokenized[0][1], skip_special_tokens=False)
+    assert tokenized[0][0] < 4 * len(kept)
+
+
+def test_fitting_tokenizes_a_big_result_at_most_twice(chat_loop: Any, bpe: Any) -> None:
+    """Six results that cannot fit: only the newest is tokenized, and at most twice."""
+    counting = CountingTokenizer(bpe)
+    prompts(chat_loop, counting).fit(with_tool_results(6, len(BIG)), REPLY_TOKENS, lambda: None)
+    assert counting.characters < 3 * len(BIG)
+
+
+def test_fitting_checks_the_budget_as_it_goes(chat_loop: Any, bpe: Any) -> None:
+    checks = []
+
+    def check() -> None:
+        checks.append(len(checks))
+        if len(checks) == 3:
+            raise chat_loop.backend.Cancelled("the request was cancelled")
+
+    with pytest.raises(chat_loop.backend.Cancelled):
+        prompts(chat_loop, bpe).fit([SYSTEM, *turns(1000)], REPLY_TOKENS, check)
+    assert len(checks) == 3
+
+
+class CancelledWhileFitting:
+    """A request Triton marks cancelled after its first look (while its prompt is built)."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def is_cancelled(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+    def timeout(self) -> int:
+        return 0
+
+    def parameters(self) -> str:
+        return "{}"
+
+
+def test_a_request_cancelled_while_its_prompt_is_built_ends_cancelled(
+    chat_loop: Any, bpe: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inputs = {
+        "MESSAGES": np.array([json.dumps([SYSTEM, *turns(1000)]).encode()], np.object_),
+        "MAX_NEW_TOKENS": np.array([REPLY_TOKENS], np.int32),
+        "REPETITION_PENALTY": np.array([1.0], np.float32),
+    }
+    monkeypatch.setattr(chat_loop.pb_utils, "get_input_tensor_by_name",
+                        lambda request, name: types.SimpleNamespace(as_numpy=lambda: inputs[name]),
+                        raising=False)
+    model = chat_loop.TritonPythonModel()
+    model.prompts = prompts(chat_loop, bpe)
+    usage = {"prompt_tokens": 0, "cached_tokens": 0}
+    assert model._stream(CancelledWhileFitting(), None, usage) == "cancelled"
+    assert usage == {"prompt_tokens": 0, "cached_tokens": 0}
+
+
+@pytest.mark.triton
+def test_the_bundled_chat_model_fits_long_conversations_as_before(
+    triton: LocalTriton, chat_loop: Any,
+) -> None:
+    """With SmolLM2's own tokenizer and template, on conversations past its context."""
+    from tokenizers import Tokenizer
+
+    version = REPOSITORY / "chat" / "1"
+    fitting = chat_loop.Prompts(
+        chat_loop.chat_template((version / "chat_template.jinja").read_text(encoding="utf-8")),
+        Tokenizer.from_file(str(version / "tokenizer.json")),
+        {"bos_token": chat_parameter("bos_token"), "eos_token": chat_parameter("eos_token")},
+        int(chat_parameter("max_context")))
+    tool = {"role": "tool", "content": "x" * 20_000}
+    for messages in ([SYSTEM, *turns(150)], turns(150), [SYSTEM, *turns(40), tool, *turns(2)],
+                     [SYSTEM, *turns(3), {"role": "user", "content": "€ " * 5000}]):
+        try:
+            expected = one_message_at_a_time(fitting, messages, REPLY_TOKENS)
+        except ValueError as error:
+            with pytest.raises(ValueError, match="needs") as raised:
+                fitting.fit(messages, REPLY_TOKENS, lambda: None)
+            assert str(raised.value) == str(error)
+            continue
+        assert list(fitting.fit(messages, REPLY_TOKENS, lambda: None)) == expected
+
+
+@pytest.mark.triton
+def test_a_persona_at_the_create_limit_leaves_the_bundled_model_room_for_turns(
+    triton: LocalTriton, chat_loop: Any,
+) -> None:
+    """3,968 characters of English persona (handler/sessions/service.py) and tools take
+    at most about 1,200 of SmolLM2's tokens: a long user turn still fits beside them."""
+    from tokenizers import Tokenizer
+
+    version = REPOSITORY / "chat" / "1"
+    fitting = chat_loop.Prompts(
+        chat_loop.chat_template((version / "chat_template.jinja").read_text(encoding="utf-8")),
+        Tokenizer.from_file(str(version / "tokenizer.json")),
+        {"bos_token": chat_parameter("bos_token"), "eos_token": chat_parameter("eos_token")},
+        int(chat_parameter("max_context")))
+    persona = " ".join(CORPUS)[:3968]
+    tools = [{"type": "function", "function": {
+        "name": "weather", "description": "Weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    system = hermes_messages([ChatMessage("system", persona)], tools)[0]["content"][:3968]
+    thirty_seconds = " ".join(CORPUS[:2] * 3)  # about 80 words, 450 characters
+    messages = [{"role": "system", "content": system}, *turns(3),
+                {"role": "user", "content": thirty_seconds}]
+    kept = fitting.fit(messages, REPLY_TOKENS, lambda: None)
+    assert len(fitting.ids(messages[:1], False)) < 1250
+    assert list(kept) == list(fitting.ids(messages))

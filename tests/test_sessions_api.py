@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from handler.app import create_app
+from handler.schemas.sessions import MAX_SYSTEM_PROMPT_CHARS
 from handler.storage.base import TurnRecord
 from handler.storage.sqlite import SQLiteStorage
 from tests.helpers import API_KEY, AUTH, make_settings, unserved_saved_voice
@@ -30,6 +31,10 @@ WEATHER = {
                        "required": ["city"]},
     },
 }
+
+
+def tool_with(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
 
 
 class Clock:
@@ -123,11 +128,65 @@ def error_of(response: Any) -> str:
         ({"max_turns": "5"}, "max_turns"),
         ({"max_turns": 0}, "max_turns"),
         ({"system_prompt": ""}, "system_prompt"),
+        ({"tools": [tool_with({"type": "object", "properties": {
+            "password": {"type": "string", "pattern": "^(?=.*[0-9]).{8,}$"}}})]},
+         "tools.0.function.parameters.properties.password.pattern: pattern "
+         "'^(?=.*[0-9]).{8,}$' is not supported"),
+        ({"tools": [tool_with({"type": "object", "patternProperties": {r"^(x)\1$": {}}})]},
+         "tools.0.function.parameters.patternProperties.^(x)\\1$: pattern"),
+        ({"tools": [tool_with({"type": "object", "properties": {
+            "a": {"$ref": "https://example.com/a.json"}}})]},
+         "tools.0.function.parameters: Resource 'https://example.com/a.json'"),
+        ({"tools": [tool_with({"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}})]},
+         "tools.0.function.parameters: Pointer '/$defs/a' does not exist"),
+        ({"tools": [tool_with({"$schema": "http://json-schema.org/draft-03/schema#",
+                               "type": "object"})]},
+         "tools.0.function.parameters.$schema: 'http://json-schema.org/draft-03/schema#' is "
+         "not supported"),
     ],
 )
 def test_bad_sessions_are_400_naming_the_path(api: TestClient, fields: dict[str, Any],
                                               expected: str) -> None:
     assert expected in error_of(create(api, **fields))
+
+
+def test_the_system_message_must_leave_the_bundled_chat_model_room_for_turns(
+    api: TestClient,
+) -> None:
+    """Persona and tools, as the bundled model reads them, take at most half its prompt.
+
+    (A 20,000-character persona was accepted, and then every reply failed: it
+    needs 4,279 of SmolLM2's tokens, and 1,984 fit.)
+    """
+    assert create(api, system_prompt="x" * 3968).status_code == 201
+    message = error_of(create(api, system_prompt="You are a librarian who answers. " * 606))
+    assert message == ("system_prompt: 19,998 characters; this server's chat model (a 2,048-token "
+                       "context) takes at most 3,968")
+    many = [{"type": "function", "function": {**WEATHER["function"], "name": f"weather_{n}"}}
+            for n in range(30)]
+    assert create(api, tools=many[:6]).status_code == 201
+    assert error_of(create(api, tools=many)).startswith(
+        "tools: the system prompt and the tools' descriptions come to ")
+
+
+def test_an_openai_compatible_chat_endpoint_takes_the_schemas_longest_system_prompt(
+    triton_url: str,
+) -> None:
+    settings = make_settings(triton_url=triton_url, chat_base_url="http://llm.example/v1")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/conversations/create", headers=AUTH, json={
+            **PERSONA, "system_prompt": "x" * MAX_SYSTEM_PROMPT_CHARS})
+    assert response.status_code == 201, response.text
+
+
+def test_the_system_message_limit_is_derived_from_the_bundled_chat_model() -> None:
+    from export.chat import MAX_CONTEXT
+    from handler.sessions import service
+    from handler.sessions.runner import REPLY_MAX_NEW_TOKENS
+
+    assert service.BUNDLED_CHAT_CONTEXT_TOKENS == MAX_CONTEXT
+    assert service.REPLY_TOKENS == REPLY_MAX_NEW_TOKENS
+    assert service.BUNDLED_SYSTEM_CHARS == (MAX_CONTEXT - REPLY_MAX_NEW_TOKENS) // 2 * 4 == 3968
 
 
 def test_a_tool_may_carry_openais_strict_flag(api: TestClient) -> None:

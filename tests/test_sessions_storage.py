@@ -12,7 +12,14 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from handler.storage.base import SESSION_RETENTION_S, SessionRecord, Storage, TurnRecord
+from handler.sessions.protocol import MAX_TOOL_OUTPUT_CHARS
+from handler.storage.base import (
+    SESSION_RETENTION_S,
+    SessionRecord,
+    Storage,
+    TurnRecord,
+    turn_to_json,
+)
 from handler.storage.dynamodb import TTL_ATTRIBUTE, DynamoDBStorage
 from handler.storage.sqlite import SQLiteStorage
 
@@ -87,6 +94,31 @@ def test_turns_listed_by_number_and_replaced_by_id(storage: Storage, clock: Cloc
     assert turns[1].interrupted and turns[1].played_ms == 450.0 and turns[1].text == "Hi the"
     assert turns[1].tool_calls[0]["name"] == "lookup"
     assert storage.list_turns("key-b", "conv_1") == []
+
+
+@pytest.mark.parametrize("character", ["€", "😀", "\x01", "a"])
+def test_the_longest_tool_result_a_socket_takes_is_stored(
+    storage: Storage, clock: Clock, character: str
+) -> None:
+    """Whatever its characters: on DynamoDB the turn must fit one item (400 KB).
+
+    (Escaped to ASCII, 65,536 emoji took 786 KB.)
+    """
+    storage.put_session(session(clock))
+    result = TurnRecord("turn_2", "tool", character * MAX_TOOL_OUTPUT_CHARS, 3.0,
+                        tool_call_id="c" * 128)
+    storage.put_turn("key-a", "conv_1", result)
+    assert storage.list_turns("key-a", "conv_1") == [result]
+
+
+def test_turns_are_stored_as_utf8_json_and_a_lone_surrogate_still_round_trips(
+    storage: Storage, clock: Clock
+) -> None:
+    assert "Café €" in turn_to_json(turn(1, text="Café €"))
+    storage.put_session(session(clock))
+    odd = turn(2, role="assistant", text="half an emoji: \ud83d, then é")
+    storage.put_turn("key-a", "conv_1", odd)
+    assert storage.list_turns("key-a", "conv_1") == [odd]
 
 
 def test_end_keeps_history_for_30_days_then_it_is_gone(storage: Storage, clock: Clock) -> None:

@@ -209,12 +209,21 @@ class _ClientEvent(BaseModel):
     model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra=_type_required)
 
 
+# Longest tool.result output, characters: stored as one turn, it must fit a DynamoDB item
+# (400 KB) even at 6 bytes a character (a control character escaped in JSON).
+MAX_TOOL_OUTPUT_CHARS = 65_536
+
+
 class ToolResult(_ClientEvent):
     """The client's answer to a ``tool.call``."""
 
     type: Literal["tool.result"] = "tool.result"
     call_id: str = Field(min_length=1, max_length=128)
-    output: str = Field(description="The result the model reads (JSON text is customary).")
+    output: str = Field(
+        max_length=MAX_TOOL_OUTPUT_CHARS,
+        description="The result the model reads (JSON text is customary), at most 65,536 "
+        "characters; a longer one is refused with an invalid_event error.",
+    )
 
 
 class ResponseCancel(_ClientEvent):

@@ -1,11 +1,14 @@
 """``/v1/conversations``: create, read and end sessions (the REST half).
 
 Checks at creation: ``tools`` (OpenAI function shape; each ``parameters`` a
-valid JSON Schema of an object, checked with jsonschema's metaschema),
-``voice_id`` (a saved voice of the caller, else a bundled voice or blend of
-the default model) and ``language`` (a language the session's models handle,
-see :func:`supported_languages`). A session ends when it is deleted, and in
-any case ``session_max_duration_s`` after creation (applied when it is read).
+valid JSON Schema of an object, checked with jsonschema's metaschema, whose
+patterns the linear-time engine of :mod:`handler.sessions.tools` takes),
+``system_prompt`` and the tools together fitting the bundled chat LM's
+context (:func:`check_system_message`), ``voice_id`` (a saved voice of the
+caller, else a bundled voice or blend of the default model) and ``language``
+(a language the session's models handle, see :func:`supported_languages`). A
+session ends when it is deleted, and in any case ``session_max_duration_s``
+after creation (applied when it is read).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from jsonschema import Draft202012Validator, SchemaError
 from jsonschema.validators import validator_for
 from starlette.concurrency import run_in_threadpool
 
+from handler.engines.chat import ChatMessage, hermes_messages
 from handler.engines.kokoro import KokoroEngine, VoiceSpecError
 from handler.errors import InvalidRequest, NotFound, ValidationItem
 from handler.schemas.sessions import (
@@ -27,6 +31,8 @@ from handler.schemas.sessions import (
     ToolCallRecord,
 )
 from handler.services.context import RequestContext
+from handler.sessions.tools import ToolSchemaError, arguments_validator
+from handler.settings import Settings
 from handler.storage.base import SessionRecord, SessionStore
 
 SESSION_ID_PREFIX = "conv_"
@@ -37,6 +43,16 @@ _ISO_639_1 = re.compile(r"^[a-z]{2}$")
 # multilingual and the chat model follows its prompt, so the voice decides: the
 # Kokoro frontend's G2P (misaki's English dictionaries) phonemises English only.
 _ENGINE_LANGUAGES: dict[type, tuple[str, ...]] = {KokoroEngine: ("en",)}
+# The bundled chat LM's context (export/chat.py, MAX_CONTEXT) and the tokens a reply
+# keeps free of it (handler/sessions/runner.py, REPLY_MAX_NEW_TOKENS); a test checks both.
+BUNDLED_CHAT_CONTEXT_TOKENS = 2048
+REPLY_TOKENS = 64
+# Characters per token of English in SmolLM2's tokenizer: 4.6 in prose, 3.3-3.9 in
+# markdown or JSON (docs/sessions.md). The API has no tokenizer, so it counts characters.
+CHARACTERS_PER_TOKEN = 4
+# The system message (the persona and, for the bundled model, the tools' descriptions)
+# may fill half of the prompt; the other half holds the recent turns.
+BUNDLED_SYSTEM_CHARS = (BUNDLED_CHAT_CONTEXT_TOKENS - REPLY_TOKENS) // 2 * CHARACTERS_PER_TOKEN
 
 
 def _invalid(path: list[str | int], message: str, code: str = "validation_error") -> InvalidRequest:
@@ -56,6 +72,10 @@ def supported_languages(engine: object) -> tuple[str, ...]:
 def check_tools(body: ConversationCreate) -> None:
     """Each tool's ``parameters`` is a JSON Schema of an object; names are unique.
 
+    The schema must also compile for the check of the model's arguments
+    (:func:`handler.sessions.tools.arguments_validator`): patterns without
+    lookaround or backreferences, ``$ref`` within the schema, draft 4 or later.
+
     Raises:
         InvalidRequest: naming the path, e.g. ``tools.0.function.parameters.properties.x.type``.
     """
@@ -74,6 +94,36 @@ def check_tools(body: ConversationCreate) -> None:
             raise _invalid(path, f"not a valid JSON Schema: {error.message}") from error
         if parameters.get("type") != "object":
             raise _invalid([*base, "parameters", "type"], "the arguments schema must be 'object'")
+        try:
+            arguments_validator(parameters)
+        except ToolSchemaError as error:
+            raise _invalid([*base, "parameters", *error.path], error.message) from error
+
+
+def check_system_message(body: ConversationCreate, settings: Settings) -> None:
+    """With the bundled chat LM, the system prompt and tools leave room for the turns.
+
+    The bundled model (``chat_base_url`` unset) reads the persona and the
+    tools' descriptions (:func:`handler.engines.chat.hermes_messages`) in one
+    system message, kept in every prompt; one too long for its context fails
+    every reply. Together they may take :data:`BUNDLED_SYSTEM_CHARS`
+    characters. An OpenAI-compatible endpoint's context is not known here;
+    its limit is the schema's (20,000 characters of system prompt).
+
+    Raises:
+        InvalidRequest: naming ``system_prompt`` when it alone is too long, else ``tools``.
+    """
+    if settings.chat_base_url:
+        return
+    limit = (f"this server's chat model (a {BUNDLED_CHAT_CONTEXT_TOKENS:,}-token context) "
+             f"takes at most {BUNDLED_SYSTEM_CHARS:,}")
+    if len(body.system_prompt) > BUNDLED_SYSTEM_CHARS:
+        raise _invalid(["system_prompt"], f"{len(body.system_prompt):,} characters; {limit}")
+    tools = [tool.model_dump(mode="json") for tool in body.tools]
+    system = hermes_messages([ChatMessage("system", body.system_prompt)], tools)[0]["content"]
+    if len(system) > BUNDLED_SYSTEM_CHARS:
+        raise _invalid(["tools"], f"the system prompt and the tools' descriptions come to "
+                       f"{len(system):,} characters; {limit}")
 
 
 async def resolve_voice(voice_id: str, ctx: RequestContext) -> tuple[str, object, str]:
@@ -119,9 +169,10 @@ async def create(body: ConversationCreate, ctx: RequestContext) -> Conversation:
     """Validate and store a new session for the caller's key.
 
     Raises:
-        InvalidRequest: bad tools, voice or language (see the module docstring).
+        InvalidRequest: bad tools, system prompt, voice or language (see the module docstring).
     """
     check_tools(body)
+    check_system_message(body, ctx.settings)
     if not _ISO_639_1.match(body.language):
         raise _invalid(["language"], f"{body.language!r} is not an ISO 639-1 code (e.g. 'en')")
     model_id, engine, voice = await resolve_voice(body.voice_id, ctx)

@@ -332,8 +332,21 @@ class SessionStore(abc.ABC):
 
 
 def turn_to_json(turn: TurnRecord) -> str:
-    """A turn as JSON text (how both backends store its fields)."""
-    return json.dumps(asdict(turn), separators=(",", ":"))
+    r"""A turn as JSON text (how both backends store its fields).
+
+    Characters outside ASCII are kept as they are, not escaped: ``\u20ac``
+    takes 6 bytes where UTF-8's ``€`` takes 3, and a DynamoDB item holds
+    400 KB. A lone surrogate (which UTF-8 cannot encode; a chat endpoint's
+    JSON may carry one) is escaped, in a turn that has one.
+    """
+    fields = asdict(turn)
+    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(fields, separators=(",", ":"))
+    return text
 
 
 def turn_from_json(text: str) -> TurnRecord:

@@ -32,7 +32,10 @@ incrementally with ``tokenizers``' ``DecodeStream``, so a character split over
 several byte tokens is sent once it is whole. ``request.is_cancelled()`` is
 checked before every decode step: a cancelled request stops at once. A
 conversation longer than ``max_context - MAX_NEW_TOKENS`` tokens loses its
-oldest messages after the first system message.
+oldest messages after the first system message (:class:`Prompts`: the newest
+messages are tokenized one by one until the next would not fit, so the work
+grows with what is kept, not with what is dropped; the request's
+``converse_backend.Budget`` is checked between messages).
 
 One instance serves up to ``concurrent_replies`` requests at once, each in a
 thread of its own (decoupled: ``execute`` hands them over and returns; more
@@ -70,6 +73,109 @@ def _raise_exception(message):
     raise ValueError(f"chat template: {message}")
 
 
+def chat_template(text):
+    """The jinja2 template ``text``, compiled as transformers' ``apply_chat_template`` does.
+
+    Its sandbox with ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols``
+    extension and a ``raise_exception`` global.
+    """
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    environment.globals["raise_exception"] = _raise_exception
+    return environment.from_string(text)
+
+
+# A message before the one whose tokens are counted (Prompts.added_tokens), so that the
+# template renders it as it renders every message after the first.
+_BEFORE = {"role": "system", "content": ""}
+
+
+class Prompts:
+    """Conversations rendered with the chat template and tokenized, fitted to the context.
+
+    Args:
+        template: the compiled chat template (:func:`chat_template`).
+        tokenizer: a ``tokenizers.Tokenizer``.
+        special: the template's ``bos_token`` and ``eos_token`` variables.
+        max_context: tokens of the prompt and the reply together.
+    """
+
+    def __init__(self, template, tokenizer, special, max_context):
+        self.template = template
+        self.tokenizer = tokenizer
+        self.special = special
+        self.max_context = max_context
+
+    def ids(self, messages, add_generation_prompt=True):
+        """Token ids of ``messages`` rendered (no special tokens added around them)."""
+        text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    **self.special)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def added_tokens(self, message):
+        """Tokens ``message`` adds to a conversation when it follows another message.
+
+        Exact for a template that renders each message in turn, beginning with
+        a special token (ChatML's ``<|im_start|>``, where the tokenizer splits),
+        as the bundled SmolLM2's does; :meth:`fit` checks its sums either way.
+        """
+        return len(self.ids([_BEFORE, message], False)) - len(self.ids([_BEFORE], False))
+
+    def fit(self, messages, max_new_tokens, check):
+        """Token ids of ``messages``, its oldest messages after a first system message dropped.
+
+        The prompt is the longest tail of the conversation (after the system
+        message) that leaves ``max_new_tokens`` of the context free: the
+        prompt dropping one message at a time and rendering again would give,
+        whenever dropping a message never lengthens the prompt. The newest
+        messages are tokenized one by one (:meth:`added_tokens`) until the
+        next would not fit, then the prompt so chosen is rendered and checked,
+        and moved by a message at a time if the sums were off; so the work
+        grows with the messages kept, not with those dropped.
+
+        Args:
+            messages: ``[{"role", "content"}, ...]``, at least one.
+            max_new_tokens: tokens kept free for the reply.
+            check: called before each further rendering; raises to stop
+                (``converse_backend.Budget.check``).
+
+        Raises:
+            ValueError: ``max_new_tokens`` leaves no room, or the system
+                message and the last message alone do not fit.
+        """
+        budget = self.max_context - max_new_tokens
+        if max_new_tokens < 1 or budget < 1:
+            raise ValueError(f"MAX_NEW_TOKENS must be in [1, {self.max_context - 1}]")
+        keep = 1 if messages[0]["role"] == "system" else 0
+        head, rest = messages[:keep], messages[keep:]
+        last = max(len(rest) - 1, 0)
+        ids = self.ids(head + rest[last:])
+        if len(ids) > budget:
+            raise ValueError(f"the conversation needs {len(ids)} tokens; at most {budget} "
+                             f"fit with MAX_NEW_TOKENS {max_new_tokens}")
+        start, used = last, len(ids)
+        while start > 0:
+            check()
+            added = self.added_tokens(rest[start - 1])
+            if used + added > budget:
+                break
+            start, used = start - 1, used + added
+        if start < last:
+            ids = self.ids(head + rest[start:])
+        while len(ids) > budget:  # the sums were too small (ends at ``last``, which fits)
+            check()
+            start += 1
+            ids = self.ids(head + rest[start:])
+        while start > 0:  # the sums were too large
+            check()
+            longer = self.ids(head + rest[start - 1:])
+            if len(longer) > budget:
+                break
+            start, ids = start - 1, longer
+        return ids
+
+
 class TritonPythonModel:
     """Streaming chat generation loop (see module docstring)."""
 
@@ -77,16 +183,13 @@ class TritonPythonModel:
         """Load the tokenizer and chat template; read the cache geometry from the config."""
         parameter = backend.parameters(args)
         self.tokenizer = Tokenizer.from_file(backend.version_file(args, "tokenizer.json"))
-        environment = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-        )
-        environment.globals["raise_exception"] = _raise_exception
         with open(backend.version_file(args, "chat_template.jinja"), encoding="utf-8") as handle:
-            self.template = environment.from_string(handle.read())
-        self.special = {"bos_token": parameter["bos_token"], "eos_token": parameter["eos_token"]}
+            template = chat_template(handle.read())
+        special = {"bos_token": parameter["bos_token"], "eos_token": parameter["eos_token"]}
         self.network = parameter["network"]
         self.cache_shape = backend.empty_cache_shape(parameter)
         self.max_context = int(parameter["max_context"])
+        self.prompts = Prompts(template, self.tokenizer, special, self.max_context)
         self.stop_ids = {int(i) for i in parameter["stop_token_ids"].split(",") if i}
         self.prefix_cache = backend.PrefixCache(int(parameter["prefix_cache_entries"]))
         self.penalty_variants = backend.spelling_variants(self.tokenizer)
@@ -94,27 +197,14 @@ class TritonPythonModel:
         self.replies = ThreadPoolExecutor(concurrent_replies, thread_name_prefix="chat-reply")
         self.reply_slots = threading.BoundedSemaphore(concurrent_replies)
 
-    def _prompt_ids(self, messages, max_new_tokens):
+    def _prompt_ids(self, messages, max_new_tokens, check):
         """Token ids of the rendered conversation, oldest turns dropped to fit the context."""
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str) for m in messages
         ):
             raise ValueError("MESSAGES must be a non-empty JSON list of {role, content} strings")
-        budget = self.max_context - max_new_tokens
-        if max_new_tokens < 1 or budget < 1:
-            raise ValueError(f"MAX_NEW_TOKENS must be in [1, {self.max_context - 1}]")
-        keep = 1 if messages[0]["role"] == "system" else 0
-        while True:
-            text = self.template.render(messages=messages, add_generation_prompt=True,
-                                        **self.special)
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-            if len(ids) <= budget:
-                return ids
-            if len(messages) <= keep + 1:
-                raise ValueError(f"the conversation needs {len(ids)} tokens; at most {budget} "
-                                 f"fit with MAX_NEW_TOKENS {max_new_tokens}")
-            messages = messages[:keep] + messages[keep + 1:]
+        return self.prompts.fit(messages, max_new_tokens, check)
 
     def _stream(self, request, sender, usage):
         def scalar(name):
@@ -127,7 +217,11 @@ class TritonPythonModel:
         penalty = float(scalar("REPETITION_PENALTY"))
         if penalty < 1.0:
             raise ValueError("REPETITION_PENALTY must be >= 1")
-        ids = self._prompt_ids(json.loads(scalar("MESSAGES").decode("utf-8")), max_new_tokens)
+        try:
+            ids = self._prompt_ids(json.loads(scalar("MESSAGES").decode("utf-8")),
+                                   max_new_tokens, backend.Budget(request).check)
+        except backend.Cancelled:
+            return "cancelled"
         decoder = DecodeStream(skip_special_tokens=True)
         tokens = backend.generate(
             self.network, self.cache_shape, ids, max_context=self.max_context,
