@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from handler.app import create_app
 from handler.schemas.sessions import MAX_SYSTEM_PROMPT_CHARS
+from handler.sessions.service import MAX_CREATE_BODY_BYTES
 from handler.storage.base import TurnRecord
 from handler.storage.sqlite import SQLiteStorage
 from tests.helpers import API_KEY, AUTH, make_settings, unserved_saved_voice
@@ -177,6 +178,29 @@ def test_an_openai_compatible_chat_endpoint_takes_the_schemas_longest_system_pro
         response = client.post("/v1/conversations/create", headers=AUTH, json={
             **PERSONA, "system_prompt": "x" * MAX_SYSTEM_PROMPT_CHARS})
     assert response.status_code == 201, response.text
+
+
+def test_tools_too_large_to_store_are_400_and_a_body_over_the_cap_413(triton_url: str) -> None:
+    """A session's configuration must fit one DynamoDB item (400 KB); bodies are capped
+    before they are parsed."""
+    def schema(n: int) -> dict[str, Any]:
+        return {"type": "object",
+                "properties": {"q": {"type": "string", "description": "x" * 70_000}}}
+
+    tools = [{"type": "function", "function": {"name": f"f{n}", "parameters": schema(n)}}
+             for n in range(4)]
+    settings = make_settings(triton_url=triton_url, chat_base_url="http://llm.example/v1")
+    with TestClient(create_app(settings)) as client:
+        too_large = client.post("/v1/conversations/create", headers=AUTH,
+                                json={**PERSONA, "tools": tools})
+        fits = client.post("/v1/conversations/create", headers=AUTH,
+                           json={**PERSONA, "tools": tools[:3]})
+        body = client.post("/v1/conversations/create", headers=AUTH,
+                           json={**PERSONA, "system_prompt": "x" * MAX_CREATE_BODY_BYTES})
+    assert too_large.status_code == 400, too_large.text
+    assert "tools: the session's configuration comes to" in error_of(too_large)
+    assert fits.status_code == 201, fits.text
+    assert body.status_code == 413, body.text
 
 
 def test_the_system_message_limit_is_derived_from_the_bundled_chat_model() -> None:

@@ -13,6 +13,7 @@ import pytest
 from moto import mock_aws
 
 from handler.sessions.protocol import MAX_TOOL_OUTPUT_CHARS
+from handler.sessions.service import MAX_CONFIG_BYTES
 from handler.storage.base import (
     SESSION_RETENTION_S,
     SessionRecord,
@@ -109,6 +110,15 @@ def test_the_longest_tool_result_a_socket_takes_is_stored(
                         tool_call_id="c" * 128)
     storage.put_turn("key-a", "conv_1", result)
     assert storage.list_turns("key-a", "conv_1") == [result]
+
+
+def test_a_configuration_at_its_size_cap_is_stored(storage: Storage, clock: Clock) -> None:
+    """Kept as UTF-8: escaped to ASCII, 87,000 euro signs took 522 KB, over an item's 400 KB."""
+    record = session(clock)
+    record.config["tools"] = [{"description": "\u20ac" * (MAX_CONFIG_BYTES // 3 - 100)}]
+    storage.put_session(record)
+    stored = storage.get_session("key-a", "conv_1")
+    assert stored is not None and stored.config == record.config
 
 
 def test_turns_are_stored_as_utf8_json_and_a_lone_surrogate_still_round_trips(

@@ -44,7 +44,8 @@ async def create_conversation(
     request: Request, settings: SettingsDep, ctx: ContextDep
 ) -> Conversation:
     """Create a session: persona, voice, language and tools; connect to its ``stream_url``."""
-    body = await parse_body(request, ConversationCreate, settings.max_request_bytes)
+    limit = min(settings.max_request_bytes, service.MAX_CREATE_BODY_BYTES)
+    body = await parse_body(request, ConversationCreate, limit)
     return await within_deadline(service.create(body, ctx), ctx.deadline)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 
 from jsonschema import Draft202012Validator, SchemaError
 from jsonschema.validators import validator_for
@@ -33,7 +34,7 @@ from handler.schemas.sessions import (
 from handler.services.context import RequestContext
 from handler.sessions.tools import ToolSchemaError, arguments_validator
 from handler.settings import Settings
-from handler.storage.base import SessionRecord, SessionStore
+from handler.storage.base import SessionRecord, SessionStore, utf8_json
 
 SESSION_ID_PREFIX = "conv_"
 SESSION_ID_PATTERN = re.compile(f"{SESSION_ID_PREFIX}[0-9a-f]{{32}}")  # prefix + uuid4().hex
@@ -53,6 +54,13 @@ CHARACTERS_PER_TOKEN = 4
 # The system message (the persona and, for the bundled model, the tools' descriptions)
 # may fill half of the prompt; the other half holds the recent turns.
 BUNDLED_SYSTEM_CHARS = (BUNDLED_CHAT_CONTEXT_TOKENS - REPLY_TOKENS) // 2 * CHARACTERS_PER_TOKEN
+# Largest stored configuration, bytes of compact UTF-8 JSON: a DynamoDB item holds at
+# most 400 KB (AWS's item size limit), and the session's other attributes take under
+# 1 KB. Only tools' schemas come near it (a system prompt is at most 20,000 characters).
+MAX_CONFIG_BYTES = 256 * 1024
+# Largest create body read, bytes: a configuration of MAX_CONFIG_BYTES as clients may
+# send it, indented or with \u escapes (6 bytes for a character UTF-8 writes in 2-3).
+MAX_CREATE_BODY_BYTES = 4 * MAX_CONFIG_BYTES
 
 
 def _invalid(path: list[str | int], message: str, code: str = "validation_error") -> InvalidRequest:
@@ -126,6 +134,18 @@ def check_system_message(body: ConversationCreate, settings: Settings) -> None:
                        f"{len(system):,} characters; {limit}")
 
 
+def check_config_size(config: dict[str, Any]) -> None:
+    """The session's configuration fits one storage item (:data:`MAX_CONFIG_BYTES`).
+
+    Raises:
+        InvalidRequest: naming ``tools`` (the only part that can be so large).
+    """
+    size = len(utf8_json(config).encode("utf-8"))
+    if size > MAX_CONFIG_BYTES:
+        raise _invalid(["tools"], f"the session's configuration comes to {size:,} bytes of "
+                       f"JSON; at most {MAX_CONFIG_BYTES:,} (the tools' schemas)")
+
+
 async def resolve_voice(voice_id: str, ctx: RequestContext) -> tuple[str, object, str]:
     """(model id, engine, canonical voice spec) of a saved voice, bundled voice or blend.
 
@@ -169,7 +189,8 @@ async def create(body: ConversationCreate, ctx: RequestContext) -> Conversation:
     """Validate and store a new session for the caller's key.
 
     Raises:
-        InvalidRequest: bad tools, system prompt, voice or language (see the module docstring).
+        InvalidRequest: bad tools, system prompt, voice or language (see the module
+            docstring), or a configuration too large to store (:func:`check_config_size`).
     """
     check_tools(body)
     check_system_message(body, ctx.settings)
@@ -184,12 +205,14 @@ async def create(body: ConversationCreate, ctx: RequestContext) -> Conversation:
             f"{', '.join(languages) or 'none'}",
             "unsupported_language",
         )
+    config = body.model_dump(mode="json")
+    check_config_size(config)
     storage: SessionStore = ctx.storage
     now = storage.clock()
     record = SessionRecord(
         id=f"{SESSION_ID_PREFIX}{uuid.uuid4().hex}",
         key_id=ctx.key_id,
-        config=body.model_dump(mode="json"),
+        config=config,
         model=model_id,
         voice=voice,
         created_at=now,

@@ -331,22 +331,26 @@ class SessionStore(abc.ABC):
         """The session's turns ordered by ``n`` ([] past retention)."""
 
 
-def turn_to_json(turn: TurnRecord) -> str:
-    r"""A turn as JSON text (how both backends store its fields).
+def utf8_json(value: Any) -> str:
+    r"""``value`` as compact JSON text, characters outside ASCII kept as they are.
 
-    Characters outside ASCII are kept as they are, not escaped: ``\u20ac``
-    takes 6 bytes where UTF-8's ``€`` takes 3, and a DynamoDB item holds
-    400 KB. A lone surrogate (which UTF-8 cannot encode; a chat endpoint's
-    JSON may carry one) is escaped, in a turn that has one.
+    Not escaped, because ``\u20ac`` takes 6 bytes where UTF-8's ``€`` takes 3,
+    and a DynamoDB item holds 400 KB. A lone surrogate (which UTF-8 cannot
+    encode; a chat endpoint's JSON may carry one) is escaped, in a value that
+    has one, so the text always encodes as UTF-8.
     """
-    fields = asdict(turn)
-    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     if not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            return json.dumps(fields, separators=(",", ":"))
+            return json.dumps(value, separators=(",", ":"))
     return text
+
+
+def turn_to_json(turn: TurnRecord) -> str:
+    """A turn as JSON text (how both backends store its fields; :func:`utf8_json`)."""
+    return utf8_json(asdict(turn))
 
 
 def turn_from_json(text: str) -> TurnRecord:

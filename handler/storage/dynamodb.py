@@ -39,6 +39,7 @@ from handler.storage.base import (
     token_bucket,
     turn_from_json,
     turn_to_json,
+    utf8_json,
 )
 
 VOICE_INDEX = "by_sort_key"
@@ -79,7 +80,7 @@ def _session_item(record: SessionRecord) -> dict[str, Any]:
     item: dict[str, Any] = {
         "key_id": record.key_id,
         "id": record.id,
-        "config": json.dumps(record.config),
+        "config": utf8_json(record.config),
         "model": record.model,
         "voice": record.voice,
         "created_at": _number(record.created_at),

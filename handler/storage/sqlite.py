@@ -28,6 +28,7 @@ from handler.storage.base import (
     token_bucket,
     turn_from_json,
     turn_to_json,
+    utf8_json,
 )
 
 _SCHEMA = """
@@ -224,7 +225,7 @@ class SQLiteStorage(Storage):
                 (
                     record.id,
                     record.key_id,
-                    json.dumps(record.config),
+                    utf8_json(record.config),
                     record.model,
                     record.voice,
                     record.created_at,
