@@ -647,19 +647,24 @@ def test_a_request_cancelled_while_its_prompt_is_built_ends_cancelled(
     assert usage == {"prompt_tokens": 0, "cached_tokens": 0}
 
 
+def bundled_prompts(chat_loop: Any) -> Any:
+    """The chat model's ``Prompts`` over the exported SmolLM2 tokenizer and template."""
+    from tokenizers import Tokenizer
+
+    version = REPOSITORY / "chat" / "1"
+    return chat_loop.Prompts(
+        chat_loop.chat_template((version / "chat_template.jinja").read_text(encoding="utf-8")),
+        Tokenizer.from_file(str(version / "tokenizer.json")),
+        {"bos_token": chat_parameter("bos_token"), "eos_token": chat_parameter("eos_token")},
+        int(chat_parameter("max_context")))
+
+
 @pytest.mark.triton
 def test_the_bundled_chat_model_fits_long_conversations_as_before(
     triton: LocalTriton, chat_loop: Any,
 ) -> None:
     """With SmolLM2's own tokenizer and template, on conversations past its context."""
-    from tokenizers import Tokenizer
-
-    version = REPOSITORY / "chat" / "1"
-    fitting = chat_loop.Prompts(
-        chat_loop.chat_template((version / "chat_template.jinja").read_text(encoding="utf-8")),
-        Tokenizer.from_file(str(version / "tokenizer.json")),
-        {"bos_token": chat_parameter("bos_token"), "eos_token": chat_parameter("eos_token")},
-        int(chat_parameter("max_context")))
+    fitting = bundled_prompts(chat_loop)
     tool = {"role": "tool", "content": "x" * 20_000}
     for messages in ([SYSTEM, *turns(150)], turns(150), [SYSTEM, *turns(40), tool, *turns(2)],
                      [SYSTEM, *turns(3), {"role": "user", "content": "€ " * 5000}]):
@@ -679,14 +684,7 @@ def test_a_persona_at_the_create_limit_leaves_the_bundled_model_room_for_turns(
 ) -> None:
     """3,968 characters of English persona (handler/sessions/service.py) and tools take
     at most about 1,200 of SmolLM2's tokens: a long user turn still fits beside them."""
-    from tokenizers import Tokenizer
-
-    version = REPOSITORY / "chat" / "1"
-    fitting = chat_loop.Prompts(
-        chat_loop.chat_template((version / "chat_template.jinja").read_text(encoding="utf-8")),
-        Tokenizer.from_file(str(version / "tokenizer.json")),
-        {"bos_token": chat_parameter("bos_token"), "eos_token": chat_parameter("eos_token")},
-        int(chat_parameter("max_context")))
+    fitting = bundled_prompts(chat_loop)
     persona = " ".join(CORPUS)[:3968]
     tools = [{"type": "function", "function": {
         "name": "weather", "description": "Weather in a city.",
